@@ -1,0 +1,338 @@
+"""The Twig / Sana diffusion transformer (linear-attention DiT over a 32-channel DC-AE latent).
+
+Reads top to bottom like the Sana paper:
+  latent --patch embed (+ optional sin-cos positions)--> tokens
+  sigma*1000 --sinusoid(256)--> MLP --> temb --SiLU, Linear--> 6 modulation vectors (AdaLN-single)
+  Gemma hidden states --Linear, GELU(tanh), Linear--> RMSNorm --> caption tokens
+  N x [ modulated LN -> ReLU linear self-attention (gated)
+        softmax cross-attention to the caption (ungated)
+        modulated LN -> Mix-FFN: 1x1 expand + SiLU, 3x3 depthwise, GLU, 1x1 project (gated) ]
+  modulated LN (raw temb) -> Linear -> unpatchify -> velocity (noise - x0)
+
+Parameter names follow the original NVlabs checkpoints (``blocks.3.attn.qkv.weight`` ...), so an original
+checkpoint is loaded without renaming; other formats are mapped onto these names by ``twig_core.loader``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TransformerConfig
+from .errors import TwigError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: [cos(t f), sin(t f)] in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed(width: int, h: int, w: int, base_size: int, scale: float, device=None) -> torch.Tensor:
+    """2-D sin-cos positions [h*w, width]; coordinates are stretched so any grid spans the base grid."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+
+    def axis(n: int) -> torch.Tensor:
+        pos = torch.arange(n, dtype=torch.float64, device=device) / (n / base_size) / scale
+        out = pos[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=-1)  # [n, width/2]
+
+    ew = axis(w)[None, :, :].expand(h, w, -1)  # first half of channels: column coordinate
+    eh = axis(h)[:, None, :].expand(h, w, -1)  # second half: row coordinate
+    return torch.cat([ew, eh], dim=-1).reshape(h * w, width).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class LinearAttention(nn.Module):
+    """ReLU linear attention: out = (v k^T) q / (sum(k) . q + eps), accumulated in fp32."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.width
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(d, 3 * d, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(d, d)
+        self.q_norm = RMSNorm(d) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        h = self.heads
+        q = F.relu(q).float().view(b, n, h, d // h).transpose(1, 2)  # [b,h,n,c]
+        k = F.relu(k).float().view(b, n, h, d // h).transpose(1, 2)
+        v = v.float().view(b, n, h, d // h).transpose(1, 2)
+        kv = k.transpose(-1, -2) @ v  # [b,h,c,c]  sum_n k_n v_n^T
+        num = q @ kv  # [b,h,n,c]
+        den = q @ k.sum(dim=2, keepdim=True).transpose(-1, -2)  # [b,h,n,1]
+        out = num / (den + 1e-15)
+        out = out.transpose(1, 2).reshape(b, n, d).to(x.dtype)
+        out = self.proj(out)
+        if out.dtype == torch.float16:
+            out = out.clamp(-65504, 65504)
+        return out
+
+
+class CrossAttention(nn.Module):
+    """Softmax attention from image tokens to caption tokens, masked by the caption's attention mask."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.width
+        self.heads = cfg.cross_heads
+        self.q_linear = nn.Linear(d, d)
+        self.kv_linear = nn.Linear(d, 2 * d)
+        self.proj = nn.Linear(d, d)
+        self.q_norm = RMSNorm(d) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d) if cfg.qk_norm else None
+
+    def context_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the caption, [b,h,m,c] each. They do not change between sampling steps."""
+        b, m, d = context.shape
+        k, v = self.kv_linear(context).chunk(2, dim=-1)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        h = self.heads
+        return k.view(b, m, h, d // h).transpose(1, 2), v.view(b, m, h, d // h).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None):
+        b, n, d = x.shape
+        q = self.q_linear(x)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        h = self.heads
+        q = q.view(b, n, h, d // h).transpose(1, 2)
+        k, v = kv
+        if k.shape[0] != b:  # one caption shared by a batch of latents
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
+            bias = None if bias is None else bias.expand(b, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MixFFN(nn.Module):
+    """1x1 conv expand + SiLU, 3x3 depthwise conv, GLU gate with SiLU, 1x1 conv project.
+
+    The 1x1 convolutions are stored as conv weights (checkpoint layout) but run as token-wise matmuls;
+    only the depthwise 3x3 needs the spatial layout.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d, hidden = cfg.width, cfg.mlp_hidden
+        self.inverted_conv = _ConvHolder(d, 2 * hidden, 1, bias=True)
+        self.depth_conv = _ConvHolder(2 * hidden, 2 * hidden, 3, bias=True, groups=2 * hidden)
+        self.point_conv = _ConvHolder(hidden, d, 1, bias=False)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        b, n, d = x.shape
+        h, w = hw
+        conv = self.inverted_conv.conv
+        x = F.silu(F.linear(x, conv.weight.flatten(1), conv.bias))  # [b,n,2H]
+        # depthwise 3x3 on a channels-last view of the tokens (no copy into NCHW order)
+        x = x.view(b, h, w, -1).permute(0, 3, 1, 2)
+        dw = self.depth_conv.conv
+        x = F.conv2d(x, dw.weight, dw.bias, padding=1, groups=dw.groups)
+        x = x.permute(0, 2, 3, 1).reshape(b, n, -1)
+        x, gate = x.chunk(2, dim=-1)
+        x = x * F.silu(gate)
+        return F.linear(x, self.point_conv.conv.weight.flatten(1))
+
+
+class _ConvHolder(nn.Module):
+    """Holds a conv under the name ``conv`` so parameter names match the original checkpoints."""
+
+    def __init__(self, cin: int, cout: int, k: int, bias: bool, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias, groups=groups)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.width
+        self.eps = cfg.norm_eps
+        self.attn = LinearAttention(cfg)
+        self.cross_attn = CrossAttention(cfg)
+        self.mlp = MixFFN(cfg)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
+
+    def forward(self, x, t6, kv, bias, hw):
+        b, n, d = x.shape
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + t6.view(b, 6, d)).chunk(
+            6, dim=1
+        )
+        y = modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a).to(x.dtype)
+        x = x + gate_a * self.attn(y)
+        x = x + self.cross_attn(x, kv, bias)
+        y = modulate(F.layer_norm(x, (d,), eps=self.eps), shift_m, scale_m).to(x.dtype)
+        return x + gate_m * self.mlp(y, hw)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t).to(dtype))
+
+
+class CaptionProjection(nn.Module):
+    def __init__(self, cin: int, d: int):
+        super().__init__()
+        self.fc1 = nn.Linear(cin, d)
+        self.fc2 = nn.Linear(d, d)
+
+    def forward(self, y):
+        return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, cin: int, d: int):
+        super().__init__()
+        self.y_proj = CaptionProjection(cin, d)
+
+    def forward(self, y):
+        return self.y_proj(y)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.width, p, stride=p)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        d = cfg.width
+        self.eps = cfg.norm_eps
+        self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
+
+    def forward(self, x, temb):
+        shift, scale = (self.scale_shift_table[None] + temb[:, None]).chunk(2, dim=1)
+        x = modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale)
+        return self.linear(x.to(self.linear.weight.dtype))
+
+
+@dataclass
+class CaptionCache:
+    """Everything derived from the caption alone: reused unchanged by every sampling step."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block, keys and values [b,h,m,c]
+    bias: torch.Tensor | None  # additive attention bias [b,1,1,m], None when nothing is masked
+
+    @property
+    def batch(self) -> int:
+        return self.kv[0][0].shape[0]
+
+
+class TwigTransformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.config = cfg
+        d = cfg.width
+        self.x_embedder = PatchEmbed(cfg)
+        self.t_embedder = TimestepEmbedder(d)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, d)
+        self.attention_y_norm = RMSNorm(d, eps=1e-5)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layer.linear.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_layer.linear.weight.device
+
+    def encode_caption(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> CaptionCache:
+        """Project the text-encoder states and precompute every block's cross-attention keys and values."""
+        cfg = self.config
+        if context.ndim != 3 or context.shape[-1] != cfg.caption_channels:
+            raise TwigError(
+                f"caption embeddings have shape {tuple(context.shape)}; this model expects "
+                f"[batch, tokens, {cfg.caption_channels}] (is the text encoder the right one for this model?)"
+            )
+        y = self.attention_y_norm(self.y_embedder(context.to(self.dtype)))
+        bias = None
+        if mask is not None:
+            keep = mask.to(torch.bool)
+            if keep.shape != context.shape[:2]:
+                raise TwigError(f"caption mask shape {tuple(mask.shape)} does not match embeddings {tuple(context.shape[:2])}")
+            if not keep.any(dim=1).all():
+                raise TwigError("caption mask hides every token of a prompt; at least the first token must be kept")
+            if not keep.all():
+                bias = torch.zeros(keep.shape, dtype=y.dtype, device=y.device)
+                bias.masked_fill_(~keep, -10000.0)
+                bias = bias[:, None, None, :]
+        return CaptionCache([blk.cross_attn.context_kv(y) for blk in self.blocks], bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | CaptionCache,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: [b,C,h,w] latent; t: [b] timesteps (sigma*1000); context: caption states or a CaptionCache.
+
+        Returns the flow velocity (noise - x0), [b,C,h,w].
+        """
+        cfg = self.config
+        b, c, h, w = x.shape
+        p = cfg.patch_size
+        if c != cfg.in_channels:
+            raise TwigError(f"latent has {c} channels; this model expects {cfg.in_channels}")
+        if h % p or w % p:
+            raise TwigError(f"latent size {h}x{w} is not divisible by the patch size {p}")
+        cache = context if isinstance(context, CaptionCache) else self.encode_caption(context, context_mask)
+        if cache.batch not in (1, b):
+            raise TwigError(f"caption batch {cache.batch} does not match latent batch {b}")
+        gh, gw = h // p, w // p
+        dtype = self.dtype
+        tokens = self.x_embedder(x.to(dtype))
+        if cfg.pos_embed:
+            pos = sincos_pos_embed(cfg.width, gh, gw, cfg.pos_base_size, cfg.pos_interpolation_scale, x.device)
+            tokens = (tokens.float() + pos[None]).to(dtype)
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
+        temb = self.t_embedder(t, dtype)
+        t6 = self.t_block(temb)
+        for blk, kv in zip(self.blocks, cache.kv):
+            tokens = blk(tokens, t6, kv, cache.bias, (gh, gw))
+        out = self.final_layer(tokens, temb)  # [b, gh*gw, p*p*C]
+        out = out.view(b, gh, gw, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(b, cfg.out_channels, h, w)
