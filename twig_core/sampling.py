@@ -1,0 +1,203 @@
+"""Flow-matching samplers, k-diffusion style.
+
+A *denoiser* is any callable ``denoise(x, sigma) -> x0_hat``. Samplers are plain functions over a denoiser,
+a starting latent and a decreasing list of sigmas ending in 0; guidance, inpainting and timestep conventions
+all live in the denoiser closure (``make_denoiser``), not in the samplers.
+
+Flow matching: x_sigma = (1 - sigma) x0 + sigma * noise, and the model predicts v = noise - x0, so
+x0 = x_sigma - sigma * v.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .errors import TwigError
+
+Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
+Callback = Callable[[dict], None]
+
+SAMPLERS = ("flow_dpmpp_2m", "flow_euler")
+
+
+def shift_sigma(sigma, shift: float):
+    """Resolution shift of the flow schedule: s*sigma / (1 + (s-1)*sigma)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flow_sigmas(steps: int, shift: float = 3.0, sampler: str = "flow_dpmpp_2m", denoise: float = 1.0) -> torch.Tensor:
+    """Decreasing sigmas for ``steps`` steps, ending in 0 (float64, length steps+1).
+
+    Each sampler uses the spacing of its reference scheduler, so results match Sana's published pipeline:
+      flow_dpmpp_2m: shift(linspace(0.999, 0.999/N, N))
+      flow_euler:    shift(linspace(1, shift(0.001), N))
+    ``denoise`` < 1 (img2img) runs the last ``steps`` steps of a schedule of round(steps/denoise) steps.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise TwigError(f"steps must be a whole number ≥ 1, got {steps!r}")
+    if not 0.0 < denoise <= 1.0:
+        raise TwigError(f"denoise must be in (0, 1], got {denoise!r}")
+    if shift <= 0:
+        raise TwigError(f"shift must be > 0, got {shift!r}")
+    total = max(steps, int(round(steps / denoise)))
+    if sampler == "flow_dpmpp_2m":
+        base = torch.linspace(0.999, 0.999 / total, total, dtype=torch.float64)
+    elif sampler == "flow_euler":
+        base = torch.linspace(1.0, shift_sigma(0.001, shift), total, dtype=torch.float64)
+    else:
+        raise TwigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    sigmas = torch.cat([shift_sigma(base, shift), torch.zeros(1, dtype=torch.float64)])
+    return sigmas[-(steps + 1):]
+
+
+def _check(x: torch.Tensor, i: int) -> None:
+    if not torch.isfinite(x).all():
+        raise TwigError(
+            f"the latent became NaN/inf at step {i + 1}; this usually means fp16 overflow — "
+            "try bf16 or fp32 compute, or check the model file"
+        )
+
+
+@torch.no_grad()
+def sample_flow_euler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None):
+    """First-order Euler steps along the flow: x <- x + (sigma_next - sigma) * v."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoise(x, s)
+        v = (x - x0) / s
+        x = x + (s_next - s) * v
+        _check(x, i)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "denoised": x0})
+    return x
+
+
+@torch.no_grad()
+def sample_flow_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None):
+    """DPM-Solver++ (2nd-order multistep, midpoint form) in flow time: alpha = 1 - sigma, lambda = log(alpha/sigma).
+
+    The first step and the final step (to sigma = 0) are first order.
+    """
+    prev_x0 = None
+    lam_prev = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        x0 = denoise(x, s)
+        lam = math.log((1 - s) / s)
+        if s_next == 0:
+            x = x0
+        else:
+            lam_next = math.log((1 - s_next) / s_next)
+            h = lam_next - lam
+            coef = (1 - s_next) * math.expm1(-h)  # alpha_next * (exp(-h) - 1)
+            if prev_x0 is None:
+                d = x0
+            else:
+                r = (lam - lam_prev) / h
+                d = x0 + (0.5 / r) * (x0 - prev_x0)
+            x = (s_next / s) * x - coef * d
+        prev_x0, lam_prev = x0, lam
+        _check(x, i)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "denoised": x0})
+    return x
+
+
+SAMPLER_FUNCS = {"flow_dpmpp_2m": sample_flow_dpmpp_2m, "flow_euler": sample_flow_euler}
+
+
+def make_denoiser(
+    model,
+    cond,
+    uncond=None,
+    cfg: float = 4.5,
+    integer_timesteps: bool = False,
+    inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> Denoiser:
+    """Wrap a flow-prediction transformer into ``denoise(x, sigma) -> x0``.
+
+    cond / uncond: ``Conditioning``-like objects with ``.embeds`` [B,N,C] and ``.mask`` [B,N]. With cfg != 1 and
+    an uncond, both halves run as one batch and are mixed as uncond + cfg * (cond - uncond). Caption projection
+    and cross-attention keys/values are computed once here, not at every step.
+    integer_timesteps: feed floor(sigma*1000) like the reference DPM-Solver scheduler does.
+    inpaint: (x0_orig, noise, mask) in latent space, mask 1 = regenerate. Outside the mask the latent is pinned
+    to the original re-noised to the current sigma, and the prediction there is the original itself.
+    """
+    use_cfg = uncond is not None and cfg != 1.0
+    caches = {}
+
+    def caption_cache(batch: int):
+        """Caption states for a latent batch: [uncond x batch; cond x batch] with CFG, else cond x batch."""
+        if batch not in caches:
+            parts = [uncond, cond] if use_cfg else [cond]
+            embeds, mask = _stack([_expand(c, batch) for c in parts])
+            caches[batch] = model.encode_caption(embeds.to(model.device), mask.to(model.device))
+        return caches[batch]
+
+    def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        if inpaint is not None:
+            orig, noise, m = inpaint
+            x = x * m + ((1 - sigma) * orig + sigma * noise) * (1 - m)
+        t_val = math.floor(sigma * 1000) if integer_timesteps else sigma * 1000
+        xin = torch.cat([x, x]) if use_cfg else x
+        t = torch.full((xin.shape[0],), float(t_val), device=model.device)
+        v = model(xin.to(model.device, model.dtype), t, caption_cache(x.shape[0])).float().to(x.device)
+        if use_cfg:
+            v_u, v_c = v.chunk(2)
+            v = v_u + cfg * (v_c - v_u)
+        x0 = x - sigma * v
+        if inpaint is not None:
+            x0 = x0 * m + orig * (1 - m)
+        return x0
+
+    return denoise
+
+
+def _expand(c, batch: int):
+    """One prompt serves a whole latent batch; otherwise prompt and latent batches must agree."""
+    e = c.embeds
+    m = c.mask if c.mask is not None else torch.ones(e.shape[:2], dtype=torch.long, device=e.device)
+    if e.shape[0] == batch:
+        return e, m
+    if e.shape[0] == 1:
+        return e.expand(batch, -1, -1), m.expand(batch, -1)
+    raise TwigError(f"{e.shape[0]} prompts cannot condition a batch of {batch} latents")
+
+
+def _stack(pairs):
+    """Concatenate (embeds, mask) pairs along the batch, padding shorter captions with masked zeros."""
+    n = max(e.shape[1] for e, _ in pairs)
+    es, ms = [], []
+    for e, m in pairs:
+        extra = n - e.shape[1]
+        if extra:
+            e = torch.cat([e, e.new_zeros(e.shape[0], extra, e.shape[2])], 1)
+            m = torch.cat([m, m.new_zeros(m.shape[0], extra)], 1)
+        es.append(e)
+        ms.append(m)
+    return torch.cat(es), torch.cat(ms)
+
+
+def noise_like(shape, seed: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Deterministic N(0,1) latent noise from a seed, drawn on the CPU so it is the same on every device."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def sample(
+    denoise: Denoiser,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    sampler: str = "flow_dpmpp_2m",
+    init: torch.Tensor | None = None,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """Run ``sampler`` from pure noise (init None) or from ``init`` noised to sigmas[0] (img2img)."""
+    if sampler not in SAMPLER_FUNCS:
+        raise TwigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    s0 = float(sigmas[0])
+    x = noise if init is None else (1 - s0) * init + s0 * noise
+    return SAMPLER_FUNCS[sampler](denoise, x, sigmas, callback)
