@@ -1,0 +1,440 @@
+"""Text conditioning: Gemma-2 hidden states, prepared the way Sana prepares them.
+
+Sana feeds its transformer the last hidden state of a Gemma-2 decoder (after the final norm), with a
+fixed "complex human instruction" written in front of the user's prompt:
+
+1. the prompt is stripped of surrounding whitespace (diffusers also lower-cases it, see ``lowercase``);
+2. instruction + prompt is tokenized with a leading ``<bos>``, truncated and right-padded to
+   ``instruction_tokens + max_length - 2`` tokens (``instruction_tokens`` counts the ``<bos>`` too);
+3. Gemma-2 runs over the whole sequence with the padding mask (causal attention, so every prompt token
+   sees the instruction);
+4. only position 0 (``<bos>``) and the last ``max_length - 1`` positions are kept, for the hidden states
+   and the mask alike.
+
+The instruction ends with ``"User Prompt: "``; Gemma's tokenizer usually merges that trailing space into
+the prompt's first token, so a full prompt contributes ``max_length - 1`` tokens after ``<bos>`` and the
+instruction itself never reaches the transformer, it only shapes the prompt tokens' states.
+
+The negative prompt takes the plain path: no instruction, ``max_length`` tokens, same selection (which
+then keeps everything). Sana uses ``max_length = 300``; Twig allows up to 1200.
+
+Gemma-2 soft-caps its attention logits; only the "eager" (and flash/flex) attention paths in
+transformers apply the cap, which is why :meth:`TextEncoder.from_pretrained` asks for "eager". Gemma-2
+overflows in float16: load it in bfloat16 (GPU) or float32 (CPU).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .errors import TwigError
+
+# The instruction Sana prepends to every positive prompt (lines joined with "\n"). It is the default
+# `complex_human_instruction` of diffusers' SanaPipeline and the `chi_prompt` of the NVlabs configs.
+COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
+    "image generation. Evaluate the level of detail in the user prompt:",
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial "
+    "relationships to create vivid and concrete scenes.",
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without "
+    "overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping "
+    "peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street "
+    "lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass "
+    "skyscrapers.",
+    "Please generate only the enhanced description for the prompt below and avoid including any additional "
+    "commentary or evaluations:",
+    "User Prompt: ",
+)
+
+SANA_MAX_LENGTH = 300  # what Sana was trained with
+MAX_LENGTH_LIMIT = 1200  # what Twig advertises
+MIN_MAX_LENGTH = 2  # <bos> + one position
+
+
+def check_max_length(max_length) -> int:
+    """Return ``max_length`` as an int, or raise TwigError if it is not a whole number in [2, 1200]."""
+    try:
+        if isinstance(max_length, bool):
+            raise TypeError
+        value = operator.index(max_length)
+    except TypeError:
+        raise TwigError(f"text max_length must be a whole number of tokens, got {max_length!r}") from None
+    if not MIN_MAX_LENGTH <= value <= MAX_LENGTH_LIMIT:
+        raise TwigError(
+            f"text max_length must be between {MIN_MAX_LENGTH} and {MAX_LENGTH_LIMIT} tokens "
+            f"(Sana uses {SANA_MAX_LENGTH}), got {value}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Conditioning
+
+
+@dataclass(frozen=True)
+class TokenReport:
+    """How much of one prompt reached the model.
+
+    ``prompt_tokens`` counts the prompt's own tokens as they are tokenized in place (after the
+    instruction when there is one), without ``<bos>`` and without the instruction; ``kept_tokens`` is
+    how many of them survived truncation.
+    """
+
+    prompt_tokens: int
+    kept_tokens: int
+
+    @property
+    def dropped_tokens(self) -> int:
+        return self.prompt_tokens - self.kept_tokens
+
+    @property
+    def truncated(self) -> bool:
+        return self.kept_tokens < self.prompt_tokens
+
+    def warning(self) -> str | None:
+        """A one-line message for the UI when the prompt was cut, else None."""
+        if not self.truncated:
+            return None
+        return (
+            f"prompt has {self.prompt_tokens} tokens, kept {self.kept_tokens} "
+            f"({self.dropped_tokens} dropped from the end)"
+        )
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning for the transformer.
+
+    embeds: [B, N, C] hidden states; mask: [B, N] (1 = real token, 0 = padding).
+    reports: one TokenReport per row when the rows came from :meth:`TextEncoder.encode`, else empty.
+    """
+
+    embeds: Tensor
+    mask: Tensor
+    reports: tuple[TokenReport, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.embeds.ndim != 3:
+            raise TwigError(f"Conditioning.embeds must be [B, N, C], got shape {tuple(self.embeds.shape)}")
+        if tuple(self.mask.shape) != tuple(self.embeds.shape[:2]):
+            raise TwigError(
+                f"Conditioning.mask must be [B, N] = {tuple(self.embeds.shape[:2])}, got {tuple(self.mask.shape)}"
+            )
+        self.reports = tuple(self.reports)
+        if self.reports and len(self.reports) != self.embeds.shape[0]:
+            raise TwigError(
+                f"Conditioning.reports has {len(self.reports)} entries for a batch of {self.embeds.shape[0]}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.embeds.shape[1]
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Conditioning":
+        """Move to ``device``; ``dtype`` applies to the embeddings only (the mask keeps its integer type)."""
+        return Conditioning(self.embeds.to(device=device, dtype=dtype), self.mask.to(device=device), self.reports)
+
+    def token_counts(self) -> list[int]:
+        """Number of unmasked positions per row (``<bos>`` included)."""
+        return [int(n) for n in self.mask.bool().sum(dim=1).tolist()]
+
+    def warnings(self) -> list[str]:
+        """Truncation messages for the rows that were cut (empty when nothing was cut)."""
+        return [w for w in (r.warning() for r in self.reports) if w]
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Repeat each row ``n`` times in place (rows a, b -> a, a, b, b), e.g. for images per prompt."""
+        if n == 1:
+            return self
+        return Conditioning(
+            self.embeds.repeat_interleave(n, dim=0),
+            self.mask.repeat_interleave(n, dim=0),
+            tuple(r for r in self.reports for _ in range(n)),
+        )
+
+    @staticmethod
+    def cat(conds: Sequence["Conditioning"]) -> "Conditioning":
+        """Stack along the batch (e.g. [negative, positive] for one CFG pass).
+
+        Shorter sequences are padded at the end with zero embeddings and mask 0, which attention with
+        the mask ignores. Embeddings take the first item's dtype and device.
+        """
+        conds = list(conds)
+        if not conds:
+            raise TwigError("Conditioning.cat needs at least one conditioning")
+        first = conds[0]
+        width = first.embeds.shape[2]
+        for c in conds[1:]:
+            if c.embeds.shape[2] != width:
+                raise TwigError(
+                    f"cannot batch conditionings of width {width} and {c.embeds.shape[2]} "
+                    "(they come from different text encoders)"
+                )
+        n = max(c.seq_len for c in conds)
+        embeds, masks = [], []
+        for c in conds:
+            e = c.embeds.to(device=first.embeds.device, dtype=first.embeds.dtype)
+            m = c.mask.to(device=first.embeds.device, dtype=first.mask.dtype)
+            if c.seq_len < n:
+                e = torch.nn.functional.pad(e, (0, 0, 0, n - c.seq_len))
+                m = torch.nn.functional.pad(m, (0, n - c.seq_len))
+            embeds.append(e)
+            masks.append(m)
+        reports = tuple(r for c in conds for r in c.reports) if all(c.reports for c in conds) else ()
+        return Conditioning(torch.cat(embeds, 0), torch.cat(masks, 0), reports)
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoder
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class TextEncoder:
+    """Gemma-2 decoder + its tokenizer, producing Sana-style :class:`Conditioning`.
+
+    ``model`` is a transformers ``Gemma2Model`` (a ``Gemma2ForCausalLM`` is unwrapped to its ``.model``);
+    it is used as given (device, dtype, train/eval mode, attention implementation).
+    ``lowercase=True`` lower-cases prompts before tokenizing, as diffusers' SanaPipeline does; the NVlabs
+    reference code keeps the case, and so does Twig by default.
+    ``instruction``: the lines written before positive prompts (Sana's by default).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        instruction: Sequence[str] | str | None = COMPLEX_HUMAN_INSTRUCTION,
+        lowercase: bool = False,
+    ):
+        if getattr(model, "lm_head", None) is not None and hasattr(model, "model"):
+            model = model.model  # causal LM wrapper -> decoder; its final norm is what Sana uses
+        self.model = model
+        self.tokenizer = tokenizer
+        if instruction is None or isinstance(instruction, str):
+            self.instruction = instruction or ""
+        else:
+            self.instruction = "\n".join(instruction)
+        self.lowercase = lowercase
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        tokenizer_folder: str | os.PathLike | None = None,
+        attn_implementation: str = "eager",
+        **kwargs,
+    ) -> "TextEncoder":
+        """Load a local Gemma-2 folder (config.json, *.safetensors, tokenizer files); nothing is downloaded.
+
+        ``folder`` may be a plain Hugging Face Gemma-2 folder (``Gemma2Model`` or ``Gemma2ForCausalLM``
+        weights) or a diffusers Sana folder holding ``text_encoder/`` and ``tokenizer/``. The tokenizer is
+        read from ``tokenizer_folder`` if given, else from the model folder. ``dtype`` defaults to bfloat16
+        on CUDA and float32 elsewhere. Other keyword arguments go to :class:`TextEncoder`.
+        """
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer, Gemma2Model
+
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise TwigError(f"text encoder folder not found: {folder}")
+        model_dir = folder
+        if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+            os.path.join(folder, "text_encoder", "config.json")
+        ):
+            model_dir = os.path.join(folder, "text_encoder")
+            if tokenizer_folder is None and os.path.isdir(os.path.join(folder, "tokenizer")):
+                tokenizer_folder = os.path.join(folder, "tokenizer")
+        tok_dir = os.fspath(tokenizer_folder) if tokenizer_folder is not None else model_dir
+
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise TwigError(f"no config.json in text encoder folder {model_dir}")
+        tok_files = ("tokenizer.json", "tokenizer.model")
+        if not any(os.path.isfile(os.path.join(tok_dir, f)) for f in tok_files):
+            raise TwigError(f"no tokenizer.json or tokenizer.model in tokenizer folder {tok_dir}")
+
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        if getattr(config, "model_type", None) != "gemma2":
+            raise TwigError(
+                f"{os.path.join(model_dir, 'config.json')}: model_type is {getattr(config, 'model_type', None)!r}, "
+                "expected 'gemma2' (Sana uses Gemma-2-2B-it)"
+            )
+
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+        try:
+            model, info = Gemma2Model.from_pretrained(
+                model_dir,
+                config=config,
+                local_files_only=True,
+                trust_remote_code=False,
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
+                **dtype_kw,
+            )
+        except OSError as e:
+            raise TwigError(f"cannot load Gemma-2 weights from {model_dir}: {e}") from e
+        missing = list(info.get("missing_keys", []))
+        if missing:
+            shown = ", ".join(sorted(missing)[:5])
+            raise TwigError(f"Gemma-2 weights in {model_dir} lack {len(missing)} tensors (e.g. {shown})")
+        model = model.to(device).eval().requires_grad_(False)
+
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
+        return cls(model, tokenizer, **kwargs)
+
+    # -- properties --------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "TextEncoder":
+        """Move (and optionally cast) the Gemma model in place; returns self."""
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    # -- tokenization ------------------------------------------------------------------------------
+
+    def _prepare(self, prompt: str) -> str:
+        if not isinstance(prompt, str):
+            raise TwigError(f"prompt must be a string, got {type(prompt).__name__}")
+        prompt = prompt.strip()
+        return prompt.lower() if self.lowercase else prompt
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _n_special(self) -> int:
+        return len(self.tokenizer("", add_special_tokens=True)["input_ids"])
+
+    def _total_length(self, max_length: int, use_instruction: bool) -> int:
+        """Padded length of the tokenized sequence before selection."""
+        if not (use_instruction and self.instruction):
+            return max_length
+        # instruction tokens counted with <bos>, as Sana counts them
+        return len(self.tokenizer(self.instruction, add_special_tokens=True)["input_ids"]) + max_length - 2
+
+    def _report(self, text: str, max_length: int, use_instruction: bool) -> TokenReport:
+        if use_instruction and self.instruction:
+            head = self._ids(self.instruction)
+            full = self._ids(self.instruction + text)
+            own = len(full) - _common_prefix(head, full)
+        else:
+            full = self._ids(text)
+            own = len(full)
+        room = self._total_length(max_length, use_instruction) - self._n_special()
+        dropped = max(0, len(full) - room)
+        return TokenReport(prompt_tokens=own, kept_tokens=max(0, own - dropped))
+
+    def count_tokens(self, prompt: str, use_instruction: bool = True) -> int:
+        """Tokens the prompt itself occupies, without ``<bos>`` and without the instruction.
+
+        With ``use_instruction`` the prompt is counted as tokenized after the instruction (its first
+        token may absorb the instruction's trailing space), as :meth:`encode` sees it.
+        """
+        return self.token_report(prompt, SANA_MAX_LENGTH, use_instruction).prompt_tokens
+
+    def token_report(self, prompt: str, max_length: int = SANA_MAX_LENGTH, use_instruction: bool = True) -> TokenReport:
+        """How many of the prompt's tokens :meth:`encode` would keep, without running the model."""
+        max_length = check_max_length(max_length)
+        return self._report(self._prepare(prompt), max_length, use_instruction)
+
+    def tokenize(
+        self, prompts: Sequence[str] | str, max_length: int = SANA_MAX_LENGTH, use_instruction: bool = True
+    ) -> tuple[Tensor, Tensor, tuple[TokenReport, ...]]:
+        """Token ids [B, T] and attention mask [B, T] exactly as fed to Gemma (before selection)."""
+        max_length = check_max_length(max_length)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = [self._prepare(p) for p in prompts]
+        if not prompts:
+            raise TwigError("no prompt to encode")
+        with_instruction = bool(use_instruction and self.instruction)
+        texts = [self.instruction + p for p in prompts] if with_instruction else prompts
+        total = self._total_length(max_length, use_instruction)
+        if total < max_length:
+            raise TwigError(f"the instruction is too short ({total - max_length + 2} tokens) to select from")
+
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "right"
+        batch = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=total,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        reports = tuple(self._report(p, max_length, use_instruction) for p in prompts)
+        return batch["input_ids"], batch["attention_mask"], reports
+
+    # -- encoding ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(
+        self, prompts: Sequence[str] | str, max_length: int = SANA_MAX_LENGTH, use_instruction: bool = True
+    ) -> Conditioning:
+        """Encode prompts into a [B, max_length, C] conditioning (model dtype, model device).
+
+        Positive prompts: ``use_instruction=True`` (Sana's behaviour). Negative prompts:
+        ``use_instruction=False``. The empty prompt is valid on both paths: Sana's own default negative
+        is "", and an empty positive prompt (an unconditional-looking image steered only by the
+        instruction) is accepted too, as Sana accepts it.
+        Truncation is reported in ``Conditioning.reports`` / ``Conditioning.warnings()``.
+        """
+        ids, mask, reports = self.tokenize(prompts, max_length, use_instruction)
+        device = self.device
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+        # <bos> + the last max_length - 1 positions
+        keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(ids.shape[1] - max_length + 1, ids.shape[1])])
+        keep = keep.to(device)
+        embeds = hidden.index_select(1, keep)
+        if not torch.isfinite(embeds).all():
+            raise TwigError(
+                f"Gemma-2 produced non-finite values in {embeds.dtype}; load the text encoder in "
+                "bfloat16 or float32 (Gemma-2 overflows in float16)"
+            )
+        return Conditioning(embeds, mask.index_select(1, keep), reports)
