@@ -1,0 +1,37 @@
+"""ComfyUI nodes for Twig: thin adapters over twig_core (V1 node API).
+
+Types between nodes: TWIG_MODEL, TWIG_TEXT_ENCODER, TWIG_VAE (loaded models, see ``host.ManagedModel``),
+TWIG_CONDITIONING (``twig_core.text.Conditioning``), and ComfyUI's own LATENT
+(``{"samples": [B,32,H/32,W/32]}``, model-space) and IMAGE (``[B,H,W,3]`` float 0..1).
+"""
+
+from .conditioning import TwigTextEncode
+from .latent import TwigEmptyLatent, TwigVAEDecode, TwigVAEEncode
+from .loaders import TwigModelLoader, TwigTextEncoderLoader, TwigUnloadModels, TwigVAELoader
+from .sampling import TwigSampler
+
+NODE_CLASS_MAPPINGS = {
+    "TwigModelLoader": TwigModelLoader,
+    "TwigTextEncoderLoader": TwigTextEncoderLoader,
+    "TwigVAELoader": TwigVAELoader,
+    "TwigTextEncode": TwigTextEncode,
+    "TwigEmptyLatent": TwigEmptyLatent,
+    "TwigSampler": TwigSampler,
+    "TwigVAEDecode": TwigVAEDecode,
+    "TwigVAEEncode": TwigVAEEncode,
+    "TwigUnloadModels": TwigUnloadModels,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TwigModelLoader": "Twig Model Loader",
+    "TwigTextEncoderLoader": "Twig Text Encoder Loader (Gemma-2)",
+    "TwigVAELoader": "Twig VAE Loader (DC-AE)",
+    "TwigTextEncode": "Twig Text Encode",
+    "TwigEmptyLatent": "Twig Empty Latent (Resolution)",
+    "TwigSampler": "Twig Sampler",
+    "TwigVAEDecode": "Twig VAE Decode",
+    "TwigVAEEncode": "Twig VAE Encode",
+    "TwigUnloadModels": "Twig Unload Models",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

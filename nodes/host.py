@@ -1,0 +1,440 @@
+"""Glue between the nodes and the host application (ComfyUI), with plain-torch fallbacks.
+
+Nothing here imports ComfyUI. Inside ComfyUI its modules (``folder_paths``, ``comfy.model_management``,
+``comfy.utils``, ``comfy.model_patcher``, ``comfy.cli_args``) are already loaded when the pack is imported,
+so they are looked up in ``sys.modules``; outside ComfyUI (tests, scripts) every function falls back to
+plain torch and a local model folder (``$TWIG_MODELS_DIR``, else ``<pack>/models``).
+
+Memory: a loaded model is a :class:`ManagedModel`. Inside ComfyUI it is registered with ComfyUI's model
+manager through a ``ModelPatcher``, so it is moved to the GPU with ``load_models_gpu`` right before use,
+moved off when another model needs the room, and unloaded by ComfyUI's "Unload models" / "Free model and
+node cache" actions like any built-in model. Loaded models are shared per (file, dtype, device) through a
+weak cache: the weights live as long as a node output refers to them, so when ComfyUI drops its node cache
+the RAM is returned too.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import sys
+import threading
+import traceback
+import weakref
+from typing import Callable, Iterable
+
+import torch
+
+from twig_core.errors import TwigError
+
+log = logging.getLogger("twig")
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_CHOICES = ["auto", "fp16", "bf16", "fp32"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Host modules (looked up, never imported)
+
+
+def _host_module(name: str):
+    """The host's module ``name`` if the host has loaded it, else None."""
+    return sys.modules.get(name)
+
+
+def model_management():
+    return _host_module("comfy.model_management")
+
+
+def inside_comfy() -> bool:
+    return model_management() is not None and _host_module("folder_paths") is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Model folders
+
+
+def local_models_dir() -> str:
+    return os.environ.get("TWIG_MODELS_DIR") or os.path.join(PACK_DIR, "models")
+
+
+def folder_paths_for(kind: str) -> list[str]:
+    """Folders searched for ``kind`` ("diffusion_models", "checkpoints", "text_encoders", "vae", ...)."""
+    fp = _host_module("folder_paths")
+    if fp is not None:
+        try:
+            return list(fp.get_folder_paths(kind))
+        except Exception:  # unknown kind in this host version
+            return []
+    return [os.path.join(local_models_dir(), kind)]
+
+
+def register_folder(kind: str, subfolder: str | None = None) -> None:
+    """Make sure ComfyUI knows the model folder ``kind`` (``models/<subfolder or kind>``)."""
+    fp = _host_module("folder_paths")
+    if fp is None:
+        return
+    names = getattr(fp, "folder_names_and_paths", {})
+    if kind not in names:
+        path = os.path.join(fp.models_dir, subfolder or kind)
+        fp.add_model_folder_path(kind, path)
+
+
+def _is_diffusers_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json")) or os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _is_pipeline_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def _scan(root: str, folders_only: bool = False, max_depth: int = 4) -> tuple[list[str], list[str]]:
+    """(model files, diffusers-style folders) under ``root``, as relative paths with "/" separators.
+
+    Files inside a diffusers folder are not listed on their own: the folder stands for them.
+    """
+    files: list[str] = []
+    dirs: list[str] = []
+    if not os.path.isdir(root):
+        return files, dirs
+    for cur, subdirs, names in os.walk(root, followlinks=True):
+        rel = os.path.relpath(cur, root)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        if depth > 0 and _is_diffusers_folder(cur):
+            dirs.append(rel.replace(os.sep, "/") + "/")
+            subdirs[:] = []  # components of a pipeline are reached through the pipeline folder
+            continue
+        if depth >= max_depth:
+            subdirs[:] = []
+        if not folders_only:
+            for n in sorted(names):
+                if n.lower().endswith(MODEL_EXTENSIONS):
+                    files.append(os.path.normpath(os.path.join(rel, n)).replace(os.sep, "/"))
+    return files, dirs
+
+
+def list_models(kinds: Iterable[str], pipeline_kinds: Iterable[str] = ()) -> list[str]:
+    """Names for a loader's combo: files and diffusers folders found in the ``kinds`` folders, plus
+    diffusers *pipeline* folders (with model_index.json) found in ``pipeline_kinds`` folders. Folders end in "/"."""
+    out: list[str] = []
+    for kind in kinds:
+        for root in folder_paths_for(kind):
+            files, dirs = _scan(root)
+            out += [d for d in dirs if d not in out]
+            out += [f for f in files if f not in out]
+    for kind in pipeline_kinds:
+        for root in folder_paths_for(kind):
+            _, dirs = _scan(root, folders_only=True)
+            out += [d for d in dirs if d not in out and _is_pipeline_folder(os.path.join(root, d))]
+    return out
+
+
+def resolve_model(name: str, kinds: Iterable[str], pipeline_kinds: Iterable[str] = ()) -> str:
+    """Full path of the file or folder ``name`` picked from a loader combo; TwigError naming the folders."""
+    kinds, pipeline_kinds = list(kinds), list(pipeline_kinds)
+    if not name or not isinstance(name, str):
+        raise TwigError(f"no model selected; put one in models/{' or models/'.join(kinds)} and refresh")
+    rel = name.rstrip("/")
+    searched = []
+    for kind in kinds + pipeline_kinds:
+        for root in folder_paths_for(kind):
+            searched.append(root)
+            path = os.path.abspath(os.path.join(root, rel))
+            if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
+                continue  # no escaping the model folders
+            if kind in kinds and (os.path.isfile(path) or os.path.isdir(path)):
+                return path
+            if kind in pipeline_kinds and _is_pipeline_folder(path):
+                return path
+    raise TwigError(
+        f"model '{name}' not found; expected it in models/{' or models/'.join(kinds)} "
+        f"(searched: {', '.join(searched) or 'no folders registered'})"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices and dtypes
+
+
+def _cuda_bf16() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def default_device() -> torch.device:
+    mm = model_management()
+    if mm is not None and hasattr(mm, "get_torch_device"):
+        return torch.device(mm.get_torch_device())
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def devices(role: str, choice: str = "default") -> tuple[torch.device, torch.device]:
+    """(load device, offload device) for role "diffusion", "text" or "vae"; choice "default", "gpu" or "cpu"."""
+    if choice == "cpu":
+        cpu = torch.device("cpu")
+        return cpu, cpu
+    mm = model_management()
+    if mm is None:
+        d = default_device()
+        return d, d
+    load = {"diffusion": "get_torch_device", "text": "text_encoder_device", "vae": "vae_device"}[role]
+    offload = {"diffusion": "unet_offload_device", "text": "text_encoder_offload_device", "vae": "vae_offload_device"}[role]
+    if choice == "gpu":
+        load = "get_torch_device"
+    load_dev = getattr(mm, load, None) or getattr(mm, "get_torch_device", None)
+    off_dev = getattr(mm, offload, None)
+    ld = torch.device(load_dev()) if load_dev else default_device()
+    od = torch.device(off_dev()) if off_dev else torch.device("cpu")
+    return ld, od
+
+
+def pick_dtype(choice: str, device: torch.device, role: str) -> torch.dtype:
+    """The dtype for a loader's dtype choice ("auto", "fp16", "bf16", "fp32")."""
+    if choice in DTYPES:
+        return DTYPES[choice]
+    if choice != "auto":
+        raise TwigError(f"unknown dtype {choice!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    device = torch.device(device)
+    mm = model_management()
+    if role == "text":
+        # Gemma-2 overflows in float16, so auto never picks it
+        return torch.bfloat16 if device.type == "cuda" and _cuda_bf16() else torch.float32
+    if mm is not None:
+        try:
+            if role == "diffusion" and hasattr(mm, "unet_dtype"):
+                return mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+            if role == "vae" and hasattr(mm, "vae_dtype"):
+                return mm.vae_dtype(device, allowed_dtypes=[torch.bfloat16, torch.float32])
+        except Exception:
+            pass
+    if device.type == "cuda":
+        return torch.bfloat16 if _cuda_bf16() else (torch.float16 if role == "diffusion" else torch.float32)
+    if device.type == "mps" and role == "diffusion":
+        return torch.float16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress, cancel, memory
+
+
+def check_interrupt() -> None:
+    """Raise the host's interrupt exception if the user pressed cancel (no-op outside ComfyUI)."""
+    mm = model_management()
+    fn = getattr(mm, "throw_exception_if_processing_interrupted", None) if mm is not None else None
+    if fn is not None:
+        fn()
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    mm = model_management()
+    cls = getattr(mm, "InterruptProcessingException", None) if mm is not None else None
+    return (cls is not None and isinstance(exc, cls)) or isinstance(exc, KeyboardInterrupt)
+
+
+def is_oom(exc: BaseException) -> bool:
+    mm = model_management()
+    cls = getattr(mm, "OOM_EXCEPTION", None) if mm is not None else None
+    if cls is not None and isinstance(exc, cls):
+        return True
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+def soft_empty_cache() -> None:
+    mm = model_management()
+    fn = getattr(mm, "soft_empty_cache", None) if mm is not None else None
+    if fn is not None:
+        fn()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def free_after_failure(exc: BaseException) -> None:
+    """Drop the tensors held by the failed call's frames, then return cached GPU memory."""
+    try:
+        traceback.clear_frames(exc.__traceback__)
+    except Exception:
+        pass
+    gc.collect()
+    soft_empty_cache()
+
+
+class Progress:
+    """A ComfyUI ProgressBar when running inside ComfyUI, else a no-op with the same calls."""
+
+    def __init__(self, total: int):
+        self.total = total
+        utils = _host_module("comfy.utils")
+        cls = getattr(utils, "ProgressBar", None) if utils is not None else None
+        self._bar = cls(total) if cls is not None else None
+
+    def update(self, step: int, preview=None) -> None:
+        if self._bar is not None:
+            self._bar.update_absolute(step, self.total, preview)
+
+
+def preview_settings() -> tuple[bool, int]:
+    """(previews wanted, max preview size in pixels) from ComfyUI's --preview-method/--preview-size."""
+    if _host_module("comfy.utils") is None:
+        return False, 512
+    args = getattr(_host_module("comfy.cli_args"), "args", None)
+    if args is None:
+        return True, 512
+    method = str(getattr(getattr(args, "preview_method", None), "value", getattr(args, "preview_method", "auto")))
+    return method != "none", int(getattr(args, "preview_size", 512) or 512)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaded models
+
+
+class _Holder(torch.nn.Module):
+    """What ComfyUI's ModelPatcher manages: the torch module, with a plain ``device`` attribute
+    (our modules expose ``device`` as a read-only property, which the patcher wants to assign)."""
+
+    def __init__(self, inner: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.inner = inner
+        self.device = device
+
+
+class ManagedModel:
+    """One loaded model (transformer, DC-AE or text encoder) and its place in host memory.
+
+    ``get()`` returns the twig_core object ready on its load device, loading it again if it was released.
+    ``release()`` drops the weights (VRAM and RAM); the next ``get()`` reads the file again.
+    """
+
+    def __init__(self, kind: str, path: str, load_fn: Callable[[torch.device], object],
+                 load_device: torch.device, offload_device: torch.device, dtype: torch.dtype, module_of=None):
+        self.kind, self.path = kind, path
+        self.name = os.path.basename(path.rstrip("/\\")) or path
+        self.load_device, self.offload_device, self.dtype = load_device, offload_device, dtype
+        self._load_fn = load_fn
+        self._module_of = module_of or (lambda obj: obj)
+        self._obj = None
+        self._patcher = None
+        self._lock = threading.RLock()
+
+    def __repr__(self) -> str:
+        state = "loaded" if self._obj is not None else "released"
+        return f"<Twig {self.kind} {self.name} {str(self.dtype).replace('torch.', '')} on {self.load_device}, {state}>"
+
+    @property
+    def loaded(self) -> bool:
+        return self._obj is not None
+
+    def peek(self):
+        """The twig_core object without moving it (loading it from disk if needed)."""
+        with self._lock:
+            if self._obj is None:
+                mm = model_management()
+                # inside ComfyUI weights wait on the offload device until ComfyUI moves them
+                first = self.offload_device if mm is not None else self.load_device
+                self._obj = self._load_fn(first)
+                self._patcher = None
+            return self._obj
+
+    def get(self):
+        """The twig_core object on its load device (registered with ComfyUI's model manager there)."""
+        with self._lock:
+            obj = self.peek()
+            module = self._module_of(obj)
+            mm = model_management()
+            mp = _host_module("comfy.model_patcher")
+            if mm is not None and mp is not None and hasattr(mm, "load_models_gpu"):
+                if self._patcher is None:
+                    holder = _Holder(module, _param_device(module))
+                    self._patcher = mp.ModelPatcher(holder, load_device=self.load_device, offload_device=self.offload_device)
+                mm.load_models_gpu([self._patcher], force_full_load=True)
+            elif _param_device(module) != self.load_device:
+                module.to(self.load_device)
+            return obj
+
+    def offload(self) -> None:
+        """Move the weights to the offload device (frees VRAM, keeps RAM)."""
+        with self._lock:
+            if self._obj is None:
+                return
+            if not self._unregister():
+                self._module_of(self._obj).to(self.offload_device)
+            soft_empty_cache()
+
+    def release(self) -> None:
+        """Drop the weights entirely; a later ``get()`` loads the file again."""
+        with self._lock:
+            self._unregister()
+            self._obj = None
+            self._patcher = None
+        gc.collect()
+        soft_empty_cache()
+
+    def _unregister(self) -> bool:
+        """Unload from ComfyUI's model manager; True if it was registered there."""
+        mm = model_management()
+        if self._patcher is None or mm is None:
+            return False
+        loaded = getattr(mm, "current_loaded_models", [])
+        found = False
+        for i in range(len(loaded) - 1, -1, -1):
+            if loaded[i].model is self._patcher:
+                loaded[i].model_unload()
+                loaded.pop(i)
+                found = True
+        if not found:
+            self._patcher.detach()
+        return True
+
+
+def _param_device(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+_CACHE: dict[tuple, "weakref.ref[ManagedModel]"] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _file_stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (0, 0)
+
+
+def cached_model(kind: str, path: str, dtype: torch.dtype, load_device: torch.device, offload_device: torch.device,
+                 load_fn: Callable[[torch.device], object], module_of=None, extra: tuple = ()) -> ManagedModel:
+    """The shared ManagedModel for (kind, file, dtype, devices), created and loaded if not alive."""
+    key = (kind, os.path.abspath(path), _file_stamp(path), str(dtype), str(load_device), str(offload_device)) + extra
+    with _CACHE_LOCK:
+        for k in [k for k, ref in _CACHE.items() if ref() is None]:
+            del _CACHE[k]
+        ref = _CACHE.get(key)
+        model = ref() if ref is not None else None
+        if model is None:
+            model = ManagedModel(kind, path, load_fn, load_device, offload_device, dtype, module_of)
+            _CACHE[key] = weakref.ref(model)
+    model.peek()  # load now, so a bad file is reported by its loader node
+    return model
+
+
+def loaded_models() -> list[ManagedModel]:
+    return [m for m in (ref() for ref in list(_CACHE.values())) if m is not None]
+
+
+def release_all() -> None:
+    """Release every Twig model (what the unload node calls)."""
+    for m in loaded_models():
+        m.release()

@@ -1,0 +1,233 @@
+"""Latent nodes: empty latent at Sana's aspect-ratio bins, DC-AE decode and encode (tiled when needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from twig_core import image as timage
+from twig_core.dcae import auto_tile_size
+from twig_core.errors import TwigError
+from twig_core.resolution import BINS_1024, MULTIPLE, check_size, nearest_bin
+
+from . import host
+from .common import CATEGORY, MODEL, VAE, NodeError, log, node_errors
+
+CUSTOM = "custom"
+MAX_SIZE = 8192
+LATENT_CHANNELS = 32
+
+
+def _label(h: int, w: int) -> str:
+    return f"{w}x{h} ({w / h:.2f}:1)"
+
+
+ASPECTS = {_label(h, w): (h, w) for h, w in BINS_1024}
+ASPECT_CHOICES = [CUSTOM] + list(ASPECTS)
+DEFAULT_ASPECT = _label(1024, 1024)
+
+
+def base_size_of(model) -> int:
+    """Pixel size the transformer was trained at (its native latent grid times 32); 1024 if unknown."""
+    cfg = getattr(model, "config", None)
+    size = getattr(cfg, "sample_size", None)
+    return int(size) * MULTIPLE if size else 1024
+
+
+def pick_size(aspect: str, width: int, height: int, base: int = 1024) -> tuple[int, int]:
+    """(width, height) in pixels for an aspect choice (scaled to ``base``) or the custom size."""
+    if aspect == CUSTOM:
+        check_size(int(width), int(height))
+        return int(width), int(height)
+    if aspect not in ASPECTS:
+        raise TwigError(f"unknown aspect ratio {aspect!r}; choose one of the listed sizes or 'custom'")
+    h, w = ASPECTS[aspect]
+    if base != 1024:
+        h, w = nearest_bin(h, w, base)
+    return w, h
+
+
+class TwigEmptyLatent:
+    DESCRIPTION = ("An empty latent at one of Sana's trained aspect-ratio sizes (scaled to the connected model's base "
+                   "size) or at a custom size in multiples of 32.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "aspect_ratio": (ASPECT_CHOICES, {"default": DEFAULT_ASPECT, "tooltip": "Sana's trained sizes (shown for 1024 px models; scaled to the model's base size when a model is connected), or custom."}),
+                "width": ("INT", {"default": 1024, "min": MULTIPLE, "max": MAX_SIZE, "step": MULTIPLE, "tooltip": "Used when aspect_ratio is custom (multiple of 32)."}),
+                "height": ("INT", {"default": 1024, "min": MULTIPLE, "max": MAX_SIZE, "step": MULTIPLE, "tooltip": "Used when aspect_ratio is custom (multiple of 32)."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+            },
+            "optional": {
+                "model": (MODEL, {"tooltip": "Connect to scale the aspect-ratio sizes to this model's base resolution."}),
+            },
+        }
+
+    RETURN_TYPES = ("LATENT", "INT", "INT")
+    RETURN_NAMES = ("latent", "width", "height")
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+
+    @node_errors("Twig Empty Latent")
+    def generate(self, aspect_ratio, width, height, batch_size=1, model=None):
+        base, channels = 1024, LATENT_CHANNELS
+        if model is not None:
+            tr = model.peek()
+            base = base_size_of(tr)
+            channels = int(getattr(tr.config, "in_channels", LATENT_CHANNELS))
+        w, h = pick_size(aspect_ratio, width, height, base)
+        if batch_size < 1:
+            raise TwigError(f"batch_size must be at least 1, got {batch_size}")
+        samples = torch.zeros(int(batch_size), channels, h // MULTIPLE, w // MULTIPLE)
+        return ({"samples": samples}, w, h)
+
+
+# --------------------------------------------------------------------------------------------------
+# DC-AE
+
+
+def _vae_device(vae) -> torch.device:
+    for p in vae.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _vae_dtype(vae) -> torch.dtype:
+    for p in vae.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def _fallback_tiles(first: int, floor: int = 4) -> list[int]:
+    """Tile sizes (latent px) to retry with after running out of memory: halving ``first`` down to ``floor``."""
+    out, t = [], first
+    while t // 2 >= floor:
+        t //= 2
+        out.append(t)
+    return out
+
+
+def _run_with_oom_fallback(what: str, fn, tile, fallbacks):
+    """Run ``fn(tile)``; when memory runs short, free caches and retry with smaller tiles."""
+    try:
+        return fn(tile)
+    except Exception as e:  # noqa: BLE001
+        if not host.is_oom(e):
+            raise
+        host.free_after_failure(e)
+    for t in fallbacks:
+        log.warning("[Twig] %s ran out of memory; retrying with tiles of %d latent px", what, t)
+        try:
+            return fn(t)
+        except Exception as e:  # noqa: BLE001
+            if not host.is_oom(e):
+                raise
+            host.free_after_failure(e)
+    raise NodeError(f"{what}: out of memory even with the smallest tiles; lower the batch size or use a smaller image")
+
+
+TILE_INPUT = ("INT", {"default": 0, "min": 0, "max": 4096, "step": MULTIPLE,
+                      "tooltip": "Tile size in pixels (multiple of 32). 0 = automatic: tiles only above 1024x1024 "
+                                 "or when memory runs short."})
+
+
+class TwigVAEDecode:
+    DESCRIPTION = "Decodes a Twig latent to an IMAGE with DC-AE, tiling large images automatically."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "vae": (VAE,), "tile_size": TILE_INPUT}}
+
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+
+    @node_errors("Twig VAE Decode")
+    def decode(self, samples, vae, tile_size=0):
+        latent = _latent_samples(samples)
+        model = vae.get()
+        f = model.spatial_factor
+        if latent.shape[1] != model.config.latent_channels:
+            raise TwigError(f"latent has {latent.shape[1]} channels but this VAE ({vae.name}) expects "
+                            f"{model.config.latent_channels}; is it a Twig/Sana latent?")
+        if tile_size and tile_size % f:
+            raise TwigError(f"tile_size {tile_size} px is not a multiple of {f}")
+        device, dtype = _vae_device(model), _vae_dtype(model)
+        h, w = latent.shape[-2:]
+        first = auto_tile_size(h, w) if not tile_size else tile_size // f  # latent px, None = untiled
+        fallbacks = _fallback_tiles(min(first or max(h, w), max(h, w)))
+        out = []
+        for i in range(latent.shape[0]):
+            host.check_interrupt()
+            z = latent[i:i + 1].to(device=device, dtype=dtype)
+
+            def run(tile, z=z):
+                with torch.no_grad():
+                    return model.decode(z, tile_size=tile).float().cpu()
+
+            out.append(timage.from_model(_run_with_oom_fallback("Twig VAE Decode", run, first, fallbacks)))
+        return (torch.cat(out, 0),)
+
+
+class TwigVAEEncode:
+    DESCRIPTION = "Encodes an IMAGE to a Twig latent with DC-AE (for image to image and inpainting)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pixels": ("IMAGE",), "vae": (VAE,), "tile_size": TILE_INPUT}}
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    @node_errors("Twig VAE Encode")
+    def encode(self, pixels, vae, tile_size=0):
+        if not torch.is_tensor(pixels) or pixels.ndim != 4 or pixels.shape[-1] < 3:
+            got = tuple(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__
+            raise TwigError(f"pixels must be an IMAGE [batch, height, width, 3], got {got}")
+        model = vae.get()
+        f = model.spatial_factor
+        if tile_size and tile_size % f:
+            raise TwigError(f"tile_size {tile_size} px is not a multiple of {f}")
+        pixels = center_crop(pixels, f)
+        device, dtype = _vae_device(model), _vae_dtype(model)
+        h, w = pixels.shape[1] // f, pixels.shape[2] // f  # latent px
+        first = auto_tile_size(h, w) if not tile_size else tile_size // f
+        fallbacks = _fallback_tiles(min(first or max(h, w), max(h, w)))
+        out = []
+        for i in range(pixels.shape[0]):
+            host.check_interrupt()
+            x = timage.to_model(pixels[i:i + 1]).to(device=device, dtype=dtype)
+
+            def run(tile, x=x):
+                with torch.no_grad():
+                    return model.encode(x, tile_size=tile * f if tile else None).float().cpu()
+
+            out.append(_run_with_oom_fallback("Twig VAE Encode", run, first, fallbacks))
+        return ({"samples": torch.cat(out, 0)},)
+
+
+def center_crop(pixels: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Crop an IMAGE [B,H,W,C] centrally to multiples of ``multiple`` (DC-AE works on 32x32 cells)."""
+    h, w = pixels.shape[1:3]
+    nh, nw = h // multiple * multiple, w // multiple * multiple
+    if nh == 0 or nw == 0:
+        raise TwigError(f"image is {w}x{h} px; the VAE needs at least {multiple}x{multiple}")
+    if (nh, nw) != (h, w):
+        log.info("[Twig] cropping %dx%d image to %dx%d (multiples of %d)", w, h, nw, nh, multiple)
+        top, left = (h - nh) // 2, (w - nw) // 2
+        pixels = pixels[:, top:top + nh, left:left + nw]
+    return pixels
+
+
+def _latent_samples(latent) -> torch.Tensor:
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise TwigError(f"expected a LATENT (a dict with 'samples'), got {type(latent).__name__}")
+    s = latent["samples"]
+    if not torch.is_tensor(s) or s.ndim != 4:
+        got = tuple(s.shape) if torch.is_tensor(s) else type(s).__name__
+        raise TwigError(f"LATENT samples must be [batch, channels, height/32, width/32], got {got}")
+    return s

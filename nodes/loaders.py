@@ -1,0 +1,153 @@
+"""Loader nodes: transformer, Gemma-2 text encoder, DC-AE. Files or diffusers folders from ComfyUI's model folders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twig_core.errors import TwigError
+from twig_core.text import MAX_LENGTH_LIMIT, SANA_MAX_LENGTH
+
+from . import host
+from .common import CATEGORY, MODEL, TEXT_ENCODER, VAE, node_errors
+
+MODEL_FOLDERS = ("diffusion_models", "checkpoints")
+TEXT_FOLDERS = ("text_encoders",)
+VAE_FOLDERS = ("vae",)
+
+
+def _choices(kinds, pipeline_kinds=()):
+    names = host.list_models(kinds, pipeline_kinds)
+    return names or [f"(put a model in models/{kinds[0]})"]
+
+
+def _role_dtype(choice, device, role):
+    return host.pick_dtype(choice, device, role)
+
+
+def _loader():
+    try:
+        from twig_core import loader
+    except ImportError as e:
+        raise TwigError(f"this Twig install has no checkpoint loader (twig_core.loader): {e}") from e
+    return loader
+
+
+@dataclass
+class TextEncoderRef:
+    """What flows through a TWIG_TEXT_ENCODER socket: the loaded Gemma-2 and the token budget to encode with."""
+
+    model: host.ManagedModel
+    max_tokens: int
+
+    def __repr__(self) -> str:
+        return f"<Twig text encoder {self.model.name}, {self.max_tokens} tokens>"
+
+
+class TwigModelLoader:
+    DESCRIPTION = "Loads a Twig / Sana transformer (NVlabs .pth/.safetensors, ComfyUI single file or diffusers folder)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        names = _choices(MODEL_FOLDERS)
+        return {
+            "required": {
+                "model_name": (names, {"tooltip": "A file or diffusers folder in models/diffusion_models or models/checkpoints."}),
+                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Weight and compute dtype. auto: ComfyUI's choice for this GPU (fp32 on CPU)."}),
+            }
+        }
+
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @node_errors("Twig Model Loader")
+    def load(self, model_name, dtype="auto"):
+        path = host.resolve_model(model_name, MODEL_FOLDERS)
+        load_dev, offload_dev = host.devices("diffusion")
+        dt = _role_dtype(dtype, load_dev, "diffusion")
+        model = host.cached_model(
+            "transformer", path, dt, load_dev, offload_dev,
+            lambda device: _loader().load_transformer(path, dtype=dt, device=device).eval().requires_grad_(False),
+        )
+        return (model,)
+
+
+class TwigTextEncoderLoader:
+    DESCRIPTION = "Loads Gemma-2 (folder with tokenizer, diffusers pipeline folder or single file) for Twig prompts."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "text_encoder_name": (_choices(TEXT_FOLDERS, MODEL_FOLDERS), {"tooltip": "Gemma-2-2B(-it) in models/text_encoders: an HF folder with its tokenizer, a single file, or a diffusers pipeline folder."}),
+                "max_tokens": ("INT", {"default": SANA_MAX_LENGTH, "min": SANA_MAX_LENGTH, "max": MAX_LENGTH_LIMIT, "step": 1, "tooltip": "Prompt length budget in tokens. Sana was trained with 300; longer prompts are truncated with a warning."}),
+                "device": (["default", "cpu", "gpu"], {"default": "default", "tooltip": "cpu keeps the GPU free for the transformer (slower prompt encoding)."}),
+                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "auto: bf16 on GPUs that support it, else fp32. fp16 overflows in Gemma-2."}),
+            }
+        }
+
+    RETURN_TYPES = (TEXT_ENCODER,)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @node_errors("Twig Text Encoder Loader")
+    def load(self, text_encoder_name, max_tokens=SANA_MAX_LENGTH, device="default", dtype="auto"):
+        path = host.resolve_model(text_encoder_name, TEXT_FOLDERS, MODEL_FOLDERS)
+        load_dev, offload_dev = host.devices("text", device)
+        dt = _role_dtype(dtype, load_dev, "text")
+        model = host.cached_model(
+            "text_encoder", path, dt, load_dev, offload_dev,
+            lambda dev: _loader().load_text_encoder(path, dtype=dt, device=dev),
+            module_of=lambda te: te.model,
+        )
+        return (TextEncoderRef(model, int(max_tokens)),)
+
+
+class TwigVAELoader:
+    DESCRIPTION = "Loads the DC-AE autoencoder (diffusers vae/ folder, pipeline folder or single file)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "vae_name": (_choices(VAE_FOLDERS, MODEL_FOLDERS), {"tooltip": "DC-AE f32c32 in models/vae: a file, a diffusers vae/ folder, or a pipeline folder."}),
+                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "auto: bf16 on GPUs that support it, else fp32."}),
+            }
+        }
+
+    RETURN_TYPES = (VAE,)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @node_errors("Twig VAE Loader")
+    def load(self, vae_name, dtype="auto"):
+        path = host.resolve_model(vae_name, VAE_FOLDERS, MODEL_FOLDERS)
+        load_dev, offload_dev = host.devices("vae")
+        dt = _role_dtype(dtype, load_dev, "vae")
+        vae = host.cached_model(
+            "vae", path, dt, load_dev, offload_dev,
+            lambda dev: _loader().load_vae(path, dtype=dt, device=dev).eval().requires_grad_(False),
+        )
+        return (vae,)
+
+
+class TwigUnloadModels:
+    DESCRIPTION = "Releases every Twig model from GPU and RAM; they load again when next used."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}, "optional": {"latent": ("LATENT", {"tooltip": "Wire a latent through to unload right after sampling."})}}
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "unload"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @node_errors("Twig Unload Models")
+    def unload(self, latent=None):
+        host.release_all()
+        return (latent,)
