@@ -1,0 +1,1 @@
+"""Training support for the Twig demo model: generated scene dataset, tiny tokenizer, programmatic evaluator."""
