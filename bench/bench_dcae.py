@@ -1,0 +1,147 @@
+"""DC-AE decode: Twig vs diffusers AutoencoderDC, Sana 1.0 f32c32 architecture, identical random weights.
+
+    python bench/bench_dcae.py                 # 512x512 image (16x16 latent)
+    python bench/bench_dcae.py --size 1024 --tile 16 --device cuda
+
+Each implementation runs in its own subprocess so that peak RSS (VmHWM) is its own. Weights are created
+once (seeded), saved to a temporary safetensors file and loaded by both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _status_mib(field: str) -> float:
+    # VmRSS: resident now; VmHWM: peak resident of this process image (unlike ru_maxrss, not inherited
+    # from the parent across fork+exec).
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib() -> float:
+    return _status_mib("VmRSS")
+
+
+def peak_rss_mib() -> float:
+    return _status_mib("VmHWM")
+
+
+def child(args) -> None:
+    import torch
+    from safetensors.torch import load
+
+    from twig_core.dcae import DCAE, DCAE_F32C32_SANA
+
+    torch.set_grad_enabled(False)
+    sd = load(Path(args.weights).read_bytes())  # weights in anonymous memory, not lazily paged from a mmap
+    if args.child == "ours":
+        model = DCAE.from_state_dict(sd)
+        run = lambda z: model.decode_raw(z, tile_size=args.tile)  # noqa: E731
+    else:
+        from diffusers import AutoencoderDC
+
+        with torch.device("meta"):
+            model = AutoencoderDC(**DCAE_F32C32_SANA.to_dict())
+        model.load_state_dict(sd, assign=True)
+        if args.tile:
+            f = 32
+            model.enable_tiling(args.tile * f, args.tile * f, args.tile * f * 3 // 4, args.tile * f * 3 // 4)
+        run = lambda z: model.decode(z).sample  # noqa: E731
+    del sd
+    model = model.eval().to(args.device)
+    latent = torch.load(args.latent).to(args.device)
+    try:  # reset VmHWM so that the peak below is the decode's, not the weight loading's
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    loaded = current_rss_mib()
+    times = []
+    for _ in range(args.repeat):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = run(latent)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    torch.save(out.float().cpu(), args.out)
+    res = dict(time=min(times), loaded_mib=loaded, peak_mib=peak_rss_mib())
+    if args.device.startswith("cuda"):
+        res["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(res))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (multiple of 32)")
+    p.add_argument("--tile", type=int, default=None, help="decode tile size in latent px (default: untiled)")
+    p.add_argument("--repeat", type=int, default=1, help="decodes per implementation; the best time is shown")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--latent", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if args.size % 32:
+        sys.exit(f"--size {args.size} is not a multiple of 32")
+
+    import torch
+    from safetensors.torch import save_file
+
+    from twig_core.dcae import DCAE, DCAE_F32C32_SANA
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        torch.manual_seed(0)
+        model = DCAE(DCAE_F32C32_SANA)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "vae.safetensors")
+        del model
+        n = args.size // 32
+        torch.save(torch.randn(1, 32, n, n, generator=torch.Generator().manual_seed(1)), tmp / "latent.pt")
+
+        results = {}
+        for name in ("ours", "diffusers"):
+            cmd = [sys.executable, __file__, "--child", name, "--weights", str(tmp / "vae.safetensors"),
+                   "--latent", str(tmp / "latent.pt"), "--out", str(tmp / f"{name}.pt"), "--size", str(args.size),
+                   "--repeat", str(args.repeat), "--device", args.device]
+            if args.tile:
+                cmd += ["--tile", str(args.tile)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{name} failed:\n{proc.stderr}")
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+        a, b = torch.load(tmp / "ours.pt"), torch.load(tmp / "diffusers.pt")
+        diff = ((a - b).abs().max() / b.abs().max()).item()
+
+    tiling = f", tile {args.tile} latent px" if args.tile else ", untiled"
+    print(f"DC-AE f32c32 decode, {args.size}x{args.size} ({args.size // 32}x{args.size // 32} latent{tiling}), "
+          f"{args.device}, torch threads {torch.get_num_threads()}")
+    for name, r in results.items():
+        extra = f", cuda peak {r['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in r else ""
+        print(f"  {name:9s} {r['time']:8.3f} s   RSS after load {r['loaded_mib']:7.0f} MiB, "
+              f"peak {r['peak_mib']:7.0f} MiB (+{r['peak_mib'] - r['loaded_mib']:.0f}){extra}")
+    ratio = results["ours"]["time"] / results["diffusers"]["time"]
+    print(f"  time ratio ours/diffusers: {ratio:.2f}   output rel. max diff: {diff:.2e}"
+          + ("  (different tilings)" if args.tile else ""))
+
+
+if __name__ == "__main__":
+    main()

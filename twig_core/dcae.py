@@ -1,0 +1,750 @@
+"""DC-AE, the deep-compression autoencoder of Sana (f32c32: 32x downsampling, 32 latent channels).
+
+Structure (from the DC-AE paper and the released configs), encoder then decoder:
+
+    encoder:  conv_in 3x3 -> stages 0..n-1 (blocks, then a 2x down block between stages)
+              -> conv_out 3x3 to latent channels, plus a channel-averaging shortcut
+    decoder:  conv_in 3x3 from latent channels, plus a channel-repeating shortcut
+              -> stages n-1..0 (a 2x up block into the stage, then blocks)
+              -> RMSNorm -> ReLU -> conv_out 3x3 to RGB
+
+Blocks are either a ResBlock (conv3x3, act, conv3x3 w/o bias, norm, residual) or an EfficientViT block
+(multi-scale ReLU linear attention, residual; then GLUMBConv, residual). Down/up blocks add a parameter-free
+shortcut (pixel-unshuffle + channel mean / channel repeat + pixel-shuffle) to a conv path.
+
+Parameter names equal those of diffusers' ``AutoencoderDC`` so a diffusers ``vae/`` folder loads with
+``load_state_dict(strict=True)``. Everything runs channels-first; pointwise projections stored as Linear
+weights are applied as 1x1 convolutions.
+
+Latents outside this module are model-space: ``encode`` returns ``raw * scaling_factor`` and ``decode``
+divides by it first. ``encode_raw``/``decode_raw`` skip the scaling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import TwigError
+
+RES_BLOCK = "ResBlock"
+VIT_BLOCK = "EfficientViTBlock"
+_BLOCK_TYPES = (RES_BLOCK, VIT_BLOCK)
+_NORM_TYPES = ("rms_norm", "batch_norm")
+_ACTS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "mish": nn.Mish}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sana_types() -> tuple:
+    return (RES_BLOCK,) * 3 + (VIT_BLOCK,) * 3
+
+
+def _sana_scales() -> tuple:
+    return ((), (), (), (5,), (5,), (5,))
+
+
+@dataclass(frozen=True)
+class DCAEConfig:
+    """DC-AE hyper-parameters. Defaults are Sana 1.0's ``dc-ae-f32c32-sana-1.0``.
+
+    Per-stage tuples run from the highest resolution (stage 0) to the lowest. ``downsample_block_type`` is
+    "conv" (stride-2 conv) or "pixel_unshuffle"; ``upsample_block_type`` is "interpolate" (nearest 2x, conv)
+    or "pixel_shuffle". The encoder always uses RMSNorm + SiLU; the decoder's norm/act are per stage.
+    """
+
+    in_channels: int = 3
+    latent_channels: int = 32
+    encoder_block_out_channels: tuple = (128, 256, 512, 512, 1024, 1024)
+    decoder_block_out_channels: tuple = (128, 256, 512, 512, 1024, 1024)
+    encoder_layers_per_block: tuple = (2, 2, 2, 3, 3, 3)
+    decoder_layers_per_block: tuple = (3, 3, 3, 3, 3, 3)
+    encoder_block_types: tuple = field(default_factory=_sana_types)
+    decoder_block_types: tuple = field(default_factory=_sana_types)
+    encoder_qkv_multiscales: tuple = field(default_factory=_sana_scales)
+    decoder_qkv_multiscales: tuple = field(default_factory=_sana_scales)
+    attention_head_dim: int = 32
+    downsample_block_type: str = "conv"
+    upsample_block_type: str = "interpolate"
+    decoder_norm_types: tuple = ("rms_norm",) * 6
+    decoder_act_fns: tuple = ("silu",) * 6
+    encoder_out_shortcut: bool = True
+    decoder_in_shortcut: bool = True
+    decoder_conv_act_fn: str = "relu"
+    scaling_factor: float = 0.41407
+
+    def __post_init__(self):
+        n = len(self.encoder_block_out_channels)
+        if n < 1 or len(self.decoder_block_out_channels) != n:
+            raise TwigError(
+                f"DCAEConfig: encoder_block_out_channels ({n} stages) and decoder_block_out_channels "
+                f"({len(self.decoder_block_out_channels)} stages) must have the same, non-zero length"
+            )
+        per_stage = (
+            "encoder_layers_per_block", "decoder_layers_per_block", "encoder_block_types", "decoder_block_types",
+            "encoder_qkv_multiscales", "decoder_qkv_multiscales", "decoder_norm_types", "decoder_act_fns",
+        )
+        for name in per_stage:
+            if len(getattr(self, name)) != n:
+                raise TwigError(f"DCAEConfig.{name} has {len(getattr(self, name))} entries, expected {n} (one per stage)")
+        for name in ("encoder_block_types", "decoder_block_types"):
+            bad = [t for t in getattr(self, name) if t not in _BLOCK_TYPES]
+            if bad:
+                raise TwigError(f"DCAEConfig.{name}: unknown block type(s) {bad}; expected one of {_BLOCK_TYPES}")
+        bad = [t for t in self.decoder_norm_types if t not in _NORM_TYPES]
+        if bad:
+            raise TwigError(f"DCAEConfig.decoder_norm_types: unknown norm(s) {bad}; expected one of {_NORM_TYPES}")
+        bad = [a for a in (*self.decoder_act_fns, self.decoder_conv_act_fn) if a not in _ACTS]
+        if bad:
+            raise TwigError(f"DCAEConfig: unknown activation(s) {bad}; expected one of {sorted(_ACTS)}")
+        if self.downsample_block_type not in ("conv", "pixel_unshuffle"):
+            raise TwigError(f"DCAEConfig.downsample_block_type={self.downsample_block_type!r}: use 'conv' or 'pixel_unshuffle'")
+        if self.upsample_block_type not in ("interpolate", "pixel_shuffle"):
+            raise TwigError(f"DCAEConfig.upsample_block_type={self.upsample_block_type!r}: use 'interpolate' or 'pixel_shuffle'")
+        for side in ("encoder", "decoder"):
+            layers = getattr(self, f"{side}_layers_per_block")
+            if any(l == 0 for l in layers[1:]):
+                raise TwigError(f"DCAEConfig.{side}_layers_per_block={layers}: only the first stage may have 0 layers")
+            if n > 1 and layers[0] == 0 and layers[1] == 0:
+                raise TwigError(f"DCAEConfig.{side}_layers_per_block={layers}: stages 0 and 1 cannot both be empty")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.encoder_block_out_channels)
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent pixel along each side (32 for f32c32)."""
+        return 2 ** (self.num_stages - 1)
+
+    def replace(self, **changes) -> "DCAEConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # ---- construction from other descriptions -----------------------------------------------------------
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: Mapping) -> "DCAEConfig":
+        """Build from a diffusers ``AutoencoderDC`` ``config.json`` dict (strings broadcast to every stage)."""
+        n = len(cfg.get("encoder_block_out_channels", cfg.get("block_out_channels", (0,) * 6)))
+
+        def per_stage(key, default):
+            v = cfg.get(key, default)
+            if isinstance(v, str):
+                return (v,) * n
+            return tuple(v)
+
+        out = dict(
+            in_channels=int(cfg.get("in_channels", 3)),
+            latent_channels=int(cfg.get("latent_channels", 32)),
+            encoder_block_out_channels=tuple(cfg.get("encoder_block_out_channels", cfg.get("block_out_channels"))),
+            decoder_block_out_channels=tuple(cfg.get("decoder_block_out_channels", cfg.get("block_out_channels"))),
+            encoder_layers_per_block=tuple(cfg["encoder_layers_per_block"]),
+            decoder_layers_per_block=tuple(cfg["decoder_layers_per_block"]),
+            encoder_block_types=per_stage("encoder_block_types", RES_BLOCK),
+            decoder_block_types=per_stage("decoder_block_types", RES_BLOCK),
+            encoder_qkv_multiscales=tuple(tuple(s) for s in cfg.get("encoder_qkv_multiscales", ((),) * n)),
+            decoder_qkv_multiscales=tuple(tuple(s) for s in cfg.get("decoder_qkv_multiscales", ((),) * n)),
+            attention_head_dim=int(cfg.get("attention_head_dim", 32)),
+            # diffusers treats every value other than these two exactly as the stride-2 conv / interpolate path.
+            downsample_block_type="pixel_unshuffle" if cfg.get("downsample_block_type") == "pixel_unshuffle" else "conv",
+            upsample_block_type="interpolate" if cfg.get("upsample_block_type") == "interpolate" else "pixel_shuffle",
+            decoder_norm_types=per_stage("decoder_norm_types", "rms_norm"),
+            decoder_act_fns=per_stage("decoder_act_fns", "silu"),
+            encoder_out_shortcut=bool(cfg.get("encoder_out_shortcut", True)),
+            decoder_in_shortcut=bool(cfg.get("decoder_in_shortcut", True)),
+            decoder_conv_act_fn=str(cfg.get("decoder_conv_act_fn", "relu")),
+            scaling_factor=float(cfg.get("scaling_factor", 1.0)),
+        )
+        return cls(**out)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], **overrides) -> "DCAEConfig":
+        """Infer the architecture from a diffusers-named state dict (keys ``encoder.*`` / ``decoder.*``).
+
+        Shapes give channels, layers, block types, multiscale kernels, head dim, down/up block types and
+        decoder norm types. Not visible in the weights, so taken from the released configs unless overridden:
+        decoder activations (ReLU where a stage uses BatchNorm, SiLU elsewhere), ``decoder_conv_act_fn``
+        ("relu"), the shortcuts (on), ``scaling_factor`` (0.41407) and, when no EfficientViT block has a
+        multiscale branch (whose grouped conv reveals it), ``attention_head_dim`` (32). A stage with no layers
+        is unused by the network: its width is set to half of stage 1's, its types to stage 1's.
+        """
+        try:
+            return cls(**{**_infer_config(sd), **overrides})
+        except KeyError as e:
+            raise TwigError(f"DC-AE state dict: missing tensor {e.args[0]!r}; is this a diffusers AutoencoderDC (vae/) file?") from None
+
+
+def _infer_config(sd: Mapping[str, torch.Tensor]) -> dict:
+    keys = list(sd.keys())
+    if not any(k.startswith("encoder.") for k in keys) or not any(k.startswith("decoder.") for k in keys):
+        raise TwigError("DC-AE state dict: expected keys under 'encoder.' and 'decoder.' (diffusers AutoencoderDC names)")
+
+    def shape(k):
+        return tuple(sd[k].shape)
+
+    def stage_blocks(prefix: str) -> dict[int, dict[int, set]]:
+        # stage -> block index -> set of the block's direct child names
+        out: dict[int, dict[int, set]] = {}
+        for k in keys:
+            if k.startswith(prefix):
+                parts = k[len(prefix):].split(".")
+                out.setdefault(int(parts[0]), {}).setdefault(int(parts[1]), set()).add(parts[2])
+        return out
+
+    def describe(side: str, stages: dict, n: int):
+        layers, types, chans, scales, norms = [], [], [], [], []
+        head_dim = None
+        resample_shapes = {}
+        for i in range(n):
+            blocks = stages.get(i, {})
+            count, btype, ch, sc, norm = 0, RES_BLOCK, None, (), "rms_norm"
+            for j in sorted(blocks):
+                children = blocks[j]
+                p = f"{side}.{'down' if side == 'encoder' else 'up'}_blocks.{i}.{j}"
+                if "conv1" in children:
+                    count, btype = count + 1, RES_BLOCK
+                    ch = shape(f"{p}.conv1.weight")[0]
+                    norm = "batch_norm" if f"{p}.norm.running_mean" in sd else "rms_norm"
+                elif "attn" in children:
+                    count, btype = count + 1, VIT_BLOCK
+                    ch = shape(f"{p}.attn.to_q.weight")[1]
+                    ks, m = [], 0
+                    while f"{p}.attn.to_qkv_multiscale.{m}.proj_in.weight" in sd:
+                        ks.append(shape(f"{p}.attn.to_qkv_multiscale.{m}.proj_in.weight")[-1])
+                        head_dim = shape(f"{p}.attn.to_qkv_multiscale.{m}.proj_out.weight")[1]
+                        m += 1
+                    sc = tuple(ks)
+                    norm = "batch_norm" if f"{p}.attn.norm_out.running_mean" in sd else "rms_norm"
+                else:  # the stage's down/up block: just a conv
+                    resample_shapes[i] = shape(f"{p}.conv.weight")
+            layers.append(count)
+            types.append(btype)
+            chans.append(ch)
+            scales.append(sc)
+            norms.append(norm)
+        # A stage without layers has no weights to look at; it is described like the stage after it.
+        for i in reversed(range(n - 1)):
+            if layers[i] == 0:
+                types[i], scales[i], norms[i] = types[i + 1], scales[i + 1], norms[i + 1]
+        return layers, types, chans, scales, norms, head_dim, resample_shapes
+
+    enc_stages = stage_blocks("encoder.down_blocks.")
+    dec_stages = stage_blocks("decoder.up_blocks.")
+    n = max(max(enc_stages, default=-1), max(dec_stages, default=-1)) + 1
+    if n < 1:
+        raise TwigError("DC-AE state dict: no encoder.down_blocks / decoder.up_blocks tensors found")
+
+    e_layers, e_types, e_ch, e_sc, _, e_hd, e_res = describe("encoder", enc_stages, n)
+    d_layers, d_types, d_ch, d_sc, d_norms, d_hd, d_res = describe("decoder", dec_stages, n)
+    for ch in (e_ch, d_ch):
+        if ch[0] is None and n > 1:
+            ch[0] = max(1, (ch[1] or 2) // 2)  # unused by a stage without layers
+
+    if e_layers[0] > 0:
+        in_channels = shape("encoder.conv_in.weight")[1]
+    else:
+        in_channels = shape("encoder.conv_in.conv.weight")[1]
+    latent_channels = shape("encoder.conv_out.weight")[0]
+
+    # A down block's conv outputs C[i+1] (stride-2 conv) or C[i+1]/4 (then pixel-unshuffle); with an empty
+    # stage 0 the input conv is such a block too (into C[1]). Likewise an up block's conv outputs C[i]
+    # (interpolate first) or 4*C[i] (then pixel-shuffle).
+    if e_res:
+        i, s = min(e_res.items())
+        down = "conv" if s[0] == e_ch[i + 1] else "pixel_unshuffle"
+    elif e_layers[0] == 0:
+        down = "conv" if shape("encoder.conv_in.conv.weight")[0] == e_ch[1] else "pixel_unshuffle"
+    else:
+        down = "conv"
+    if d_res:
+        i, s = min(d_res.items())
+        up = "interpolate" if s[0] == d_ch[i] else "pixel_shuffle"
+    elif d_layers[0] == 0:
+        up = "interpolate" if shape("decoder.conv_out.conv.weight")[0] == in_channels else "pixel_shuffle"
+    else:
+        up = "interpolate"
+
+    head_dim = e_hd or d_hd or 32
+    return dict(
+        in_channels=in_channels,
+        latent_channels=latent_channels,
+        encoder_block_out_channels=tuple(e_ch),
+        decoder_block_out_channels=tuple(d_ch),
+        encoder_layers_per_block=tuple(e_layers),
+        decoder_layers_per_block=tuple(d_layers),
+        encoder_block_types=tuple(e_types),
+        decoder_block_types=tuple(d_types),
+        encoder_qkv_multiscales=tuple(e_sc),
+        decoder_qkv_multiscales=tuple(d_sc),
+        attention_head_dim=head_dim,
+        downsample_block_type=down,
+        upsample_block_type=up,
+        decoder_norm_types=tuple(d_norms),
+        decoder_act_fns=tuple("relu" if nt == "batch_norm" else "silu" for nt in d_norms),
+    )
+
+
+DCAE_F32C32_SANA = DCAEConfig()
+PRESETS = {"dc-ae-f32c32-sana-1.0": DCAE_F32C32_SANA}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks (channels-first throughout)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ChannelRMSNorm(nn.Module):
+    """RMSNorm over the channel axis of [B,C,H,W], with learned scale and shift; normalised in fp32."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + self.eps)
+        w, b = self.weight, self.bias
+        if w.dtype in (torch.float16, torch.bfloat16):
+            y = y.to(w.dtype)
+        return y * w[:, None, None] + b[:, None, None]
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return ChannelRMSNorm(channels) if kind == "rms_norm" else nn.BatchNorm2d(channels, eps=1e-5)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Apply a Linear weight [out, in] over the channels of [B, in, H, W] (a 1x1 conv, done as a matmul)."""
+    b, _, h, w = x.shape
+    return torch.matmul(weight, x.flatten(2)).view(b, -1, h, w)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int, norm: str = "rms_norm", act: str = "silu"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.act = _ACTS[act]()
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.norm = _norm(norm, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.norm(self.conv2(self.act(self.conv1(x))))
+
+
+class MultiscaleQKV(nn.Module):
+    """Aggregates q/k/v over a k x k neighbourhood: depthwise k x k conv, then a 1x1 conv within each head."""
+
+    def __init__(self, channels: int, groups: int, kernel_size: int):
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=False)
+        self.proj_out = nn.Conv2d(channels, channels, 1, 1, 0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.proj_in(x))
+
+
+class MultiscaleLinearAttention(nn.Module):
+    """ReLU linear attention over all positions, with extra q/k/v "scales" from local aggregation.
+
+    Heads come from the fused qkv tensor [q | k | v] (each ``heads*head_dim`` channels) cut into consecutive
+    groups of ``3*head_dim`` channels, each group read as (q, k, v) of one head -- so a head's q, k and v do
+    not come from to_q, to_k and to_v respectively. Each aggregation scale adds the same number of heads.
+    """
+
+    eps = 1e-15
+
+    def __init__(self, channels: int, head_dim: int, kernel_sizes: tuple, norm: str = "rms_norm"):
+        super().__init__()
+        self.head_dim = head_dim
+        heads = channels // head_dim
+        inner = heads * head_dim
+        self.to_q = nn.Linear(channels, inner, bias=False)
+        self.to_k = nn.Linear(channels, inner, bias=False)
+        self.to_v = nn.Linear(channels, inner, bias=False)
+        self.to_qkv_multiscale = nn.ModuleList(MultiscaleQKV(3 * inner, 3 * heads, k) for k in kernel_sizes)
+        self.to_out = nn.Linear(inner * (1 + len(kernel_sizes)), channels, bias=False)
+        self.norm_out = _norm(norm, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        n = h * w
+        qkv = _pointwise(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
+        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)
+        qkv = qkv.reshape(b, -1, 3, self.head_dim, n)  # [B, heads, (q,k,v), d, N]
+        if n > self.head_dim:
+            out = self._linear(qkv).to(x.dtype)
+        else:
+            out = self._quadratic(qkv)
+        out = _pointwise(out.reshape(b, -1, h, w), self.to_out.weight)
+        return x + self.norm_out(out)
+
+    def _linear(self, qkv: torch.Tensor) -> torch.Tensor:
+        # out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps), associated as (v k^T) q: O(N d^2), in fp32.
+        q, k, v = qkv.float().unbind(2)
+        q, k = F.relu(q), F.relu(k)
+        num = (v @ k.transpose(-1, -2)) @ q  # [B, h, d, N]
+        den = (k.sum(dim=-1, keepdim=True).transpose(-1, -2)) @ q  # [B, h, 1, N]
+        return num / (den + self.eps)
+
+    def _quadratic(self, qkv: torch.Tensor) -> torch.Tensor:
+        # Same quantity via the N x N score matrix; cheaper when N <= d (tiny feature maps).
+        q, k, v = qkv.unbind(2)
+        q, k = F.relu(q), F.relu(k)
+        scores = (k.transpose(-1, -2) @ q).float()  # [B, h, N_keys, N_queries]
+        scores = scores / (scores.sum(dim=2, keepdim=True) + self.eps)
+        return v @ scores.to(v.dtype)
+
+
+class GLUMBConv(nn.Module):
+    """Inverted bottleneck with a gated depthwise conv: 1x1 up (x8), SiLU, 3x3 depthwise, x*SiLU(gate), 1x1 down."""
+
+    def __init__(self, channels: int, expand: int = 4):
+        super().__init__()
+        hidden = channels * expand
+        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.norm = ChannelRMSNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv_depth(F.silu(self.conv_inverted(x)))
+        y, gate = y.chunk(2, dim=1)
+        return x + self.norm(self.conv_point(y * F.silu(gate)))
+
+
+class EfficientViTBlock(nn.Module):
+    def __init__(self, channels: int, head_dim: int, kernel_sizes: tuple, norm: str = "rms_norm"):
+        super().__init__()
+        self.attn = MultiscaleLinearAttention(channels, head_dim, kernel_sizes, norm)
+        self.conv_out = GLUMBConv(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(self.attn(x))
+
+
+class DownBlock(nn.Module):
+    """2x downsampling: a conv path (stride-2 conv, or conv then pixel-unshuffle) plus, optionally, a
+    parameter-free shortcut (pixel-unshuffle, then the mean over groups of consecutive channels)."""
+
+    def __init__(self, cin: int, cout: int, pixel_unshuffle: bool, shortcut: bool = True):
+        super().__init__()
+        self.pixel_unshuffle = pixel_unshuffle
+        self.shortcut = shortcut
+        self.group = cin * 4 // cout
+        self.conv = nn.Conv2d(cin, cout // 4 if pixel_unshuffle else cout, 3, 1 if pixel_unshuffle else 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.pixel_unshuffle:
+            y = F.pixel_unshuffle(y, 2)
+        if self.shortcut:
+            s = F.pixel_unshuffle(x, 2)
+            y = y + s.unflatten(1, (-1, self.group)).mean(dim=2)
+        return y
+
+
+class UpBlock(nn.Module):
+    """2x upsampling: a conv path (nearest 2x then conv, or conv then pixel-shuffle) plus, optionally, a
+    parameter-free shortcut (repeat each channel, then pixel-shuffle)."""
+
+    def __init__(self, cin: int, cout: int, interpolate: bool, shortcut: bool = True):
+        super().__init__()
+        self.interpolate = interpolate
+        self.shortcut = shortcut
+        self.repeats = cout * 4 // cin
+        self.conv = nn.Conv2d(cin, cout if interpolate else cout * 4, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.interpolate:
+            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        else:
+            y = F.pixel_shuffle(self.conv(x), 2)
+        if self.shortcut:
+            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+        return y
+
+
+def _block(kind: str, channels: int, head_dim: int, scales: tuple, norm: str, act: str) -> nn.Module:
+    if kind == RES_BLOCK:
+        return ResBlock(channels, norm, act)
+    return EfficientViTBlock(channels, head_dim, scales, norm)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DCAEConfig):
+        super().__init__()
+        ch, layers, n = cfg.encoder_block_out_channels, cfg.encoder_layers_per_block, cfg.num_stages
+        unshuffle = cfg.downsample_block_type == "pixel_unshuffle"
+        if layers[0] > 0:
+            self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, 1, 1)
+        else:  # stage 0 is empty: the input conv downsamples straight to stage 1's width
+            self.conv_in = DownBlock(cfg.in_channels, ch[1], unshuffle, shortcut=False)
+        stages = []
+        for i in range(n):
+            mods = [
+                _block(cfg.encoder_block_types[i], ch[i], cfg.attention_head_dim, cfg.encoder_qkv_multiscales[i],
+                       "rms_norm", "silu")
+                for _ in range(layers[i])
+            ]
+            if i < n - 1 and layers[i] > 0:
+                mods.append(DownBlock(ch[i], ch[i + 1], unshuffle))
+            stages.append(nn.Sequential(*mods))
+        self.down_blocks = nn.ModuleList(stages)
+        self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, 1, 1)
+        self.out_shortcut = cfg.encoder_out_shortcut
+        self.out_group = ch[-1] // cfg.latent_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for stage in self.down_blocks:
+            x = stage(x)
+        y = self.conv_out(x)
+        if self.out_shortcut:
+            y = y + x.unflatten(1, (-1, self.out_group)).mean(dim=2)
+        return y
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DCAEConfig):
+        super().__init__()
+        ch, layers, n = cfg.decoder_block_out_channels, cfg.decoder_layers_per_block, cfg.num_stages
+        interp = cfg.upsample_block_type == "interpolate"
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, 1, 1)
+        self.in_shortcut = cfg.decoder_in_shortcut
+        self.in_repeats = ch[-1] // cfg.latent_channels
+        stages = []
+        for i in range(n):
+            mods = [UpBlock(ch[i + 1], ch[i], interp)] if (i < n - 1 and layers[i] > 0) else []
+            mods += [
+                _block(cfg.decoder_block_types[i], ch[i], cfg.attention_head_dim, cfg.decoder_qkv_multiscales[i],
+                       cfg.decoder_norm_types[i], cfg.decoder_act_fns[i])
+                for _ in range(layers[i])
+            ]
+            stages.append(nn.Sequential(*mods))
+        self.up_blocks = nn.ModuleList(stages)  # indexed by stage; run from the last to the first
+        out_ch = ch[0] if layers[0] > 0 else ch[1]
+        self.norm_out = ChannelRMSNorm(out_ch)
+        self.conv_act = _ACTS[cfg.decoder_conv_act_fn]()
+        if layers[0] > 0:
+            self.conv_out = nn.Conv2d(out_ch, cfg.in_channels, 3, 1, 1)
+        else:  # stage 0 is empty: the output conv upsamples straight to pixels
+            self.conv_out = UpBlock(out_ch, cfg.in_channels, interp, shortcut=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(z)
+        if self.in_shortcut:
+            x = x + z.repeat_interleave(self.in_repeats, dim=1)
+        for stage in reversed(self.up_blocks):
+            x = stage(x)
+        return self.conv_out(self.conv_act(self.norm_out(x)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiling
+# --------------------------------------------------------------------------------------------------------------
+
+TileSize = Union[int, str, None]
+
+
+def auto_tile_size(latent_height: int, latent_width: int, max_side: int = 32) -> Optional[int]:
+    """Decode tile size (latent px) for a latent of this size: None (untiled) up to ``max_side**2`` latent
+    pixels (1024x1024 px for f32), else ``max_side``. For encoding, multiply by ``spatial_factor``."""
+    if latent_height * latent_width <= max_side * max_side:
+        return None
+    return max_side
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list:
+    """Start offsets of tiles of size ``tile`` covering ``length``, adjacent tiles overlapping >= ``overlap``,
+    spread evenly so that the first starts at 0 and the last ends at ``length``."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [k * (length - tile) // (n - 1) for k in range(n)]
+
+
+def _blend_ramp(size: int, ramp_start: bool, ramp_end: bool, overlap: float, device) -> torch.Tensor:
+    """1-D blending weight of one tile. On a side shared with a neighbour the weight is ~0 over the outer quarter
+    of the overlap (where the tile's border effects live), rises linearly across the middle half and is 1 beyond;
+    a side on the image border keeps weight 1. A small floor keeps every covered pixel's weight sum positive."""
+    pos = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+    w = torch.ones(size, device=device)
+    margin, width = overlap / 4, max(overlap / 2, 1e-6)
+    if ramp_start:
+        w = torch.minimum(w, ((pos - margin) / width).clamp(1e-6, 1))
+    if ramp_end:
+        w = torch.minimum(w, ((size - pos - margin) / width).clamp(1e-6, 1))
+    return w
+
+
+def _run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, unit: int, up: int, down: int, out_ch: int):
+    """Apply ``fn`` (a fully convolutional map resizing by up/down) to overlapping tiles of ``x`` and blend the
+    results linearly into one output, accumulated in fp32. tile/overlap count blocks of ``unit`` input pixels;
+    tiles start on that grid."""
+    b, _, h, w = x.shape
+    ys = [s * unit for s in _tile_starts(h // unit, tile, overlap)]
+    xs = [s * unit for s in _tile_starts(w // unit, tile, overlap)]
+    tile, overlap = tile * unit, overlap * unit
+    oh, ow = h * up // down, w * up // down
+    out = torch.zeros(b, out_ch, oh, ow, device=x.device, dtype=torch.float32)
+    wsum = torch.zeros(1, 1, oh, ow, device=x.device, dtype=torch.float32)
+    o_out = overlap * up / down
+    for y0 in ys:
+        th = min(tile, h - y0)
+        for x0 in xs:
+            tw = min(tile, w - x0)
+            y = fn(x[:, :, y0:y0 + th, x0:x0 + tw]).float()
+            py, px = y0 * up // down, x0 * up // down
+            ph, pw = y.shape[-2:]
+            wy = _blend_ramp(ph, y0 > 0, y0 + th < h, o_out, x.device)
+            wx = _blend_ramp(pw, x0 > 0, x0 + tw < w, o_out, x.device)
+            wt = wy[:, None] * wx[None, :]
+            out[:, :, py:py + ph, px:px + pw] += y * wt
+            wsum[:, :, py:py + ph, px:px + pw] += wt
+    return out / wsum
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The autoencoder
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DCAE(nn.Module):
+    """DC-AE encoder + decoder. Images are [B,3,H,W] in [-1,1]; latents are model-space (scaled).
+
+    Computation runs on the module's device in its parameter dtype; results come back on the input's
+    device in the input's dtype.
+    Works under torch.no_grad/inference_mode and with autograd alike.
+    """
+
+    def __init__(self, config: DCAEConfig = DCAE_F32C32_SANA):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor], strict: bool = True, **config_overrides) -> "DCAE":
+        """Build with the config inferred from ``sd`` (diffusers names) and load it without random init.
+        The tensors of ``sd`` are used in place (no copy); the model is returned in eval mode."""
+        cfg = DCAEConfig.from_state_dict(sd, **config_overrides)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(sd, strict=strict, assign=True)
+        return model.eval()
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
+    def _param(self) -> torch.Tensor:
+        return self.decoder.conv_in.weight
+
+    # ---- checks ----------------------------------------------------------------------------------------
+
+    def _check_images(self, images: torch.Tensor):
+        f, c = self.spatial_factor, self.config.in_channels
+        if not torch.is_tensor(images) or images.ndim != 4:
+            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise TwigError(f"DCAE.encode: images must be a tensor [B,{c},H,W], got {got}")
+        if images.shape[1] != c:
+            raise TwigError(f"DCAE.encode: images have {images.shape[1]} channels, expected {c} (shape [B,{c},H,W])")
+        h, w = images.shape[-2:]
+        if h % f or w % f or h == 0 or w == 0:
+            raise TwigError(
+                f"DCAE.encode: image size {w}x{h} is not a multiple of {f}; crop or pad to "
+                f"{max(f, w // f * f)}x{max(f, h // f * f)}"
+            )
+
+    def _check_latent(self, latent: torch.Tensor):
+        c = self.config.latent_channels
+        if not torch.is_tensor(latent) or latent.ndim != 4:
+            got = tuple(latent.shape) if torch.is_tensor(latent) else type(latent).__name__
+            raise TwigError(f"DCAE.decode: latent must be a tensor [B,{c},h,w], got {got}")
+        if latent.shape[1] != c:
+            raise TwigError(f"DCAE.decode: latent has {latent.shape[1]} channels, expected {c}")
+        if latent.shape[-1] == 0 or latent.shape[-2] == 0:
+            raise TwigError(f"DCAE.decode: empty latent {tuple(latent.shape)}")
+
+    @staticmethod
+    def _tiling(tile_size: TileSize, overlap: Optional[int], unit: int, what: str, h: int, w: int):
+        """Validate and convert tile/overlap to units of ``unit``; None means untiled."""
+        if tile_size == "auto":
+            t = auto_tile_size(h // unit, w // unit)
+            tile_size = None if t is None else t * unit
+        if tile_size is None:
+            return None
+        if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size <= 0:
+            raise TwigError(f"DCAE.{what}: tile_size must be a positive int, 'auto' or None, got {tile_size!r}")
+        if tile_size % unit:
+            raise TwigError(f"DCAE.{what}: tile_size {tile_size} px is not a multiple of {unit}")
+        if overlap is None:
+            overlap = tile_size // 4 // unit * unit
+        if not isinstance(overlap, int) or overlap < 0 or overlap >= tile_size or overlap % unit:
+            raise TwigError(
+                f"DCAE.{what}: overlap must be an int in [0, tile_size) and a multiple of {unit}, got {overlap!r}"
+            )
+        return tile_size // unit, overlap // unit
+
+    # ---- public API ------------------------------------------------------------------------------------
+
+    def encode_raw(self, images: torch.Tensor, tile_size: TileSize = None, overlap: Optional[int] = None) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] -> unscaled latent [B,C,H/f,W/f]. tile_size/overlap in pixels
+        (multiples of the spatial factor; overlap defaults to a quarter tile); 'auto' uses auto_tile_size."""
+        self._check_images(images)
+        f = self.spatial_factor
+        tiling = self._tiling(tile_size, overlap, f, "encode", *images.shape[-2:])
+        p = self._param()
+        x = images.to(p.device, p.dtype)
+        if tiling is None:
+            z = self.encoder(x)
+        else:
+            t, o = tiling  # latent px; tiles start on the f-pixel grid so tile latents line up exactly
+            z = _run_tiled(self.encoder, x, t, o, f, 1, f, self.config.latent_channels)
+        return z.to(images.device, images.dtype)
+
+    def decode_raw(self, latent: torch.Tensor, tile_size: TileSize = None, overlap: Optional[int] = None) -> torch.Tensor:
+        """Unscaled latent [B,C,h,w] -> images [B,3,h*f,w*f], roughly [-1,1], not clamped. tile_size/overlap
+        in latent pixels (overlap defaults to a quarter tile); 'auto' uses auto_tile_size."""
+        self._check_latent(latent)
+        tiling = self._tiling(tile_size, overlap, 1, "decode", *latent.shape[-2:])
+        p = self._param()
+        z = latent.to(p.device, p.dtype)
+        if tiling is None:
+            x = self.decoder(z)
+        else:
+            t, o = tiling
+            f = self.spatial_factor
+            x = _run_tiled(self.decoder, z, t, o, 1, f, 1, self.config.in_channels)
+        return x.to(latent.device, latent.dtype)
+
+    def encode(self, images: torch.Tensor, tile_size: TileSize = None, overlap: Optional[int] = None) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] -> model-space latent (raw * scaling_factor)."""
+        return self.encode_raw(images, tile_size, overlap) * self.scaling_factor
+
+    def decode(self, latent: torch.Tensor, tile_size: TileSize = None, overlap: Optional[int] = None) -> torch.Tensor:
+        """Model-space latent -> images [B,3,H,W] in about [-1,1] (caller clamps)."""
+        self._check_latent(latent)
+        return self.decode_raw(latent / self.scaling_factor, tile_size, overlap)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction: decode(encode(images))."""
+        return self.decode(self.encode(images))
+
