@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.tiny import save_tiny_gemma2_folder
-from twig_core.config import TransformerConfig
-from twig_core.dcae import DCAE, RES_BLOCK, VIT_BLOCK, DCAEConfig
+from tests.tiny_models import write_model_folders
+from twig_core.dcae import DCAE
 from twig_core.text import Conditioning
 from twig_core.transformer import TwigTransformer
 
@@ -37,41 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def need_loader():
     pytest.importorskip("twig_core.loader", reason="the checkpoint loader is not in this tree yet")
 
-# heads of width 32, so every size is inferable from tensor shapes; caption width = tiny Gemma's hidden size
-TINY_TRANSFORMER = TransformerConfig(in_channels=32, out_channels=32, width=64, depth=2, heads=2, cross_heads=2,
-                                     caption_channels=64)
-# six stages -> 32x downsampling and 32 latent channels, like the real DC-AE, at a few thousand parameters per stage
-TINY_DCAE = DCAEConfig(
-    latent_channels=32,
-    encoder_block_out_channels=(8, 8, 16, 16, 32, 32),
-    decoder_block_out_channels=(8, 8, 16, 16, 32, 32),
-    encoder_layers_per_block=(1,) * 6,
-    decoder_layers_per_block=(1,) * 6,
-    encoder_block_types=(RES_BLOCK,) * 4 + (VIT_BLOCK,) * 2,
-    decoder_block_types=(RES_BLOCK,) * 4 + (VIT_BLOCK,) * 2,
-    encoder_qkv_multiscales=((),) * 4 + ((5,), (5,)),
-    decoder_qkv_multiscales=((),) * 4 + ((5,), (5,)),
-    attention_head_dim=8,
-    decoder_norm_types=("rms_norm",) * 6,
-    decoder_act_fns=("silu",) * 6,
-)
-
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    tr = TwigTransformer(TINY_TRANSFORMER)
-    with torch.no_grad():  # the final layer starts at zero; randomise everything so outputs depend on inputs
-        for p in tr.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    (root / "diffusion_models").mkdir()
-    save_file(tr.state_dict(), str(root / "diffusion_models" / "tiny_twig.safetensors"))
-    (root / "vae").mkdir()
-    save_file(DCAE(TINY_DCAE).state_dict(), str(root / "vae" / "tiny_dcae.safetensors"))
-    (root / "text_encoders").mkdir()
-    save_tiny_gemma2_folder(root / "text_encoders" / "tiny_gemma")
-    (root / "checkpoints").mkdir()
+    write_model_folders(root, "tiny")
     old = os.environ.get("TWIG_MODELS_DIR")
     os.environ["TWIG_MODELS_DIR"] = str(root)
     yield root
