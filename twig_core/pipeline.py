@@ -107,21 +107,24 @@ def generate(
     image: torch.Tensor | None = None,
     denoise: float = 1.0,
     mask: torch.Tensor | None = None,
-    tile_size: int | None = None,
+    tile_size: int | str | None = "auto",
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
-    """Prompt -> images [B,3,H,W] in [-1,1]. ``image`` ([B,3,H,W] in [-1,1]) switches to image to image."""
+    """Prompt -> images [B,3,H,W] in [-1,1]. ``image`` ([B,3,H,W] in [-1,1]) switches to image to image.
+
+    ``tile_size``: VAE tiles in latent pixels; "auto" tiles only images larger than 1024², None never tiles.
+    """
     cond = text_encoder.encode([prompt], max_length=max_length, use_instruction=True)
     uncond = text_encoder.encode([negative], max_length=max_length, use_instruction=False) if cfg != 1.0 else None
     init = None
     if image is not None:
         check_size(image.shape[-1], image.shape[-2])
         with torch.no_grad():
-            init = vae.encode(image.to(vae.device, vae.dtype), tile_size=tile_size).float().cpu()
+            init = vae.encode(image.float(), tile_size=tile_size).float().cpu()
     latents = sample_latents(
         transformer, cond, uncond, width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg,
         seed=seed, sampler=sampler, shift=shift, init_latent=init, denoise=denoise if init is not None else 1.0,
         mask=mask, callback=callback,
     )
     with torch.no_grad():
-        return vae.decode(latents.to(vae.device, vae.dtype), tile_size=tile_size).float().cpu()
+        return vae.decode(latents, tile_size=tile_size).float().cpu()
