@@ -23,6 +23,9 @@ class NodeError(TwigError):
     """A node failed; the message starts with the node's name and says what it was doing."""
 
 
+NodeError.__module__ = "twig"  # ComfyUI shows the qualified name; the import path under custom_nodes is noise
+
+
 def node_errors(title: str):
     """Decorate a node FUNCTION so every failure reaches the user as one readable line with context.
 

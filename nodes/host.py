@@ -354,7 +354,7 @@ class ManagedModel:
             mp = _host_module("comfy.model_patcher")
             if mm is not None and mp is not None and hasattr(mm, "load_models_gpu"):
                 if self._patcher is None:
-                    holder = _Holder(module, _param_device(module))
+                    holder = _holder_class(self.kind)(module, _param_device(module))
                     self._patcher = mp.ModelPatcher(holder, load_device=self.load_device, offload_device=self.offload_device)
                 mm.load_models_gpu([self._patcher], force_full_load=True)
             elif _param_device(module) != self.load_device:
@@ -394,6 +394,18 @@ class ManagedModel:
         if not found:
             self._patcher.detach()
         return True
+
+
+_HOLDER_NAMES = {"transformer": "TwigTransformer", "vae": "TwigDCAE", "text_encoder": "TwigGemma2"}
+_HOLDER_CLASSES: dict[str, type] = {}
+
+
+def _holder_class(kind: str) -> type:
+    """A _Holder subclass named after the model, so ComfyUI's log says what it is loading."""
+    name = _HOLDER_NAMES.get(kind, "TwigModel")
+    if name not in _HOLDER_CLASSES:
+        _HOLDER_CLASSES[name] = type(name, (_Holder,), {"__module__": __name__})
+    return _HOLDER_CLASSES[name]
 
 
 def _param_device(module: torch.nn.Module) -> torch.device:

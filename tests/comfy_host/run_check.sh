@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Check the pack inside a real ComfyUI, headless on the CPU.
+#
+#   COMFY_PYTHON=/path/to/comfy/venv/bin/python tests/comfy_host/run_check.sh COMFY_DIR
+#
+# COMFY_DIR is a ComfyUI checkout whose requirements are installed for COMFY_PYTHON (default: python3).
+# The script links this repository into COMFY_DIR/custom_nodes/twig, writes tiny random models into
+# COMFY_DIR/models/{diffusion_models,text_encoders,vae}, starts `main.py --cpu` on a free local port,
+# runs client.py's checks against it (import, /object_info, text-to-image, interrupt, /free) and stops it.
+# Nothing of ComfyUI is copied into this repository. Where torchvision cannot be imported (no build for
+# this torch), a stand-in carrying the few names imported at start-up is put on PYTHONPATH for this run only.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+COMFY_DIR="$(cd "${1:-${COMFY_DIR:?give the ComfyUI folder as the first argument}}" && pwd)"
+PY="${COMFY_PYTHON:-python3}"
+CLIENT="$REPO/tests/comfy_host/client.py"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/twig-comfy-check.XXXXXX")"
+SERVER_PID=""
+
+cleanup() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    echo "[check] ComfyUI log and outputs kept in $WORK"
+}
+trap cleanup EXIT
+
+# 1. the pack, linked as ComfyUI expects custom nodes
+LINK="$COMFY_DIR/custom_nodes/twig"
+if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+    echo "[check] $LINK exists and is not a link; move it away first" >&2
+    exit 2
+fi
+ln -sfn "$REPO" "$LINK"
+
+# 2. tiny models in ComfyUI's model folders
+"$PY" "$CLIENT" make-models "$COMFY_DIR/models"
+
+# 3. torchvision stand-in when needed (prints the folder to put on PYTHONPATH, or nothing)
+STUBS="$("$PY" "$CLIENT" torchvision-stub "$WORK/stubs")"
+if [ -n "$STUBS" ]; then
+    export PYTHONPATH="$STUBS${PYTHONPATH:+:$PYTHONPATH}"
+    echo "[check] torchvision not importable: using a stand-in from $STUBS for this run"
+fi
+
+# 4. ComfyUI, headless on the CPU, on a free local port
+PORT="${PORT:-$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+mkdir -p "$WORK/output"
+(cd "$COMFY_DIR" && exec "$PY" main.py --cpu --listen 127.0.0.1 --port "$PORT" --disable-auto-launch --preview-method auto \
+    --output-directory "$WORK/output" > "$WORK/comfy.log" 2>&1) &
+SERVER_PID=$!
+echo "[check] ComfyUI pid $SERVER_PID on port $PORT, log $WORK/comfy.log"
+
+# 5. the checks
+set +e
+"$PY" "$CLIENT" check --url "http://127.0.0.1:$PORT" --log "$WORK/comfy.log" --output "$WORK/output" --pid "$SERVER_PID"
+rc=$?
+set -e
+if [ $rc -ne 0 ]; then
+    echo "[check] last lines of the ComfyUI log:"
+    tail -n 60 "$WORK/comfy.log"
+fi
+exit $rc
