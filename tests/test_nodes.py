@@ -159,6 +159,50 @@ def test_loader_lists_files_and_diffusers_folders(models_dir):
     assert "tiny_dcae.safetensors" in TwigVAELoader.INPUT_TYPES()["required"]["vae_name"][0]
 
 
+@pytest.fixture(scope="module")
+def pipeline_folder(models_dir):
+    """A diffusers Sana pipeline folder (transformer/, vae/, text_encoder/, tokenizer/) in diffusion_models."""
+    need_loader()
+    diffusers = pytest.importorskip("diffusers")
+    from tests.tiny import build_tiny_gemma2, build_tiny_gemma_tokenizer
+    from tests.tiny_models import TINY_DCAE, TINY_TRANSFORMER
+
+    root = models_dir / "diffusion_models" / "tiny_sana_pipeline"
+    c = TINY_TRANSFORMER
+    torch.manual_seed(0)
+    diffusers.SanaTransformer2DModel(
+        in_channels=c.in_channels, out_channels=c.out_channels, num_attention_heads=c.heads,
+        attention_head_dim=c.head_dim, num_layers=c.depth, num_cross_attention_heads=c.cross_heads,
+        cross_attention_head_dim=c.cross_head_dim, cross_attention_dim=c.width, caption_channels=c.caption_channels,
+        mlp_ratio=c.mlp_ratio, sample_size=c.sample_size, patch_size=c.patch_size,
+    ).save_pretrained(root / "transformer")
+    diffusers.AutoencoderDC(**TINY_DCAE.to_dict()).save_pretrained(root / "vae")
+    tok = build_tiny_gemma_tokenizer()
+    build_tiny_gemma2(tok).save_pretrained(root / "text_encoder")
+    tok.save_pretrained(root / "tokenizer")
+    (root / "model_index.json").write_text('{"_class_name": "SanaPipeline", "transformer": ["diffusers", '
+                                           '"SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"]}')
+    return "tiny_sana_pipeline/"
+
+
+def test_diffusers_pipeline_folder_is_selectable_in_all_three_loaders(pipeline_folder):
+    name = pipeline_folder
+    for cls, field in ((TwigModelLoader, "model_name"), (TwigVAELoader, "vae_name"),
+                       (TwigTextEncoderLoader, "text_encoder_name")):
+        names = cls.INPUT_TYPES()["required"][field][0]
+        assert name in names, (cls.__name__, names)
+        assert not any(n.startswith(name) and n != name for n in names)  # components are not listed apart
+    (model,) = TwigModelLoader().load(name, "fp32")
+    (vae,) = TwigVAELoader().load(name, "fp32")
+    (te,) = TwigTextEncoderLoader().load(name, 300, "cpu", "fp32")
+    assert model.peek().config.width == 64 and vae.peek().spatial_factor == 32
+    out = TwigTextEncode().encode(te, "a cat", "")
+    lat = TwigSampler().sample(model, out["result"][0], out["result"][1], empty(64, 64), 0, 2, 4.5,
+                               "flow_euler", 3.0, 1.0)[0]
+    (img,) = TwigVAEDecode().decode(lat, vae, 0)
+    assert img.shape == (1, 64, 64, 3)
+
+
 def test_loaders_share_one_copy_per_file_and_dtype(parts):
     model, te, vae = parts
     assert TwigModelLoader().load("tiny_twig.safetensors", "fp32")[0] is model
