@@ -128,6 +128,23 @@ def t2i_prompt(seed: int = 0, width: int = 256, height: int = 192, steps: int = 
     }
 
 
+def inpaint_prompt(image_name: str, seed: int = 3) -> dict:
+    """Image to image with a noise mask on the right half: LoadImage -> Twig VAE Encode -> Set Latent Noise Mask
+    -> Twig Sampler (denoise 0.6) -> Twig VAE Decode -> SaveImage, with ComfyUI's own image and mask nodes."""
+    p = t2i_prompt(seed)
+    del p["5"]
+    p["10"] = {"class_type": "LoadImage", "inputs": {"image": f"{image_name} [output]"}}
+    p["11"] = {"class_type": "TwigVAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["3", 0], "tile_size": 0}}
+    p["12"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 256, "height": 192}}
+    p["13"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 192}}
+    p["14"] = {"class_type": "MaskComposite", "inputs": {"destination": ["12", 0], "source": ["13", 0], "x": 128,
+                                                         "y": 0, "operation": "add"}}
+    p["15"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["11", 0], "mask": ["14", 0]}}
+    p["6"]["inputs"].update(latent=["15", 0], denoise=0.6)
+    p["8"]["inputs"]["filename_prefix"] = "twig_check_inpaint"
+    return p
+
+
 def long_run_prompt(seed: int = 1) -> dict:
     """A sampler run long enough to interrupt (many steps on a large latent), ending in the unload node."""
     p = t2i_prompt(seed)
@@ -217,6 +234,22 @@ class WebSocketListener:
                             return
 
         asyncio.run(listen())
+
+
+def run_to_image(url: str, output_dir: str, prompt: dict, what: str, size=(256, 192)) -> str:
+    t0 = time.time()
+    entry = wait_history(url, queue_prompt(url, prompt))
+    if entry["status"]["status_str"] != "success":
+        err = messages(entry).get("execution_error", {})
+        raise CheckFailed(f"{what} failed in {err.get('node_type')}: {err.get('exception_type')}: {err.get('exception_message')}")
+    image = entry["outputs"]["8"]["images"][0]
+    path = os.path.join(output_dir, image.get("subfolder", ""), image["filename"])
+    expect(os.path.isfile(path), f"{what}: completed in {time.time() - t0:.1f}s and wrote {path}")
+    from PIL import Image
+
+    with Image.open(path) as im:
+        expect(im.size == size and im.mode == "RGB", f"{what}: image is {size[0]}x{size[1]} RGB")
+    return image["filename"]
 
 
 def check_t2i(url: str, output_dir: str, seed: int, what: str, watch: bool = False) -> None:
@@ -372,6 +405,8 @@ def main() -> int:
         check_import(a.log)
         check_object_info(a.url)
         check_t2i(a.url, a.output, seed=0, what="text-to-image", watch=True)
+        first = sorted(f for f in os.listdir(a.output) if f.startswith("twig_check_") and f.endswith(".png"))[0]
+        run_to_image(a.url, a.output, inpaint_prompt(first), "image-to-image inpaint (right half masked)")
         check_interrupt(a.url)
         check_t2i(a.url, a.output, seed=1, what="text-to-image after the interrupt")
         status, _ = post_json(a.url + "/free", {"unload_models": True, "free_memory": True})
