@@ -412,6 +412,19 @@ class TextEncoder:
 
     # -- encoding ----------------------------------------------------------------------------------
 
+    def forward(
+        self, prompts: Sequence[str] | str, max_length: int = SANA_MAX_LENGTH, use_instruction: bool = True
+    ) -> Conditioning:
+        """:meth:`encode` with gradients (for training the text encoder); no finiteness check."""
+        ids, mask, reports = self.tokenize(prompts, max_length, use_instruction)
+        device = self.device
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+        # <bos> + the last max_length - 1 positions
+        keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(ids.shape[1] - max_length + 1, ids.shape[1])])
+        keep = keep.to(device)
+        return Conditioning(hidden.index_select(1, keep), mask.index_select(1, keep), reports)
+
     @torch.no_grad()
     def encode(
         self, prompts: Sequence[str] | str, max_length: int = SANA_MAX_LENGTH, use_instruction: bool = True
@@ -424,17 +437,10 @@ class TextEncoder:
         instruction) is accepted too, as Sana accepts it.
         Truncation is reported in ``Conditioning.reports`` / ``Conditioning.warnings()``.
         """
-        ids, mask, reports = self.tokenize(prompts, max_length, use_instruction)
-        device = self.device
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-        # <bos> + the last max_length - 1 positions
-        keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(ids.shape[1] - max_length + 1, ids.shape[1])])
-        keep = keep.to(device)
-        embeds = hidden.index_select(1, keep)
-        if not torch.isfinite(embeds).all():
+        cond = self.forward(prompts, max_length, use_instruction)
+        if not torch.isfinite(cond.embeds).all():
             raise TwigError(
-                f"Gemma-2 produced non-finite values in {embeds.dtype}; load the text encoder in "
+                f"Gemma-2 produced non-finite values in {cond.embeds.dtype}; load the text encoder in "
                 "bfloat16 or float32 (Gemma-2 overflows in float16)"
             )
-        return Conditioning(embeds, mask.index_select(1, keep), reports)
+        return cond
