@@ -49,6 +49,83 @@ class TransformerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_state_dict(cls, sd, pos_embed: bool | None = None, **overrides) -> "TransformerConfig":
+        """Infer the architecture from a state dict in our (NVlabs) names; only shapes are read, so meta
+        tensors do. ``pos_embed`` forces the positional embedding on/off; ``overrides`` set any field.
+
+        - width, in_channels, patch_size: ``x_embedder.proj.weight`` [D, C, p, p]; out_channels from
+          ``final_layer.linear``; caption_channels from ``y_embedder.y_proj.fc1``; mlp_ratio from the Mix-FFN
+          ``inverted_conv`` (2 * hidden); depth from the block indices (which must run 0..depth-1).
+        - heads: every Sana model uses 32-dim linear-attention heads (NVlabs ``linear_head_dim = 32``), so
+          heads = width / 32.
+        - cross_heads: not visible in the weights. The released models use 20 heads at width 2240 (1600M,
+          Sana 1.5 4.8B: 112-dim heads) and 16 at width 1152 (600M: 72-dim heads); other widths take the first
+          of the head dims 72, 112, 64, 32 that divides the width. A diffusers config.json states it and wins.
+        - qkv_bias / qk_norm: presence of ``blocks.0.attn.qkv.bias`` / ``blocks.0.attn.q_norm.weight``.
+        - pos_embed: NVlabs checkpoints always carry a ``pos_embed`` table [1, g*g, D] of the training grid,
+          whether or not the model adds it. The released configs switch it on (``use_pe``) only for the 2K and
+          4K models (g = 64, 128) and off for 512/1024 (g = 16, 32), so the rule is: on when g > 32, with
+          interpolation scale max(g // 64, 1) (2K: 1.0, 4K: 2.0, as in diffusers' conversion) and
+          sample_size = g * patch_size. Without a ``pos_embed`` tensor it is off.
+        """
+        from .errors import TwigError
+
+        def shape(key):
+            if key not in sd:
+                raise TwigError(f"transformer weights lack {key!r}; cannot infer the model size")
+            return tuple(sd[key].shape)
+
+        width, in_channels, p, _ = shape("x_embedder.proj.weight")
+        indices = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+        if not indices:
+            raise TwigError("transformer weights have no blocks.N.* tensors")
+        depth = indices[-1] + 1
+        if indices != list(range(depth)):
+            missing = sorted(set(range(depth)) - set(indices))
+            raise TwigError(f"transformer weights lack blocks {missing[:5]} of {depth}")
+        if width % 32:
+            raise TwigError(f"transformer width {width} is not a multiple of the 32-dim attention heads")
+        out_channels = shape("final_layer.linear.weight")[0] // (p * p)
+        caption_channels = shape("y_embedder.y_proj.fc1.weight")[1]
+        hidden2 = shape("blocks.0.mlp.inverted_conv.conv.weight")[0]
+        mlp_ratio = hidden2 / 2 / width
+        if int(width * mlp_ratio) != hidden2 // 2:  # float round-off: aim inside [hidden, hidden + 1)
+            mlp_ratio = (hidden2 // 2 + 0.25) / width
+        fields = dict(
+            in_channels=in_channels, out_channels=out_channels, width=width, depth=depth, heads=width // 32,
+            cross_heads=cross_heads_for_width(width), caption_channels=caption_channels,
+            mlp_ratio=int(mlp_ratio) if mlp_ratio == int(mlp_ratio) else mlp_ratio, patch_size=p,
+            qkv_bias="blocks.0.attn.qkv.bias" in sd, qk_norm="blocks.0.attn.q_norm.weight" in sd,
+            pos_embed=False, pos_interpolation_scale=1.0, sample_size=32,
+        )
+        if "pos_embed" in sd:
+            n = shape("pos_embed")[-2]
+            g = int(round(n**0.5))
+            if g * g == n:
+                fields.update(sample_size=g * p, pos_interpolation_scale=float(max(g // 64, 1)), pos_embed=g > 32)
+        if pos_embed is not None:
+            fields["pos_embed"] = bool(pos_embed)
+        fields.update(overrides)
+        cfg = cls(**fields)
+        if cfg.mlp_hidden * 2 != hidden2:
+            raise TwigError(f"Mix-FFN width {hidden2} is not 2 * mlp_ratio * width for width {width}")
+        return cfg
+
+
+# Cross-attention heads of the released models, by width (NVlabs ``num_heads``); see from_state_dict.
+CROSS_HEADS_BY_WIDTH = {2240: 20, 1152: 16}
+CROSS_HEAD_DIM_FALLBACK = (72, 112, 64, 32)
+
+
+def cross_heads_for_width(width: int) -> int:
+    if width in CROSS_HEADS_BY_WIDTH:
+        return CROSS_HEADS_BY_WIDTH[width]
+    for dim in CROSS_HEAD_DIM_FALLBACK:
+        if width % dim == 0:
+            return width // dim
+    return 1
+
 
 SANA_1600M = TransformerConfig()
 SANA_600M = TransformerConfig(width=1152, depth=28, heads=36, cross_heads=16)
