@@ -1,0 +1,654 @@
+"""Face detectors behind one interface, all offline, all optional.
+
+Built-in detectors (names as ADetailer spells them):
+
+- ``mediapipe_face_short`` / ``mediapipe_face_full``: BlazeFace short range (faces within ~2 m, i.e. large in
+  the frame) and full range (smaller faces), through mediapipe's legacy ``solutions.face_detection``. The
+  models ship inside the mediapipe 0.10.21 wheel; newer wheels ship none, which is reported as such.
+- ``mediapipe_face_mesh``: mediapipe's face mesh; each face also gets a mask (the convex hull of its
+  468 landmarks).
+- ``opencv_haar``: OpenCV's frontal-face Haar cascade, bundled with opencv-python(-headless) 4.x.
+
+YOLO face models (``.pt``, bbox or segmentation) run through ultralytics when it is installed; see
+:class:`YoloDetector`. They are loaded with PyTorch's restricted (``weights_only``) unpickler so a model
+file cannot run code, and refused, naming the offending global, when it needs more than plain classes.
+
+Each detector is a :class:`Detector`: ``status()`` (None when usable, else the reason, without importing the
+package) and ``detect(image, confidence) -> list[Detection]`` on an RGB uint8 ``[H,W,3]`` array.
+:func:`detect_faces` adds tiled detection for small faces and merges duplicates.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import numpy as np
+
+from ..errors import TwigError
+
+MEDIAPIPE_PIN = "mediapipe==0.10.21"
+MEDIAPIPE_HINT = f"pip install {MEDIAPIPE_PIN} (Python 3.12 or older)"
+OPENCV_HINT = 'pip install "opencv-python-headless<5"'
+ULTRALYTICS_HINT = "pip install ultralytics"
+HAAR_FILE = "haarcascade_frontalface_default.xml"
+YOLO_EXTENSIONS = (".pt", ".pth")
+
+
+# --------------------------------------------------------------------------------------------------
+# Detections
+
+
+@dataclass
+class Detection:
+    """One detected face in image pixel coordinates.
+
+    box: (x0, y0, x1, y1), x1/y1 exclusive, floats. confidence: 0..1 (see each detector for what it means).
+    mask: optional bool [H,W] for the whole image (face mesh hull, YOLO segmentation), else None (use the box).
+    """
+
+    box: tuple[float, float, float, float]
+    confidence: float
+    mask: Optional[np.ndarray] = field(default=None, repr=False)
+    label: str = "face"
+    source: str = ""
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        """Mask area when there is a mask, else box area (what the size ratio filters compare)."""
+        if self.mask is not None:
+            return float(self.mask.sum())
+        return max(0.0, self.width) * max(0.0, self.height)
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2
+
+    def shifted(self, dx: float, dy: float, full_hw: tuple[int, int] | None = None) -> "Detection":
+        """The same detection moved by (dx, dy); a mask is placed into a zero mask of ``full_hw``."""
+        x0, y0, x1, y1 = self.box
+        mask = self.mask
+        if mask is not None and full_hw is not None:
+            big = np.zeros(full_hw, dtype=bool)
+            h, w = mask.shape
+            big[int(dy):int(dy) + h, int(dx):int(dx) + w] = mask
+            mask = big
+        return Detection((x0 + dx, y0 + dy, x1 + dx, y1 + dy), self.confidence, mask, self.label, self.source)
+
+    def to_dict(self) -> dict:
+        return {
+            "box": [round(float(v), 2) for v in self.box],
+            "confidence": round(float(self.confidence), 4),
+            "has_mask": self.mask is not None,
+            "label": self.label,
+            "source": self.source,
+        }
+
+
+def clip_box(box, width: int, height: int) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
+
+
+def iou(a, b) -> tuple[float, float]:
+    """(intersection over union, intersection over the smaller box) of two boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    union = area_a + area_b - inter
+    smaller = min(area_a, area_b)
+    return (inter / union if union > 0 else 0.0), (inter / smaller if smaller > 0 else 0.0)
+
+
+def merge_detections(dets: Iterable[Detection], iou_limit: float = 0.4, contain_limit: float = 0.6) -> list[Detection]:
+    """Greedy non-maximum suppression: keep the most confident of overlapping boxes. A box mostly inside a
+    kept one (a face cut by a tile edge, found again whole) is dropped too."""
+    kept: list[Detection] = []
+    for d in sorted(dets, key=lambda d: -d.confidence):
+        if all(max(iou(d.box, k.box)[0] - iou_limit, iou(d.box, k.box)[1] - contain_limit) <= 0 for k in kept):
+            kept.append(d)
+    return kept
+
+
+def as_rgb_uint8(image) -> np.ndarray:
+    """An RGB uint8 [H,W,3] contiguous array from a numpy/torch image (uint8, or float 0..1), or a PIL image."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    if hasattr(image, "detach"):  # torch
+        image = image.detach().cpu().numpy()
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] < 3:
+        raise TwigError(f"face detection needs an RGB image [H,W,3], got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Package checks that do not import the package
+
+
+def _spec_dir(module: str) -> Optional[str]:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.dirname(spec.origin) if spec.origin else None
+
+
+def _version(dist: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return "?"
+
+
+def _first_version(*dists: str) -> str:
+    for d in dists:
+        v = _version(d)
+        if v != "?":
+            return f"{d} {v}"
+    return "the installed version"
+
+
+# --------------------------------------------------------------------------------------------------
+# Detectors
+
+
+class Detector:
+    """Interface. ``name`` is what users pick; ``tile_small_faces`` asks detect_faces to also scan tiles."""
+
+    name = "detector"
+    tile_small_faces = False
+
+    def status(self) -> Optional[str]:
+        """None when this detector can run here, else a one-line reason with the fix."""
+        return None
+
+    def detect(self, image: np.ndarray, confidence: float = 0.3) -> list[Detection]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        reason = self.status()
+        if reason is not None:
+            raise TwigError(f"face detector {self.name}: {reason}")
+
+
+class MediapipeDetector(Detector):
+    """BlazeFace through mediapipe 0.10.21's legacy solutions API (models bundled in the wheel).
+
+    ``model_selection`` 0 = short range (128 px network input, faces filling a good part of the frame),
+    1 = full range (sparse, 192 px, smaller faces). The confidence is BlazeFace's score.
+    """
+
+    MODEL_FILES = {0: "face_detection_short_range.tflite", 1: "face_detection_full_range_sparse.tflite"}
+
+    def __init__(self, model_selection: int):
+        self.model_selection = model_selection
+        self.name = "mediapipe_face_short" if model_selection == 0 else "mediapipe_face_full"
+        self.tile_small_faces = model_selection == 0
+
+    def _required_files(self) -> list[str]:
+        return [os.path.join("modules", "face_detection", self.MODEL_FILES[self.model_selection]),
+                os.path.join("python", "solutions", "face_detection.py")]
+
+    def status(self) -> Optional[str]:
+        root = _spec_dir("mediapipe")
+        if root is None:
+            return f"mediapipe is not installed (optional: {MEDIAPIPE_HINT})"
+        missing = [f for f in self._required_files() if not os.path.isfile(os.path.join(root, f))]
+        if missing:
+            return (f"mediapipe {_version('mediapipe')} ships no bundled face models (missing {missing[0]}); "
+                    f"newer mediapipe wheels dropped them — {MEDIAPIPE_HINT}, or use opencv_haar or a YOLO model")
+        return None
+
+    @staticmethod
+    def _solutions():
+        import mediapipe as mp
+
+        solutions = getattr(mp, "solutions", None)
+        if solutions is None:
+            raise TwigError(f"mediapipe {_version('mediapipe')} has no legacy 'solutions' API; {MEDIAPIPE_HINT}")
+        return solutions
+
+    def detect(self, image: np.ndarray, confidence: float = 0.3) -> list[Detection]:
+        self.check()
+        img = as_rgb_uint8(image)
+        h, w = img.shape[:2]
+        fd = self._solutions().face_detection
+        with fd.FaceDetection(model_selection=self.model_selection, min_detection_confidence=float(confidence)) as det:
+            result = det.process(img)
+        out = []
+        for d in result.detections or []:
+            rb = d.location_data.relative_bounding_box
+            box = clip_box((rb.xmin * w, rb.ymin * h, (rb.xmin + rb.width) * w, (rb.ymin + rb.height) * h), w, h)
+            if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+                out.append(Detection(box, float(d.score[0]) if d.score else 0.0, None, "face", self.name))
+        return out
+
+
+class MediapipeMeshDetector(MediapipeDetector):
+    """mediapipe face mesh: box = landmark extent, mask = convex hull of the landmarks.
+
+    The mesh reports no score of its own: faces it returns passed ``min_detection_confidence``, and their
+    confidence is given as 1.0.
+    """
+
+    def __init__(self):
+        super().__init__(0)
+        self.name = "mediapipe_face_mesh"
+        self.tile_small_faces = True
+
+    def _required_files(self) -> list[str]:
+        return [os.path.join("modules", "face_landmark", "face_landmark.tflite"),
+                os.path.join("modules", "face_detection", "face_detection_short_range.tflite"),
+                os.path.join("python", "solutions", "face_mesh.py")]
+
+    def detect(self, image: np.ndarray, confidence: float = 0.3) -> list[Detection]:
+        self.check()
+        img = as_rgb_uint8(image)
+        h, w = img.shape[:2]
+        fm = self._solutions().face_mesh
+        with fm.FaceMesh(static_image_mode=True, max_num_faces=64, refine_landmarks=False,
+                         min_detection_confidence=float(confidence)) as mesh:
+            result = mesh.process(img)
+        out = []
+        for face in result.multi_face_landmarks or []:
+            pts = np.array([(p.x * w, p.y * h) for p in face.landmark], dtype=np.float64)
+            box = clip_box((pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max() + 1, pts[:, 1].max() + 1), w, h)
+            if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                continue
+            out.append(Detection(box, 1.0, polygon_mask(convex_hull(pts), h, w), "face", self.name))
+        return out
+
+
+class HaarDetector(Detector):
+    """OpenCV's frontal-face Haar cascade (``haarcascade_frontalface_default.xml``, bundled with OpenCV 4.x).
+
+    A cascade gives no probability; the confidence is a logistic map of its final-stage weight,
+    ``1 / (1 + exp(-2 (w - 4.5)))``: faces score about 0.8-0.95 (weights 5-6), the textures that fool the
+    cascade about 0.01-0.2 (weights 2-3.5), so the usual 0.3 threshold separates them.
+    """
+
+    name = "opencv_haar"
+
+    def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 24):
+        self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
+        self._cascade = None
+        self._lock = threading.Lock()
+
+    def _cascade_path(self) -> Optional[str]:
+        root = _spec_dir("cv2")
+        if root is None:
+            return None
+        return os.path.join(root, "data", HAAR_FILE)
+
+    def status(self) -> Optional[str]:
+        path = self._cascade_path()
+        if path is None:
+            return f"OpenCV is not installed (optional: {OPENCV_HINT})"
+        if not os.path.isfile(path):
+            return (f"{_first_version('opencv-python-headless', 'opencv-python', 'opencv-contrib-python')} ships no "
+                    f"Haar cascades ({HAAR_FILE}); OpenCV 4.x wheels do: {OPENCV_HINT}")
+        return None
+
+    @staticmethod
+    def confidence_of(weight: float) -> float:
+        return 1.0 / (1.0 + math.exp(-2.0 * (float(weight) - 4.5)))
+
+    def detect(self, image: np.ndarray, confidence: float = 0.3) -> list[Detection]:
+        self.check()
+        import cv2
+
+        with self._lock:
+            if self._cascade is None:
+                cascade = cv2.CascadeClassifier(self._cascade_path())
+                if cascade.empty():
+                    raise TwigError(f"face detector {self.name}: OpenCV could not read {self._cascade_path()}")
+                self._cascade = cascade
+            cascade = self._cascade
+        img = as_rgb_uint8(image)
+        h, w = img.shape[:2]
+        gray = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
+        boxes, _, weights = cascade.detectMultiScale3(
+            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+            minSize=(self.min_size, self.min_size), outputRejectLevels=True)
+        out = []
+        for (x, y, bw, bh), wt in zip(np.asarray(boxes).reshape(-1, 4), np.asarray(weights).reshape(-1)):
+            conf = self.confidence_of(wt)
+            if conf >= confidence:
+                out.append(Detection(clip_box((x, y, x + bw, y + bh), w, h), conf, None, "face", self.name))
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# YOLO through ultralytics, loaded with the restricted unpickler
+
+# Globals a YOLO checkpoint may name beyond what torch's weights_only unpickler allows by itself: classes
+# only (never functions such as builtins.getattr, which can reach anything).
+_SAFE_PREFIXES = ("ultralytics.", "torch.nn.modules.", "collections.", "numpy.dtypes.")
+_SAFE_EXACT = {
+    "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex", "builtins.bytearray",
+    "builtins.range", "torch.Size", "numpy.dtype", "numpy.ndarray",
+    "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path", "types.SimpleNamespace", "argparse.Namespace",
+    "datetime.datetime", "datetime.date", "datetime.timedelta",
+}
+# numpy helpers that rebuild arrays/scalars from bytes (what torch itself allows for numpy, by name)
+_SAFE_FUNCTIONS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                   "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "_codecs.encode"}
+
+
+def _resolve_global(name: str):
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def checkpoint_globals(path: str) -> list[str]:
+    """Globals a torch checkpoint names that torch's weights_only unpickler does not allow by default,
+    read without unpickling anything (``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
+    import torch
+
+    fn = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if fn is None or not hasattr(torch.serialization, "safe_globals"):
+        raise TwigError(f"{os.path.basename(path)}: loading YOLO models safely needs torch 2.5 or newer "
+                        f"(this is torch {torch.__version__})")
+    try:
+        return sorted(fn(path))
+    except Exception as e:  # noqa: BLE001 - a broken or legacy-format file
+        raise TwigError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def safe_globals_for(path: str) -> list:
+    """The objects to allow for ``path`` under the restricted unpickler, or a TwigError that names every global
+    the file needs that is not a plain class (which could run code when the file is loaded)."""
+    names = checkpoint_globals(path)
+    refused, allowed = [], []
+    for name in names:
+        ok = name in _SAFE_EXACT or name in _SAFE_FUNCTIONS or name.startswith(_SAFE_PREFIXES)
+        obj = None
+        if ok:
+            try:
+                obj = _resolve_global(name)
+            except Exception:  # noqa: BLE001 - missing module or attribute
+                ok = False
+        if ok and name not in _SAFE_FUNCTIONS and not isinstance(obj, type):
+            ok = False
+        (allowed if ok else refused).append(obj if ok else name)
+    if refused:
+        raise TwigError(
+            f"{os.path.basename(path)}: refusing to load this YOLO model: unpickling it would call "
+            f"{', '.join(refused)}, which can run arbitrary code. Twig loads .pt models only with PyTorch's "
+            f"restricted (weights_only) unpickler; use a model made by ultralytics' own training or export.")
+    return allowed
+
+
+class YoloDetector(Detector):
+    """A YOLO face model (bbox or segmentation ``.pt``) run through ultralytics.
+
+    Loading: the checkpoint's globals are listed without unpickling; anything but plain classes (e.g.
+    ``builtins.getattr``, ``os.system``) is refused. Then ultralytics loads it while ``torch.load`` is held
+    to ``weights_only=True`` with exactly those classes allowed, so the file cannot run code.
+    Confidence is YOLO's box score; segmentation models also give masks.
+    """
+
+    def __init__(self, path: str, device: Optional[str] = None):
+        self.path = os.path.abspath(path)
+        self.name = "yolo:" + os.path.basename(path)
+        self.device = device
+        self._model = None
+        self._lock = threading.Lock()
+
+    def status(self) -> Optional[str]:
+        if importlib.util.find_spec("ultralytics") is None:
+            return f"ultralytics is not installed (optional, for YOLO .pt face models: {ULTRALYTICS_HINT})"
+        if not os.path.isfile(self.path):
+            return f"model file not found: {self.path} (put YOLO face models in models/ultralytics/bbox)"
+        if not self.path.lower().endswith(YOLO_EXTENSIONS):
+            return f"{os.path.basename(self.path)} is not a .pt/.pth model"
+        return None
+
+    def load(self):
+        self.check()
+        with self._lock:
+            if self._model is None:
+                self._model = load_yolo_safely(self.path)
+            return self._model
+
+    def detect(self, image: np.ndarray, confidence: float = 0.3) -> list[Detection]:
+        from PIL import Image
+
+        model = self.load()
+        img = as_rgb_uint8(image)
+        h, w = img.shape[:2]
+        kwargs = dict(conf=float(confidence), verbose=False, retina_masks=True)
+        if self.device is not None:
+            kwargs["device"] = self.device
+        results = model.predict(Image.fromarray(img), **kwargs)
+        if not results:
+            return []
+        r = results[0]
+        boxes = getattr(r, "boxes", None)
+        if boxes is None or len(boxes) == 0:
+            return []
+        xyxy = _np(boxes.xyxy).reshape(-1, 4)
+        conf = _np(boxes.conf).reshape(-1)
+        masks = None
+        if getattr(r, "masks", None) is not None:
+            masks = _np(r.masks.data)
+            if masks.shape[-2:] != (h, w):
+                masks = _resize_masks(masks, h, w)
+            masks = masks > 0.5
+        out = []
+        for i, (b, c) in enumerate(zip(xyxy, conf)):
+            box = clip_box(b, w, h)
+            if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+                m = masks[i] if masks is not None and i < len(masks) else None
+                out.append(Detection(box, float(c), m, "face", self.name))
+        return out
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _resize_masks(masks: np.ndarray, h: int, w: int) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
+    return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+def load_yolo_safely(path: str):
+    """``ultralytics.YOLO(path)`` with every ``torch.load`` it makes forced to ``weights_only=True`` and only the
+    file's own (checked) classes allowed."""
+    import torch
+
+    allowed = safe_globals_for(path)
+    from ultralytics import YOLO
+
+    real_load = torch.load
+
+    def restricted_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return real_load(*args, **kwargs)
+
+    with _LOAD_LOCK, torch.serialization.safe_globals(allowed):
+        torch.load = restricted_load
+        try:
+            return YOLO(path)
+        except TwigError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise TwigError(f"{os.path.basename(path)}: ultralytics could not load it with the restricted "
+                            f"unpickler ({type(e).__name__}: {e})") from e
+        finally:
+            torch.load = real_load
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry and tiled detection
+
+_BUILTIN = {
+    "mediapipe_face_full": lambda: MediapipeDetector(1),
+    "mediapipe_face_short": lambda: MediapipeDetector(0),
+    "mediapipe_face_mesh": MediapipeMeshDetector,
+    "opencv_haar": HaarDetector,
+}
+BUILTIN_DETECTORS = tuple(_BUILTIN)
+_INSTANCES: dict[str, Detector] = {}
+_INSTANCES_LOCK = threading.Lock()
+
+
+def available_detectors() -> dict[str, Optional[str]]:
+    """Built-in detector name -> None if usable here, else why not (checked without importing packages)."""
+    return {name: get_detector(name).status() for name in BUILTIN_DETECTORS}
+
+
+def get_detector(name: str, device: Optional[str] = None) -> Detector:
+    """A built-in detector by name, or a YOLO model by file path (``.pt``/``.pth``). Instances are reused."""
+    key = name if device is None else f"{name}@{device}"
+    with _INSTANCES_LOCK:
+        det = _INSTANCES.get(key)
+        if det is None:
+            if name in _BUILTIN:
+                det = _BUILTIN[name]()
+            elif name.lower().endswith(YOLO_EXTENSIONS) or os.sep in name or "/" in name:
+                det = YoloDetector(name, device)
+            else:
+                raise TwigError(f"unknown face detector {name!r}; choose one of {', '.join(BUILTIN_DETECTORS)} "
+                                f"or a YOLO .pt file")
+            _INSTANCES[key] = det
+        return det
+
+
+TILE_SIZE = 512  # 4x the short-range network's 128 px input: faces keep the scale the model was trained at
+
+
+def _starts(size: int, tile: int, overlap: float) -> list[int]:
+    if size <= tile:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    n = int(math.ceil((size - tile) / stride)) + 1
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_grid(height: int, width: int, tile: int = TILE_SIZE, overlap: float = 0.5) -> list[tuple[int, int, int, int]]:
+    """Overlapping square tiles (x0, y0, x1, y1) of ``tile`` px covering the image; with half overlap every
+    face smaller than half a tile lies whole inside at least one tile."""
+    tw, th = min(tile, width), min(tile, height)
+    return [(x, y, x + tw, y + th) for y in _starts(height, th, overlap) for x in _starts(width, tw, overlap)]
+
+
+def _tile_size(detector: Detector, height: int, width: int, tiles) -> Optional[int]:
+    """Tile size for ``tiles`` ("auto", "on", "off", or a size in px), or None for whole-image detection only."""
+    if tiles in ("off", None, 0, False):
+        return None
+    if tiles == "auto":
+        tiles = "on" if detector.tile_small_faces else "off"
+        if tiles == "off":
+            return None
+    size = TILE_SIZE if tiles in ("on", True) else tiles
+    if not isinstance(size, int) or size < 64:
+        raise TwigError(f"tiles must be 'auto', 'on', 'off' or a tile size of at least 64 px, got {tiles!r}")
+    return size if max(height, width) > size * 1.25 else None
+
+
+def _touches_inner_edge(box, x0: int, y0: int, x1: int, y1: int, width: int, height: int, margin: float = 2.0) -> bool:
+    """Whether a box found in tile (x0, y0, x1, y1) (box in tile coordinates) reaches a tile edge that is not
+    an image edge."""
+    bx0, by0, bx1, by1 = box
+    tw, th = x1 - x0, y1 - y0
+    return ((x0 > 0 and bx0 <= margin) or (y0 > 0 and by0 <= margin)
+            or (x1 < width and bx1 >= tw - margin) or (y1 < height and by1 >= th - margin))
+
+
+def detect_faces(image, detector: Detector | str, confidence: float = 0.3, tiles="auto") -> list[Detection]:
+    """Faces in one RGB image (uint8 or float 0..1, [H,W,3]) with confidence ≥ ``confidence``.
+
+    ``tiles``: "off" = the whole image only; "on" (or a tile size in px) = the whole image plus overlapping
+    512 px tiles, for faces too small for a short-range model; "auto" = "on" for the short-range models
+    (mediapipe_face_short, mediapipe_face_mesh), else "off". Faces found more than once are merged (the
+    most confident box wins; a box mostly inside a kept one, e.g. a face cut by a tile edge, is dropped).
+    """
+    if isinstance(detector, str):
+        detector = get_detector(detector)
+    img = as_rgb_uint8(image)
+    h, w = img.shape[:2]
+    size = _tile_size(detector, h, w, tiles)
+    found = [d for d in detector.detect(img, confidence) if d.confidence >= confidence]
+    if size is not None:
+        for x0, y0, x1, y1 in tile_grid(h, w, size):
+            crop = np.ascontiguousarray(img[y0:y1, x0:x1])
+            for d in detector.detect(crop, confidence):
+                # a face cut by an inner tile edge lies whole in a neighbouring tile (half overlap): skip it
+                if d.confidence >= confidence and not _touches_inner_edge(d.box, x0, y0, x1, y1, w, h):
+                    found.append(d.shifted(x0, y0, (h, w)))
+        found = merge_detections(found)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Small geometry helpers (no OpenCV needed)
+
+
+def convex_hull(points: np.ndarray) -> np.ndarray:
+    """Convex hull (Andrew's monotone chain) of [N,2] points, counter-clockwise, as [M,2]."""
+    pts = sorted(set(map(tuple, np.asarray(points, dtype=np.float64).tolist())))
+    if len(pts) <= 2:
+        return np.array(pts, dtype=np.float64)
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower, upper = [], []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
+
+
+def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool [H,W] mask of a filled polygon."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("L", (width, height), 0)
+    if len(polygon) >= 3:
+        ImageDraw.Draw(im).polygon([tuple(p) for p in polygon.tolist()], fill=255, outline=255)
+    return np.asarray(im) > 127
