@@ -34,4 +34,9 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "TwigUnloadModels": "Twig Unload Models",
 }
 
+from .face import TwigFaceDetect, TwigFaceRefine  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update({"TwigFaceDetect": TwigFaceDetect, "TwigFaceRefine": TwigFaceRefine})
+NODE_DISPLAY_NAME_MAPPINGS.update({"TwigFaceDetect": "Twig Face Detect", "TwigFaceRefine": "Twig Face Refine"})
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
