@@ -112,7 +112,8 @@ class TwigVAELoader:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "vae_name": (_choices(VAE_FOLDERS, MODEL_FOLDERS), {"tooltip": "DC-AE f32c32 in models/vae: a file, a diffusers vae/ folder, or a pipeline folder."}),
+                # not "vae_name": ComfyUI's frontend gives that input name special (asset browser) handling
+                "vae_model": (_choices(VAE_FOLDERS, MODEL_FOLDERS), {"tooltip": "DC-AE f32c32 in models/vae: a file, a diffusers vae/ folder, or a pipeline folder."}),
                 "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "auto: bf16 on GPUs that support it, else fp32."}),
             }
         }
@@ -123,8 +124,8 @@ class TwigVAELoader:
     CATEGORY = CATEGORY
 
     @node_errors("Twig VAE Loader")
-    def load(self, vae_name, dtype="auto"):
-        path = host.resolve_model(vae_name, VAE_FOLDERS, MODEL_FOLDERS)
+    def load(self, vae_model, dtype="auto"):
+        path = host.resolve_model(vae_model, VAE_FOLDERS, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("vae")
         dt = _role_dtype(dtype, load_dev, "vae")
         vae = host.cached_model(

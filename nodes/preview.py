@@ -52,6 +52,6 @@ def preview_image(latent: torch.Tensor, max_size: int = 512, projection=None, mi
     h, w = rgb.shape[-2:]
     factor = max(1, min(max_size // max(h, w), -(-min_side // max(1, min(h, w)))))
     if factor > 1:
-        rgb = F.interpolate(rgb[None], scale_factor=factor, mode="nearest")[0]
+        rgb = F.interpolate(rgb[None], scale_factor=factor, mode="bilinear", align_corners=False)[0]
     arr = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     return Image.fromarray(arr, "RGB")

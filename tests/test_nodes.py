@@ -156,7 +156,7 @@ def test_loader_lists_files_and_diffusers_folders(models_dir):
     # files inside a diffusers folder are reached through the folder, not listed one by one
     assert not any(n.startswith("tiny_gemma/") and n != "tiny_gemma/" for n in
                    TwigTextEncoderLoader.INPUT_TYPES()["required"]["text_encoder_name"][0])
-    assert "tiny_dcae.safetensors" in TwigVAELoader.INPUT_TYPES()["required"]["vae_name"][0]
+    assert "tiny_dcae.safetensors" in TwigVAELoader.INPUT_TYPES()["required"]["vae_model"][0]
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def pipeline_folder(models_dir):
 
 def test_diffusers_pipeline_folder_is_selectable_in_all_three_loaders(pipeline_folder):
     name = pipeline_folder
-    for cls, field in ((TwigModelLoader, "model_name"), (TwigVAELoader, "vae_name"),
+    for cls, field in ((TwigModelLoader, "model_name"), (TwigVAELoader, "vae_model"),
                        (TwigTextEncoderLoader, "text_encoder_name")):
         names = cls.INPUT_TYPES()["required"][field][0]
         assert name in names, (cls.__name__, names)

@@ -113,7 +113,7 @@ def t2i_prompt(seed: int = 0, width: int = 256, height: int = 192, steps: int = 
         "1": {"class_type": "TwigModelLoader", "inputs": {"model_name": NAMES["model"], "dtype": "auto"}},
         "2": {"class_type": "TwigTextEncoderLoader",
               "inputs": {"text_encoder_name": NAMES["text_encoder"], "max_tokens": 300, "device": "cpu", "dtype": "auto"}},
-        "3": {"class_type": "TwigVAELoader", "inputs": {"vae_name": NAMES["vae"], "dtype": "auto"}},
+        "3": {"class_type": "TwigVAELoader", "inputs": {"vae_model": NAMES["vae"], "dtype": "auto"}},
         "4": {"class_type": "TwigTextEncode",
               "inputs": {"text_encoder": ["2", 0], "positive": "一只可爱的小猫, a cat on a windowsill",
                          "negative": "blurry", "unload_after": False}},
@@ -180,7 +180,7 @@ def check_object_info(url: str) -> None:
     expect(not missing, f"all {len(NODE_CLASS_MAPPINGS)} Twig nodes in /object_info{'' if not missing else ', missing ' + str(missing)}")
     for node, field, name in (("TwigModelLoader", "model_name", NAMES["model"]),
                               ("TwigTextEncoderLoader", "text_encoder_name", NAMES["text_encoder"]),
-                              ("TwigVAELoader", "vae_name", NAMES["vae"])):
+                              ("TwigVAELoader", "vae_model", NAMES["vae"])):
         choices = info[node]["input"]["required"][field][0]
         expect(name in choices, f"{node}.{field} lists {name}")
     seed = info["TwigSampler"]["input"]["required"]["seed"][1]

@@ -6,7 +6,8 @@
 # COMFY_DIR is a ComfyUI checkout whose requirements are installed for COMFY_PYTHON (default: python3).
 # The script links this repository into COMFY_DIR/custom_nodes/twig, writes tiny random models into
 # COMFY_DIR/models/{diffusion_models,text_encoders,vae}, starts `main.py --cpu` on a free local port,
-# runs client.py's checks against it (import, /object_info, text-to-image, interrupt, /free) and stops it.
+# runs client.py's checks against it (import, /object_info, text-to-image, inpaint, interrupt, /free), then
+# browser_check.py in headless Chromium if one is installed (nodes render, token report shows), and stops it.
 # Nothing of ComfyUI is copied into this repository. Where torchvision cannot be imported (no build for
 # this torch), a stand-in carrying the few names imported at start-up is put on PYTHONPATH for this run only.
 set -euo pipefail
@@ -57,6 +58,11 @@ echo "[check] ComfyUI pid $SERVER_PID on port $PORT, log $WORK/comfy.log"
 set +e
 "$PY" "$CLIENT" check --url "http://127.0.0.1:$PORT" --log "$WORK/comfy.log" --output "$WORK/output" --pid "$SERVER_PID"
 rc=$?
+# 6. the same server seen through ComfyUI's frontend in headless Chromium, when Chromium is installed
+if [ $rc -eq 0 ]; then
+    (cd "$REPO/tests/comfy_host" && "$PY" browser_check.py --url "http://127.0.0.1:$PORT" --out "$WORK")
+    rc=$?
+fi
 set -e
 if [ $rc -ne 0 ]; then
     echo "[check] last lines of the ComfyUI log:"
