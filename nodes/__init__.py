@@ -39,4 +39,9 @@ from .face import TwigFaceDetect, TwigFaceRefine  # noqa: E402
 NODE_CLASS_MAPPINGS.update({"TwigFaceDetect": TwigFaceDetect, "TwigFaceRefine": TwigFaceRefine})
 NODE_DISPLAY_NAME_MAPPINGS.update({"TwigFaceDetect": "Twig Face Detect", "TwigFaceRefine": "Twig Face Refine"})
 
+from .tipo import TwigTIPO  # noqa: E402
+
+NODE_CLASS_MAPPINGS["TwigTIPO"] = TwigTIPO
+NODE_DISPLAY_NAME_MAPPINGS["TwigTIPO"] = "Twig TIPO Prompt Expansion"
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -518,3 +518,58 @@ def test_tokenizer_mismatch_is_a_clear_error():
     small = build_tiny_tipo(tok, vocab_size=len(tok) - 10)
     with pytest.raises(TwigError, match="tokenizer and model do not match"):
         TipoModel(small, tok)
+
+
+# --------------------------------------------------------------------------------------------------
+# The node
+
+
+@pytest.fixture()
+def models_dir(saved, monkeypatch):
+    monkeypatch.setenv("TWIG_MODELS_DIR", str(saved.parent))
+    link = saved.parent / "LLM"
+    if not link.exists():
+        link.symlink_to(saved, target_is_directory=True)
+    return saved.parent
+
+
+def test_node_inputs_outputs_and_registration(models_dir):
+    import nodes
+    from nodes.tipo import NO_MODEL, TwigTIPO
+
+    assert nodes.NODE_CLASS_MAPPINGS["TwigTIPO"] is TwigTIPO
+    req = TwigTIPO.INPUT_TYPES()["required"]
+    for name in ("tags", "nl_prompt", "ban_tags", "format_preset", "format", "width", "height", "seed", "tag_length",
+                 "nl_length", "temperature", "top_p", "top_k", "min_p", "max_new_tokens", "model", "device", "dtype"):
+        assert name in req, name
+    assert req["seed"][1]["control_after_generate"] is True
+    assert req["model"][0] == ["tiny-tipo/", NO_MODEL]
+    assert TwigTIPO.RETURN_NAMES == ("prompt", "user_prompt", "unformatted_prompt", "parts_json")
+    doc = (Path(__file__).resolve().parents[1] / "web" / "docs" / "TwigTIPO.md").read_text(encoding="utf-8")
+    assert doc.startswith("# Twig TIPO") and "Chinese" in doc
+
+
+def test_node_runs_with_and_without_model_and_keeps_it_loaded(models_dir):
+    from nodes import host
+    from nodes.common import NodeError
+    from nodes.tipo import NO_MODEL, TwigTIPO
+
+    node = TwigTIPO()
+    kw = dict(tags="1girl, red hair", nl_prompt="", ban_tags="", format_preset="tags first", format="", seed=5,
+              max_new_tokens=16, tag_length="very_short", nl_length="very_short", device="cpu", dtype="fp32")
+    out = node.expand(model=NO_MODEL, **kw)["result"]
+    assert out[0] == out[1] == "1girl,\n\nred hair"
+    first = node.expand(model="tiny-tipo/", **kw)["result"]
+    assert first[0].startswith("1girl,\n\nred hair, ") and first[1] == "1girl,\n\nred hair"
+    assert json.loads(first[3])["passes"] >= 1
+    loaded = [m for m in host.loaded_models() if m.kind == "tipo"]
+    assert len(loaded) == 1 and loaded[0].loaded
+    again = node.expand(model="tiny-tipo/", **kw)["result"]
+    assert again == first and [m for m in host.loaded_models() if m.kind == "tipo"] == loaded
+    custom = node.expand(model=NO_MODEL, **{**kw, "format_preset": "custom (format below)",
+                                            "format": "<|general|> | <|special|>"})["result"]
+    assert custom[0] == "red hair | 1girl"
+    with pytest.raises(NodeError, match="Twig TIPO: .*not found.*models/LLM"):
+        node.expand(model="nope/", **kw)
+    with pytest.raises(NodeError, match="nothing to expand"):
+        node.expand(model=NO_MODEL, **{**kw, "tags": ""})
