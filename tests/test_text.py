@@ -246,3 +246,20 @@ def test_conditioning_helpers():
         Conditioning(torch.randn(1, 4, 8), torch.ones(1, 5))
     with pytest.raises(TwigError):
         Conditioning.cat([a, Conditioning(torch.randn(1, 4, 9), torch.ones(1, 4))])
+
+
+def test_folder_settings_replace_the_instruction(tmp_path):
+    from twig_core.loader import load_text_encoder
+
+    save_tiny_gemma2_folder(tmp_path)
+    default = TextEncoder.from_pretrained(tmp_path)
+    assert default.instruction == "\n".join(COMPLEX_HUMAN_INSTRUCTION)
+    (tmp_path / "twig_text.json").write_text(json.dumps({"instruction": []}))
+    for enc in (TextEncoder.from_pretrained(tmp_path), load_text_encoder(tmp_path)):
+        assert enc.instruction == ""
+        with_instr = enc.encode(["a red circle"], max_length=20, use_instruction=True)
+        without = enc.encode(["a red circle"], max_length=20, use_instruction=False)
+        assert torch.equal(with_instr.embeds, without.embeds)
+    (tmp_path / "twig_text.json").write_text(json.dumps({"instruction": "not a list"}))
+    with pytest.raises(TwigError, match="twig_text.json"):
+        TextEncoder.from_pretrained(tmp_path)

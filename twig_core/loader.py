@@ -1077,7 +1077,7 @@ def load_text_encoder(
     on CUDA, fp32 elsewhere (Gemma-2 overflows in fp16). ``expected_width``: the transformer's caption
     width; a different hidden size is a TwigError. Other keyword arguments go to ``TextEncoder``.
     """
-    from .text import TextEncoder
+    from .text import TextEncoder, folder_settings
 
     device = torch.device(device)
     dtype = resolve_dtype(dtype, device)
@@ -1113,7 +1113,7 @@ def load_text_encoder(
                 weights = _strip_gemma_prefix(weights)
                 model = _gemma2_from_weights(weights, config, dtype, device, weights.label)
                 tokenizer = _tokenizer_from_path(os.fspath(tok_dir) if tok_dir is not None else folder)
-                encoder = TextEncoder(model, tokenizer, **kwargs)
+                encoder = TextEncoder(model, tokenizer, **{**folder_settings(folder), **kwargs})
         else:
             raise TwigError(f"{folder}: no config.json; a Gemma-2 folder needs one (or pick the single file)")
     else:

@@ -25,6 +25,7 @@ overflows in float16: load it in bfloat16 (GPU) or float32 (CPU).
 
 from __future__ import annotations
 
+import json
 import operator
 import os
 from dataclasses import dataclass, field
@@ -213,6 +214,34 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+SETTINGS_FILE = "twig_text.json"
+
+
+def folder_settings(folder: str | os.PathLike) -> dict:
+    """Prompt-encoding settings a text-encoder folder may carry in ``twig_text.json``.
+
+    ``{"instruction": [lines]}`` replaces Sana's instruction prefix (``[]`` = none; the demo model was trained
+    without it); ``{"lowercase": true}`` lower-cases prompts. Absent file: Sana's defaults.
+    """
+    path = os.path.join(os.fspath(folder), SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TwigError(f"{path}: not readable JSON ({e})") from e
+    out = {}
+    if "instruction" in data:
+        lines = data["instruction"]
+        if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+            raise TwigError(f"{path}: 'instruction' must be a list of strings")
+        out["instruction"] = tuple(lines)
+    if "lowercase" in data:
+        out["lowercase"] = bool(data["lowercase"])
+    return out
+
+
 class TextEncoder:
     """Gemma-2 decoder + its tokenizer, producing Sana-style :class:`Conditioning`.
 
@@ -314,7 +343,7 @@ class TextEncoder:
         model = model.to(device).eval().requires_grad_(False)
 
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, **{**folder_settings(model_dir), **kwargs})
 
     # -- properties --------------------------------------------------------------------------------
 

@@ -1,0 +1,291 @@
+"""A small trainer for Twig-architecture models, used to make the embedded demo model.
+
+Stages (each resumable from its last checkpoint, each small enough for one sitting on a CPU):
+  vae      DC-AE autoencoder on the rendered pictures (L1 + MSE, latent-noise augmentation)
+  latents  encode every training picture once with the trained DC-AE
+  dit      Gemma-2 text encoder + DiT trained jointly with the flow-matching loss on those latents
+The same loop fine-tunes a real checkpoint on a GPU (``train_dit`` takes any TwigTransformer / TextEncoder,
+and ``lora.apply_lora`` restricts training to low-rank adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import TwigError
+
+
+def log(msg: str, path: str | os.PathLike | None = None) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def to_model_images(batch_u8: np.ndarray) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> float [B,3,H,W] in [-1,1]."""
+    return torch.from_numpy(batch_u8).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def downsample_u8(images: np.ndarray, size: int) -> np.ndarray:
+    """Area-average uint8 pictures [N,S,S,3] down to size² (S a multiple of size)."""
+    n, s = images.shape[0], images.shape[1]
+    if s == size:
+        return images
+    if s % size:
+        raise TwigError(f"pictures of {s}² cannot be area-averaged to {size}²")
+    f = s // size
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(0, n, 512):
+        chunk = images[i:i + 512].astype(np.float32).reshape(-1, size, f, size, f, 3).mean(axis=(2, 4))
+        out[i:i + 512] = np.clip(np.rint(chunk), 0, 255).astype(np.uint8)
+    return out
+
+
+class Checkpoint:
+    """A resumable training state at ``path`` (torch.save of tensors/ints only, loaded with weights_only)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def load(self):
+        if not self.path.is_file():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def save(self, **state) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
+# ------------------------------------------------------------------------------------------------- stage 1: vae
+
+
+def train_vae(images: np.ndarray, work: str | os.PathLike, steps: int = 3000, batch: int = 16, lr: float = 1e-3,
+              crop: int = 64, full_from: float = 0.85, seed: int = 0, save_every: int = 100, config=None):
+    """Train the demo DC-AE on uint8 pictures [N,H,W,3]. Random 32-aligned crops of ``crop`` pixels first (cheap),
+    whole pictures for the last (1 - full_from) of the steps. Returns (model, losses of this run)."""
+    from ..dcae import DCAE
+    from .demo import DEMO_DCAE
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    logf = work / "vae.log"
+    torch.manual_seed(seed)
+    model = DCAE(config or DEMO_DCAE).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    ck = Checkpoint(work / "vae.ckpt")
+    start = 0
+    state = ck.load()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = int(state["step"])
+        log(f"resumed vae at step {start}", logf)
+    rng = np.random.default_rng(seed + start)
+    n, size = images.shape[0], images.shape[1]
+    losses = []
+    t0 = time.time()
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        idx = rng.integers(0, n, batch)
+        x = to_model_images(images[idx])
+        if step < full_from * steps and crop < size:
+            cells = (size - crop) // 32 + 1
+            oy, ox = 32 * int(rng.integers(0, cells)), 32 * int(rng.integers(0, cells))
+            x = x[:, :, oy:oy + crop, ox:ox + crop]
+        if rng.random() < 0.5:
+            x = x.flip(-1)
+        z = model.encode_raw(x)
+        z = z + 0.05 * z.detach().std() * torch.randn_like(z)  # a decoder that tolerates imperfect latents
+        y = model.decode_raw(z)
+        loss = F.l1_loss(y, x) + F.mse_loss(y, x)
+        losses.append(loss.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.4f} lr {lr_at(step, steps, lr):.2e} "
+                f"({(time.time() - t0) / (step - start + 1):.2f}s/step)", logf)
+        if (step + 1) % save_every == 0 or step == steps - 1:
+            ck.save(model=model.state_dict(), opt=opt.state_dict(), step=step + 1)
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def latent_scale(model, images: np.ndarray, n: int = 512, batch: int = 64) -> float:
+    """The scaling factor that gives the encoded pictures unit standard deviation."""
+    zs = [model.encode_raw(to_model_images(images[i:i + batch])) for i in range(0, min(n, len(images)), batch)]
+    return float(1.0 / torch.cat(zs).std())
+
+
+@torch.no_grad()
+def encode_all(model, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Model-space latents of every picture (float16 to keep the cache small)."""
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(model.encode(to_model_images(images[i:i + batch])).half())
+    return torch.cat(out)
+
+
+def save_json(path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------- stage 3: dit
+
+
+def pick_captions(records: list[dict], idx, rng: np.random.Generator, p_uncond: float = 0.1,
+                  p_zh: float = 0.5) -> list[str | None]:
+    """One caption per picked record: a random style, Chinese with probability p_zh; None = dropped (for CFG)."""
+    out: list[str | None] = []
+    for i in idx:
+        if rng.random() < p_uncond:
+            out.append(None)
+            continue
+        caps = records[int(i)]["captions"]
+        c = caps[int(rng.integers(0, len(caps)))]
+        out.append(c["zh"] if rng.random() < p_zh else c["en"])
+    return out
+
+
+def encode_batch(text_encoder, captions: list[str | None], max_length: int, train: bool = True):
+    """Embeddings [B,N,C] and mask [B,N]: captions on the positive path (with the encoder's instruction, if any),
+    dropped ones as the empty negative. N is the longest caption of the batch (at most ``max_length``): padding
+    is masked out of cross-attention, so a shorter padded length gives the same result for less work."""
+    run = text_encoder.forward if train else text_encoder.encode
+    longest = max((text_encoder.count_tokens(c) for c in captions if c is not None), default=0)
+    max_length = max(2, min(max_length, longest + 2))
+    pos = [i for i, c in enumerate(captions) if c is not None]
+    neg = [i for i, c in enumerate(captions) if c is None]
+    parts = {}
+    if pos:
+        parts["pos"] = run([captions[i] for i in pos], max_length=max_length, use_instruction=True)
+    if neg:
+        parts["neg"] = run([""] * len(neg), max_length=max_length, use_instruction=False)
+    b = len(captions)
+    first = next(iter(parts.values()))
+    embeds = first.embeds.new_zeros(b, max_length, first.embeds.shape[-1])
+    mask = first.mask.new_zeros(b, max_length)
+    for key, rows in (("pos", pos), ("neg", neg)):
+        if rows:
+            embeds[rows] = parts[key].embeds
+            mask[rows] = parts[key].mask
+    return embeds, mask
+
+
+def flow_batch(x0: torch.Tensor, rng: torch.Generator):
+    """Noised latents, timesteps and velocity targets: sigma half logit-normal, half uniform."""
+    b = x0.shape[0]
+    u = torch.randn(b, generator=rng).sigmoid()
+    uni = torch.rand(b, generator=rng)
+    sigma = torch.where(torch.rand(b, generator=rng) < 0.5, u, uni).clamp(1e-3, 1.0)
+    noise = torch.randn(x0.shape, generator=rng)
+    s = sigma.view(-1, 1, 1, 1)
+    return (1 - s) * x0 + s * noise, sigma * 1000, noise - x0
+
+
+class EMA:
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - d)
+
+    def state(self) -> list[torch.Tensor]:
+        return self.shadow
+
+    def load(self, shadow) -> None:
+        for s, v in zip(self.shadow, shadow):
+            s.copy_(v)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange live and averaged weights (call twice to restore)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
+def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transformer, work: str | os.PathLike,
+              steps: int = 4000, batch: int = 64, lr: float = 5e-4, max_length: int = 144, seed: int = 0,
+              p_uncond: float = 0.1, ema_decay: float = 0.998, save_every: int = 100, params=None):
+    """Flow-matching training of ``transformer`` (and the text encoder's model, unless ``params`` restricts the
+    trainable set, e.g. to LoRA weights). ``latents`` are model-space [N,C,h,w] aligned with ``records``.
+    Returns (transformer, text_encoder, losses of this run) with the averaged (EMA) weights loaded."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    logf = work / "dit.log"
+    if len(latents) != len(records):
+        raise TwigError(f"{len(latents)} latents but {len(records)} caption records")
+    modules = [transformer, text_encoder.model]
+    trainable = list(params) if params is not None else [p for m in modules for p in m.parameters()]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    ema = EMA(modules, ema_decay)
+    ck = Checkpoint(work / "dit.ckpt")
+    start = 0
+    state = ck.load()
+    if state is not None:
+        transformer.load_state_dict(state["transformer"])
+        text_encoder.model.load_state_dict(state["text"])
+        opt.load_state_dict(state["opt"])
+        ema.load(state["ema"])
+        start = int(state["step"])
+        log(f"resumed dit at step {start}", logf)
+    for m in modules:
+        m.train()
+    rng = np.random.default_rng(seed + start)
+    trng = torch.Generator().manual_seed(seed + start)
+    losses = []
+    t0 = time.time()
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup=200)
+        idx = rng.integers(0, len(records), batch)
+        x0 = latents[idx].float()
+        embeds, mask = encode_batch(text_encoder, pick_captions(records, idx, rng, p_uncond), max_length)
+        xt, t, target = flow_batch(x0, trng)
+        v = transformer(xt, t, embeds, mask)
+        loss = F.mse_loss(v.float(), target)
+        losses.append(loss.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        ema.update(step)
+        if step % 25 == 0 or step == steps - 1:
+            log(f"dit step {step} loss {loss.item():.4f} lr {lr_at(step, steps, lr, 200):.2e} "
+                f"({(time.time() - t0) / (step - start + 1):.2f}s/step)", logf)
+        if (step + 1) % save_every == 0 or step == steps - 1:
+            ck.save(transformer=transformer.state_dict(), text=text_encoder.model.state_dict(), opt=opt.state_dict(),
+                    ema=ema.state(), step=step + 1)
+    for m in modules:
+        m.eval()
+    ema.swap()  # leave the averaged weights in the models
+    return transformer, text_encoder, losses
