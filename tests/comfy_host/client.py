@@ -407,6 +407,9 @@ def main() -> int:
         check_t2i(a.url, a.output, seed=0, what="text-to-image", watch=True)
         first = sorted(f for f in os.listdir(a.output) if f.startswith("twig_check_") and f.endswith(".png"))[0]
         run_to_image(a.url, a.output, inpaint_prompt(first), "image-to-image inpaint (right half masked)")
+        from face_check import check_face_refine  # text-to-image -> face refine, and a photo through the face nodes
+
+        check_face_refine(a.url, a.output)
         check_interrupt(a.url)
         check_t2i(a.url, a.output, seed=1, what="text-to-image after the interrupt")
         status, _ = post_json(a.url + "/free", {"unload_models": True, "free_memory": True})
