@@ -23,8 +23,7 @@ from ..errors import TwigError
 from .model import Sampling, TipoModel
 from .request import (DEFAULT_FORMAT, FORMAT_PRESETS, Plan, Step, check_length, format_prompt, long_enough,
                       parse_output, plan, postprocess, request_text, resolve_format, single_task_plan)
-from .tags import (CATEGORIES, TAG_CATEGORIES, BanList, TagLists, Weighted, has_cjk, one_line,
-                   split_tag_text)
+from .tags import CATEGORIES, TAG_CATEGORIES, BanList, TagLists, Weighted, has_cjk, one_line
 
 AUTO = "auto"
 
@@ -152,7 +151,10 @@ def expand(model: TipoModel | None, tags: str = "", nl_prompt: str = "", *, ban_
 
     ``format``: a template with ``<|category|>`` placeholders or a preset name (``FORMAT_PRESETS``).
     ``task``: "auto" (TIPO's plan for this input) or one task of ``request.TASKS`` run once ("none":
-    extend the tags). ``seed``: the same seed gives the same text (see ``run_steps``). Raises TwigError when both inputs are empty (give a rating or quality tag to let TIPO write a
+    extend the tags). ``seed``: the same seed gives the same text (see ``run_steps``). ``callback(n)``
+    runs after every generated token (raise from it to cancel).
+
+    Raises TwigError when both inputs are empty (give only a rating or quality tag to let TIPO write a
     prompt from nothing).
     """
     if not (tags or "").strip() and not (nl_prompt or "").strip():

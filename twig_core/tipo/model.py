@@ -179,8 +179,8 @@ class TipoModel:
                           for k, v in sd.items()}
                 model = LlamaForCausalLM.from_pretrained(
                     None, config=config, state_dict=sd, **_transformers_dtype_kw(dtype))
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise TwigError(f"cannot load TIPO weights from {weights or config_dir}: {e}") from e
+        except Exception as e:  # a wrong or damaged file: one readable error naming it
+            raise TwigError(f"cannot load TIPO weights from {weights or config_dir}: {type(e).__name__}: {e}") from e
         try:
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, TypeError) as e:
@@ -204,8 +204,8 @@ class TipoModel:
         mask = enc.get("attention_mask")
         mask = mask.to(self.device) if mask is not None else torch.ones_like(ids)
         greedy = s.temperature == 0
-        opts = dict(do_sample=not greedy, max_new_tokens=int(s.max_new_tokens), min_new_tokens=min(2, int(s.max_new_tokens)),
-                    repetition_penalty=float(s.repetition_penalty))
+        opts = dict(do_sample=not greedy, max_new_tokens=int(s.max_new_tokens),
+                    min_new_tokens=min(2, int(s.max_new_tokens)), repetition_penalty=float(s.repetition_penalty))
         if not greedy:
             opts.update(temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k),
                         min_p=float(s.min_p) if s.min_p > 0 else None)
