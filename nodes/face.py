@@ -77,6 +77,13 @@ def detector_choices() -> list[str]:
     return names or [NO_DETECTOR]
 
 
+def _ultralytics_device(dev: torch.device) -> str:
+    """ComfyUI's device as ultralytics names it: "cpu", "mps", or the CUDA index ("0")."""
+    if dev.type == "cuda":
+        return str(dev.index or 0)
+    return "mps" if dev.type == "mps" else "cpu"
+
+
 def resolve_detector(name: str) -> fdetect.Detector:
     if name == NO_DETECTOR or not name:
         raise TwigError("no face detector is installed; " + NO_DETECTOR.strip("()"))
@@ -87,8 +94,7 @@ def resolve_detector(name: str) -> fdetect.Detector:
         if path is None:
             raise TwigError(f"face detector {name!r} not found; YOLO models go in models/ultralytics/bbox "
                             f"(or segm), built-in ones are {', '.join(fdetect.BUILTIN_DETECTORS)}")
-        dev = host.default_device()
-        det = fdetect.get_detector(path, device=None if dev.type == "cpu" else str(dev))
+        det = fdetect.get_detector(path, device=_ultralytics_device(host.default_device()))
     det.check()
     return det
 

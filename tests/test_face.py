@@ -621,3 +621,22 @@ def test_refine_node_uses_given_faces_and_per_face_prompts(node_models):
         _refine_node(node_models, image, "opencv_haar", faces=faces, face_prompt="a face")
     with pytest.raises(TwigError, match="were detected on"):
         _refine_node(node_models, image[:1], "opencv_haar", faces=faces)
+
+
+def test_detect_node_runs_a_yolo_model_from_the_bbox_folder(fake_ultralytics, tmp_path, monkeypatch):
+    from nodes import face as nface
+
+    monkeypatch.setenv("TWIG_MODELS_DIR", str(tmp_path))
+    folder = tmp_path / "ultralytics" / "bbox"
+    folder.mkdir(parents=True)
+    torch.save({"model": fake_ultralytics.DetectionModel()}, folder / "face_yolov8n.pt")
+    assert "bbox/face_yolov8n.pt" in nface.detector_choices()
+    image = torch.rand(1, 48, 80, 3)
+    faces, mask, preview, count, info = nface.TwigFaceDetect().detect(
+        image, "bbox/face_yolov8n.pt", 0.5, "auto", 0, 0.0, 1.0, "confidence", 0)["result"]
+    assert count == 1 and faces.detections[0][0].box == (10.0, 12.0, 40.0, 44.0)  # the 0.4 box is below 0.5
+    assert mask[0, 20, 20] == 1 and mask[0, 5, 60] == 0 and "yolo:face_yolov8n.pt" in info
+    with pytest.raises(TwigError, match="not found"):
+        nface.TwigFaceDetect().detect(image, "bbox/missing.pt", 0.5, "auto", 0, 0.0, 1.0, "confidence", 0)
+    assert nface._ultralytics_device(torch.device("cuda", 1)) == "1"
+    assert nface._ultralytics_device(torch.device("cpu")) == "cpu"

@@ -119,7 +119,8 @@ def merge_detections(dets: Iterable[Detection], iou_limit: float = 0.4, contain_
     kept one (a face cut by a tile edge, found again whole) is dropped too."""
     kept: list[Detection] = []
     for d in sorted(dets, key=lambda d: -d.confidence):
-        if all(max(iou(d.box, k.box)[0] - iou_limit, iou(d.box, k.box)[1] - contain_limit) <= 0 for k in kept):
+        overlaps = (iou(d.box, k.box) for k in kept)
+        if all(union <= iou_limit and inside <= contain_limit for union, inside in overlaps):
             kept.append(d)
     return kept
 
@@ -418,6 +419,7 @@ class YoloDetector(Detector):
     """
 
     def __init__(self, path: str, device: Optional[str] = None):
+        """``device``: as ultralytics spells it ("cpu", "0" for the first CUDA GPU, "mps"); None = its choice."""
         self.path = os.path.abspath(path)
         self.name = "yolo:" + os.path.basename(path)
         self.device = device
@@ -527,7 +529,7 @@ _BUILTIN = {
     "opencv_haar": HaarDetector,
 }
 BUILTIN_DETECTORS = tuple(_BUILTIN)
-_INSTANCES: dict[str, Detector] = {}
+_INSTANCES: dict[tuple, Detector] = {}
 _INSTANCES_LOCK = threading.Lock()
 
 
@@ -538,7 +540,10 @@ def available_detectors() -> dict[str, Optional[str]]:
 
 def get_detector(name: str, device: Optional[str] = None) -> Detector:
     """A built-in detector by name, or a YOLO model by file path (``.pt``/``.pth``). Instances are reused."""
-    key = name if device is None else f"{name}@{device}"
+    key = (name, device)
+    if name not in _BUILTIN and os.path.isfile(name):  # a YOLO file replaced on disk is loaded again
+        st = os.stat(name)
+        key += (st.st_mtime_ns, st.st_size)
     with _INSTANCES_LOCK:
         det = _INSTANCES.get(key)
         if det is None:
