@@ -97,6 +97,21 @@ def test_detector_finds_four_faces_in_a_2x2_tiling(detector, astronaut):
     assert quadrants == {(0, 0), (1, 0), (0, 1), (1, 1)}
 
 
+def test_detector_finds_a_distant_face(detector, astronaut):
+    """The astronaut at 1/2 size (face about 50 px) in a 1024x768 picture: the case face refine is for."""
+    if detector == "mediapipe_face_short":
+        pytest.skip("the short-range model is for close-ups (faces within about 2 m)")
+    from PIL import Image
+
+    canvas = Image.new("RGB", (1024, 768), (128, 128, 128))
+    canvas.paste(Image.fromarray(astronaut).resize((256, 256), Image.LANCZOS), (600, 400))
+    found = fdetect.detect_faces(np.asarray(canvas), detector, 0.3)
+    assert len(found) == 1, [d.to_dict() for d in found]
+    head = tuple(600 + v / 2 if i % 2 == 0 else 400 + v / 2 for i, v in enumerate(HEAD))
+    assert _inside(found[0].box, head, tol=2), (found[0].box, head)
+    assert all(_contains(found[0].box, (600 + x / 2, 400 + y / 2)) for x, y in EYES_AND_MOUTH)
+
+
 @pytest.mark.parametrize("photo", ["coffee.png", "chelsea.png"])
 def test_detector_finds_nothing_on_face_free_photos(detector, photo):
     assert fdetect.detect_faces(_photo(photo), detector, 0.3) == []

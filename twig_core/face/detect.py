@@ -208,7 +208,7 @@ class MediapipeDetector(Detector):
     def __init__(self, model_selection: int):
         self.model_selection = model_selection
         self.name = "mediapipe_face_short" if model_selection == 0 else "mediapipe_face_full"
-        self.tile_small_faces = model_selection == 0
+        self.tile_small_faces = True  # BlazeFace sees 128/192 px: a 50 px face in a 1024 px image vanishes
 
     def _required_files(self) -> list[str]:
         return [os.path.join("modules", "face_detection", self.MODEL_FILES[self.model_selection]),
@@ -603,9 +603,10 @@ def detect_faces(image, detector: Detector | str, confidence: float = 0.3, tiles
     """Faces in one RGB image (uint8 or float 0..1, [H,W,3]) with confidence ≥ ``confidence``.
 
     ``tiles``: "off" = the whole image only; "on" (or a tile size in px) = the whole image plus overlapping
-    512 px tiles, for faces too small for a short-range model; "auto" = "on" for the short-range models
-    (mediapipe_face_short, mediapipe_face_mesh), else "off". Faces found more than once are merged (the
-    most confident box wins; a box mostly inside a kept one, e.g. a face cut by a tile edge, is dropped).
+    512 px tiles, for faces too small for BlazeFace's 128/192 px input; "auto" = "on" for the mediapipe models,
+    "off" for the Haar cascade (it scans every scale itself) and YOLO. Faces found more than once are merged
+    (the most confident box wins; a box mostly inside a kept one is dropped, and a face cut by a tile's inner
+    edge is ignored: with half overlap it lies whole in a neighbouring tile).
     """
     if isinstance(detector, str):
         detector = get_detector(detector)
