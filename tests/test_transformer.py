@@ -16,15 +16,7 @@ def rel_err(a, b):
 
 def diffusers_model(cfg: TransformerConfig, seed=0):
     torch.manual_seed(seed)
-    kwargs = dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_attention_heads=cfg.heads,
-        attention_head_dim=cfg.head_dim, num_layers=cfg.depth, num_cross_attention_heads=cfg.cross_heads,
-        cross_attention_head_dim=cfg.cross_head_dim, cross_attention_dim=cfg.width,
-        caption_channels=cfg.caption_channels, mlp_ratio=cfg.mlp_ratio, attention_bias=cfg.qkv_bias,
-        sample_size=cfg.sample_size, patch_size=cfg.patch_size, norm_eps=cfg.norm_eps,
-        interpolation_scale=cfg.pos_interpolation_scale if cfg.pos_embed else None,
-        qk_norm="rms_norm_across_heads" if cfg.qk_norm else None,
-    )
+    kwargs = {k: v for k, v in cfg.to_diffusers_config().items() if not k.startswith("_")}
     model = SanaTransformer2DModel(**kwargs).eval()
     # randomise every parameter (diffusers zero-initialises some) so each path is exercised
     with torch.no_grad():

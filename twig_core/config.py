@@ -49,6 +49,19 @@ class TransformerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_diffusers_config(self) -> dict:
+        """The equivalent diffusers ``SanaTransformer2DModel`` config.json (read back by the loader)."""
+        return {
+            "_class_name": "SanaTransformer2DModel", "in_channels": self.in_channels,
+            "out_channels": self.out_channels, "num_attention_heads": self.heads, "attention_head_dim": self.head_dim,
+            "num_layers": self.depth, "num_cross_attention_heads": self.cross_heads,
+            "cross_attention_head_dim": self.cross_head_dim, "cross_attention_dim": self.width,
+            "caption_channels": self.caption_channels, "mlp_ratio": self.mlp_ratio, "attention_bias": self.qkv_bias,
+            "sample_size": self.sample_size, "patch_size": self.patch_size, "norm_eps": self.norm_eps,
+            "interpolation_scale": self.pos_interpolation_scale if self.pos_embed else None,
+            "qk_norm": "rms_norm_across_heads" if self.qk_norm else None,
+        }
+
     @classmethod
     def from_state_dict(cls, sd, pos_embed: bool | None = None, **overrides) -> "TransformerConfig":
         """Infer the architecture from a state dict in our (NVlabs) names; only shapes are read, so meta

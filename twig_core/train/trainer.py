@@ -91,7 +91,7 @@ def train_vae(images: np.ndarray, work: str | os.PathLike, steps: int = 3000, ba
     logf = work / "vae.log"
     torch.manual_seed(seed)
     model = DCAE(config or DEMO_DCAE).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
     ck = Checkpoint(work / "vae.ckpt")
     start = 0
     state = ck.load()
@@ -235,9 +235,11 @@ class EMA:
 
 def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transformer, work: str | os.PathLike,
               steps: int = 4000, batch: int = 64, lr: float = 5e-4, max_length: int = 144, seed: int = 0,
-              p_uncond: float = 0.1, ema_decay: float = 0.998, save_every: int = 100, params=None):
+              p_uncond: float = 0.1, ema_decay: float = 0.998, save_every: int = 100, params=None,
+              bf16: bool = False):
     """Flow-matching training of ``transformer`` (and the text encoder's model, unless ``params`` restricts the
     trainable set, e.g. to LoRA weights). ``latents`` are model-space [N,C,h,w] aligned with ``records``.
+    ``bf16``: bfloat16 autocast for the forward pass (about 1.5x faster on CPUs with AVX512-BF16).
     Returns (transformer, text_encoder, losses of this run) with the averaged (EMA) weights loaded."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -246,7 +248,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         raise TwigError(f"{len(latents)} latents but {len(records)} caption records")
     modules = [transformer, text_encoder.model]
     trainable = list(params) if params is not None else [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.99), fused=True)
     ema = EMA(modules, ema_decay)
     ck = Checkpoint(work / "dit.ckpt")
     start = 0
@@ -269,9 +271,10 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
             g["lr"] = lr_at(step, steps, lr, warmup=200)
         idx = rng.integers(0, len(records), batch)
         x0 = latents[idx].float()
-        embeds, mask = encode_batch(text_encoder, pick_captions(records, idx, rng, p_uncond), max_length)
         xt, t, target = flow_batch(x0, trng)
-        v = transformer(xt, t, embeds, mask)
+        with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=bf16):
+            embeds, mask = encode_batch(text_encoder, pick_captions(records, idx, rng, p_uncond), max_length)
+            v = transformer(xt, t, embeds, mask)
         loss = F.mse_loss(v.float(), target)
         losses.append(loss.item())
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,40 @@
+"""The command line writes a PNG with its parameters, from user-style model files, and reports bad input."""
+
+from PIL import Image
+
+from tests.tiny_models import write_model_folders
+from twig_core.__main__ import main
+
+
+def test_generate_writes_png_with_parameters(tmp_path, capsys):
+    names = write_model_folders(tmp_path / "models")
+    m = tmp_path / "models"
+    out = tmp_path / "out" / "pic.png"
+    args = ["generate", "--prompt", "左边一个红色的圆，右边一个蓝色的正方形", "--negative", "blurry", "--steps", "2",
+            "--seed", "3", "--width", "96", "--height", "64", "--batch", "2",
+            "--transformer", str(m / "diffusion_models" / names["model"]),
+            "--text-encoder", str(m / "text_encoders" / names["text_encoder"]),
+            "--vae", str(m / "vae" / names["vae"]), "--out", str(out)]
+    assert main(args) == 0
+    pic = Image.open(out)
+    assert pic.size == (96, 64)
+    params = pic.text["parameters"]
+    assert "左边一个红色的圆" in params and "Negative prompt: blurry" in params and "Seed: 3" in params
+    assert (tmp_path / "out" / "pic_1.png").exists()
+    # image to image from the picture just written
+    out2 = tmp_path / "out" / "again.png"
+    assert main(args[:-2] + ["--image", str(out), "--denoise", "0.5", "--batch", "1", "--out", str(out2)]) == 0
+    assert Image.open(out2).size == (96, 64)
+
+
+def test_bad_size_and_missing_file_are_reported(tmp_path, capsys):
+    names = write_model_folders(tmp_path / "models")
+    m = tmp_path / "models"
+    base = ["generate", "--prompt", "x", "--steps", "1", "--transformer", str(m / "diffusion_models" / names["model"]),
+            "--text-encoder", str(m / "text_encoders" / names["text_encoder"]), "--vae", str(m / "vae" / names["vae"]),
+            "--out", str(tmp_path / "x.png")]
+    assert main(base + ["--width", "100", "--height", "64"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    missing = [str(tmp_path / "nope.safetensors") if a.endswith(names["vae"]) else a for a in base]
+    assert main(missing + ["--width", "64", "--height", "64"]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""Command line: ``python -m twig_core generate --prompt "..." --out image.png``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import TwigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m twig_core", description="Twig / Sana text-to-image engine")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="text to image (or image to image with --image)")
+    g.add_argument("--prompt", required=True, help="English or Chinese prompt")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=4.5)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the model's native size)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--sampler", default="flow_dpmpp_2m", choices=["flow_dpmpp_2m", "flow_euler"])
+    g.add_argument("--shift", type=float, default=3.0)
+    g.add_argument("--max-length", type=int, default=300, help="prompt tokens kept (300 … 1200)")
+    g.add_argument("--transformer", help="transformer checkpoint (file or diffusers folder), or a pipeline folder")
+    g.add_argument("--text-encoder", help="Gemma-2 folder or single file")
+    g.add_argument("--vae", help="DC-AE file or folder")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    g.add_argument("--image", help="input image for image to image")
+    g.add_argument("--denoise", type=float, default=0.6, help="strength for --image (0 … 1)")
+    g.add_argument("--tile", default="auto", help="VAE tile size in latent pixels, 'auto' or 'none'")
+    g.add_argument("--out", default="twig.png", help="output PNG (batch > 1 adds _1, _2 …)")
+    return p
+
+
+def _generate(a: argparse.Namespace) -> list[Path]:
+    import torch
+    from PIL import Image
+
+    from . import image as img
+    from . import loader
+    from .pipeline import generate
+
+    device = a.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = loader.resolve_dtype(a.dtype, device)
+    parts = loader.load_parts(a.transformer, a.text_encoder, a.vae, dtype=dtype, device=device)
+    transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
+    native = transformer.config.sample_size * 32
+    width, height = a.width or native, a.height or native
+    init = None
+    if a.image:
+        path = Path(a.image)
+        if not path.is_file():
+            raise TwigError(f"--image {path}: no such file")
+        pic = Image.open(path)
+        init = img.pil_to_model(pic.resize((width, height), Image.LANCZOS))
+    total = a.steps if init is None else max(1, round(a.steps * a.denoise))
+
+    def progress(info: dict) -> None:
+        print(f"\rstep {info['i'] + 1}/{total}", end="", file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    images = generate(
+        transformer, vae, text_encoder, a.prompt, a.negative, width=width, height=height, batch_size=a.batch,
+        steps=a.steps, cfg=a.cfg, seed=a.seed, sampler=a.sampler, shift=a.shift, max_length=a.max_length,
+        image=init, denoise=a.denoise if init is not None else 1.0, tile_size=_tile(a.tile), callback=progress,
+    )
+    print(f"\rdone in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, pic in enumerate(img.model_to_pil(images)):
+        path = out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}")
+        pic.save(path, pnginfo=img.png_info(a.prompt, a.negative, a.steps, a.cfg, a.seed, a.sampler, width, height,
+                                                   batch_index=i))
+        written.append(path)
+        print(path)
+    return written
+
+
+def _tile(value: str):
+    if value in ("auto", "none"):
+        return None if value == "none" else "auto"
+    if not value.isdigit():
+        raise TwigError(f"--tile must be a number of latent pixels, 'auto' or 'none', got {value!r}")
+    return int(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            _generate(args)
+        return 0
+    except TwigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

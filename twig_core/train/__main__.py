@@ -1,0 +1,155 @@
+"""Reproduce the embedded demo model: ``python -m twig_core.train demo --work DIR [--stage STAGE]``.
+
+Stages run in order and each resumes from what the previous run left in DIR:
+  data     render the scenes (256², area-averaged to 128²) and train the tokenizer
+  vae      train the DC-AE                          (checkpoint DIR/vae.ckpt)
+  latents  encode the training pictures              (DIR/latents.pt)
+  dit      train Gemma-2 + DiT with flow matching    (checkpoint DIR/dit.ckpt)
+  export   write the pipeline folder (default: twig_core/demo_model)
+  eval     score held-out prompts with the pixel evaluator, English and Chinese
+``--stage all`` runs everything that is not finished yet. Fixed seeds throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .trainer import Checkpoint, downsample_u8, encode_all, latent_scale, log, train_dit, train_vae
+
+STAGES = ("data", "vae", "latents", "dit", "export", "eval")
+
+
+def _images(work: Path, split: str) -> np.ndarray:
+    cache = work / f"{split}128.npy"
+    if not cache.exists():
+        from .scenes import load_split
+
+        images, _ = load_split(work / "data", split)
+        np.save(cache, downsample_u8(images, 128))
+    return np.load(cache)
+
+
+def _records(work: Path, split: str) -> list[dict]:
+    return json.loads((work / "data" / f"{split}.json").read_text(encoding="utf-8"))
+
+
+def _tokenizer(work: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(work / "tokenizer", local_files_only=True)
+
+
+def _vae(work: Path):
+    from ..dcae import DCAE
+    from .demo import DEMO_DCAE
+
+    state = Checkpoint(work / "vae.ckpt").load()
+    meta = json.loads((work / "vae_scale.json").read_text()) if (work / "vae_scale.json").exists() else {}
+    vae = DCAE(DEMO_DCAE.replace(scaling_factor=meta.get("scaling_factor", DEMO_DCAE.scaling_factor)))
+    vae.load_state_dict(state["model"])
+    return vae.eval()
+
+
+def _text_and_dit(work: Path, tokenizer):
+    from transformers import Gemma2Model
+
+    from ..text import TextEncoder
+    from ..transformer import TwigTransformer
+    from .demo import DEMO_TRANSFORMER, demo_gemma_config
+
+    torch.manual_seed(0)
+    text = TextEncoder(Gemma2Model(demo_gemma_config(len(tokenizer))), tokenizer, instruction="")
+    return text, TwigTransformer(DEMO_TRANSFORMER)
+
+
+def stage_data(work: Path, a) -> None:
+    from .scenes import all_caption_texts, build_dataset
+    from .tokenizer import train_tokenizer
+
+    if not (work / "data" / "meta.json").exists():
+        build_dataset(work / "data", n_train=a.n_train, n_heldout=400, seed=0, size=256, supersample=3)
+    if not (work / "tokenizer" / "tokenizer.json").exists():
+        train_tokenizer(all_caption_texts(_records(work, "train")[:3000]), work / "tokenizer")
+
+
+def stage_vae(work: Path, a) -> None:
+    images = _images(work, "train")
+    vae, _ = train_vae(images, work, steps=a.vae_steps, batch=16, lr=1e-3, crop=64, full_from=0.9)
+    (work / "vae_scale.json").write_text(json.dumps({"scaling_factor": latent_scale(vae, images)}))
+
+
+def stage_latents(work: Path, a) -> None:
+    if (work / "latents.pt").exists():
+        return
+    vae = _vae(work)
+    torch.save(encode_all(vae, _images(work, "train")), work / "latents.pt")
+
+
+def stage_dit(work: Path, a) -> None:
+    tok = _tokenizer(work)
+    text, dit = _text_and_dit(work, tok)
+    latents = torch.load(work / "latents.pt", weights_only=True)
+    dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, work, steps=a.dit_steps, batch=a.batch,
+                             lr=a.lr, bf16=a.bf16)
+    torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, work / "dit_ema.pt")
+
+
+def stage_export(work: Path, a) -> None:
+    from .export import export_pipeline
+
+    tok = _tokenizer(work)
+    text, dit = _text_and_dit(work, tok)
+    ema = torch.load(work / "dit_ema.pt", weights_only=True)
+    dit.load_state_dict(ema["transformer"])
+    text.model.load_state_dict(ema["text"])
+    export_pipeline(Path(a.out), dit, _vae(work), text, dtype=torch.float16)
+    log(f"exported to {a.out}")
+
+
+def stage_eval(work: Path, a) -> None:
+    from ..loader import load_pipeline
+    from .evaluate_demo import evaluate_demo
+
+    parts = load_pipeline(a.out, dtype=torch.float32)
+    report = evaluate_demo(parts, _records(work, "heldout"), n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg)
+    print(report["text"])
+    (work / "eval.json").write_text(json.dumps(report["summary"], indent=1))
+
+
+def main(argv=None) -> int:
+    from .demo import DEMO_DIR
+
+    p = argparse.ArgumentParser(prog="python -m twig_core.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["demo"])
+    p.add_argument("--work", required=True, help="working folder (data, checkpoints, logs)")
+    p.add_argument("--stage", default="all", choices=STAGES + ("all",))
+    p.add_argument("--out", default=str(DEMO_DIR), help="where export writes the pipeline folder")
+    p.add_argument("--n-train", type=int, default=20000)
+    p.add_argument("--vae-steps", type=int, default=900)
+    p.add_argument("--dit-steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the DiT stage")
+    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--eval-steps", type=int, default=20)
+    p.add_argument("--eval-cfg", type=float, default=4.5)
+    a = p.parse_args(argv)
+    torch.set_flush_denormal(True)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    todo = STAGES if a.stage == "all" else (a.stage,)
+    for name in todo:
+        log(f"stage {name}")
+        globals()[f"stage_{name}"](work, a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
