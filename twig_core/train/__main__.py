@@ -141,7 +141,6 @@ def main(argv=None) -> int:
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-cfg", type=float, default=4.5)
     a = p.parse_args(argv)
-    torch.set_flush_denormal(True)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     todo = STAGES if a.stage == "all" else (a.stage,)
