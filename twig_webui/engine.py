@@ -1,0 +1,541 @@
+"""The tab's work without any gradio: what the pickers list, the loaded models, and one generation run.
+
+Everything here calls twig_core (loader, pipeline, tipo, face, image); the gradio layer (``ui.py``) only
+turns widget values into a :class:`Settings` and shows a :class:`Result`. Tests drive this module directly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twig_core.errors import TwigError
+from twig_core.sampling import SAMPLERS
+
+from .host import Host, demo_model
+
+log = logging.getLogger("twig")
+
+DEMO = "demo (built in)"
+FROM_MODEL = "(from the model)"
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth")
+TIPO_EXTENSIONS = (".safetensors", ".sft")
+YOLO_EXTENSIONS = (".pt", ".pth")
+MAX_SEED = 2**32 - 1
+
+Progress = Callable[[float, str], None]
+
+
+class Interrupted(TwigError):
+    """The user pressed Interrupt (the tab's button or the WebUI's)."""
+
+
+@dataclass
+class Settings:
+    prompt: str
+    negative: str = ""
+    size: str = ""  # "WxH" from size_choices(); "" = the model's native square
+    steps: int = 20
+    cfg: float = 4.5
+    seed: int = -1  # -1 = random
+    sampler: str = SAMPLERS[0]
+    batch_size: int = 1
+    model: str = ""  # a name from Catalog.models(); "" = the demo model / first one
+    text_encoder: str = FROM_MODEL
+    vae: str = FROM_MODEL
+    dtype: str = "auto"
+    max_length: int = 300
+    tipo: bool = False
+    tipo_model: str = ""
+    face: bool = False
+    face_detector: str = ""
+    face_denoise: float = 0.4
+
+
+@dataclass
+class Result:
+    paths: list[str]  # saved PNGs, parameters in their "parameters" text chunk
+    infotext: str  # the first image's parameters, as stored
+    seed: int
+    prompt: str  # the prompt the image was made from (after TIPO)
+    width: int
+    height: int
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# What the pickers list
+
+
+_KIND_CACHE: dict[tuple, str | None] = {}
+
+
+def _kind(path: str) -> str | None:
+    """twig_core.loader.detect, remembered per file version; None for anything it does not read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _KIND_CACHE:
+        from twig_core import loader
+
+        try:
+            _KIND_CACHE[key] = loader.detect(path)
+        except Exception:  # noqa: BLE001 - not ours (an SD checkpoint, a CLIP, ...): not listed
+            _KIND_CACHE[key] = None
+    return _KIND_CACHE[key]
+
+
+def _scan(root: str, extensions: tuple[str, ...], folder_marker: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(name, path) of files with ``extensions`` and folders holding one of ``folder_marker`` under ``root``;
+    folder names end in "/" and are not searched further."""
+    out: list[tuple[str, str]] = []
+    if not os.path.isdir(root):
+        return out
+    for cur, dirs, files in os.walk(root, followlinks=True):
+        rel = os.path.relpath(cur, root)
+        if rel != "." and any(os.path.isfile(os.path.join(cur, m)) for m in folder_marker):
+            out.append((rel.replace(os.sep, "/") + "/", cur))
+            dirs[:] = []
+            continue
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(files):
+            if f.lower().endswith(extensions):
+                name = f if rel == "." else os.path.join(rel, f).replace(os.sep, "/")
+                out.append((name, os.path.join(cur, f)))
+    return out
+
+
+class Catalog:
+    """Name -> path for each picker, read from the host's model folders on every call (Refresh)."""
+
+    def __init__(self, host: Host):
+        self.host = host
+
+    def _listed(self, role: str, kinds: tuple[str, ...], extensions=MODEL_EXTENSIONS,
+                markers=("model_index.json", "config.json")) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for root in self.host.folders(role):
+            for name, path in _scan(root, extensions, markers):
+                if name not in out and _kind(path) in kinds:
+                    out[name] = path
+        return out
+
+    def models(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        demo = demo_model()
+        if demo:
+            out[DEMO] = demo
+        for path in self.host.extra_models:
+            out.setdefault(path, path)
+        out.update({k: v for k, v in self._listed("model", ("transformer", "pipeline")).items() if k not in out})
+        return out
+
+    def text_encoders(self) -> dict[str, str]:
+        return {FROM_MODEL: "", **self._listed("text_encoder", ("text_encoder", "pipeline"))}
+
+    def vaes(self) -> dict[str, str]:
+        return {FROM_MODEL: "", **self._listed("vae", ("vae", "pipeline"))}
+
+    def tipo_models(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for root in self.host.folders("llm"):
+            for name, path in _scan(root, TIPO_EXTENSIONS, ("config.json",)):
+                out.setdefault(name, path)
+        return out
+
+    def face_detectors(self) -> dict[str, str]:
+        from twig_core.face import detect as fdetect
+
+        out = {n: n for n, why in fdetect.available_detectors().items() if why is None}
+        for root in self.host.folders("face"):
+            for name, path in _scan(root, YOLO_EXTENSIONS, ()):
+                out.setdefault(name, path)
+        return out
+
+    def resolve(self, role: str, name: str) -> str:
+        table = {"model": self.models, "text_encoder": self.text_encoders, "vae": self.vaes,
+                 "tipo": self.tipo_models, "face": self.face_detectors}[role]()
+        if name in table:
+            return table[name]
+        if name and os.path.exists(name) and role == "model":
+            return os.path.abspath(name)
+        hint = self.host.folder_hint({"tipo": "llm"}.get(role, role))
+        what = {"model": "Twig model", "text_encoder": "text encoder", "vae": "VAE", "tipo": "TIPO model",
+                "face": "face detector"}[role]
+        if not name:
+            raise TwigError(f"no {what} selected; put one in {hint} and press Refresh")
+        raise TwigError(f"{what} {name!r} not found (looked in {', '.join(self.host.folders(role if role != 'tipo' else 'llm'))}); "
+                        f"press Refresh")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sizes
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[x×*]\s*(\d+)\s*", text or "")
+    if not m:
+        raise TwigError(f"size must look like 1024x1024 (width x height), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def size_choices(native: int) -> list[str]:
+    """Sana's aspect-ratio buckets scaled to the model's native size, as "WxH", square first."""
+    from twig_core.resolution import bins
+
+    sizes = [f"{w}x{h}" for h, w in bins(native)]
+    square = f"{native}x{native}"
+    return [square] + [s for s in sizes if s != square]
+
+
+def nearest_choice(choices: list[str], current: str) -> str:
+    try:
+        w, h = parse_size(current)
+    except TwigError:
+        return choices[0]
+    return min(choices, key=lambda c: abs(parse_size(c)[0] / parse_size(c)[1] - w / h))
+
+
+_NATIVE_CACHE: dict[tuple, int] = {}
+
+
+def native_size(path: str) -> int:
+    """The model's training size in pixels (its config's sample_size × 32), read without loading it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return 1024
+    key = (path, st.st_mtime_ns)
+    if key in _NATIVE_CACHE:
+        return _NATIVE_CACHE[key]
+    size = 1024
+    try:
+        if os.path.isdir(path):
+            for cfg in (os.path.join(path, "transformer", "config.json"), os.path.join(path, "config.json")):
+                if os.path.isfile(cfg):
+                    with open(cfg, encoding="utf-8") as f:
+                        size = int(json.load(f).get("sample_size", 32)) * 32
+                    break
+        else:
+            from twig_core import loader
+            from twig_core.config import TransformerConfig
+
+            size = TransformerConfig.from_state_dict(loader.open_weights(path).meta_dict()).sample_size * 32
+    except Exception:  # noqa: BLE001 - unknown layout: the 1024 px default
+        size = 1024
+    _NATIVE_CACHE[key] = size
+    return size
+
+
+# --------------------------------------------------------------------------------------------------
+# TIPO input
+
+
+_SENTENCE = re.compile(r"[.!?。！？]\s*$")
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    """(tags, sentence) for TIPO: comma-separated parts of up to four words are tags, the rest is the
+    sentence. A prompt without commas is one sentence unless it is a few words. Chinese (any CJK) text is
+    sentence text: TIPO passes it through unchanged."""
+    from twig_core.tipo import has_cjk
+
+    parts = [p.strip() for p in prompt.split(",") if p.strip()]
+    tags, text = [], []
+    for p in parts:
+        if not has_cjk(p) and len(p.split()) <= 4 and not _SENTENCE.search(p) and (len(parts) > 1 or len(p.split()) <= 3):
+            tags.append(p)
+        else:
+            text.append(p)
+    return ", ".join(tags), ", ".join(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+
+
+MIN_TRANSFORMERS = (4, 44)
+
+
+def check_transformers() -> None:
+    """Gemma-2 arrived in transformers 4.42 and works with Sana's settings from 4.44; A1111 pins 4.30."""
+    import transformers
+
+    have = tuple(int(x) for x in re.findall(r"\d+", transformers.__version__)[:2])
+    if have < MIN_TRANSFORMERS:
+        raise TwigError(f"transformers {transformers.__version__} is too old for the Gemma-2 text encoder; Twig needs "
+                        f"transformers>=4.44 (in the WebUI's Python: pip install \"transformers>=4.44\")")
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _next_number(folder: str) -> int:
+    """The WebUI's file numbering: one more than the highest "NNNNN-" prefix in the folder."""
+    top = -1
+    if os.path.isdir(folder):
+        for n in os.listdir(folder):
+            m = re.match(r"(\d+)-", n)
+            if m:
+                top = max(top, int(m.group(1)))
+    return top + 1
+
+
+class Engine:
+    """Holds the loaded models between runs (one set at a time) and runs one job at a time."""
+
+    def __init__(self, host: Host | None = None):
+        self.host = host or Host()
+        self.catalog = Catalog(self.host)
+        self._parts = None
+        self._parts_key = None
+        self._tipo = None
+        self._tipo_key = None
+        self._stop = threading.Event()
+
+    # -- interrupting ----------------------------------------------------------------------------
+    def interrupt(self) -> None:
+        self._stop.set()
+
+    def check(self) -> None:
+        if self._stop.is_set() or self.host.interrupted():
+            raise Interrupted("interrupted")
+
+    # -- models ----------------------------------------------------------------------------------
+    def default_model(self) -> str:
+        names = list(self.catalog.models())
+        return names[0] if names else ""
+
+    def native(self, model: str) -> int:
+        if self._parts is not None and self._parts_key and self._parts_key[0] == self._model_path_or_none(model):
+            return int(self._parts.transformer.config.sample_size) * 32
+        path = self._model_path_or_none(model)
+        return native_size(path) if path else 1024
+
+    def _model_path_or_none(self, model: str) -> str | None:
+        try:
+            return self.catalog.resolve("model", model or self.default_model())
+        except TwigError:
+            return None
+
+    def unload(self) -> None:
+        self._parts = self._parts_key = None
+        self._tipo = self._tipo_key = None
+        _free_memory()
+
+    def load(self, s: Settings, progress: Progress | None = None):
+        from twig_core import loader
+
+        check_transformers()
+
+        model = self.catalog.resolve("model", s.model or self.default_model())
+        te = self.catalog.resolve("text_encoder", s.text_encoder) if s.text_encoder != FROM_MODEL else None
+        vae = self.catalog.resolve("vae", s.vae) if s.vae != FROM_MODEL else None
+        device = self.host.device()
+        dtype = loader.resolve_dtype(s.dtype, device)
+        key = (model, te or None, vae or None, dtype, str(device))
+        if key != self._parts_key:
+            if progress:
+                progress(0.0, f"loading {os.path.basename(model.rstrip('/'))}")
+            self._parts = self._parts_key = None
+            _free_memory()
+            self.host.free_host_models()
+            try:
+                self._parts = loader.load_parts(model, te or None, vae or None, dtype=dtype, device=device)
+            except TwigError as e:
+                if "holds no" in str(e):
+                    where = self.host.folder_hint("text_encoder" if "text encoder" in str(e) else "vae")
+                    raise TwigError(f"{e} (pick one above; they are listed from {where})") from e
+                raise
+            self._parts_key = key
+        return self._parts
+
+    def _tipo_model(self, name: str, device):
+        from twig_core.tipo import TipoModel, default_dtype
+
+        path = self.catalog.resolve("tipo", name)
+        key = (path, str(device))
+        if key != self._tipo_key:
+            self._tipo = TipoModel.from_pretrained(path, dtype=default_dtype(device), device=device)
+            self._tipo_key = key
+        return self._tipo, path
+
+    # -- one run ---------------------------------------------------------------------------------
+    def run(self, s: Settings, progress: Progress | None = None) -> Result:
+        self._stop.clear()
+        with self.host.job("twig"):
+            try:
+                return self._run(s, progress or (lambda f, d: None))
+            finally:
+                self._stop.clear()
+
+    def _run(self, s: Settings, progress: Progress) -> Result:
+        import torch
+
+        from twig_core.pipeline import generate
+        from twig_core.resolution import check_size
+
+        started = time.perf_counter()
+        prompt = (s.prompt or "").strip()
+        if not prompt:
+            raise TwigError("write a prompt first (English or Chinese)")
+        if s.sampler not in SAMPLERS:
+            raise TwigError(f"unknown sampler {s.sampler!r}; choose {', '.join(SAMPLERS)}")
+        steps, batch = int(s.steps), int(s.batch_size)
+        if steps < 1 or batch < 1:
+            raise TwigError("steps and batch size must be at least 1")
+        self.check()
+        parts = self.load(s, progress)
+        self.check()
+        native = int(parts.transformer.config.sample_size) * 32
+        width, height = parse_size(s.size) if s.size else (native, native)
+        check_size(width, height)
+        seed = int(s.seed) if s.seed is not None and int(s.seed) >= 0 else random.randint(0, MAX_SEED)
+        notes: list[str] = []
+        extra: dict = {}
+
+        if s.tipo:
+            user_prompt = prompt
+            prompt, tipo_notes = self._expand(s, prompt, width, height, seed, progress)
+            notes += tipo_notes
+            extra["tipo"] = {"user_prompt": user_prompt, "model": s.tipo_model}
+        self.check()
+
+        def on_step(state: dict) -> None:
+            self.check()
+            i = int(state["i"]) + 1
+            progress(0.1 + 0.75 * i / steps, f"step {i}/{steps}")
+
+        progress(0.1, f"step 0/{steps}")
+        images = generate(
+            parts.transformer, parts.vae, parts.text_encoder, prompt, s.negative or "", width=width, height=height,
+            batch_size=batch, steps=steps, cfg=float(s.cfg), seed=seed, sampler=s.sampler,
+            max_length=int(s.max_length), callback=on_step,
+        )
+        self.check()
+        pixels = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous()  # [B,H,W,3] 0..1
+        if s.face:
+            pixels, face_note = self._face_refine(s, parts, prompt, pixels, seed, progress)
+            notes.append(face_note)
+            extra["face_refine"] = {"detector": s.face_detector, "denoise": float(s.face_denoise), "result": face_note}
+        progress(0.98, "saving")
+        paths = self._save(pixels, prompt, s, seed, width, height, extra)
+        from PIL import Image
+
+        with Image.open(paths[0]) as im:
+            infotext = im.text.get("parameters", "")
+        return Result(paths, infotext, seed, prompt, width, height, notes, time.perf_counter() - started)
+
+    def _expand(self, s: Settings, prompt: str, width: int, height: int, seed: int, progress: Progress):
+        from twig_core.tipo import Sampling, expand, load_tag_lists, tag_list_folders
+
+        progress(0.02, "TIPO: loading")
+        tipo, path = self._tipo_model(s.tipo_model, self.host.device())
+        tags, text = split_prompt(prompt)
+        search = [path if os.path.isdir(path) else os.path.dirname(path)] + self.host.folders("llm")
+        lists = load_tag_lists(tag_list_folders(search))
+        sampling = Sampling()
+
+        def on_token(n: int) -> None:
+            self.check()
+            progress(0.02 + 0.08 * min(n, sampling.max_new_tokens) / sampling.max_new_tokens, f"TIPO: {n} tokens")
+
+        result = expand(tipo, tags, text, width=width, height=height, seed=seed, sampling=sampling, lists=lists,
+                        callback=on_token)
+        return result.prompt, [f"TIPO: {n}" for n in result.notes]
+
+    def _face_refine(self, s: Settings, parts, prompt: str, pixels, seed: int, progress: Progress):
+        import torch
+
+        from twig_core.face import detect as fdetect
+        from twig_core.face import refine as frefine
+
+        name = s.face_detector or next(iter(self.catalog.face_detectors()), "")
+        if not name:
+            raise TwigError("face refine is on but no face detector is installed: pip install "
+                            "\"opencv-python-headless<5\" (or mediapipe==0.10.21), or put a YOLO face model in "
+                            f"{self.host.folder_hint('face')}")
+        spec = self.catalog.resolve("face", name)
+        dev = self.host.device()
+        det = fdetect.get_detector(spec, device=(str(dev.index or 0) if dev.type == "cuda" else dev.type)
+                                   if spec not in fdetect.BUILTIN_DETECTORS else None)
+        det.check()
+        h, w = int(pixels.shape[1]), int(pixels.shape[2])
+        progress(0.86, "face refine: detecting")
+        found = []
+        for b in range(pixels.shape[0]):
+            self.check()
+            found.append(frefine.select_faces(fdetect.detect_faces(pixels[b], det), w, h))
+        count = sum(len(f) for f in found)
+        if not count:
+            return pixels, f"face refine: no face found ({det.name})"
+        te = parts.text_encoder
+        with torch.no_grad():
+            cond = te.encode([prompt], max_length=int(s.max_length), use_instruction=True)
+            uncond = te.encode([s.negative or ""], max_length=int(s.max_length), use_instruction=False) \
+                if float(s.cfg) != 1.0 else None
+        steps = int(s.steps)
+
+        def on_step(job, state):
+            self.check()
+            done = job.number * steps + int(state["i"]) + 1
+            progress(0.87 + 0.1 * done / (steps * count), f"face {job.number + 1}/{count}: step {int(state['i']) + 1}")
+
+        refiner = frefine.TwigRefiner(parts.transformer, parts.vae, cond, uncond, steps=steps, cfg=float(s.cfg),
+                                      seed=seed, denoise=float(s.face_denoise), sampler=s.sampler, callback=on_step)
+        result = frefine.refine_faces(pixels, found, refiner, multiple=refiner.multiple,
+                                      on_face=lambda job: self.check())
+        note = f"face refine: {result.count} face(s) with {det.name}"
+        if result.skipped:
+            note += "; skipped " + "; ".join(result.skipped)
+        return result.images, note
+
+    def _save(self, pixels, prompt: str, s: Settings, seed: int, width: int, height: int, extra: dict) -> list[str]:
+        import numpy as np
+        from PIL import Image
+
+        from twig_core.image import png_info
+
+        folder = os.path.join(self.host.outdir(), _dt.date.today().isoformat())
+        os.makedirs(folder, exist_ok=True)
+        number = _next_number(folder)
+        label = self._model_label(s)
+        arr = (pixels.float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+        paths = []
+        for i, a in enumerate(arr):
+            info = png_info(prompt, s.negative or "", int(s.steps), float(s.cfg), seed, s.sampler, width, height,
+                            model=label, batch_index=i)
+            if extra:
+                info.add_text("twig", json.dumps(extra, ensure_ascii=False))
+            path = os.path.join(folder, f"{number + i:05d}-{seed}.png")
+            Image.fromarray(a, "RGB").save(path, pnginfo=info)
+            paths.append(path)
+        return paths
+
+    def _model_label(self, s: Settings) -> str:
+        name = s.model or self.default_model()
+        if name == DEMO:
+            return "Twig demo"
+        base = os.path.basename(name.rstrip("/\\"))
+        return os.path.splitext(base)[0] if not name.endswith("/") else base
