@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from twig_core.errors import TwigError
@@ -14,10 +15,35 @@ MODEL_FOLDERS = ("diffusion_models", "checkpoints")
 TEXT_FOLDERS = ("text_encoders",)
 VAE_FOLDERS = ("vae",)
 
+# The small demo model shipped inside the pack (twig_core/demo_model, a diffusers pipeline folder): listed first
+# in all three loaders when it is there, so the demo workflow runs without downloading anything.
+DEMO_NAME = "twig-demo (embedded)"
+
+
+def demo_dir() -> str | None:
+    """The embedded demo pipeline folder ($TWIG_DEMO_DIR overrides it), or None when this install has none."""
+    from twig_core.train.demo import DEMO_DIR
+
+    path = os.environ.get("TWIG_DEMO_DIR") or str(DEMO_DIR)
+    return path if os.path.isfile(os.path.join(path, "model_index.json")) else None
+
 
 def _choices(kinds, pipeline_kinds=()):
     names = host.list_models(kinds, pipeline_kinds)
+    if demo_dir() is not None:
+        names = [DEMO_NAME] + names
     return names or [f"(put a model in models/{kinds[0]})"]
+
+
+def resolve(name, kinds, pipeline_kinds=()) -> str:
+    """Full path for a loader choice: the embedded demo, or a file/folder in the model folders."""
+    if name == DEMO_NAME:
+        path = demo_dir()
+        if path is None:
+            raise TwigError(f"'{DEMO_NAME}' is not in this install (expected a pipeline folder at "
+                            "twig_core/demo_model); pick a model from the list")
+        return path
+    return host.resolve_model(name, kinds, pipeline_kinds)
 
 
 def _role_dtype(choice, device, role):
@@ -63,7 +89,7 @@ class TwigModelLoader:
 
     @node_errors("Twig Model Loader")
     def load(self, model_name, dtype="auto"):
-        path = host.resolve_model(model_name, MODEL_FOLDERS)
+        path = resolve(model_name, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("diffusion")
         dt = _role_dtype(dtype, load_dev, "diffusion")
         model = host.cached_model(
@@ -94,7 +120,7 @@ class TwigTextEncoderLoader:
 
     @node_errors("Twig Text Encoder Loader")
     def load(self, text_encoder_name, max_tokens=SANA_MAX_LENGTH, device="default", dtype="auto"):
-        path = host.resolve_model(text_encoder_name, TEXT_FOLDERS, MODEL_FOLDERS)
+        path = resolve(text_encoder_name, TEXT_FOLDERS, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("text", device)
         dt = _role_dtype(dtype, load_dev, "text")
         model = host.cached_model(
@@ -125,7 +151,7 @@ class TwigVAELoader:
 
     @node_errors("Twig VAE Loader")
     def load(self, vae_model, dtype="auto"):
-        path = host.resolve_model(vae_model, VAE_FOLDERS, MODEL_FOLDERS)
+        path = resolve(vae_model, VAE_FOLDERS, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("vae")
         dt = _role_dtype(dtype, load_dev, "vae")
         vae = host.cached_model(
