@@ -44,4 +44,8 @@ from .tipo import TwigTIPO  # noqa: E402
 NODE_CLASS_MAPPINGS["TwigTIPO"] = TwigTIPO
 NODE_DISPLAY_NAME_MAPPINGS["TwigTIPO"] = "Twig TIPO Prompt Expansion"
 
+from .tokens import register_routes  # noqa: E402
+
+register_routes()  # POST /twig/token_count for the live token count, when running inside ComfyUI
+
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
