@@ -7,7 +7,9 @@ for the image in the gallery, fetches that image's URL from inside the page and 
 an error is shown in the page. A screenshot is saved to ``$TWIG_TEST_ARTIFACTS`` (default
 ``tests/artifacts/``) and its path printed.
 
-Needs: ``apt-get install chromium`` and ``pip install -r requirements-webui-test.txt``; skipped otherwise.
+Needs: ``apt-get install chromium`` (``fonts-wqy-microhei`` for Chinese glyphs in the screenshot) and
+``pip install -r requirements-webui-test.txt``; skipped otherwise, unless ``TWIG_REQUIRE_BROWSER=1`` (CI), which
+turns a missing piece into a failure.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def _requirements() -> str | None:
 
 
 _MISSING = _requirements()
+if _MISSING and os.environ.get("TWIG_REQUIRE_BROWSER"):  # CI sets it: a missing browser fails, never skips
+    raise RuntimeError(f"TWIG_REQUIRE_BROWSER is set but {_MISSING}")
 if _MISSING:
     pytestmark = [pytest.mark.browser, pytest.mark.skip(reason=_MISSING)]
 

@@ -138,8 +138,9 @@ class Catalog:
         demo = demo_model()
         if demo:
             out[DEMO] = demo
-        for path in self.host.extra_models:
-            out.setdefault(path, path)
+        for path in self.host.extra_models:  # --model PATH: shown by its name, the full path if names clash
+            name = os.path.basename(path.rstrip("/\\")) + ("/" if os.path.isdir(path) else "")
+            out.setdefault(name if name not in out else path, path)
         out.update({k: v for k, v in self._listed("model", ("transformer", "pipeline")).items() if k not in out})
         return out
 
