@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,23 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _status_mib(field: str) -> float:
-    # VmRSS: resident now; VmHWM: peak resident of this process image (unlike ru_maxrss, not inherited
-    # from the parent across fork+exec).
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mib() -> float:
-    return _status_mib("VmRSS")
-
-
-def peak_rss_mib() -> float:
-    return _status_mib("VmHWM")
+from bench.common import current_rss_mib, peak_rss_mib  # noqa: E402
 
 
 def child(args) -> None:
@@ -63,7 +46,7 @@ def child(args) -> None:
         run = lambda z: model.decode(z).sample  # noqa: E731
     del sd
     model = model.eval().to(args.device)
-    latent = torch.load(args.latent).to(args.device)
+    latent = torch.load(args.latent, weights_only=True).to(args.device)
     try:  # reset VmHWM so that the peak below is the decode's, not the weight loading's
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

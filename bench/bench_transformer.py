@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.common import peak_rss_mib  # noqa: E402
 from twig_core.config import SANA_1600M  # noqa: E402
 
 
@@ -72,7 +72,7 @@ def child(which: str, layers: int, size: int, caption: int, repeats: int) -> dic
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024  # GiB (Linux reports KiB)
+    rss = peak_rss_mib() / 1024  # GiB
     return {"time": min(times), "rss_gib": rss}
 
 
