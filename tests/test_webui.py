@@ -299,3 +299,62 @@ def test_install_plan_installs_only_missing_and_never_torch(monkeypatch):
     monkeypatch.setitem(sys.modules, "launch", launch)
     inst.main()
     assert ran == ['install "einops>=0.6"']
+
+
+# --------------------------------------------------------------------------------------------------
+# TIPO and face refine switches
+
+
+def test_tipo_switch_expands_the_prompt(tmp_path, pipeline):
+    import json
+
+    from tests.tiny_tipo import save_tiny_tipo_folder
+
+    save_tiny_tipo_folder(tmp_path / "models" / "LLM" / "tiny-tipo")
+    engine = _engine(tmp_path, pipeline)
+    assert list(engine.catalog.tipo_models()) == ["tiny-tipo/"]
+    r = engine.run(Settings(prompt="1girl, red hair", steps=1, seed=5, tipo=True, tipo_model="tiny-tipo/",
+                            tipo_length="very_short", tipo_max_tokens=48, model=str(pipeline)))
+    assert r.prompt != "1girl, red hair" and "red hair" in r.prompt
+    im = Image.open(r.paths[0])
+    assert im.text["parameters"].startswith(r.prompt + "\n")
+    assert json.loads(im.text["twig"])["tipo"]["user_prompt"] == "1girl, red hair"
+    # a Chinese sentence is passed through unchanged
+    r2 = engine.run(Settings(prompt=PROMPT, steps=1, seed=5, tipo=True, tipo_model="tiny-tipo/",
+                             tipo_length="very_short", tipo_max_tokens=48, model=str(pipeline)))
+    assert PROMPT in r2.prompt
+
+
+def test_face_refine_switch_changes_only_around_the_face(tmp_path, pipeline, monkeypatch):
+    import json
+
+    import numpy as np
+
+    from twig_core.face import detect as fdetect
+    from twig_webui.engine import Catalog
+
+    class OneFace(fdetect.Detector):
+        name = "one-face"
+
+        def detect(self, image, confidence=0.3):
+            return [fdetect.Detection((48.0, 40.0, 80.0, 72.0), 0.9)]
+
+    monkeypatch.setattr(fdetect, "get_detector", lambda spec, device=None: OneFace())
+    monkeypatch.setattr(Catalog, "face_detectors", lambda self: {"one-face": "one-face"})
+    engine = _engine(tmp_path, pipeline)
+    s = Settings(prompt=PROMPT, steps=2, seed=3, model=str(pipeline))
+    plain = engine.run(s)
+    s.face, s.face_detector, s.face_denoise = True, "one-face", 0.5
+    refined = engine.run(s)
+    assert "face refine: 1 face(s) with one-face" in refined.notes
+    a = np.asarray(Image.open(plain.paths[0]), dtype=np.int16)
+    b = np.asarray(Image.open(refined.paths[0]), dtype=np.int16)
+    changed = np.abs(a - b).max(-1) > 0
+    assert changed[40:72, 48:80].any()
+    assert not changed[:, :30].any() and not changed[:, 100:].any() and not changed[:25].any()
+    assert json.loads(Image.open(refined.paths[0]).text["twig"])["face_refine"]["detector"] == "one-face"
+    # no face: the image is kept, and the note says so
+    monkeypatch.setattr(OneFace, "detect", lambda self, image, confidence=0.3: [])
+    none = engine.run(s)
+    assert any("no face found" in n for n in none.notes)
+    assert np.array_equal(np.asarray(Image.open(none.paths[0])), np.asarray(Image.open(plain.paths[0])))

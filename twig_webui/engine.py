@@ -57,6 +57,8 @@ class Settings:
     max_length: int = 300
     tipo: bool = False
     tipo_model: str = ""
+    tipo_length: str = "long"  # very_short, short, long, very_long: tag and sentence length targets
+    tipo_max_tokens: int = 512  # most tokens one TIPO pass may write
     face: bool = False
     face_detector: str = ""
     face_denoise: float = 0.4
@@ -456,14 +458,14 @@ class Engine:
         tags, text = split_prompt(prompt)
         search = [path if os.path.isdir(path) else os.path.dirname(path)] + self.host.folders("llm")
         lists = load_tag_lists(tag_list_folders(search))
-        sampling = Sampling()
+        sampling = Sampling(max_new_tokens=int(s.tipo_max_tokens))
 
         def on_token(n: int) -> None:
             self.check()
             progress(0.02 + 0.08 * min(n, sampling.max_new_tokens) / sampling.max_new_tokens, f"TIPO: {n} tokens")
 
         result = expand(tipo, tags, text, width=width, height=height, seed=seed, sampling=sampling, lists=lists,
-                        callback=on_token)
+                        tag_length=s.tipo_length, nl_length=s.tipo_length, callback=on_token)
         return result.prompt, [f"TIPO: {n}" for n in result.notes]
 
     def _face_refine(self, s: Settings, parts, prompt: str, pixels, seed: int, progress: Progress):

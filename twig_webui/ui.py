@@ -17,6 +17,7 @@ import traceback
 
 from twig_core.errors import TwigError
 from twig_core.sampling import SAMPLERS
+from twig_core.tipo import LENGTHS
 
 from .engine import DTYPES, FROM_MODEL, Engine, Interrupted, Settings, nearest_choice, size_choices
 from .host import Host
@@ -100,6 +101,9 @@ def build_ui(engine: Engine | None = None, *, theme=None):
                 with gr.Row():
                     tipos = _or(list(cat.tipo_models()), NO_TIPO)
                     tipo_model = gr.Dropdown(label="TIPO model", choices=tipos, value=tipos[0], elem_id="twig_tipo_model")
+                    tipo_length = gr.Dropdown(label="TIPO length", choices=list(LENGTHS), value="long",
+                                              elem_id="twig_tipo_length")
+                with gr.Row():
                     faces = _or(list(cat.face_detectors()), NO_FACE)
                     face_detector = gr.Dropdown(label="Face detector", choices=faces, value=faces[0],
                                                 elem_id="twig_face_detector")
@@ -111,15 +115,16 @@ def build_ui(engine: Engine | None = None, *, theme=None):
                 info = gr.HTML("", elem_id="twig_info")
         last_seed = gr.State(-1)
 
-        def generate(prompt_v, negative_v, tipo_v, tipo_model_v, face_v, face_detector_v, face_denoise_v, size_v,
-                     steps_v, cfg_v, seed_v, sampler_v, batch_v, model_v, te_v, vae_v, dtype_v, max_length_v,
+        def generate(prompt_v, negative_v, tipo_v, tipo_model_v, tipo_length_v, face_v, face_detector_v,
+                     face_denoise_v, size_v, steps_v, cfg_v, seed_v, sampler_v, batch_v, model_v, te_v, vae_v, dtype_v, max_length_v,
                      last_seed_v, progress=gr.Progress()):
             settings = Settings(
                 prompt=prompt_v or "", negative=negative_v or "", size=size_v or "", steps=int(steps_v),
                 cfg=float(cfg_v), seed=int(seed_v) if seed_v is not None else -1, sampler=sampler_v,
                 batch_size=int(batch_v), model=model_v or "", text_encoder=te_v or FROM_MODEL, vae=vae_v or FROM_MODEL,
                 dtype=dtype_v or "auto", max_length=int(max_length_v), tipo=bool(tipo_v),
-                tipo_model="" if tipo_model_v == NO_TIPO else (tipo_model_v or ""), face=bool(face_v),
+                tipo_model="" if tipo_model_v == NO_TIPO else (tipo_model_v or ""), tipo_length=tipo_length_v or "long",
+                face=bool(face_v),
                 face_detector="" if face_detector_v == NO_FACE else (face_detector_v or ""),
                 face_denoise=float(face_denoise_v),
             )
@@ -150,8 +155,8 @@ def build_ui(engine: Engine | None = None, *, theme=None):
 
         run_btn.click(
             fn=generate,
-            inputs=[prompt, negative, tipo, tipo_model, face, face_detector, face_denoise, size, steps, cfg, seed,
-                    sampler, batch, model, text_encoder, vae, dtype, max_length, last_seed],
+            inputs=[prompt, negative, tipo, tipo_model, tipo_length, face, face_detector, face_denoise, size, steps,
+                    cfg, seed, sampler, batch, model, text_encoder, vae, dtype, max_length, last_seed],
             outputs=[gallery, info, status, last_seed],
         )
         stop_btn.click(fn=engine.interrupt, inputs=None, outputs=None, queue=False)
