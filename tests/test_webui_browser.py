@@ -3,8 +3,9 @@
 Starts ``python -m twig_webui`` on a free localhost port with the embedded demo model (or, until it is
 installed, a tiny random pipeline folder of the same layout), types a Chinese prompt, presses Generate, waits
 for the image in the gallery, fetches that image's URL from inside the page and reads the PNG's
-"parameters" text chunk (prompt and seed must be there, byte-identical to the saved file), then checks that
-an error is shown in the page. A screenshot is saved to ``$TWIG_TEST_ARTIFACTS`` (default
+"parameters" text chunk (prompt and seed must be there, byte-identical to the saved file); then starts a long
+run, waits for its progress text, presses Interrupt and expects "Interrupted" with nothing saved; then checks
+that an error is shown in the page. A screenshot is saved to ``$TWIG_TEST_ARTIFACTS`` (default
 ``tests/artifacts/``) and its path printed.
 
 Needs: ``apt-get install chromium`` (``fonts-wqy-microhei`` for Chinese glyphs in the screenshot) and
@@ -178,6 +179,23 @@ def test_chinese_prompt_generates_an_image_with_png_info(page, server):
     shot = _artifacts() / "webui_generate.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"\nscreenshot: {shot} (generated in {seconds:.1f}s, image at {src})")
+
+
+def test_progress_shows_and_interrupt_stops_a_long_run(page, server):
+    url, outdir = server
+    before = sorted(Path(outdir).rglob("*.png"))
+    page.fill("#twig_prompt textarea", "a green triangle above a yellow circle")
+    _set_number(page, "#twig_steps input[type=number]", 100)
+    _set_number(page, "#twig_batch input[type=number]", 8)
+    page.click("#twig_generate")
+    # gradio shows the engine's progress text ("step i/100") while the run goes on
+    page.wait_for_function("/step \\d+\\/100/.test(document.body.innerText)", timeout=120_000)
+    page.click("#twig_interrupt")
+    page.wait_for_function("document.querySelector('#twig_status').innerText.includes('Interrupted')",
+                           timeout=120_000)
+    assert sorted(Path(outdir).rglob("*.png")) == before  # nothing saved
+    _set_number(page, "#twig_steps input[type=number]", STEPS)
+    _set_number(page, "#twig_batch input[type=number]", 1)
 
 
 def test_errors_show_in_the_page(page, server):
