@@ -56,7 +56,11 @@ def plan(reqs, version_of=installed_version) -> tuple[list[str], list[str]]:
 
 
 def main() -> None:
-    import launch
+    try:
+        import launch
+    except ImportError:  # run by another host (ComfyUI-Manager also runs install.py), which installs requirements.txt
+        print("[Twig] install.py: not inside Stable Diffusion WebUI; nothing to do here")
+        return
 
     install, warnings = plan(requirements(), lambda n: installed_version(n) if launch.is_installed(n) else None)
     for line in install:

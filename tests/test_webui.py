@@ -358,3 +358,13 @@ def test_face_refine_switch_changes_only_around_the_face(tmp_path, pipeline, mon
     none = engine.run(s)
     assert any("no face found" in n for n in none.notes)
     assert np.array_equal(np.asarray(Image.open(none.paths[0])), np.asarray(Image.open(plain.paths[0])))
+
+
+def test_install_script_outside_the_webui_does_nothing(tmp_path):
+    """ComfyUI-Manager runs install.py too; without the WebUI's launch module it must exit cleanly."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(ROOT / "install.py")], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ""}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "nothing to do" in r.stdout
