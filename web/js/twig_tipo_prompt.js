@@ -17,6 +17,8 @@ function showPrompt(node, text) {
             widget.inputEl.style.opacity = 0.85;
             widget.inputEl.placeholder = "expanded prompt";
         }
+        const min = node.computeSize?.();  // room for a few lines of the new box
+        if (min) node.setSize([Math.max(node.size[0], min[0]), Math.max(node.size[1] + 90, min[1])]);
     }
     widget.value = text;
     node.setDirtyCanvas?.(true, true);

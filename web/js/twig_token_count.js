@@ -25,7 +25,7 @@ class Counter {
         this.seq = 0;
         this.el = document.createElement("div");
         Object.assign(this.el.style, {
-            font: "12px monospace", opacity: "0.8", padding: "2px 6px", whiteSpace: "nowrap",
+            font: "12px monospace", lineHeight: "18px", opacity: "0.8", padding: "0 6px", whiteSpace: "nowrap",
             overflow: "hidden", textOverflow: "ellipsis", pointerEvents: "none",
         });
         const widget = node.addDOMWidget(WIDGET, "twig_token_count", this.el, {
@@ -33,8 +33,9 @@ class Counter {
             hideOnZoom: false,
             getValue: () => this.el.textContent,
             setValue: () => {},
-            getMinHeight: () => 22,
-            getMaxHeight: () => 22,
+            margin: 4, // the element gets the widget's height less twice this
+            getMinHeight: () => 26,
+            getMaxHeight: () => 26,
         });
         widget.serialize = false;
         this.widget = widget;
@@ -91,6 +92,11 @@ class Counter {
     }
 }
 
+function growToFit(node) {
+    const min = node.computeSize?.();
+    if (min && node.size && min[1] > node.size[1]) node.setSize([node.size[0], min[1]]);
+}
+
 let timer = null;
 
 function pollAll() {
@@ -110,6 +116,8 @@ app.registerExtension({
             this.twigCounter?.check();
         });
         nodeType.prototype.onConfigure = chain(nodeType.prototype.onConfigure, function () {
+            // a workflow saved without this line (or smaller) gets the room for it back
+            requestAnimationFrame(() => growToFit(this));
             this.twigCounter?.check();
         });
         if (timer === null) timer = setInterval(pollAll, POLL_MS);
