@@ -7,7 +7,8 @@
 # The script links this repository into COMFY_DIR/custom_nodes/twig, writes tiny random models into
 # COMFY_DIR/models/{diffusion_models,text_encoders,vae}, starts `main.py --cpu` on a free local port,
 # runs client.py's checks against it (import, /object_info, text-to-image, inpaint, interrupt, /free), then
-# browser_check.py in headless Chromium if one is installed (nodes render, token report shows), and stops it.
+# browser_check.py in headless Chromium if one is installed (nodes render, token report shows), then every
+# example workflow (workflows_check.py: API forms run, UI forms loaded in the frontend), and stops it.
 # Nothing of ComfyUI is copied into this repository. Where torchvision cannot be imported (no build for
 # this torch), a stand-in carrying the few names imported at start-up is put on PYTHONPATH for this run only.
 set -euo pipefail
@@ -39,6 +40,13 @@ ln -sfn "$REPO" "$LINK"
 # 2. tiny models in ComfyUI's model folders
 "$PY" "$CLIENT" make-models "$COMFY_DIR/models"
 
+# 2b. for the example workflows: a tiny TIPO model, and a tiny demo-model stand-in when the pack has no demo model
+DEMO_DIR="$("$PY" "$REPO/tests/comfy_host/workflows_check.py" make-models "$COMFY_DIR/models" "$WORK/demo_model")"
+if [ -n "$DEMO_DIR" ]; then
+    export TWIG_DEMO_DIR="$DEMO_DIR"
+    echo "[check] twig_core/demo_model is not here: the demo workflows use a tiny stand-in from $DEMO_DIR"
+fi
+
 # 3. torchvision stand-in when needed (prints the folder to put on PYTHONPATH, or nothing)
 STUBS="$("$PY" "$CLIENT" torchvision-stub "$WORK/stubs")"
 if [ -n "$STUBS" ]; then
@@ -61,6 +69,12 @@ rc=$?
 # 6. the same server seen through ComfyUI's frontend in headless Chromium, when Chromium is installed
 if [ $rc -eq 0 ]; then
     (cd "$REPO/tests/comfy_host" && "$PY" browser_check.py --url "http://127.0.0.1:$PORT" --out "$WORK")
+    rc=$?
+fi
+# 7. every example workflow: API forms POSTed and run, UI forms loaded and converted in the frontend
+if [ $rc -eq 0 ]; then
+    "$PY" "$REPO/tests/comfy_host/workflows_check.py" check --url "http://127.0.0.1:$PORT" --output "$WORK/output" && \
+    (cd "$REPO/tests/comfy_host" && "$PY" workflows_check.py browser --url "http://127.0.0.1:$PORT" --out "$WORK")
     rc=$?
 fi
 set -e
