@@ -13,7 +13,8 @@ from ..keymap import ours_to_diffusers
 
 
 def _save(sd: dict, path: Path, dtype) -> None:
-    save_file({k: v.detach().to(dtype).contiguous() for k, v in sd.items()}, str(path))
+    # "format": "pt" lets older transformers releases (4.4x, as WebUIs ship) read the Gemma weights too
+    save_file({k: v.detach().to(dtype).contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
 
 
 def _json(path: Path, obj) -> None:
@@ -43,3 +44,8 @@ def export_pipeline(out: Path, transformer, vae, text_encoder, dtype=torch.float
     _json(out / "text_encoder" / "twig_text.json", {"instruction": text_encoder.instruction.split("\n")
                                                     if text_encoder.instruction else []})
     text_encoder.tokenizer.save_pretrained(out / "tokenizer")
+    # name a class every transformers release knows, not the backend class newer releases record
+    cfg_path = out / "tokenizer" / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    _json(cfg_path, tok_cfg)
