@@ -105,9 +105,17 @@ def stage_export(work: Path, a) -> None:
 
     tok = _tokenizer(work)
     text, dit = _text_and_dit(work, tok)
-    ema = torch.load(work / "dit_ema.pt", weights_only=True)
-    dit.load_state_dict(ema["transformer"])
-    text.model.load_state_dict(ema["text"])
+    if (work / "dit_ema.pt").exists():
+        ema = torch.load(work / "dit_ema.pt", weights_only=True)
+        dit.load_state_dict(ema["transformer"])
+        text.model.load_state_dict(ema["text"])
+    else:  # training stopped early: the averaged weights of the last checkpoint
+        state = Checkpoint(work / "dit.ckpt").load()
+        params = [p for m in (dit, text.model) for p in m.parameters()]
+        with torch.no_grad():
+            for p, v in zip(params, state["ema"]):
+                p.copy_(v)
+        log(f"exporting the averaged weights of step {state['step']}")
     export_pipeline(Path(a.out), dit, _vae(work), text, dtype=torch.float16)
     log(f"exported to {a.out}")
 

@@ -146,6 +146,8 @@ def encode_all(model, images: np.ndarray, batch: int = 64) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
         out.append(model.encode(to_model_images(images[i:i + batch])).half())
+        if (i // batch) % 50 == 0:
+            log(f"encoded {i + len(out[-1])}/{len(images)} pictures")
     return torch.cat(out)
 
 
