@@ -309,7 +309,10 @@ ZH_LONG_PROMPT = (
     "船正从桥洞中缓缓驶出，船夫戴着斗笠，身披蓑衣，用长长的竹篙撑船，船头放着一篮新鲜的菱角和莲蓬，船尾荡开一圈圈细密的涟漪。远处"
     "是层层叠叠的马头墙和几棵高大的香樟树，树冠浓密，几只归巢的燕子从枝叶间掠过。更远的地方，淡淡的青山在薄雾中若隐若现，山顶上有"
     "一座小小的宝塔，塔尖被最后一缕夕阳照亮，闪着金色的光。天空从地平线处的橙红色渐渐过渡到头顶的淡紫色和深蓝色，几朵云被染成粉色"
-    "和金色，一弯新月已经悄悄升起。整体光线柔和，暖色的灯光与冷色的暮色形成鲜明而和谐的对比，空气中带着雨后的湿润感，石板路面微微"
+    "和金色，一弯新月已经悄悄升起。拱桥上站着一对年轻的恋人，女孩穿着淡青色的旗袍，撑着一把绘有梅花的油纸伞，男孩穿着白色衬衫，"
+    "正指着远处的宝塔轻声说话，两人的身影倒映在水面上，随着涟漪轻轻摇晃。桥头的老槐树下趴着一只黑白相间的小狗，懒洋洋地看着来往的"
+    "行人。河边的石阶上放着几只竹篮，篮子里装满了刚洗好的青菜和红辣椒，水珠还在菜叶上闪闪发亮。几片粉白色的荷花在河道拐角处静静开放，"
+    "荷叶上停着一只蓝色的蜻蜓。整体光线柔和，暖色的灯光与冷色的暮色形成鲜明而和谐的对比，空气中带着雨后的湿润感，石板路面微微"
     "反光，映出灯笼的红色倒影。构图采用三分法，拱桥位于画面下方三分之一处，视线沿着河道引向远处的宝塔，层次丰富，景深自然，近处的"
     "细节清晰锐利，远处逐渐柔化。画面风格融合了中国传统水墨画的意境与现代摄影的真实质感，色彩饱满而不艳俗，细节丰富，超高清，电影级"
     "光影，安静、温暖、怀旧的氛围。"
@@ -372,8 +375,8 @@ def wf_text_to_image() -> Workflow:
 def wf_chinese_long() -> Workflow:
     return text_to_image(
         "text_to_image_chinese_long", "Text to image, long Chinese prompt (1200 tokens)",
-        "a long, detailed Chinese prompt (~1000 characters) with the text encoder's budget raised to 1200 tokens "
-        "(Sana's 300 would cut most of it)", ZH_LONG_PROMPT, 1200, "1216x832 (1.46:1)", 7, "twig_chinese_long",
+        "a long, detailed Chinese prompt (about 1000 characters) with the text encoder's budget raised to 1200 "
+        "tokens (Sana's 300 would cut it off halfway)", ZH_LONG_PROMPT, 1200, "1216x832 (1.46:1)", 7, "twig_chinese_long",
         "\n`max_tokens` on the text encoder loader is 1200: the live count under the prompt shows how much of it "
         "fits (Sana's default 300 would drop most of this prompt).\n")
 
