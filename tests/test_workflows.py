@@ -525,3 +525,31 @@ def test_workflow_graph_runs_on_tiny_models(name, tiny_names, monkeypatch):
     for nid, e in small.items():
         if e["class_type"] == "TwigTIPO":
             assert ui[nid]["text"][0].startswith("1girl,")  # shown on the node by web/js/twig_tipo_prompt.js
+
+
+# --------------------------------------------------------------------------------------------------
+# With the trained demo model in the checkout: the demo workflow draws what its prompts say
+
+
+def _packaged_demo() -> bool:
+    from twig_core.train.demo import DEMO_DIR
+
+    return (DEMO_DIR / "model_index.json").is_file()
+
+
+@pytest.mark.skipif(not _packaged_demo(), reason="twig_core/demo_model (the trained demo model) is not in this checkout")
+def test_demo_workflow_draws_its_prompt_with_the_trained_demo_model(monkeypatch):
+    from twig_core.train.evaluate import evaluate_image
+    from twig_core.train.scenes import Background, Group, Scene
+
+    monkeypatch.delenv("TWIG_DEMO_DIR", raising=False)
+    _, api = load("demo_text_to_image")
+    runner.SaveImage.saved = []
+    runner.execute(api, nodes.NODE_CLASS_MAPPINGS)
+    scene = Scene(kind="pair_position", groups=[Group("circle", "red", position="left"),
+                                                Group("square", "blue", position="right")],
+                  background=Background(["white"]))
+    assert build.DEMO_EN == "a red circle on the left and a blue square on the right"
+    for prefix, images in runner.SaveImage.saved:  # English, then Chinese: the same scene
+        result = evaluate_image(scene, images[0].numpy(), check_background=False)
+        assert result["overall"], (prefix, result)
