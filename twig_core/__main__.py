@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="flow_dpmpp_2m", choices=["flow_dpmpp_2m", "flow_euler"])
     g.add_argument("--shift", type=float, default=3.0)
     g.add_argument("--max-length", type=int, default=300, help="prompt tokens kept (300 … 1200)")
-    g.add_argument("--transformer", help="transformer checkpoint (file or diffusers folder), or a pipeline folder")
+    g.add_argument("--transformer", help="transformer checkpoint (file or diffusers folder), or a pipeline folder "
+                   "(default: the embedded demo model)")
     g.add_argument("--text-encoder", help="Gemma-2 folder or single file")
     g.add_argument("--vae", help="DC-AE file or folder")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
@@ -49,7 +50,15 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = loader.resolve_dtype(a.dtype, device)
-    parts = loader.load_parts(a.transformer, a.text_encoder, a.vae, dtype=dtype, device=device)
+    transformer_path = a.transformer
+    if transformer_path is None:
+        from .train.demo import DEMO_DIR
+
+        if not (DEMO_DIR / "model_index.json").is_file():
+            raise TwigError(f"no --transformer given and the embedded demo model is missing ({DEMO_DIR})")
+        transformer_path = str(DEMO_DIR)
+        print(f"using the embedded demo model ({DEMO_DIR}); it knows simple coloured shapes", file=sys.stderr)
+    parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
     native = transformer.config.sample_size * 32
     width, height = a.width or native, a.height or native
