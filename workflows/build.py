@@ -481,9 +481,9 @@ def wf_demo() -> Workflow:
                 positive=DEMO_ZH, negative="")
     lat = wf.add("TwigEmptyLatent", (380, 380), aspect_ratio=SQUARE, model=m[0])
     s1 = wf.add("TwigSampler", (840, -280), title="Twig Sampler (English)", model=m[0], positive=en[0], negative=en[1],
-                latent=lat[0], seed=1)
+                latent=lat[0], seed=10)
     s2 = wf.add("TwigSampler", (840, 80), title="Twig Sampler (Chinese)", model=m[0], positive=zh[0], negative=zh[1],
-                latent=lat[0], seed=1)
+                latent=lat[0], seed=10)
     d1 = wf.add("TwigVAEDecode", (1200, -280), samples=s1[0], vae=v[0])
     d2 = wf.add("TwigVAEDecode", (1200, 80), samples=s2[0], vae=v[0])
     wf.add("SaveImage", (1560, -280), size=(300, 320), title="English", images=d1[0], filename_prefix="twig_demo_en")
@@ -502,12 +502,12 @@ def wf_demo_img2img() -> Workflow:
     b = wf.add("TwigTextEncode", (380, 50), size=(420, 290), title="Twig Text Encode (edit)", text_encoder=te[0],
                positive=DEMO_EDIT, negative="")
     lat = wf.add("TwigEmptyLatent", (380, 380), aspect_ratio=SQUARE, model=m[0])
-    s1 = wf.add("TwigSampler", (840, -280), model=m[0], positive=a[0], negative=a[1], latent=lat[0], seed=3)
+    s1 = wf.add("TwigSampler", (840, -280), model=m[0], positive=a[0], negative=a[1], latent=lat[0], seed=10)
     d1 = wf.add("TwigVAEDecode", (840, 50), samples=s1[0], vae=v[0])
     wf.add("SaveImage", (840, 190), size=(300, 320), title="First picture", images=d1[0], filename_prefix="twig_demo_first")
     e = wf.add("TwigVAEEncode", (1200, -280), pixels=d1[0], vae=v[0])
     s2 = wf.add("TwigSampler", (1200, -140), title="Twig Sampler (denoise 0.7)", model=m[0], positive=b[0],
-                negative=b[1], latent=e[0], seed=4, denoise=0.7)
+                negative=b[1], latent=e[0], seed=12, denoise=0.7)
     d2 = wf.add("TwigVAEDecode", (1200, 190), samples=s2[0], vae=v[0])
     wf.add("SaveImage", (1560, -280), size=(300, 320), title="Edited", images=d2[0], filename_prefix="twig_demo_edited")
     return wf
