@@ -18,6 +18,7 @@ VAE_FOLDERS = ("vae",)
 # The small demo model shipped inside the pack (twig_core/demo_model, a diffusers pipeline folder): listed first
 # in all three loaders when it is there, so the demo workflow runs without downloading anything.
 DEMO_NAME = "twig-demo (embedded)"
+WEIGHT_DTYPES = ["same", "stored", "fp16", "bf16"]
 
 
 def demo_dir() -> str | None:
@@ -78,8 +79,11 @@ class TwigModelLoader:
         return {
             "required": {
                 "model_name": (names, {"tooltip": "A file or diffusers folder in models/diffusion_models or models/checkpoints."}),
-                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Weight and compute dtype. auto: ComfyUI's choice for this GPU (fp32 on CPU)."}),
-            }
+                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Compute dtype (and weight dtype unless weight_dtype says otherwise). auto: ComfyUI's choice for this GPU (fp32 on CPU)."}),
+            },
+            "optional": {
+                "weight_dtype": (WEIGHT_DTYPES, {"default": "same", "tooltip": "Weights in memory: same as dtype, as stored in the file, or fp16/bf16. fp16 weights computing in fp32 take half the memory of fp32."}),
+            },
         }
 
     RETURN_TYPES = (MODEL,)
@@ -88,13 +92,20 @@ class TwigModelLoader:
     CATEGORY = CATEGORY
 
     @node_errors("Twig Model Loader")
-    def load(self, model_name, dtype="auto"):
+    def load(self, model_name, dtype="auto", weight_dtype="same"):
         path = resolve(model_name, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("diffusion")
         dt = _role_dtype(dtype, load_dev, "diffusion")
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise TwigError(f"weight_dtype {weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
+        if weight_dtype == "same":
+            kwargs = {"dtype": dt}
+        else:
+            kwargs = {"dtype": None if weight_dtype == "stored" else host.DTYPES[weight_dtype], "compute_dtype": dt}
         model = host.cached_model(
             "transformer", path, dt, load_dev, offload_dev,
-            lambda device: _loader().load_transformer(path, dtype=dt, device=device).eval().requires_grad_(False),
+            lambda device: _loader().load_transformer(path, device=device, **kwargs).eval().requires_grad_(False),
+            extra=(weight_dtype,),
         )
         return (model,)
 

@@ -138,6 +138,39 @@ def test_fp16_file_stays_fp16_and_dtype_converts(tmp_path):
     assert bf.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in bf.parameters())
 
 
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [TINY, TINY.replace(qk_norm=True, qkv_bias=True, pos_embed=True, patch_size=2)],
+                         ids=["plain", "qknorm-pos-patch2"])
+def test_half_stored_weights_compute_in_fp32(tmp_path, stored, cfg):
+    """Weights kept in fp16/bf16 while computing in fp32 give exactly what the same weights widened to fp32
+    give, and stay half-size in memory (the cast is per layer, never written back)."""
+    model = ours(cfg).to(stored)
+    sd = {k: v for k, v in nvlabs_sd(model).items()}
+    save_file({k: v.to(stored) for k, v in sd.items()}, tmp_path / "half.safetensors")
+    lean = loader.load_transformer(tmp_path / "half.safetensors", compute_dtype="fp32")
+    wide = loader.load_transformer(tmp_path / "half.safetensors", dtype="fp32")
+    assert lean.dtype == torch.float32 and lean.weight_dtype == stored
+    out = run(lean)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, run(wide))
+    assert {p.dtype for p in lean.parameters()} == {stored}
+    size = sum(p.numel() * p.element_size() for p in lean.parameters())
+    assert size * 2 == sum(p.numel() * p.element_size() for p in wide.parameters())
+    # and explicitly converting while keeping a separate compute dtype
+    conv = loader.load_transformer(tmp_path / "half.safetensors", dtype="bf16", compute_dtype="fp32")
+    assert conv.weight_dtype == torch.bfloat16 and run(conv).dtype == torch.float32
+
+
+def test_load_parts_weight_dtype(tmp_path):
+    from tests.tiny_pipeline import write_tiny_pipeline
+
+    folder = write_tiny_pipeline(tmp_path / "pipe")
+    parts = loader.load_parts(str(folder), weight_dtype="fp16")
+    assert parts.transformer.weight_dtype == torch.float16 and parts.transformer.dtype == torch.float32
+    stored = loader.load_parts(str(folder), weight_dtype="stored")
+    assert stored.transformer.weight_dtype == torch.float32
+
+
 def test_mixed_dtype_file_uses_its_dominant_dtype(tmp_path):
     sd = nvlabs_sd(ours())
     sd = {k: (v if "scale_shift" in k else v.half()) for k, v in sd.items()}

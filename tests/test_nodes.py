@@ -6,11 +6,13 @@ comfy.model_management.throw_exception_if_processing_interrupted) get small stan
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -211,6 +213,24 @@ def test_loaders_share_one_copy_per_file_and_dtype(parts):
     assert model.peek().dtype == torch.float32 and next(vae.peek().parameters()).dtype == torch.float32
     assert isinstance(model.peek(), TwigTransformer) and isinstance(vae.peek(), DCAE)
     assert te.max_tokens == 300 and te.model.load_device == torch.device("cpu")
+
+
+def test_model_loader_weight_dtype_keeps_half_weights(parts, conds):
+    """weight_dtype=fp16 keeps the transformer's weights in fp16 while sampling computes in fp32: the result is
+    what an fp32 model holding the same fp16-rounded weights gives."""
+    lean = TwigModelLoader().load("tiny_twig.safetensors", "fp32", "fp16")[0]
+    assert lean is not parts[0] and lean.peek().weight_dtype == torch.float16 and lean.peek().dtype == torch.float32
+    rounded = TwigModelLoader().load("tiny_twig.safetensors", "fp32", "same")[0]
+    assert rounded is parts[0]
+    ref = copy.deepcopy(rounded.peek())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.half().float())
+    ref_parts = (SimpleNamespace(get=lambda: ref, peek=lambda: ref, load_device=torch.device("cpu")),) + parts[1:]
+    got = run_sampler((lean,) + parts[1:], conds, empty(64, 64))
+    assert torch.equal(got["samples"], run_sampler(ref_parts, conds, empty(64, 64))["samples"])
+    with pytest.raises(NodeError, match="weight_dtype 'fp8'"):
+        TwigModelLoader().load("tiny_twig.safetensors", "fp32", "fp8")
 
 
 def test_missing_model_names_the_folder(models_dir):

@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(default: the embedded demo model)")
     g.add_argument("--text-encoder", help="Gemma-2 folder or single file")
     g.add_argument("--vae", help="DC-AE file or folder")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
+    g.add_argument("--weight-dtype", default="same", choices=["same", "stored", "fp16", "bf16"],
+                   help="the transformer's weights in memory: same as --dtype, as stored in the file, or fp16/bf16 "
+                        "(half the memory of fp32 while computing in --dtype)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     g.add_argument("--image", help="input image for image to image")
     g.add_argument("--denoise", type=float, default=0.6, help="strength for --image (0 … 1)")
@@ -58,7 +61,8 @@ def _generate(a: argparse.Namespace) -> list[Path]:
             raise TwigError(f"no --transformer given and the embedded demo model is missing ({DEMO_DIR})")
         transformer_path = str(DEMO_DIR)
         print(f"using the embedded demo model ({DEMO_DIR}); it knows simple coloured shapes", file=sys.stderr)
-    parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device)
+    parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device,
+                              weight_dtype=None if a.weight_dtype == "same" else a.weight_dtype)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
     native = transformer.config.sample_size * 32
     width, height = a.width or native, a.height or native

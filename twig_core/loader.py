@@ -737,6 +737,7 @@ def load_transformer(
     dtype=None,
     device="cpu",
     *,
+    compute_dtype=None,
     pos_embed: bool | None = None,
     variant: str | None = None,
     config: TransformerConfig | None = None,
@@ -744,8 +745,9 @@ def load_transformer(
 ):
     """Load a Sana/Twig transformer from any supported file or folder.
 
-    ``dtype``: None keeps the stored dtype (fp16 stays fp16); else "fp16"/"bf16"/"fp32"/"auto" or a
-    torch.dtype. ``pos_embed`` forces the sin-cos positional embedding on/off (default: a diffusers
+    ``dtype``: the weights' dtype in memory. None keeps the stored dtype (fp16 stays fp16); else
+    "fp16"/"bf16"/"fp32"/"auto" or a torch.dtype. ``compute_dtype``: the dtype the model runs in (None: the
+    weights' dtype); e.g. fp16-stored weights computing in fp32 take half the memory of an fp32 model. ``pos_embed`` forces the sin-cos positional embedding on/off (default: a diffusers
     config.json decides, else the rule in ``TransformerConfig.from_state_dict``: on for 2K/4K checkpoints).
     ``variant`` picks a diffusers weight variant ("fp16", "bf16"); by default the one matching ``dtype``, else
     the full-precision one. ``config`` replaces inference entirely; ``overrides`` set single config fields
@@ -754,6 +756,7 @@ def load_transformer(
     from .transformer import TwigTransformer
 
     dtype = resolve_dtype(dtype, device)
+    compute_dtype = resolve_dtype(compute_dtype, device)
     src = _open_source(path, "transformer", variant, dtype)
     label = src.label
     diffusers_names = keymap.is_diffusers_transformer(src.weights.keys())
@@ -772,7 +775,7 @@ def load_transformer(
     for name in keymap.NVLABS_UNUSED:
         ours_meta.pop(name, None)
     with torch.device("meta"):
-        model = TwigTransformer(config)
+        model = TwigTransformer(config, compute_dtype=compute_dtype)
     hint = ""
     if any(k.startswith(("cfg_embedder", "logvar_linear", "time_embed.guidance")) for k in ours_meta):
         hint = " (guidance-embedded / Sana Sprint checkpoints are not supported)"
@@ -1180,9 +1183,10 @@ def _text_dtype(dtype: torch.dtype | None, device) -> torch.dtype | None:
     return dtype
 
 
-def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu") -> Parts:
+def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu", weight_dtype=None) -> Parts:
     """Load the three networks. ``transformer`` may be a pipeline folder (or an all-in-one file), in which
-    case a missing ``text_encoder``/``vae`` is taken from it."""
+    case a missing ``text_encoder``/``vae`` is taken from it. ``weight_dtype`` keeps the transformer's
+    weights in that dtype ("stored": as in the file) while it computes in ``dtype``."""
     if transformer is None:
         raise TwigError("no transformer given (a checkpoint file, a diffusers folder or a pipeline folder)")
     dtype = resolve_dtype(dtype, device)
@@ -1193,7 +1197,12 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
         raise TwigError(f"{transformer}: holds no text encoder; give a Gemma-2 folder or file")
     if vae is None:
         raise TwigError(f"{transformer}: holds no VAE; give a DC-AE file or folder")
-    model = load_transformer(transformer, dtype=dtype, device=device)
+    if weight_dtype is None:
+        model = load_transformer(transformer, dtype=dtype, device=device)
+    else:
+        stored = None if weight_dtype == "stored" else resolve_dtype(weight_dtype, device)
+        model = load_transformer(transformer, dtype=stored, device=device,
+                                 compute_dtype=dtype or (torch.float32 if torch.device(device).type == "cpu" else None))
     te = load_text_encoder(text_encoder, dtype=_text_dtype(dtype, device), device=device,
                            expected_width=model.config.caption_channels)
     ae = load_vae(vae, dtype=dtype, device=device)

@@ -66,6 +66,23 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose weights may be stored in another dtype than the one it computes in (the input's):
+    fp16/bf16 weights are cast one layer at a time, so only one layer's full-precision copy exists at once."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        return F.linear(x, self.weight.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d computing in the input's dtype whatever its weights are stored in (see ``Linear``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        return self._conv_forward(x, self.weight.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
 class LinearAttention(nn.Module):
     """ReLU linear attention: out = (v k^T) q / (sum(k) . q + eps), accumulated in fp32."""
 
@@ -73,8 +90,8 @@ class LinearAttention(nn.Module):
         super().__init__()
         d = cfg.width
         self.heads = cfg.heads
-        self.qkv = nn.Linear(d, 3 * d, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(d, d)
+        self.qkv = Linear(d, 3 * d, bias=cfg.qkv_bias)
+        self.proj = Linear(d, d)
         self.q_norm = RMSNorm(d) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d) if cfg.qk_norm else None
 
@@ -105,9 +122,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         d = cfg.width
         self.heads = cfg.cross_heads
-        self.q_linear = nn.Linear(d, d)
-        self.kv_linear = nn.Linear(d, 2 * d)
-        self.proj = nn.Linear(d, d)
+        self.q_linear = Linear(d, d)
+        self.kv_linear = Linear(d, 2 * d)
+        self.proj = Linear(d, d)
         self.q_norm = RMSNorm(d) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d) if cfg.qk_norm else None
 
@@ -152,16 +169,16 @@ class MixFFN(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, d = x.shape
         h, w = hw
-        conv = self.inverted_conv.conv
-        x = F.silu(F.linear(x, conv.weight.flatten(1), conv.bias))  # [b,n,2H]
+        conv, dt = self.inverted_conv.conv, x.dtype
+        x = F.silu(F.linear(x, conv.weight.flatten(1).to(dt), conv.bias.to(dt)))  # [b,n,2H]
         # depthwise 3x3 on a channels-last view of the tokens (no copy into NCHW order)
         x = x.view(b, h, w, -1).permute(0, 3, 1, 2)
         dw = self.depth_conv.conv
-        x = F.conv2d(x, dw.weight, dw.bias, padding=1, groups=dw.groups)
+        x = F.conv2d(x, dw.weight.to(dt), dw.bias.to(dt), padding=1, groups=dw.groups)
         x = x.permute(0, 2, 3, 1).reshape(b, n, -1)
         x, gate = x.chunk(2, dim=-1)
         x = x * F.silu(gate)
-        return F.linear(x, self.point_conv.conv.weight.flatten(1))
+        return F.linear(x, self.point_conv.conv.weight.flatten(1).to(dt))
 
 
 class _ConvHolder(nn.Module):
@@ -169,7 +186,7 @@ class _ConvHolder(nn.Module):
 
     def __init__(self, cin: int, cout: int, k: int, bias: bool, groups: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=bias, groups=groups)
+        self.conv = Conv2d(cin, cout, k, padding=k // 2, bias=bias, groups=groups)
 
 
 class Block(nn.Module):
@@ -184,9 +201,8 @@ class Block(nn.Module):
 
     def forward(self, x, t6, kv, bias, hw):
         b, n, d = x.shape
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (self.scale_shift_table[None] + t6.view(b, 6, d)).chunk(
-            6, dim=1
-        )
+        table = self.scale_shift_table.to(t6.dtype)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (table[None] + t6.view(b, 6, d)).chunk(6, dim=1)
         y = modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a).to(x.dtype)
         x = x + gate_a * self.attn(y)
         x = x + self.cross_attn(x, kv, bias)
@@ -197,7 +213,7 @@ class Block(nn.Module):
 class TimestepEmbedder(nn.Module):
     def __init__(self, d: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.mlp = nn.Sequential(Linear(256, d), nn.SiLU(), Linear(d, d))
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.mlp(timestep_embedding(t).to(dtype))
@@ -206,8 +222,8 @@ class TimestepEmbedder(nn.Module):
 class CaptionProjection(nn.Module):
     def __init__(self, cin: int, d: int):
         super().__init__()
-        self.fc1 = nn.Linear(cin, d)
-        self.fc2 = nn.Linear(d, d)
+        self.fc1 = Linear(cin, d)
+        self.fc2 = Linear(d, d)
 
     def forward(self, y):
         return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
@@ -226,7 +242,7 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         p = cfg.patch_size
-        self.proj = nn.Conv2d(cfg.in_channels, cfg.width, p, stride=p)
+        self.proj = Conv2d(cfg.in_channels, cfg.width, p, stride=p)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -237,13 +253,13 @@ class FinalLayer(nn.Module):
         super().__init__()
         d = cfg.width
         self.eps = cfg.norm_eps
-        self.linear = nn.Linear(d, cfg.patch_size**2 * cfg.out_channels)
+        self.linear = Linear(d, cfg.patch_size**2 * cfg.out_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
 
     def forward(self, x, temb):
-        shift, scale = (self.scale_shift_table[None] + temb[:, None]).chunk(2, dim=1)
+        shift, scale = (self.scale_shift_table.to(temb.dtype)[None] + temb[:, None]).chunk(2, dim=1)
         x = modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale)
-        return self.linear(x.to(self.linear.weight.dtype))
+        return self.linear(x.to(temb.dtype))
 
 
 @dataclass
@@ -259,13 +275,16 @@ class CaptionCache:
 
 
 class TwigTransformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = cfg
+        # None: compute in the weights' dtype. Otherwise weights may stay stored in fp16/bf16 (half the
+        # memory) while every layer computes in this dtype, casting its own weights as it runs.
+        self.compute_dtype = compute_dtype
         d = cfg.width
         self.x_embedder = PatchEmbed(cfg)
         self.t_embedder = TimestepEmbedder(d)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.t_block = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, d)
         self.attention_y_norm = RMSNorm(d, eps=1e-5)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
@@ -273,6 +292,11 @@ class TwigTransformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the model computes in."""
+        return self.compute_dtype or self.final_layer.linear.weight.dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
         return self.final_layer.linear.weight.dtype
 
     @property
