@@ -83,7 +83,7 @@ def test_full_width_layer_parity():
     cfg = SANA_1600M.replace(depth=1)
     ref = diffusers_model(cfg)
     ours = ours_from(ref, cfg)
-    x, t, ctx, mask = inputs(cfg, h=4, w=4, n=10)
+    x, t, ctx, mask = inputs(cfg, h=8, w=8, n=10)  # 128 token rows: the oneDNN route of ``dense``
     with torch.no_grad():
         want = ref(x, ctx, t, encoder_attention_mask=mask).sample
         got = ours(x, t, ctx, mask)
@@ -117,3 +117,40 @@ def test_bad_inputs_raise_clear_errors():
         model(x, t, ctx[..., :10], mask)
     with pytest.raises(TwigError, match="hides every token"):
         model(x, t, ctx, torch.zeros_like(mask))
+
+
+@pytest.mark.parametrize("route", ["linear", "conv"])
+def test_sampling_and_training_paths_agree_with_diffusers(monkeypatch, route):
+    """Both matmul routes of ``dense`` (F.linear, 1x1 convolution) and both block paths (in-place when no
+    gradient is wanted, out-of-place for training) give diffusers' output; gradients reach every weight."""
+    import twig_core.transformer as tr
+
+    if route == "conv":
+        monkeypatch.setattr(tr, "_CONV_ROUTE_MIN", 0)
+        monkeypatch.setattr(tr, "_CONV_ROUTE_MIN_ROWS", 1)
+    cfg = TINY.replace(qk_norm=False)
+    ref = diffusers_model(cfg)
+    ours = ours_from(ref, cfg)
+    x, t, ctx, mask = inputs(cfg)
+    with torch.no_grad():
+        want = ref(x, ctx, t, encoder_attention_mask=mask).sample
+        sampled = ours(x, t, ctx, mask)
+    trained = ours(x, t, ctx, mask)
+    assert rel_err(sampled, want) <= 1e-4 and rel_err(trained, want) <= 1e-4
+    trained.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ours.named_parameters()), \
+        [n for n, p in ours.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+
+
+def test_dense_routes_agree():
+    from twig_core.transformer import dense
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 100, 96, generator=g)
+    w, b = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
+    want = torch.nn.functional.linear(x, w, b)
+    got = dense(x, w, b)  # 300 rows x 96 x 200 is over the threshold: the 1x1 convolution route
+    assert got.shape == want.shape and got.is_contiguous()
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(dense(x, w.half()), torch.nn.functional.linear(x, w.half().float())) <= 1e-5
+    assert torch.equal(dense(x[:1, :2], w, b), torch.nn.functional.linear(x[:1, :2], w, b))  # 2 rows: F.linear

@@ -66,13 +66,36 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+# Products at least this large (multiply-adds, and rows) take the 1x1-convolution route on CPU (see ``dense``);
+# below that (a handful of rows) torch would pick its slow reference convolution.
+_CONV_ROUTE_MIN = 1 << 22
+_CONV_ROUTE_MIN_ROWS = 64
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[..., in] @ weight[out, in]^T + bias`` computed in x's dtype (weights stored in another dtype are cast
+    here, one layer at a time, so only one layer's widened copy exists at once).
+
+    Large fp32 products on CPU run as a 1x1 convolution over a channels-last view of the tokens: that goes to
+    oneDNN, whose fp32 kernels measured about 2x the BLAS sgemm behind ``torch.mm`` on AVX-512 CPUs (same
+    result up to summation order). Elsewhere (GPU, bf16/fp16, small products) this is ``F.linear``.
+    """
+    w = weight.to(x.dtype)
+    b = None if bias is None else bias.to(x.dtype)
+    cout, cin = w.shape[0], w.shape[1]  # a Linear [out, in] or a 1x1 conv [out, in, 1, 1] weight
+    rows = x.numel() // cin if cin else 0
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows < _CONV_ROUTE_MIN_ROWS or rows * cin * cout < _CONV_ROUTE_MIN:
+        return F.linear(x, w.reshape(cout, cin), b)
+    lead = x.shape[:-1]
+    y = F.conv2d(x.reshape(1, 1, rows, cin).permute(0, 3, 1, 2), w.reshape(cout, cin, 1, 1), b)
+    return y.permute(0, 2, 3, 1).reshape(*lead, cout)
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose weights may be stored in another dtype than the one it computes in (the input's):
-    fp16/bf16 weights are cast one layer at a time, so only one layer's full-precision copy exists at once."""
+    """nn.Linear computing through ``dense``: in the input's dtype whatever its weights are stored in."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias
-        return F.linear(x, self.weight.to(x.dtype), None if b is None else b.to(x.dtype))
+        return dense(x, self.weight, self.bias)
 
 
 class Conv2d(nn.Conv2d):
@@ -97,18 +120,28 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        inplace = not torch.is_grad_enabled()
+        qkv = self.qkv(x)
+        q, k, v = qkv.chunk(3, dim=-1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        elif inplace:
+            qkv[..., : 2 * d].relu_()
+        if self.q_norm is not None or not inplace:
+            q, k = F.relu(q), F.relu(k)
         h = self.heads
-        q = F.relu(q).float().view(b, n, h, d // h).transpose(1, 2)  # [b,h,n,c]
-        k = F.relu(k).float().view(b, n, h, d // h).transpose(1, 2)
+        q = q.float().view(b, n, h, d // h).transpose(1, 2)  # [b,h,n,c]
+        k = k.float().view(b, n, h, d // h).transpose(1, 2)
         v = v.float().view(b, n, h, d // h).transpose(1, 2)
         kv = k.transpose(-1, -2) @ v  # [b,h,c,c]  sum_n k_n v_n^T
         num = q @ kv  # [b,h,n,c]
         den = q @ k.sum(dim=2, keepdim=True).transpose(-1, -2)  # [b,h,n,1]
-        out = num / (den + 1e-15)
-        out = out.transpose(1, 2).reshape(b, n, d).to(x.dtype)
+        if inplace and num.dtype == x.dtype:  # divide straight into token order [b,n,h,c]
+            out = torch.empty(b, n, h, d // h, dtype=x.dtype, device=x.device)
+            torch.div(num, den.add_(1e-15), out=out.transpose(1, 2))
+            out = out.view(b, n, d)
+        else:
+            out = (num / (den + 1e-15)).transpose(1, 2).reshape(b, n, d).to(x.dtype)
         out = self.proj(out)
         if out.dtype == torch.float16:
             out = out.clamp(-65504, 65504)
@@ -148,7 +181,7 @@ class CrossAttention(nn.Module):
         if k.shape[0] != b:  # one caption shared by a batch of latents
             k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
             bias = None if bias is None else bias.expand(b, -1, -1, -1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [b,h,n,c]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -169,16 +202,22 @@ class MixFFN(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, d = x.shape
         h, w = hw
-        conv, dt = self.inverted_conv.conv, x.dtype
-        x = F.silu(F.linear(x, conv.weight.flatten(1).to(dt), conv.bias.to(dt)))  # [b,n,2H]
-        # depthwise 3x3 on a channels-last view of the tokens (no copy into NCHW order)
-        x = x.view(b, h, w, -1).permute(0, 3, 1, 2)
-        dw = self.depth_conv.conv
-        x = F.conv2d(x, dw.weight.to(dt), dw.bias.to(dt), padding=1, groups=dw.groups)
-        x = x.permute(0, 2, 3, 1).reshape(b, n, -1)
-        x, gate = x.chunk(2, dim=-1)
-        x = x * F.silu(gate)
-        return F.linear(x, self.point_conv.conv.weight.flatten(1).to(dt))
+        dt = x.dtype
+        inplace = not torch.is_grad_enabled()  # sampling: reuse buffers (big fresh tensors cost page faults)
+        up, dw = self.inverted_conv.conv, self.depth_conv.conv
+        hidden = up.out_channels // 2
+
+        def half(i):  # one half of the expanded channels (value, then gate), each in its own tensor
+            sl = slice(i * hidden, (i + 1) * hidden)
+            y = F.silu(dense(x, up.weight[sl], up.bias[sl]), inplace=inplace)  # [b,n,H]
+            # depthwise 3x3 on a channels-last view of the tokens (no copy into NCHW order)
+            y = F.conv2d(y.view(b, h, w, hidden).permute(0, 3, 1, 2), dw.weight[sl].to(dt), dw.bias[sl].to(dt),
+                         padding=1, groups=hidden)
+            return y.permute(0, 2, 3, 1).reshape(b, n, hidden)
+
+        value, gate = half(0), half(1)
+        value = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
+        return dense(value, self.point_conv.conv.weight)
 
 
 class _ConvHolder(nn.Module):
@@ -203,6 +242,13 @@ class Block(nn.Module):
         b, n, d = x.shape
         table = self.scale_shift_table.to(t6.dtype)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (table[None] + t6.view(b, 6, d)).chunk(6, dim=1)
+        if not torch.is_grad_enabled() and x.dtype == t6.dtype:
+            # sampling: the same arithmetic, updating the token tensor (owned by TwigTransformer.forward) in place
+            y = F.layer_norm(x, (d,), eps=self.eps).mul_(1 + scale_a).add_(shift_a)
+            x.add_(self.attn(y).mul_(gate_a))
+            x.add_(self.cross_attn(x, kv, bias))
+            y = F.layer_norm(x, (d,), eps=self.eps).mul_(1 + scale_m).add_(shift_m)
+            return x.add_(self.mlp(y, hw).mul_(gate_m))
         y = modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a).to(x.dtype)
         x = x + gate_a * self.attn(y)
         x = x + self.cross_attn(x, kv, bias)
@@ -245,7 +291,7 @@ class PatchEmbed(nn.Module):
         self.proj = Conv2d(cfg.in_channels, cfg.width, p, stride=p)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # [b, n, d], token-major
 
 
 class FinalLayer(nn.Module):
