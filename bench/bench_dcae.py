@@ -69,6 +69,39 @@ def child(args) -> None:
     print(json.dumps(res))
 
 
+def reference_flops(size: int) -> float:
+    """Multiply-adds x2 of diffusers' decode at this size (its direct algorithm), counted on the meta device."""
+    import torch
+    from diffusers import AutoencoderDC
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from twig_core.dcae import DCAE_F32C32_SANA
+
+    with torch.device("meta"), torch.no_grad():
+        model = AutoencoderDC(**DCAE_F32C32_SANA.to_dict()).eval()
+        with FlopCounterMode(display=False) as counter:
+            model.decode(torch.randn(1, 32, size // 32, size // 32))
+    return counter.get_total_flops()
+
+
+def conv_gflops() -> float:
+    """fp32 rate of a 3x3 convolution typical of the decoder (256 channels at 256x256, channels-last, oneDNN):
+    the machine's practical ceiling for this network."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(1, 256, 256, 256).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3)
+    with torch.no_grad():
+        F.conv2d(x, w, padding=1)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            F.conv2d(x, w, padding=1)
+            best = min(best, time.perf_counter() - t)
+    return 2 * 9 * 256 * 256 * 256 * 256 / best / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512, help="image side in pixels (multiple of 32)")
@@ -124,6 +157,16 @@ def main() -> None:
     ratio = results["ours"]["time"] / results["diffusers"]["time"]
     print(f"  time ratio ours/diffusers: {ratio:.2f}   output rel. max diff: {diff:.2e}"
           + ("  (different tilings)" if args.tile else ""))
+    mem = (results["ours"]["peak_mib"] - results["ours"]["loaded_mib"]) / max(
+        1.0, results["diffusers"]["peak_mib"] - results["diffusers"]["loaded_mib"])
+    print(f"  decode working memory ratio ours/diffusers: {mem:.2f}   peak RSS ratio: "
+          f"{results['ours']['peak_mib'] / results['diffusers']['peak_mib']:.2f}")
+    if args.device == "cpu":
+        flops, rate = reference_flops(args.size), conv_gflops()
+        bound = flops / (rate * 1e9)
+        print(f"  bound: {flops / 1e12:.2f} TFLOP (diffusers' direct algorithm) at {rate:.0f} GFLOP/s (3x3 conv, "
+              f"oneDNN, channels-last) = {bound:.1f} s; ours reaches {bound / results['ours']['time']:.0%} of it, "
+              f"diffusers {bound / results['diffusers']['time']:.0%}")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_sampling_and_training_paths_agree_with_diffusers(monkeypatch, route):
     """Both matmul routes of ``dense`` (F.linear, 1x1 convolution) and both block paths (in-place when no
     gradient is wanted, out-of-place for training) give diffusers' output; gradients reach every weight."""
-    import twig_core.transformer as tr
+    import twig_core.ops as tr
 
     if route == "conv":
         monkeypatch.setattr(tr, "_CONV_ROUTE_MIN", 0)
@@ -143,7 +143,7 @@ def test_sampling_and_training_paths_agree_with_diffusers(monkeypatch, route):
 
 
 def test_dense_routes_agree():
-    from twig_core.transformer import dense
+    from twig_core.ops import dense
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 100, 96, generator=g)

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import TwigError
+from .ops import channels_last, dense, nchw, nhwc
 
 RES_BLOCK = "ResBlock"
 VIT_BLOCK = "EfficientViTBlock"
@@ -300,7 +301,8 @@ PRESETS = {"dc-ae-f32c32-sana-1.0": DCAE_F32C32_SANA}
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Building blocks (channels-first throughout)
+# Building blocks. Shapes are [B,C,H,W]; DCAE runs them on channels-last (NHWC-stored) tensors, which every
+# block keeps, so channel norms and 1x1 products read contiguous pixel rows.
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -314,12 +316,17 @@ class ChannelRMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.square().mean(dim=1, keepdim=True) + self.eps)
         w, b = self.weight, self.bias
+        xf = nhwc(x).float()
+        if torch.is_grad_enabled():
+            y = F.rms_norm(xf, (x.shape[1],), eps=self.eps)
+        else:  # sampling: three passes over the pixels (norm, scale, affine), overwriting x (always a temporary)
+            ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[1])
+            y = xf.mul_(ms.add_(self.eps).rsqrt_())
         if w.dtype in (torch.float16, torch.bfloat16):
             y = y.to(w.dtype)
-        return y * w[:, None, None] + b[:, None, None]
+        y = torch.addcmul(b, y, w, out=y) if not torch.is_grad_enabled() else y * w + b
+        return nchw(y)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -327,9 +334,17 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Apply a Linear weight [out, in] over the channels of [B, in, H, W] (a 1x1 conv, done as a matmul)."""
-    b, _, h, w = x.shape
-    return torch.matmul(weight, x.flatten(2)).view(b, -1, h, w)
+    """Apply a Linear weight [out, in] over the channels of [B, in, H, W] (a 1x1 conv); channels-last out."""
+    return nchw(dense(nhwc(x), weight))
+
+
+def _act_(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``act(y)``, overwriting y where the activation has an in-place form (y must be a temporary)."""
+    if isinstance(act, nn.SiLU):
+        return F.silu(y, inplace=True)
+    if isinstance(act, nn.ReLU):
+        return F.relu(y, inplace=True)
+    return act(y)
 
 
 class ResBlock(nn.Module):
@@ -341,7 +356,9 @@ class ResBlock(nn.Module):
         self.norm = _norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.norm(self.conv2(self.act(self.conv1(x))))
+        if torch.is_grad_enabled():
+            return x + self.norm(self.conv2(self.act(self.conv1(x))))
+        return self.norm(self.conv2(_act_(self.act, self.conv1(x)))).add_(x)
 
 
 class MultiscaleQKV(nn.Module):
@@ -420,9 +437,22 @@ class GLUMBConv(nn.Module):
         self.norm = ChannelRMSNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv_depth(F.silu(self.conv_inverted(x)))
-        y, gate = y.chunk(2, dim=1)
-        return x + self.norm(self.conv_point(y * F.silu(gate)))
+        if torch.is_grad_enabled():
+            y = self.conv_depth(F.silu(self.conv_inverted(x)))
+            y, gate = y.chunk(2, dim=1)
+            return x + self.norm(self.conv_point(y * F.silu(gate)))
+        # sampling: value and gate halves in their own tensors, activations in place (no big temporaries)
+        hidden = self.conv_depth.out_channels // 2
+        up, dw = self.conv_inverted, self.conv_depth
+
+        def half(i):
+            sl = slice(i * hidden, (i + 1) * hidden)
+            y = nchw(F.silu(dense(nhwc(x), up.weight[sl], up.bias[sl]), inplace=True))
+            return F.conv2d(y, dw.weight[sl], dw.bias[sl], padding=1, groups=hidden)
+
+        value, gate = half(0), half(1)
+        value = value.mul_(F.silu(gate, inplace=True))
+        return self.norm(nchw(dense(nhwc(value), self.conv_point.weight))).add_(x)
 
 
 class EfficientViTBlock(nn.Module):
@@ -456,6 +486,31 @@ class DownBlock(nn.Module):
         return y
 
 
+def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv3x3(nearest_upsample_2x(x)) without the upsampled input. Output pixel (2i+a, 2j+b) sees only the
+    2x2 source pixels starting at padded position (i+a, j+b), with taps that are sums of the 3x3 taps landing on
+    the same source pixel (rows: phase 0 -> (w0, w1+w2), phase 1 -> (w0+w1, w2); columns alike). So one 2x2
+    convolution of the padded source with the four phases' kernels stacked (4*Cout outputs) gives all outputs:
+    16 multiply-adds per source pixel and channel pair instead of 36. Returns a channels-last tensor."""
+    bsz, cin, h, w = x.shape
+    cout = weight.shape[0]
+    wt = weight.to(x.dtype)
+
+    def fold(k, dim, phase):  # the 3 taps along ``dim`` folded to the 2 seen by this phase
+        t0, t1, t2 = k.unbind(dim)
+        return torch.stack([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], dim)
+
+    kernels = torch.cat([fold(fold(wt, 2, a), 3, b) for a in (0, 1) for b in (0, 1)])  # [4*Cout, Cin, 2, 2]
+    xp = channels_last(F.pad(x, (1, 1, 1, 1)))
+    res = nhwc(F.conv2d(xp, kernels, None if bias is None else bias.to(x.dtype).repeat(4)))  # [B,h+1,w+1,4*Cout]
+    out = torch.empty(bsz, h, 2, w, 2, cout, dtype=x.dtype, device=x.device)
+    for a in (0, 1):
+        for b in (0, 1):
+            k = 2 * a + b
+            out[:, :, a, :, b, :] = res[:, a:a + h, b:b + w, k * cout:(k + 1) * cout]
+    return nchw(out.view(bsz, 2 * h, 2 * w, cout))
+
+
 class UpBlock(nn.Module):
     """2x upsampling: a conv path (nearest 2x then conv, or conv then pixel-shuffle) plus, optionally, a
     parameter-free shortcut (repeat each channel, then pixel-shuffle)."""
@@ -469,11 +524,20 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpolate:
-            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+            y = _upsample_conv(x, self.conv.weight, self.conv.bias)
         else:
             y = F.pixel_shuffle(self.conv(x), 2)
         if self.shortcut:
-            y = y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+            # pixel_shuffle(repeat_interleave(x)) written straight into y's pixel-major layout
+            b, c, h, w = y.shape
+            rep = nhwc(x).repeat_interleave(self.repeats, dim=-1).view(b, h // 2, w // 2, c, 2, 2)
+            y = channels_last(y)
+            yv = nhwc(y).view(b, h // 2, 2, w // 2, 2, c)
+            src = rep.permute(0, 1, 4, 2, 5, 3)
+            if torch.is_grad_enabled():
+                y = nchw((yv + src).reshape(b, h, w, c))
+            else:
+                yv.add_(src)
         return y
 
 
@@ -712,13 +776,13 @@ class DCAE(nn.Module):
         f = self.spatial_factor
         tiling = self._tiling(tile_size, overlap, f, "encode", *images.shape[-2:])
         p = self._param()
-        x = images.to(p.device, p.dtype)
+        x = channels_last(images.to(p.device, p.dtype))
         if tiling is None:
             z = self.encoder(x)
         else:
             t, o = tiling  # latent px; tiles start on the f-pixel grid so tile latents line up exactly
             z = _run_tiled(self.encoder, x, t, o, f, 1, f, self.config.latent_channels)
-        return z.to(images.device, images.dtype)
+        return z.to(images.device, images.dtype).contiguous()
 
     def decode_raw(self, latent: torch.Tensor, tile_size: TileSize = None, overlap: Optional[int] = None) -> torch.Tensor:
         """Unscaled latent [B,C,h,w] -> images [B,3,h*f,w*f], roughly [-1,1], not clamped. tile_size/overlap
@@ -726,14 +790,14 @@ class DCAE(nn.Module):
         self._check_latent(latent)
         tiling = self._tiling(tile_size, overlap, 1, "decode", *latent.shape[-2:])
         p = self._param()
-        z = latent.to(p.device, p.dtype)
+        z = channels_last(latent.to(p.device, p.dtype))
         if tiling is None:
             x = self.decoder(z)
         else:
             t, o = tiling
             f = self.spatial_factor
             x = _run_tiled(self.decoder, z, t, o, 1, f, 1, self.config.in_channels)
-        return x.to(latent.device, latent.dtype)
+        return x.to(latent.device, latent.dtype).contiguous()
 
     def encode(self, images: torch.Tensor, tile_size: TileSize = None, overlap: Optional[int] = None) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] -> model-space latent (raw * scaling_factor)."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from .config import TransformerConfig
 from .errors import TwigError
+from .ops import dense
 
 
 class RMSNorm(nn.Module):
@@ -64,31 +65,6 @@ def sincos_pos_embed(width: int, h: int, w: int, base_size: int, scale: float, d
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
-
-
-# Products at least this large (multiply-adds, and rows) take the 1x1-convolution route on CPU (see ``dense``);
-# below that (a handful of rows) torch would pick its slow reference convolution.
-_CONV_ROUTE_MIN = 1 << 22
-_CONV_ROUTE_MIN_ROWS = 64
-
-
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x[..., in] @ weight[out, in]^T + bias`` computed in x's dtype (weights stored in another dtype are cast
-    here, one layer at a time, so only one layer's widened copy exists at once).
-
-    Large fp32 products on CPU run as a 1x1 convolution over a channels-last view of the tokens: that goes to
-    oneDNN, whose fp32 kernels measured about 2x the BLAS sgemm behind ``torch.mm`` on AVX-512 CPUs (same
-    result up to summation order). Elsewhere (GPU, bf16/fp16, small products) this is ``F.linear``.
-    """
-    w = weight.to(x.dtype)
-    b = None if bias is None else bias.to(x.dtype)
-    cout, cin = w.shape[0], w.shape[1]  # a Linear [out, in] or a 1x1 conv [out, in, 1, 1] weight
-    rows = x.numel() // cin if cin else 0
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows < _CONV_ROUTE_MIN_ROWS or rows * cin * cout < _CONV_ROUTE_MIN:
-        return F.linear(x, w.reshape(cout, cin), b)
-    lead = x.shape[:-1]
-    y = F.conv2d(x.reshape(1, 1, rows, cin).permute(0, 3, 1, 2), w.reshape(cout, cin, 1, 1), b)
-    return y.permute(0, 2, 3, 1).reshape(*lead, cout)
 
 
 class Linear(nn.Linear):
