@@ -81,7 +81,8 @@ def child(which: str, layers: int, size: int, caption: int, repeats: int, weight
                 for prm in model.parameters():
                     prm.normal_(0.0, 0.02)
             model.eval()
-        cache = model.encode_caption(ctx, mask)  # computed once per generation, not per step
+        with torch.inference_mode():  # as the sampler does: once per generation, not per step, without autograd
+            cache = model.encode_caption(ctx, mask)
 
         def step():
             return model(x, t, cache)

@@ -94,6 +94,8 @@ def _vae_device(vae) -> torch.device:
 
 
 def _vae_dtype(vae) -> torch.dtype:
+    if isinstance(getattr(vae, "dtype", None), torch.dtype):  # the compute dtype (weights may be stored narrower)
+        return vae.dtype
     for p in vae.parameters():
         return p.dtype
     return torch.float32

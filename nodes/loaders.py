@@ -51,6 +51,18 @@ def _role_dtype(choice, device, role):
     return host.pick_dtype(choice, device, role)
 
 
+def _weight_kwargs(weight_dtype: str, dt) -> dict:
+    """Loader keyword arguments for a weight_dtype choice: weights in memory vs the compute dtype ``dt``."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise TwigError(f"weight_dtype {weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype == "same":
+        return {"dtype": dt}
+    return {"dtype": None if weight_dtype == "stored" else host.DTYPES[weight_dtype], "compute_dtype": dt}
+
+
+WEIGHT_DTYPE_INPUT = (WEIGHT_DTYPES, {"default": "same", "tooltip": "Weights in memory: same as dtype, as stored in the file, or fp16/bf16. fp16 weights computing in fp32 take half the memory of fp32."})
+
+
 def _loader():
     try:
         from twig_core import loader
@@ -81,9 +93,7 @@ class TwigModelLoader:
                 "model_name": (names, {"tooltip": "A file or diffusers folder in models/diffusion_models or models/checkpoints."}),
                 "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Compute dtype (and weight dtype unless weight_dtype says otherwise). auto: ComfyUI's choice for this GPU (fp32 on CPU)."}),
             },
-            "optional": {
-                "weight_dtype": (WEIGHT_DTYPES, {"default": "same", "tooltip": "Weights in memory: same as dtype, as stored in the file, or fp16/bf16. fp16 weights computing in fp32 take half the memory of fp32."}),
-            },
+            "optional": {"weight_dtype": WEIGHT_DTYPE_INPUT},
         }
 
     RETURN_TYPES = (MODEL,)
@@ -96,12 +106,7 @@ class TwigModelLoader:
         path = resolve(model_name, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("diffusion")
         dt = _role_dtype(dtype, load_dev, "diffusion")
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise TwigError(f"weight_dtype {weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
-        if weight_dtype == "same":
-            kwargs = {"dtype": dt}
-        else:
-            kwargs = {"dtype": None if weight_dtype == "stored" else host.DTYPES[weight_dtype], "compute_dtype": dt}
+        kwargs = _weight_kwargs(weight_dtype, dt)
         model = host.cached_model(
             "transformer", path, dt, load_dev, offload_dev,
             lambda device: _loader().load_transformer(path, device=device, **kwargs).eval().requires_grad_(False),
@@ -151,8 +156,9 @@ class TwigVAELoader:
             "required": {
                 # not "vae_name": ComfyUI's frontend gives that input name special (asset browser) handling
                 "vae_model": (_choices(VAE_FOLDERS, MODEL_FOLDERS), {"tooltip": "DC-AE f32c32 in models/vae: a file, a diffusers vae/ folder, or a pipeline folder."}),
-                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "auto: bf16 on GPUs that support it, else fp32."}),
-            }
+                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Compute dtype (and weight dtype unless weight_dtype says otherwise). auto: bf16 on GPUs that support it, else fp32."}),
+            },
+            "optional": {"weight_dtype": WEIGHT_DTYPE_INPUT},
         }
 
     RETURN_TYPES = (VAE,)
@@ -161,13 +167,15 @@ class TwigVAELoader:
     CATEGORY = CATEGORY
 
     @node_errors("Twig VAE Loader")
-    def load(self, vae_model, dtype="auto"):
+    def load(self, vae_model, dtype="auto", weight_dtype="same"):
         path = resolve(vae_model, VAE_FOLDERS, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("vae")
         dt = _role_dtype(dtype, load_dev, "vae")
+        kwargs = _weight_kwargs(weight_dtype, dt)
         vae = host.cached_model(
             "vae", path, dt, load_dev, offload_dev,
-            lambda dev: _loader().load_vae(path, dtype=dt, device=dev).eval().requires_grad_(False),
+            lambda dev: _loader().load_vae(path, device=dev, **kwargs).eval().requires_grad_(False),
+            extra=(weight_dtype,),
         )
         return (vae,)
 

@@ -167,6 +167,7 @@ def test_load_parts_weight_dtype(tmp_path):
     folder = write_tiny_pipeline(tmp_path / "pipe")
     parts = loader.load_parts(str(folder), weight_dtype="fp16")
     assert parts.transformer.weight_dtype == torch.float16 and parts.transformer.dtype == torch.float32
+    assert next(parts.vae.parameters()).dtype == torch.float16 and parts.vae.dtype == torch.float32
     stored = loader.load_parts(str(folder), weight_dtype="stored")
     assert stored.transformer.weight_dtype == torch.float32
 
@@ -404,6 +405,22 @@ def ae_out(ae):
     img = torch.rand(1, 3, 2 * f, 2 * f, generator=g) * 2 - 1
     with torch.no_grad():
         return ae.encode(img), ae.decode(torch.randn(1, 4, 2, 2, generator=g))
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [TINY_AE, TINY_AE_MIX], ids=["sana", "mix"])
+def test_dcae_half_stored_weights_compute_in_fp32(tmp_path, cfg, stored):
+    """DC-AE weights kept in fp16/bf16 while encoding/decoding in fp32 equal the same weights widened to fp32
+    (to the last bit or so: vectorised kernels may round a freshly cast operand's tail differently) and stay
+    narrow (RMSNorm, BatchNorm, 1x1 products and the folded upsample all cast per call)."""
+    ae = tiny_ae(cfg=cfg)
+    save_file({k: v.to(stored) for k, v in ae.state_dict().items()}, tmp_path / "ae_half.safetensors")
+    lean = loader.load_vae(tmp_path / "ae_half.safetensors", compute_dtype="fp32")
+    wide = loader.load_vae(tmp_path / "ae_half.safetensors", dtype="fp32")
+    assert lean.dtype == torch.float32 and {p.dtype for p in lean.parameters()} == {stored}
+    got, want = ae_out(lean), ae_out(wide)
+    assert all(g.dtype == torch.float32 and rel_err(g, w) <= 1e-6 for g, w in zip(got, want))
+    assert {p.dtype for p in lean.parameters()} == {stored}
 
 
 @pytest.mark.parametrize("cfg", [TINY_AE, TINY_AE_MIX], ids=["sana", "mix"])

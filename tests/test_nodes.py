@@ -231,6 +231,12 @@ def test_model_loader_weight_dtype_keeps_half_weights(parts, conds):
     assert torch.equal(got["samples"], run_sampler(ref_parts, conds, empty(64, 64))["samples"])
     with pytest.raises(NodeError, match="weight_dtype 'fp8'"):
         TwigModelLoader().load("tiny_twig.safetensors", "fp32", "fp8")
+    # the VAE loader takes the same choice; decoding still computes in fp32
+    vae16 = TwigVAELoader().load("tiny_dcae.safetensors", "fp32", "bf16")[0]
+    assert vae16 is not parts[2] and vae16.peek().dtype == torch.float32
+    assert {p.dtype for p in vae16.peek().parameters()} == {torch.bfloat16}
+    image = TwigVAEDecode().decode(got, vae16)[0]
+    assert image.dtype == torch.float32 and torch.isfinite(image).all() and image.std() > 0
 
 
 def test_missing_model_names_the_folder(models_dir):

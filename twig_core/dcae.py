@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import TwigError
-from .ops import channels_last, dense, nchw, nhwc
+from .ops import BatchNorm2d, Conv2d, Linear, channels_last, dense, nchw, nhwc
 
 RES_BLOCK = "ResBlock"
 VIT_BLOCK = "EfficientViTBlock"
@@ -323,14 +323,14 @@ class ChannelRMSNorm(nn.Module):
         else:  # sampling: three passes over the pixels (norm, scale, affine), overwriting x (always a temporary)
             ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[1])
             y = xf.mul_(ms.add_(self.eps).rsqrt_())
-        if w.dtype in (torch.float16, torch.bfloat16):
-            y = y.to(w.dtype)
+        y = y.to(x.dtype)  # no-op in fp32
+        w, b = w.to(y.dtype), b.to(y.dtype)
         y = torch.addcmul(b, y, w, out=y) if not torch.is_grad_enabled() else y * w + b
         return nchw(y)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
-    return ChannelRMSNorm(channels) if kind == "rms_norm" else nn.BatchNorm2d(channels, eps=1e-5)
+    return ChannelRMSNorm(channels) if kind == "rms_norm" else BatchNorm2d(channels, eps=1e-5)
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -350,9 +350,9 @@ def _act_(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
 class ResBlock(nn.Module):
     def __init__(self, channels: int, norm: str = "rms_norm", act: str = "silu"):
         super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
+        self.conv1 = Conv2d(channels, channels, 3, 1, 1)
         self.act = _ACTS[act]()
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.conv2 = Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.norm = _norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -366,8 +366,8 @@ class MultiscaleQKV(nn.Module):
 
     def __init__(self, channels: int, groups: int, kernel_size: int):
         super().__init__()
-        self.proj_in = nn.Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=False)
-        self.proj_out = nn.Conv2d(channels, channels, 1, 1, 0, groups=groups, bias=False)
+        self.proj_in = Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=False)
+        self.proj_out = Conv2d(channels, channels, 1, 1, 0, groups=groups, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_out(self.proj_in(x))
@@ -388,11 +388,11 @@ class MultiscaleLinearAttention(nn.Module):
         self.head_dim = head_dim
         heads = channels // head_dim
         inner = heads * head_dim
-        self.to_q = nn.Linear(channels, inner, bias=False)
-        self.to_k = nn.Linear(channels, inner, bias=False)
-        self.to_v = nn.Linear(channels, inner, bias=False)
+        self.to_q = Linear(channels, inner, bias=False)
+        self.to_k = Linear(channels, inner, bias=False)
+        self.to_v = Linear(channels, inner, bias=False)
         self.to_qkv_multiscale = nn.ModuleList(MultiscaleQKV(3 * inner, 3 * heads, k) for k in kernel_sizes)
-        self.to_out = nn.Linear(inner * (1 + len(kernel_sizes)), channels, bias=False)
+        self.to_out = Linear(inner * (1 + len(kernel_sizes)), channels, bias=False)
         self.norm_out = _norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -431,9 +431,9 @@ class GLUMBConv(nn.Module):
     def __init__(self, channels: int, expand: int = 4):
         super().__init__()
         hidden = channels * expand
-        self.conv_inverted = nn.Conv2d(channels, 2 * hidden, 1)
-        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)
-        self.conv_point = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.conv_inverted = Conv2d(channels, 2 * hidden, 1)
+        self.conv_depth = Conv2d(2 * hidden, 2 * hidden, 3, 1, 1, groups=2 * hidden)
+        self.conv_point = Conv2d(hidden, channels, 1, bias=False)
         self.norm = ChannelRMSNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -448,7 +448,7 @@ class GLUMBConv(nn.Module):
         def half(i):
             sl = slice(i * hidden, (i + 1) * hidden)
             y = nchw(F.silu(dense(nhwc(x), up.weight[sl], up.bias[sl]), inplace=True))
-            return F.conv2d(y, dw.weight[sl], dw.bias[sl], padding=1, groups=hidden)
+            return F.conv2d(y, dw.weight[sl].to(x.dtype), dw.bias[sl].to(x.dtype), padding=1, groups=hidden)
 
         value, gate = half(0), half(1)
         value = value.mul_(F.silu(gate, inplace=True))
@@ -474,7 +474,7 @@ class DownBlock(nn.Module):
         self.pixel_unshuffle = pixel_unshuffle
         self.shortcut = shortcut
         self.group = cin * 4 // cout
-        self.conv = nn.Conv2d(cin, cout // 4 if pixel_unshuffle else cout, 3, 1 if pixel_unshuffle else 2, 1)
+        self.conv = Conv2d(cin, cout // 4 if pixel_unshuffle else cout, 3, 1 if pixel_unshuffle else 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
@@ -520,7 +520,7 @@ class UpBlock(nn.Module):
         self.interpolate = interpolate
         self.shortcut = shortcut
         self.repeats = cout * 4 // cin
-        self.conv = nn.Conv2d(cin, cout if interpolate else cout * 4, 3, 1, 1)
+        self.conv = Conv2d(cin, cout if interpolate else cout * 4, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpolate:
@@ -553,7 +553,7 @@ class Encoder(nn.Module):
         ch, layers, n = cfg.encoder_block_out_channels, cfg.encoder_layers_per_block, cfg.num_stages
         unshuffle = cfg.downsample_block_type == "pixel_unshuffle"
         if layers[0] > 0:
-            self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, 1, 1)
+            self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, 1, 1)
         else:  # stage 0 is empty: the input conv downsamples straight to stage 1's width
             self.conv_in = DownBlock(cfg.in_channels, ch[1], unshuffle, shortcut=False)
         stages = []
@@ -567,7 +567,7 @@ class Encoder(nn.Module):
                 mods.append(DownBlock(ch[i], ch[i + 1], unshuffle))
             stages.append(nn.Sequential(*mods))
         self.down_blocks = nn.ModuleList(stages)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.latent_channels, 3, 1, 1)
+        self.conv_out = Conv2d(ch[-1], cfg.latent_channels, 3, 1, 1)
         self.out_shortcut = cfg.encoder_out_shortcut
         self.out_group = ch[-1] // cfg.latent_channels
 
@@ -586,7 +586,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch, layers, n = cfg.decoder_block_out_channels, cfg.decoder_layers_per_block, cfg.num_stages
         interp = cfg.upsample_block_type == "interpolate"
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, 1, 1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[-1], 3, 1, 1)
         self.in_shortcut = cfg.decoder_in_shortcut
         self.in_repeats = ch[-1] // cfg.latent_channels
         stages = []
@@ -603,7 +603,7 @@ class Decoder(nn.Module):
         self.norm_out = ChannelRMSNorm(out_ch)
         self.conv_act = _ACTS[cfg.decoder_conv_act_fn]()
         if layers[0] > 0:
-            self.conv_out = nn.Conv2d(out_ch, cfg.in_channels, 3, 1, 1)
+            self.conv_out = Conv2d(out_ch, cfg.in_channels, 3, 1, 1)
         else:  # stage 0 is empty: the output conv upsamples straight to pixels
             self.conv_out = UpBlock(out_ch, cfg.in_channels, interp, shortcut=False)
 
@@ -689,14 +689,17 @@ def _run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, unit: int, up: int,
 class DCAE(nn.Module):
     """DC-AE encoder + decoder. Images are [B,3,H,W] in [-1,1]; latents are model-space (scaled).
 
-    Computation runs on the module's device in its parameter dtype; results come back on the input's
+    Computation runs on the module's device in ``dtype`` (``compute_dtype``, else the weights' dtype); results come back on the input's
     device in the input's dtype.
     Works under torch.no_grad/inference_mode and with autograd alike.
     """
 
-    def __init__(self, config: DCAEConfig = DCAE_F32C32_SANA):
+    def __init__(self, config: DCAEConfig = DCAE_F32C32_SANA, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
+        # None: compute in the weights' dtype; else weights may stay stored in fp16/bf16 (half the memory)
+        # while every layer computes in this dtype, casting its own weights as it runs.
+        self.compute_dtype = compute_dtype
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 
@@ -720,6 +723,11 @@ class DCAE(nn.Module):
 
     def _param(self) -> torch.Tensor:
         return self.decoder.conv_in.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in."""
+        return self.compute_dtype or self._param().dtype
 
     # ---- checks ----------------------------------------------------------------------------------------
 
@@ -776,7 +784,7 @@ class DCAE(nn.Module):
         f = self.spatial_factor
         tiling = self._tiling(tile_size, overlap, f, "encode", *images.shape[-2:])
         p = self._param()
-        x = channels_last(images.to(p.device, p.dtype))
+        x = channels_last(images.to(p.device, self.dtype))
         if tiling is None:
             z = self.encoder(x)
         else:
@@ -790,7 +798,7 @@ class DCAE(nn.Module):
         self._check_latent(latent)
         tiling = self._tiling(tile_size, overlap, 1, "decode", *latent.shape[-2:])
         p = self._param()
-        z = channels_last(latent.to(p.device, p.dtype))
+        z = channels_last(latent.to(p.device, self.dtype))
         if tiling is None:
             x = self.decoder(z)
         else:

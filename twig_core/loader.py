@@ -803,15 +803,18 @@ def _describe(cfg: TransformerConfig) -> str:
 # DC-AE
 
 
-def load_vae(path, dtype=None, device="cpu", *, variant: str | None = None, config=None, **overrides):
+def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str | None = None, config=None,
+             **overrides):
     """Load a DC-AE (diffusers ``AutoencoderDC`` or the original MIT-Han-Lab layout), file or folder.
 
     The architecture comes from a diffusers config.json when there is one, else from the tensor shapes
-    (``DCAEConfig.from_state_dict``; ``overrides`` set fields such as ``scaling_factor``).
+    (``DCAEConfig.from_state_dict``; ``overrides`` set fields such as ``scaling_factor``). ``dtype``: the
+    weights' dtype in memory (None: as stored); ``compute_dtype``: the dtype it runs in (None: the weights').
     """
     from .dcae import DCAE, DCAEConfig
 
     dtype = resolve_dtype(dtype, device)
+    compute_dtype = resolve_dtype(compute_dtype, device)
     src = _open_source(path, "vae", variant, dtype)
     label = src.label
     original = keymap.is_dcae_original(src.weights.keys())
@@ -826,7 +829,7 @@ def load_vae(path, dtype=None, device="cpu", *, variant: str | None = None, conf
             else:
                 config = DCAEConfig.from_state_dict(ours_meta, **overrides)
     with torch.device("meta"):
-        model = DCAE(config)
+        model = DCAE(config, compute_dtype=compute_dtype)
     _check_keys(model, ours_meta, label, "DC-AE")
     dtype = dtype or _dominant_dtype(ours_meta)
     names = list(model.state_dict().keys())
@@ -1185,8 +1188,8 @@ def _text_dtype(dtype: torch.dtype | None, device) -> torch.dtype | None:
 
 def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu", weight_dtype=None) -> Parts:
     """Load the three networks. ``transformer`` may be a pipeline folder (or an all-in-one file), in which
-    case a missing ``text_encoder``/``vae`` is taken from it. ``weight_dtype`` keeps the transformer's
-    weights in that dtype ("stored": as in the file) while it computes in ``dtype``."""
+    case a missing ``text_encoder``/``vae`` is taken from it. ``weight_dtype`` keeps the transformer's and the
+    VAE's weights in that dtype ("stored": as in the file) while they compute in ``dtype``."""
     if transformer is None:
         raise TwigError("no transformer given (a checkpoint file, a diffusers folder or a pipeline folder)")
     dtype = resolve_dtype(dtype, device)
@@ -1198,14 +1201,14 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
     if vae is None:
         raise TwigError(f"{transformer}: holds no VAE; give a DC-AE file or folder")
     if weight_dtype is None:
-        model = load_transformer(transformer, dtype=dtype, device=device)
+        kwargs = {"dtype": dtype}
     else:
-        stored = None if weight_dtype == "stored" else resolve_dtype(weight_dtype, device)
-        model = load_transformer(transformer, dtype=stored, device=device,
-                                 compute_dtype=dtype or (torch.float32 if torch.device(device).type == "cpu" else None))
+        kwargs = {"dtype": None if weight_dtype == "stored" else resolve_dtype(weight_dtype, device),
+                  "compute_dtype": dtype or (torch.float32 if torch.device(device).type == "cpu" else None)}
+    model = load_transformer(transformer, device=device, **kwargs)
     te = load_text_encoder(text_encoder, dtype=_text_dtype(dtype, device), device=device,
                            expected_width=model.config.caption_channels)
-    ae = load_vae(vae, dtype=dtype, device=device)
+    ae = load_vae(vae, device=device, **kwargs)
     return Parts(model, te, ae)
 
 

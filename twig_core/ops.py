@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # Products at least this large (multiply-adds, and rows) take the 1x1-convolution route on CPU (see ``dense``);
 # below that (a handful of rows) torch would pick its slow reference convolution.
@@ -45,3 +46,30 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
 def nchw(x: torch.Tensor) -> torch.Tensor:
     """[B,H,W,C] -> [B,C,H,W] view (channels-last when x is contiguous)."""
     return x.permute(0, 3, 1, 2)
+
+
+class Linear(nn.Linear):
+    """nn.Linear computing through ``dense``: in the input's dtype whatever its weights are stored in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dense(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d computing in the input's dtype whatever its weights are stored in (cast per call, like
+    ``dense``), so fp16/bf16-stored weights can run in fp32 without a widened copy of the whole model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        return self._conv_forward(x, self.weight.to(x.dtype), None if b is None else b.to(x.dtype))
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """Inference-time BatchNorm computing in the input's dtype whatever its statistics are stored in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        dt = x.dtype
+        return F.batch_norm(x, self.running_mean.to(dt), self.running_var.to(dt), self.weight.to(dt),
+                            self.bias.to(dt), False, 0.0, self.eps)

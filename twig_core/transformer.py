@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import TransformerConfig
 from .errors import TwigError
-from .ops import dense
+from .ops import Conv2d, Linear, dense
 
 
 class RMSNorm(nn.Module):
@@ -67,21 +67,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-class Linear(nn.Linear):
-    """nn.Linear computing through ``dense``: in the input's dtype whatever its weights are stored in."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense(x, self.weight, self.bias)
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d computing in the input's dtype whatever its weights are stored in (see ``Linear``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias
-        return self._conv_forward(x, self.weight.to(x.dtype), None if b is None else b.to(x.dtype))
-
-
 class LinearAttention(nn.Module):
     """ReLU linear attention: out = (v k^T) q / (sum(k) . q + eps), accumulated in fp32."""
 
@@ -97,14 +82,12 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         inplace = not torch.is_grad_enabled()
-        qkv = self.qkv(x)
-        q, k, v = qkv.chunk(3, dim=-1)
+        wq, bq = self.qkv.weight, self.qkv.bias
+        # q, k and v as three products (each its own contiguous tensor; a third of the weight cast at a time)
+        q, k, v = (dense(x, wq[i * d:(i + 1) * d], None if bq is None else bq[i * d:(i + 1) * d]) for i in range(3))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        elif inplace:
-            qkv[..., : 2 * d].relu_()
-        if self.q_norm is not None or not inplace:
-            q, k = F.relu(q), F.relu(k)
+        q, k = F.relu(q, inplace=inplace), F.relu(k, inplace=inplace)
         h = self.heads
         q = q.float().view(b, n, h, d // h).transpose(1, 2)  # [b,h,n,c]
         k = k.float().view(b, n, h, d // h).transpose(1, 2)
@@ -161,6 +144,10 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+# Mix-FFN hidden channels processed per chunk (at most this many; 1600M's 5600 run as two chunks of 2800).
+_FFN_CHUNK = 2800
+
+
 class MixFFN(nn.Module):
     """1x1 conv expand + SiLU, 3x3 depthwise conv, GLU gate with SiLU, 1x1 conv project.
 
@@ -180,20 +167,30 @@ class MixFFN(nn.Module):
         h, w = hw
         dt = x.dtype
         inplace = not torch.is_grad_enabled()  # sampling: reuse buffers (big fresh tensors cost page faults)
-        up, dw = self.inverted_conv.conv, self.depth_conv.conv
+        up, dw, down = self.inverted_conv.conv, self.depth_conv.conv, self.point_conv.conv
         hidden = up.out_channels // 2
+        # Every hidden channel is independent until the final projection, so the expansion runs in chunks of
+        # channels (value and gate halves each in their own tensor), summing the chunks' projections: the
+        # temporaries and the per-call weight casts are a fraction of the layer's.
+        pieces = -(-hidden // _FFN_CHUNK)
+        step = -(-hidden // pieces)
+        out = None
+        for c0 in range(0, hidden, step):
+            c1 = min(c0 + step, hidden)
 
-        def half(i):  # one half of the expanded channels (value, then gate), each in its own tensor
-            sl = slice(i * hidden, (i + 1) * hidden)
-            y = F.silu(dense(x, up.weight[sl], up.bias[sl]), inplace=inplace)  # [b,n,H]
-            # depthwise 3x3 on a channels-last view of the tokens (no copy into NCHW order)
-            y = F.conv2d(y.view(b, h, w, hidden).permute(0, 3, 1, 2), dw.weight[sl].to(dt), dw.bias[sl].to(dt),
-                         padding=1, groups=hidden)
-            return y.permute(0, 2, 3, 1).reshape(b, n, hidden)
+            def branch(off):
+                sl = slice(off + c0, off + c1)
+                y = F.silu(dense(x, up.weight[sl], up.bias[sl]), inplace=inplace)  # [b,n,c]
+                # depthwise 3x3 on a channels-last view of the tokens (no copy into NCHW order)
+                y = F.conv2d(y.view(b, h, w, c1 - c0).permute(0, 3, 1, 2), dw.weight[sl].to(dt),
+                             dw.bias[sl].to(dt), padding=1, groups=c1 - c0)
+                return y.permute(0, 2, 3, 1).reshape(b, n, c1 - c0)
 
-        value, gate = half(0), half(1)
-        value = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
-        return dense(value, self.point_conv.conv.weight)
+            value, gate = branch(0), branch(hidden)
+            value = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
+            part = dense(value, down.weight[:, c0:c1])
+            out = part if out is None else out.add_(part) if inplace else out + part
+        return out
 
 
 class _ConvHolder(nn.Module):

@@ -1,0 +1,161 @@
+"""Peak memory of the whole 1024² pipeline with full-size weights, each network loaded only while it is needed.
+
+Writes random full-size weights into a temporary folder (about 10 GB): a Gemma-2-2B text encoder (2.6B, bf16
+safetensors, HF folder layout; the tokenizer is the demo model's, since only the weights' size matters here),
+the 1600M transformer as the fp16 NVlabs ``.pth`` Twig v0 alpha ships, and the DC-AE f32c32 (fp32
+safetensors). A fresh process then runs prompt encoding (Gemma in bf16) -> sampling (weights kept in fp16,
+computing in fp32) -> decoding (fp32), releasing each network before loading the next, and prints each
+stage's peak resident memory (VmHWM, reset between stages) and the overall peak.
+
+    python bench/bench_pipeline.py [--steps 2] [--size 1024] [--dir DIR --keep]
+
+Peak memory does not depend on the step count (each step reuses the same buffers); times are printed too.
+Target (full-size weights, 1024²): overall peak RSS <= 6 GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import current_rss_mib, peak_rss_mib  # noqa: E402
+
+GEMMA_2_2B = dict(
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=8192,
+    sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0, pad_token_id=0,
+    eos_token_id=1, bos_token_id=2,
+)
+
+
+def _write(folder: str) -> dict[str, str]:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma2Config, Gemma2Model
+
+    from twig_core.config import SANA_1600M
+    from twig_core.dcae import DCAE, DCAE_F32C32_SANA
+    from twig_core.train.demo import DEMO_DIR
+    from twig_core.transformer import TwigTransformer
+
+    g = torch.Generator().manual_seed(0)
+    paths = {"text": os.path.join(folder, "gemma-2-2b"), "transformer": os.path.join(folder, "twig_fp16.pth"),
+             "vae": os.path.join(folder, "dcae_f32c32.safetensors")}
+    if not os.path.isfile(os.path.join(paths["text"], "model.safetensors")):
+        os.makedirs(paths["text"], exist_ok=True)
+        config = Gemma2Config(**GEMMA_2_2B)
+        config.save_pretrained(paths["text"])
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in Gemma2Model(config).state_dict().items()}
+        save_file({k: (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()},
+                  os.path.join(paths["text"], "model.safetensors"))
+        for name in os.listdir(DEMO_DIR / "tokenizer"):
+            shutil.copy(DEMO_DIR / "tokenizer" / name, paths["text"])
+    if not os.path.isfile(paths["transformer"]):
+        with torch.device("meta"):
+            shapes = {k: v.shape for k, v in TwigTransformer(SANA_1600M).state_dict().items()}
+        sd = {k: (torch.randn(s, generator=g) * 0.02).half() for k, s in shapes.items()}
+        torch.save({"state_dict": sd}, paths["transformer"])
+        del sd
+    if not os.path.isfile(paths["vae"]):
+        torch.manual_seed(0)
+        save_file({k: v.contiguous() for k, v in DCAE(DCAE_F32C32_SANA).state_dict().items()}, paths["vae"])
+    return paths
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def child(paths: dict[str, str], size: int, steps: int) -> dict:
+    import torch
+
+    from twig_core import loader
+    from twig_core.pipeline import sample_latents
+
+    torch.set_grad_enabled(False)
+    stages = {}
+
+    def stage(name, t0):
+        gc.collect()
+        stages[name] = {"peak_gib": peak_rss_mib() / 1024, "after_gib": current_rss_mib() / 1024,
+                        "seconds": time.perf_counter() - t0}
+        _reset_peak()
+
+    stages["start"] = {"peak_gib": peak_rss_mib() / 1024, "after_gib": current_rss_mib() / 1024, "seconds": 0.0}
+    _reset_peak()
+    t0 = time.perf_counter()
+    te = loader.load_text_encoder(paths["text"], dtype=torch.bfloat16)
+    prompt = "a red fox standing in fresh snow at dawn, soft light, detailed fur; 一只站在雪地里的红狐狸"
+    cond, uncond = te.encode([prompt]), te.encode([""], use_instruction=False)
+    del te
+    stage("text encoder (bf16)", t0)
+    t0 = time.perf_counter()
+    model = loader.load_transformer(paths["transformer"], compute_dtype=torch.float32)
+    weights = str(model.weight_dtype).replace("torch.", "")
+    latent = sample_latents(model, cond, uncond, width=size, height=size, steps=steps, seed=0)
+    del model, cond, uncond
+    stage(f"transformer ({weights} weights, fp32 compute, {steps} steps)", t0)
+    t0 = time.perf_counter()
+    vae = loader.load_vae(paths["vae"])
+    image = vae.decode(latent.to(torch.float32), tile_size="auto")
+    del vae
+    stage("DC-AE decode (fp32)", t0)
+    return {"stages": stages, "image": list(image.shape)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--dir", default=None, help="where to write the weights (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the weights")
+    ap.add_argument("--write", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.write:
+        print(json.dumps(_write(a.write)))
+        return
+    if a.child:
+        print(json.dumps(child(json.loads(a.child), a.size, a.steps)))
+        return
+    folder = a.dir or tempfile.mkdtemp(prefix="twig_bench_pipeline_")
+    os.makedirs(folder, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--write", folder], capture_output=True,
+                             text=True, check=True, cwd=ROOT)
+        paths = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"full-size weights ready in {time.perf_counter() - t0:.0f}s in {folder}")
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(paths), "--size",
+                               str(a.size), "--steps", str(a.steps)], capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode:
+            sys.exit(f"pipeline failed:\n{proc.stderr[-4000:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"whole pipeline, {a.size}x{a.size}, CPU, {time.strftime('%Y-%m-%d')}, image {res['image']}")
+        for name, r in res["stages"].items():
+            print(f"  {name:<52} peak RSS {r['peak_gib']:5.2f} GiB   after {r['after_gib']:5.2f} GiB   "
+                  f"{r['seconds']:6.1f} s")
+        peak = max(r["peak_gib"] for r in res["stages"].values())
+        print(f"  overall peak RSS {peak:.2f} GiB ({peak * 2**30 / 1e9:.2f} GB); target <= 6 GB")
+    finally:
+        if not a.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
