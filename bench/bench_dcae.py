@@ -1,7 +1,9 @@
 """DC-AE decode: Twig vs diffusers AutoencoderDC, Sana 1.0 f32c32 architecture, identical random weights.
 
     python bench/bench_dcae.py                 # 512x512 image (16x16 latent)
-    python bench/bench_dcae.py --size 1024 --tile 16 --device cuda
+    python bench/bench_dcae.py --size 2048 --tile 16 --overlap 2 [--weight-dtype fp16]  # both tiled alike: diffusers' enable_tiling()
+                                                                   # defaults are 512 px tiles every 448 px
+    python bench/bench_dcae.py --size 1024 --device cuda
 
 Each implementation runs in its own subprocess so that peak RSS (VmHWM) is its own. Weights are created
 once (seeded), saved to a temporary safetensors file and loaded by both.
@@ -32,8 +34,12 @@ def child(args) -> None:
     torch.set_grad_enabled(False)
     sd = load(Path(args.weights).read_bytes())  # weights in anonymous memory, not lazily paged from a mmap
     if args.child == "ours":
+        if args.weight_dtype != "fp32":  # weights held narrow, decoding in fp32
+            narrow = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[args.weight_dtype])
+            sd = {k: v.to(narrow) for k, v in sd.items()}
         model = DCAE.from_state_dict(sd)
-        run = lambda z: model.decode_raw(z, tile_size=args.tile)  # noqa: E731
+        model.compute_dtype = torch.float32
+        run = lambda z: model.decode_raw(z, tile_size=args.tile, overlap=args.overlap)  # noqa: E731
     else:
         from diffusers import AutoencoderDC
 
@@ -41,8 +47,8 @@ def child(args) -> None:
             model = AutoencoderDC(**DCAE_F32C32_SANA.to_dict())
         model.load_state_dict(sd, assign=True)
         if args.tile:
-            f = 32
-            model.enable_tiling(args.tile * f, args.tile * f, args.tile * f * 3 // 4, args.tile * f * 3 // 4)
+            f, overlap = 32, args.overlap if args.overlap is not None else args.tile // 4
+            model.enable_tiling(args.tile * f, args.tile * f, (args.tile - overlap) * f, (args.tile - overlap) * f)
         run = lambda z: model.decode(z).sample  # noqa: E731
     del sd
     model = model.eval().to(args.device)
@@ -106,8 +112,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512, help="image side in pixels (multiple of 32)")
     p.add_argument("--tile", type=int, default=None, help="decode tile size in latent px (default: untiled)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in latent px (default: a quarter tile)")
     p.add_argument("--repeat", type=int, default=1, help="decodes per implementation; the best time is shown")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="twig_core's weights in memory (it always decodes in fp32; diffusers holds fp32)")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--latent", help=argparse.SUPPRESS)
@@ -136,9 +145,11 @@ def main() -> None:
         for name in ("ours", "diffusers"):
             cmd = [sys.executable, __file__, "--child", name, "--weights", str(tmp / "vae.safetensors"),
                    "--latent", str(tmp / "latent.pt"), "--out", str(tmp / f"{name}.pt"), "--size", str(args.size),
-                   "--repeat", str(args.repeat), "--device", args.device]
+                   "--repeat", str(args.repeat), "--device", args.device, "--weight-dtype", args.weight_dtype]
             if args.tile:
                 cmd += ["--tile", str(args.tile)]
+            if args.overlap is not None:
+                cmd += ["--overlap", str(args.overlap)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{name} failed:\n{proc.stderr}")
@@ -149,7 +160,8 @@ def main() -> None:
 
     tiling = f", tile {args.tile} latent px" if args.tile else ", untiled"
     print(f"DC-AE f32c32 decode, {args.size}x{args.size} ({args.size // 32}x{args.size // 32} latent{tiling}), "
-          f"{args.device}, torch threads {torch.get_num_threads()}")
+          f"{args.device}, torch threads {torch.get_num_threads()}, twig_core weights {args.weight_dtype}, "
+          f"{time.strftime('%Y-%m-%d')}")
     for name, r in results.items():
         extra = f", cuda peak {r['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in r else ""
         print(f"  {name:9s} {r['time']:8.3f} s   RSS after load {r['loaded_mib']:7.0f} MiB, "

@@ -75,7 +75,12 @@ def test_caption_cache_equals_direct_call():
         direct = ours(x, t, ctx, mask)
         cache = ours.encode_caption(ctx, mask)
         cached = ours(x, t, cache)
-    assert torch.equal(direct, cached)
+        lazy = ours.encode_caption(ctx, mask, keep_kv=False)
+        per_step = ours(x, t, lazy)
+    assert torch.equal(direct, cached) and torch.equal(direct, per_step)
+    assert cache.kv is not None and lazy.kv is None and lazy.batch == cache.batch == 2
+    ours.half().compute_dtype = torch.float32  # narrow weights: keys/values are not kept by default
+    assert ours.encode_caption(ctx, mask).kv is None
 
 
 def test_full_width_layer_parity():

@@ -285,12 +285,16 @@ class FinalLayer(nn.Module):
 class CaptionCache:
     """Everything derived from the caption alone: reused unchanged by every sampling step."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per block, keys and values [b,h,m,c]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None  # per block, keys and values [b,h,m,c]; None: per step
     bias: torch.Tensor | None  # additive attention bias [b,1,1,m], None when nothing is masked
+    y: torch.Tensor | None = None  # the projected caption [b,m,d] (kept when the keys/values are not)
 
     @property
     def batch(self) -> int:
-        return self.kv[0][0].shape[0]
+        return self.y.shape[0] if self.kv is None else self.kv[0][0].shape[0]
+
+    def block_kv(self, i: int, block: "Block") -> tuple[torch.Tensor, torch.Tensor]:
+        return block.cross_attn.context_kv(self.y) if self.kv is None else self.kv[i]
 
 
 class TwigTransformer(nn.Module):
@@ -322,8 +326,10 @@ class TwigTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.final_layer.linear.weight.device
 
-    def encode_caption(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> CaptionCache:
-        """Project the text-encoder states and precompute every block's cross-attention keys and values."""
+    def encode_caption(self, context: torch.Tensor, mask: torch.Tensor | None = None,
+                       keep_kv: bool | None = None) -> CaptionCache:
+        """Project the text-encoder states and precompute every block's cross-attention keys and values
+        (``keep_kv``; by default unless the weights are stored narrower than the compute dtype)."""
         cfg = self.config
         if context.ndim != 3 or context.shape[-1] != cfg.caption_channels:
             raise TwigError(
@@ -342,6 +348,12 @@ class TwigTransformer(nn.Module):
                 bias = torch.zeros(keep.shape, dtype=y.dtype, device=y.device)
                 bias.masked_fill_(~keep, -10000.0)
                 bias = bias[:, None, None, :]
+        if keep_kv is None:
+            # weights held narrower than the compute dtype mean memory matters more than speed: keep only the
+            # projected caption and compute each block's keys/values as it runs (about 4% of a 1600M step)
+            keep_kv = self.weight_dtype.itemsize >= self.dtype.itemsize
+        if not keep_kv:
+            return CaptionCache(None, bias, y)
         return CaptionCache([blk.cross_attn.context_kv(y) for blk in self.blocks], bias)
 
     def forward(
@@ -374,8 +386,8 @@ class TwigTransformer(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         temb = self.t_embedder(t, dtype)
         t6 = self.t_block(temb)
-        for blk, kv in zip(self.blocks, cache.kv):
-            tokens = blk(tokens, t6, kv, cache.bias, (gh, gw))
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens, t6, cache.block_kv(i, blk), cache.bias, (gh, gw))
         out = self.final_layer(tokens, temb)  # [b, gh*gw, p*p*C]
         out = out.view(b, gh, gw, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(b, cfg.out_channels, h, w)
