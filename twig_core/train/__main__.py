@@ -56,7 +56,7 @@ def _vae(work: Path):
     return vae.eval()
 
 
-def _text_and_dit(work: Path, tokenizer):
+def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False):
     from transformers import Gemma2Model
 
     from ..text import TextEncoder
@@ -65,7 +65,7 @@ def _text_and_dit(work: Path, tokenizer):
 
     torch.manual_seed(0)
     text = TextEncoder(Gemma2Model(demo_gemma_config(len(tokenizer))), tokenizer, instruction="")
-    return text, TwigTransformer(DEMO_TRANSFORMER)
+    return text, TwigTransformer(DEMO_TRANSFORMER.replace(pos_embed=pos_embed))
 
 
 def stage_data(work: Path, a) -> None:
@@ -93,7 +93,7 @@ def stage_latents(work: Path, a) -> None:
 
 def stage_dit(work: Path, a) -> None:
     tok = _tokenizer(work)
-    text, dit = _text_and_dit(work, tok)
+    text, dit = _text_and_dit(work, tok, a.pos_embed)
     latents = torch.load(work / "latents.pt", weights_only=True)
     dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, work, steps=a.dit_steps, batch=a.batch,
                              lr=a.lr, bf16=a.bf16)
@@ -104,7 +104,7 @@ def stage_export(work: Path, a) -> None:
     from .export import export_pipeline
 
     tok = _tokenizer(work)
-    text, dit = _text_and_dit(work, tok)
+    text, dit = _text_and_dit(work, tok, a.pos_embed)
     if (work / "dit_ema.pt").exists():
         ema = torch.load(work / "dit_ema.pt", weights_only=True)
         dit.load_state_dict(ema["transformer"])
@@ -145,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast in the DiT stage")
+    p.add_argument("--pos-embed", action="store_true",
+                   help="DiT with the sin-cos positional embedding (as Sana's 2K/4K models); give it to dit and export")
     p.add_argument("--eval-n", type=int, default=100)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-cfg", type=float, default=4.5)
