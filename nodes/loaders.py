@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 from twig_core.errors import TwigError
+from twig_core.loader import WEIGHT_DTYPE_CHOICES
 from twig_core.text import MAX_LENGTH_LIMIT, SANA_MAX_LENGTH
 
 from . import host
@@ -18,7 +19,6 @@ VAE_FOLDERS = ("vae",)
 # The small demo model shipped inside the pack (twig_core/demo_model, a diffusers pipeline folder): listed first
 # in all three loaders when it is there, so the demo workflow runs without downloading anything.
 DEMO_NAME = "twig-demo (embedded)"
-WEIGHT_DTYPES = ["same", "stored", "fp16", "bf16"]
 
 
 def demo_dir() -> str | None:
@@ -51,16 +51,7 @@ def _role_dtype(choice, device, role):
     return host.pick_dtype(choice, device, role)
 
 
-def _weight_kwargs(weight_dtype: str, dt) -> dict:
-    """Loader keyword arguments for a weight_dtype choice: weights in memory vs the compute dtype ``dt``."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise TwigError(f"weight_dtype {weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
-    if weight_dtype == "same":
-        return {"dtype": dt}
-    return {"dtype": None if weight_dtype == "stored" else host.DTYPES[weight_dtype], "compute_dtype": dt}
-
-
-WEIGHT_DTYPE_INPUT = (WEIGHT_DTYPES, {"default": "same", "tooltip": "Weights in memory: same as dtype, as stored in the file, or fp16/bf16. fp16 weights computing in fp32 take half the memory of fp32."})
+WEIGHT_DTYPE_INPUT = (list(WEIGHT_DTYPE_CHOICES), {"default": "same", "tooltip": "Weights in memory: same as dtype, as stored in the file, or fp16/bf16. fp16 weights computing in fp32 take half the memory of fp32."})
 
 
 def _loader():
@@ -106,7 +97,7 @@ class TwigModelLoader:
         path = resolve(model_name, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("diffusion")
         dt = _role_dtype(dtype, load_dev, "diffusion")
-        kwargs = _weight_kwargs(weight_dtype, dt)
+        kwargs = _loader().weight_dtype_kwargs(weight_dtype, dt, load_dev)
         model = host.cached_model(
             "transformer", path, dt, load_dev, offload_dev,
             lambda device: _loader().load_transformer(path, device=device, **kwargs).eval().requires_grad_(False),
@@ -171,7 +162,7 @@ class TwigVAELoader:
         path = resolve(vae_model, VAE_FOLDERS, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("vae")
         dt = _role_dtype(dtype, load_dev, "vae")
-        kwargs = _weight_kwargs(weight_dtype, dt)
+        kwargs = _loader().weight_dtype_kwargs(weight_dtype, dt, load_dev)
         vae = host.cached_model(
             "vae", path, dt, load_dev, offload_dev,
             lambda dev: _loader().load_vae(path, device=dev, **kwargs).eval().requires_grad_(False),

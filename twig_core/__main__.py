@@ -62,7 +62,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
         transformer_path = str(DEMO_DIR)
         print(f"using the embedded demo model ({DEMO_DIR}); it knows simple coloured shapes", file=sys.stderr)
     parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device,
-                              weight_dtype=None if a.weight_dtype == "same" else a.weight_dtype)
+                              weight_dtype=a.weight_dtype)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
     native = transformer.config.sample_size * 32
     width, height = a.width or native, a.height or native

@@ -61,6 +61,8 @@ __all__ = [
     "load_parts",
     "Parts",
     "resolve_dtype",
+    "weight_dtype_kwargs",
+    "WEIGHT_DTYPE_CHOICES",
     "open_weights",
     "gemma2_config_from_shapes",
     "tokenizer_from_spiece",
@@ -1186,6 +1188,22 @@ def _text_dtype(dtype: torch.dtype | None, device) -> torch.dtype | None:
     return dtype
 
 
+WEIGHT_DTYPE_CHOICES = ("same", "stored", "fp16", "bf16")
+
+
+def weight_dtype_kwargs(weight_dtype, dtype, device="cpu") -> dict:
+    """``dtype``/``compute_dtype`` arguments of :func:`load_transformer` / :func:`load_vae` for a weight_dtype
+    choice: "same" (or None) holds the weights in ``dtype``; "stored" keeps the file's dtype and "fp16"/"bf16"
+    that dtype, both computing in ``dtype`` (fp32 on CPU when ``dtype`` is None)."""
+    if weight_dtype in (None, "same"):
+        return {"dtype": dtype}
+    if weight_dtype not in WEIGHT_DTYPE_CHOICES:
+        raise TwigError(f"weight_dtype {weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPE_CHOICES)}")
+    compute = dtype or (torch.float32 if torch.device(device).type == "cpu" else None)
+    return {"dtype": None if weight_dtype == "stored" else resolve_dtype(weight_dtype, device),
+            "compute_dtype": compute}
+
+
 def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu", weight_dtype=None) -> Parts:
     """Load the three networks. ``transformer`` may be a pipeline folder (or an all-in-one file), in which
     case a missing ``text_encoder``/``vae`` is taken from it. ``weight_dtype`` keeps the transformer's and the
@@ -1200,11 +1218,7 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
         raise TwigError(f"{transformer}: holds no text encoder; give a Gemma-2 folder or file")
     if vae is None:
         raise TwigError(f"{transformer}: holds no VAE; give a DC-AE file or folder")
-    if weight_dtype is None:
-        kwargs = {"dtype": dtype}
-    else:
-        kwargs = {"dtype": None if weight_dtype == "stored" else resolve_dtype(weight_dtype, device),
-                  "compute_dtype": dtype or (torch.float32 if torch.device(device).type == "cpu" else None)}
+    kwargs = weight_dtype_kwargs(weight_dtype, dtype, device)
     model = load_transformer(transformer, device=device, **kwargs)
     te = load_text_encoder(text_encoder, dtype=_text_dtype(dtype, device), device=device,
                            expected_width=model.config.caption_channels)
