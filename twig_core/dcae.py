@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import TwigError
-from .ops import BatchNorm2d, Conv2d, Linear, channels_last, dense, nchw, nhwc
+from .ops import BatchNorm2d, Conv2d, Linear, channels_last, dense, glu_conv_ffn, nchw, nhwc
 
 RES_BLOCK = "ResBlock"
 VIT_BLOCK = "EfficientViTBlock"
@@ -338,13 +338,16 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return nchw(dense(nhwc(x), weight))
 
 
-def _act_(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """``act(y)``, overwriting y where the activation has an in-place form (y must be a temporary)."""
-    if isinstance(act, nn.SiLU):
-        return F.silu(y, inplace=True)
-    if isinstance(act, nn.ReLU):
-        return F.relu(y, inplace=True)
+def _act(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """``act(y)``; without autograd it overwrites y where the activation has an in-place form (y: a temporary)."""
+    if not torch.is_grad_enabled() and isinstance(act, (nn.SiLU, nn.ReLU)):
+        return F.silu(y, inplace=True) if isinstance(act, nn.SiLU) else F.relu(y, inplace=True)
     return act(y)
+
+
+def _residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """x + y; without autograd it adds into y (a temporary)."""
+    return x + y if torch.is_grad_enabled() else y.add_(x)
 
 
 class ResBlock(nn.Module):
@@ -356,9 +359,7 @@ class ResBlock(nn.Module):
         self.norm = _norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return x + self.norm(self.conv2(self.act(self.conv1(x))))
-        return self.norm(self.conv2(_act_(self.act, self.conv1(x)))).add_(x)
+        return _residual(self.norm(self.conv2(_act(self.act, self.conv1(x)))), x)
 
 
 class MultiscaleQKV(nn.Module):
@@ -437,22 +438,9 @@ class GLUMBConv(nn.Module):
         self.norm = ChannelRMSNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            y = self.conv_depth(F.silu(self.conv_inverted(x)))
-            y, gate = y.chunk(2, dim=1)
-            return x + self.norm(self.conv_point(y * F.silu(gate)))
-        # sampling: value and gate halves in their own tensors, activations in place (no big temporaries)
-        hidden = self.conv_depth.out_channels // 2
         up, dw = self.conv_inverted, self.conv_depth
-
-        def half(i):
-            sl = slice(i * hidden, (i + 1) * hidden)
-            y = nchw(F.silu(dense(nhwc(x), up.weight[sl], up.bias[sl]), inplace=True))
-            return F.conv2d(y, dw.weight[sl].to(x.dtype), dw.bias[sl].to(x.dtype), padding=1, groups=hidden)
-
-        value, gate = half(0), half(1)
-        value = value.mul_(F.silu(gate, inplace=True))
-        return self.norm(nchw(dense(nhwc(value), self.conv_point.weight))).add_(x)
+        y = glu_conv_ffn(nhwc(x), up.weight, up.bias, dw.weight, dw.bias, self.conv_point.weight)
+        return _residual(self.norm(nchw(y)), x)
 
 
 class EfficientViTBlock(nn.Module):

@@ -32,6 +32,44 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     return y.permute(0, 2, 3, 1).reshape(*lead, cout)
 
 
+# Gated-conv FFN hidden channels processed per chunk (at most this many; Sana 1600M's 5600 run as two of 2800).
+FFN_CHUNK = 2800
+
+
+def glu_conv_ffn(x: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor | None, dw_w: torch.Tensor,
+                 dw_b: torch.Tensor | None, down_w: torch.Tensor) -> torch.Tensor:
+    """The inverted bottleneck of Sana's Mix-FFN and DC-AE's GLUMBConv, over pixel-major x [B,H,W,C]:
+    1x1 expand to value and gate halves, SiLU, depthwise conv, value * SiLU(gate), 1x1 project (no bias).
+    Returns [B,H,W,C_out], contiguous. Weights are ``[out, in(, k, k)]`` tensors in any stored dtype.
+
+    Every hidden channel is independent until the projection, so the expansion runs in chunks of channels
+    (value and gate each in their own tensor) whose projections are summed: temporaries and per-call weight
+    casts are a fraction of the layer's. Without autograd, activations and sums run in place.
+    """
+    dt = x.dtype
+    inplace = not torch.is_grad_enabled()
+    hidden = up_w.shape[0] // 2
+    pieces = -(-hidden // FFN_CHUNK)
+    step = -(-hidden // pieces)
+    out = None
+    for c0 in range(0, hidden, step):
+        c1 = min(c0 + step, hidden)
+
+        def branch(off):
+            sl = slice(off + c0, off + c1)
+            y = F.silu(dense(x, up_w[sl], None if up_b is None else up_b[sl]), inplace=inplace)
+            # depthwise conv on a channels-last view (no copy into NCHW order); the result stays pixel-major
+            y = F.conv2d(nchw(y), dw_w[sl].to(dt), None if dw_b is None else dw_b[sl].to(dt),
+                         padding=dw_w.shape[-1] // 2, groups=c1 - c0)
+            return nhwc(y)
+
+        value, gate = branch(0), branch(hidden)
+        value = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
+        part = dense(value, down_w[:, c0:c1])
+        out = part if out is None else out.add_(part) if inplace else out + part
+    return out
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """[B,C,H,W] stored pixel-major (NHWC). Convolutions keep this layout, and per-pixel channel work
     (1x1 products, channel norms) then reads contiguous rows."""

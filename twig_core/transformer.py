@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import TransformerConfig
 from .errors import TwigError
-from .ops import Conv2d, Linear, dense
+from .ops import Conv2d, Linear, dense, glu_conv_ffn
 
 
 class RMSNorm(nn.Module):
@@ -63,8 +63,13 @@ def sincos_pos_embed(width: int, h: int, w: int, base_size: int, scale: float, d
     return torch.cat([ew, eh], dim=-1).reshape(h * w, width).float()
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return x.mul_(1 + scale).add_(shift) if inplace else x * (1 + scale) + shift
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """x + gate * y; in place overwrites both x and y (temporaries owned by the caller)."""
+    return x.add_(y.mul_(gate)) if inplace else x + gate * y
 
 
 class LinearAttention(nn.Module):
@@ -144,10 +149,6 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-# Mix-FFN hidden channels processed per chunk (at most this many; 1600M's 5600 run as two chunks of 2800).
-_FFN_CHUNK = 2800
-
-
 class MixFFN(nn.Module):
     """1x1 conv expand + SiLU, 3x3 depthwise conv, GLU gate with SiLU, 1x1 conv project.
 
@@ -164,33 +165,9 @@ class MixFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, d = x.shape
-        h, w = hw
-        dt = x.dtype
-        inplace = not torch.is_grad_enabled()  # sampling: reuse buffers (big fresh tensors cost page faults)
         up, dw, down = self.inverted_conv.conv, self.depth_conv.conv, self.point_conv.conv
-        hidden = up.out_channels // 2
-        # Every hidden channel is independent until the final projection, so the expansion runs in chunks of
-        # channels (value and gate halves each in their own tensor), summing the chunks' projections: the
-        # temporaries and the per-call weight casts are a fraction of the layer's.
-        pieces = -(-hidden // _FFN_CHUNK)
-        step = -(-hidden // pieces)
-        out = None
-        for c0 in range(0, hidden, step):
-            c1 = min(c0 + step, hidden)
-
-            def branch(off):
-                sl = slice(off + c0, off + c1)
-                y = F.silu(dense(x, up.weight[sl], up.bias[sl]), inplace=inplace)  # [b,n,c]
-                # depthwise 3x3 on a channels-last view of the tokens (no copy into NCHW order)
-                y = F.conv2d(y.view(b, h, w, c1 - c0).permute(0, 3, 1, 2), dw.weight[sl].to(dt),
-                             dw.bias[sl].to(dt), padding=1, groups=c1 - c0)
-                return y.permute(0, 2, 3, 1).reshape(b, n, c1 - c0)
-
-            value, gate = branch(0), branch(hidden)
-            value = value.mul_(F.silu(gate, inplace=True)) if inplace else value * F.silu(gate)
-            part = dense(value, down.weight[:, c0:c1])
-            out = part if out is None else out.add_(part) if inplace else out + part
-        return out
+        y = glu_conv_ffn(x.reshape(b, *hw, d), up.weight, up.bias, dw.weight, dw.bias, down.weight)
+        return y.view(b, n, -1)
 
 
 class _ConvHolder(nn.Module):
@@ -215,18 +192,14 @@ class Block(nn.Module):
         b, n, d = x.shape
         table = self.scale_shift_table.to(t6.dtype)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (table[None] + t6.view(b, 6, d)).chunk(6, dim=1)
-        if not torch.is_grad_enabled() and x.dtype == t6.dtype:
-            # sampling: the same arithmetic, updating the token tensor (owned by TwigTransformer.forward) in place
-            y = F.layer_norm(x, (d,), eps=self.eps).mul_(1 + scale_a).add_(shift_a)
-            x.add_(self.attn(y).mul_(gate_a))
-            x.add_(self.cross_attn(x, kv, bias))
-            y = F.layer_norm(x, (d,), eps=self.eps).mul_(1 + scale_m).add_(shift_m)
-            return x.add_(self.mlp(y, hw).mul_(gate_m))
-        y = modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a).to(x.dtype)
-        x = x + gate_a * self.attn(y)
-        x = x + self.cross_attn(x, kv, bias)
-        y = modulate(F.layer_norm(x, (d,), eps=self.eps), shift_m, scale_m).to(x.dtype)
-        return x + gate_m * self.mlp(y, hw)
+        # sampling: the same arithmetic, updating the token tensor (owned by TwigTransformer.forward) in place
+        ip = not torch.is_grad_enabled() and x.dtype == t6.dtype
+        y = modulate(F.layer_norm(x, (d,), eps=self.eps), shift_a, scale_a, ip).to(x.dtype)
+        x = gated_add(x, self.attn(y), gate_a, ip)
+        ca = self.cross_attn(x, kv, bias)
+        x = x.add_(ca) if ip else x + ca
+        y = modulate(F.layer_norm(x, (d,), eps=self.eps), shift_m, scale_m, ip).to(x.dtype)
+        return gated_add(x, self.mlp(y, hw), gate_m, ip)
 
 
 class TimestepEmbedder(nn.Module):
