@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -105,7 +106,10 @@ class Page:
         return out
 
 
-async def run(url: str, out_dir: str, chromium: str) -> None:
+@contextlib.asynccontextmanager
+async def open_page(chromium: str, url: str, window: str = "1600,900"):
+    """Headless Chromium on a free DevTools port with its page navigated to ``url``; yields a :class:`Page`.
+    Chromium and its profile folder are removed on exit."""
     import aiohttp
 
     port = socket.socket()
@@ -115,7 +119,7 @@ async def run(url: str, out_dir: str, chromium: str) -> None:
     profile = tempfile.mkdtemp(prefix="twig-chromium-")
     proc = subprocess.Popen(
         [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={debug_port}",
-         f"--user-data-dir={profile}", "--window-size=1600,900", "about:blank"],
+         f"--user-data-dir={profile}", f"--window-size={window}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         async with aiohttp.ClientSession() as session:
@@ -134,34 +138,7 @@ async def run(url: str, out_dir: str, chromium: str) -> None:
                 await page.call("Runtime.enable")
                 await page.call("Page.enable")
                 await page.call("Page.navigate", url=url)
-                t0 = time.time()
-                while not await page.evaluate("!!(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app "
-                                              "&& window.comfyAPI.app.app.graph && window.LiteGraph)"):
-                    if time.time() - t0 > 120:
-                        raise CheckFailed("ComfyUI's frontend did not load in the browser")
-                    await asyncio.sleep(0.5)
-                await asyncio.sleep(3)  # extensions (ours included) register after the app object exists
-                loaded = await page.evaluate("window.comfyAPI.app.app.extensions.map((e) => e.name)")
-                expect("twig.TokenReport" in (loaded or []), "the frontend loaded web/js/twig_token_report.js")
-                prompt = f"一只可爱的小猫, a cat on a windowsill, run {int(time.time())}"  # new text: not cached
-                script = GRAPH_JS.replace("NAMES", json.dumps(NAMES)).replace("PROMPT", json.dumps(prompt))
-                types = await page.evaluate(script, await_promise=True)
-                expect(len(types) == 10, f"frontend created and queued a graph of Twig nodes: {sorted(set(types))}")
-                t0 = time.time()
-                report = None
-                while report is None and time.time() - t0 < 180:
-                    await asyncio.sleep(1)
-                    report = await page.evaluate(READ_REPORT_JS)
-                expect(report and "positive:" in report and "negative:" in report,
-                       f"token report shown on the Twig Text Encode node: {report!r}")
-                await asyncio.sleep(3)  # let the preview image arrive
-                shot = await page.call("Page.captureScreenshot", format="png")
-                path = os.path.join(out_dir, "comfyui_twig_graph.png")
-                with open(path, "wb") as f:
-                    f.write(base64.b64decode(shot["data"]))
-                log(f"screenshot: {path}")
-                errors = [e for e in page.errors() if "twig" in e.lower() or "Twig" in e]
-                expect(not errors, f"no page errors from the pack{'' if not errors else ': ' + ' | '.join(errors)}")
+                yield page
     finally:
         proc.terminate()
         try:
@@ -169,6 +146,44 @@ async def run(url: str, out_dir: str, chromium: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+async def screenshot(page: Page, out_dir: str, name: str) -> str:
+    """Save the page as ``out_dir/name`` (PNG) and log where."""
+    shot = await page.call("Page.captureScreenshot", format="png")
+    path = os.path.join(out_dir, name)
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(shot["data"]))
+    log(f"screenshot: {path}")
+    return path
+
+
+async def run(url: str, out_dir: str, chromium: str) -> None:
+    async with open_page(chromium, url) as page:
+        t0 = time.time()
+        while not await page.evaluate("!!(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app "
+                                      "&& window.comfyAPI.app.app.graph && window.LiteGraph)"):
+            if time.time() - t0 > 120:
+                raise CheckFailed("ComfyUI's frontend did not load in the browser")
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3)  # extensions (ours included) register after the app object exists
+        loaded = await page.evaluate("window.comfyAPI.app.app.extensions.map((e) => e.name)")
+        expect("twig.TokenReport" in (loaded or []), "the frontend loaded web/js/twig_token_report.js")
+        prompt = f"一只可爱的小猫, a cat on a windowsill, run {int(time.time())}"  # new text: not cached
+        script = GRAPH_JS.replace("NAMES", json.dumps(NAMES)).replace("PROMPT", json.dumps(prompt))
+        types = await page.evaluate(script, await_promise=True)
+        expect(len(types) == 10, f"frontend created and queued a graph of Twig nodes: {sorted(set(types))}")
+        t0 = time.time()
+        report = None
+        while report is None and time.time() - t0 < 180:
+            await asyncio.sleep(1)
+            report = await page.evaluate(READ_REPORT_JS)
+        expect(report and "positive:" in report and "negative:" in report,
+               f"token report shown on the Twig Text Encode node: {report!r}")
+        await asyncio.sleep(3)  # let the preview image arrive
+        await screenshot(page, out_dir, "comfyui_twig_graph.png")
+        errors = [e for e in page.errors() if "twig" in e.lower() or "Twig" in e]
+        expect(not errors, f"no page errors from the pack{'' if not errors else ': ' + ' | '.join(errors)}")
 
 
 def main() -> int:

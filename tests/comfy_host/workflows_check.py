@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import re
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -242,102 +238,56 @@ async def wait_for(page, expr, ok, timeout, what):
 
 
 async def browser(url: str, out_dir: str, chromium: str) -> None:
-    import aiohttp
+    from browser_check import open_page, screenshot
 
-    from browser_check import Page
+    async with open_page(chromium, url, window="1800,1000") as page:
+        await wait_for(page, "!!(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app "
+                             "&& window.comfyAPI.app.app.graph && window.LiteGraph)", bool, 120, "frontend load")
+        await asyncio.sleep(3)
+        loaded = await page.evaluate("window.comfyAPI.app.app.extensions.map((e) => e.name)")
+        for ext in ("twig.TokenCount", "twig.TipoPrompt"):
+            C.expect(ext in (loaded or []), f"the frontend loaded the extension {ext}")
+        for name in names():
+            ui, api = load(name, api=False), load(name, api=True)
+            got = await page.evaluate(js(LOAD_AND_CONVERT_JS, WORKFLOW=ui, NAME=name), await_promise=True)
+            C.expect(got == api, f"{name}: the frontend loads the UI JSON and converts it to the committed API JSON"
+                     + ("" if got == api else f"\n  got {json.dumps(got)[:1500]}"))
+            got = await page.evaluate(js(DROP_PNG_JS, URL=f"/api/workflow_templates/{PACK}/{name}.png", NAME=name),
+                                      await_promise=True)
+            C.expect(got == api, f"{name}: dropping {name}.png loads the same graph")
+            counts = await page.evaluate(SAVED_JS)
+            ui_counts = [len(n["widgets_values"]) for n in ui["nodes"] if n["type"] in ("TwigTextEncode", "TwigTIPO")]
+            C.expect(counts == ui_counts, f"{name}: saving again keeps the widget values as committed "
+                                          f"(display widgets are not saved): {counts}")
 
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    debug_port = s.getsockname()[1]
-    s.close()
-    profile = tempfile.mkdtemp(prefix="twig-chromium-")
-    proc = subprocess.Popen(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={debug_port}",
-         f"--user-data-dir={profile}", "--window-size=1800,1000", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"http://127.0.0.1:{debug_port}/json") as r:
-                        targets = await r.json()
-                    page_ws = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-                    break
-                except Exception:
-                    await asyncio.sleep(0.3)
-            else:
-                raise C.CheckFailed("headless Chromium did not start")
-            async with session.ws_connect(page_ws, max_msg_size=0) as ws:
-                page = Page(ws)
-                await page.call("Runtime.enable")
-                await page.call("Page.enable")
-                await page.call("Page.navigate", url=url)
-                await wait_for(page, "!!(window.comfyAPI && window.comfyAPI.app && window.comfyAPI.app.app "
-                                     "&& window.comfyAPI.app.app.graph && window.LiteGraph)", bool, 120, "frontend load")
-                await asyncio.sleep(3)
-                loaded = await page.evaluate("window.comfyAPI.app.app.extensions.map((e) => e.name)")
-                for ext in ("twig.TokenCount", "twig.TipoPrompt"):
-                    C.expect(ext in (loaded or []), f"the frontend loaded the extension {ext}")
-                for name in names():
-                    ui, api = load(name, api=False), load(name, api=True)
-                    got = await page.evaluate(js(LOAD_AND_CONVERT_JS, WORKFLOW=ui, NAME=name), await_promise=True)
-                    C.expect(got == api, f"{name}: the frontend loads the UI JSON and converts it to the committed API JSON"
-                             + ("" if got == api else f"\n  got {json.dumps(got)[:1500]}"))
-                    got = await page.evaluate(js(DROP_PNG_JS, URL=f"/api/workflow_templates/{PACK}/{name}.png", NAME=name),
-                                              await_promise=True)
-                    C.expect(got == api, f"{name}: dropping {name}.png loads the same graph")
-                    counts = await page.evaluate(SAVED_JS)
-                    ui_counts = [len(n["widgets_values"]) for n in ui["nodes"] if n["type"] in ("TwigTextEncode", "TwigTIPO")]
-                    C.expect(counts == ui_counts, f"{name}: saving again keeps the widget values as committed "
-                                                  f"(display widgets are not saved): {counts}")
+        # live token count on the demo workflow, then run it
+        await page.evaluate(js(LOAD_AND_CONVERT_JS, WORKFLOW=load("demo_text_to_image", False),
+                               NAME="demo_text_to_image"), await_promise=True)
+        texts = await wait_for(page, TOKEN_TEXT_JS, lambda v: v and all(t and re.match(r"tokens: \d+ / 300", t) for t in v),
+                               30, "live token count under the demo prompts")
+        C.expect(True, f"live token count under both demo prompts: {texts}")
+        await asyncio.sleep(1)
+        await screenshot(page, out_dir, "comfyui_demo_workflow_loaded.png")
+        await page.evaluate(js(SET_AND_QUEUE_JS, VALUES={}), await_promise=True)
+        await wait_for(page, IMAGES_JS, lambda v: v and all(x > 0 for x in v), 600, "demo workflow images")
+        C.expect(True, "demo workflow queued from the page shows its images")
+        await asyncio.sleep(2)
+        await screenshot(page, out_dir, "comfyui_demo_workflow.png")
 
-                # live token count on the demo workflow, then run it
-                await page.evaluate(js(LOAD_AND_CONVERT_JS, WORKFLOW=load("demo_text_to_image", False),
-                                       NAME="demo_text_to_image"), await_promise=True)
-                texts = await wait_for(page, TOKEN_TEXT_JS, lambda v: v and all(t and re.match(r"tokens: \d+ / 300", t) for t in v),
-                                       30, "live token count under the demo prompts")
-                C.expect(True, f"live token count under both demo prompts: {texts}")
-                await asyncio.sleep(1)
-                shot = await page.call("Page.captureScreenshot", format="png")
-                path = os.path.join(out_dir, "comfyui_demo_workflow_loaded.png")
-                with open(path, "wb") as f:
-                    f.write(base64.b64decode(shot["data"]))
-                C.log(f"screenshot: {path}")
-                await page.evaluate(js(SET_AND_QUEUE_JS, VALUES={}), await_promise=True)
-                await wait_for(page, IMAGES_JS, lambda v: v and all(x > 0 for x in v), 600, "demo workflow images")
-                C.expect(True, "demo workflow queued from the page shows its images")
-                await asyncio.sleep(2)
-                shot = await page.call("Page.captureScreenshot", format="png")
-                path = os.path.join(out_dir, "comfyui_demo_workflow.png")
-                with open(path, "wb") as f:
-                    f.write(base64.b64decode(shot["data"]))
-                C.log(f"screenshot: {path}")
-
-                # TIPO workflow with the tiny models: the expanded prompt appears on the TIPO node
-                await page.evaluate(js(LOAD_AND_CONVERT_JS, WORKFLOW=load("tipo_text_to_image", False),
-                                       NAME="tipo_text_to_image"), await_promise=True)
-                tiny = {"TwigModelLoader": {"model_name": TINY["model"]},
-                        "TwigTextEncoderLoader": {"text_encoder_name": TINY["text_encoder"]},
-                        "TwigVAELoader": {"vae_model": TINY["vae"]},
-                        "TwigTIPO": {"model": TIPO_NAME, **TINY_OVERRIDES["TwigTIPO"]}}
-                await page.evaluate(js(SET_AND_QUEUE_JS, VALUES=tiny), await_promise=True)
-                text = await wait_for(page, EXPANDED_JS, lambda v: bool(v), 900, "expanded prompt on the TIPO node")
-                C.expect(text.startswith("1girl,") and "red hair" in text, f"TIPO node shows the expanded prompt: {text[:70]!r}...")
-                await wait_for(page, IMAGES_JS, lambda v: v and all(x > 0 for x in v), 900, "TIPO workflow image")
-                shot = await page.call("Page.captureScreenshot", format="png")
-                path = os.path.join(out_dir, "comfyui_tipo_workflow.png")
-                with open(path, "wb") as f:
-                    f.write(base64.b64decode(shot["data"]))
-                C.log(f"screenshot: {path}")
-                errors = [e for e in page.errors() if "twig" in e.lower()]
-                C.expect(not errors, f"no page errors from the pack{'' if not errors else ': ' + ' | '.join(errors)}")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        shutil.rmtree(profile, ignore_errors=True)
+        # TIPO workflow with the tiny models: the expanded prompt appears on the TIPO node
+        await page.evaluate(js(LOAD_AND_CONVERT_JS, WORKFLOW=load("tipo_text_to_image", False),
+                               NAME="tipo_text_to_image"), await_promise=True)
+        tiny = {"TwigModelLoader": {"model_name": TINY["model"]},
+                "TwigTextEncoderLoader": {"text_encoder_name": TINY["text_encoder"]},
+                "TwigVAELoader": {"vae_model": TINY["vae"]},
+                "TwigTIPO": {"model": TIPO_NAME, **TINY_OVERRIDES["TwigTIPO"]}}
+        await page.evaluate(js(SET_AND_QUEUE_JS, VALUES=tiny), await_promise=True)
+        text = await wait_for(page, EXPANDED_JS, lambda v: bool(v), 900, "expanded prompt on the TIPO node")
+        C.expect(text.startswith("1girl,") and "red hair" in text, f"TIPO node shows the expanded prompt: {text[:70]!r}...")
+        await wait_for(page, IMAGES_JS, lambda v: v and all(x > 0 for x in v), 900, "TIPO workflow image")
+        await screenshot(page, out_dir, "comfyui_tipo_workflow.png")
+        errors = [e for e in page.errors() if "twig" in e.lower()]
+        C.expect(not errors, f"no page errors from the pack{'' if not errors else ': ' + ' | '.join(errors)}")
 
 
 # --------------------------------------------------------------------------------------------------
