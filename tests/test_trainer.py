@@ -41,6 +41,66 @@ def test_dit_stage_loss_falls(tmp_path):
     assert not dit.training
 
 
+def scene_records():
+    def rec(color, shape, count, en, zh):
+        return {"scene": {"groups": [{"color": color, "shape": shape, "count": count}]},
+                "captions": [{"en": en, "zh": zh}]}
+    return [rec("red", "circle", 1, "a red circle on the left", "左边一个红色的圆"),
+            rec("blue", "square", 3, "three blue squares", "三个蓝色的正方形")]
+
+
+def test_layout_and_object_targets_follow_the_scene():
+    from twig_core.train.scenes import COLOR_NAMES, OBJECT_COLORS, PALETTE, SHAPES
+    from twig_core.train.text_pretrain import layout_targets, object_targets
+
+    img = np.zeros((1, 64, 64, 3), np.uint8)
+    img[:] = PALETTE["white"]
+    img[0, :, :32] = PALETTE["red"]  # left half red
+    img[0, 40:48, 56:64] = PALETTE["blue"]  # cell (5, 7) of an 8x8 grid
+    cells = layout_targets(img, grid=8).view(8, 8)
+    assert (cells[:, :4] == COLOR_NAMES.index("red")).all()
+    assert cells[5, 7] == COLOR_NAMES.index("blue")
+    assert cells[0, 7] == COLOR_NAMES.index("white")
+    counts, shapes = object_targets(scene_records())
+    blue = OBJECT_COLORS.index("blue")
+    assert counts[1, blue] == 3 and shapes[1, blue] == SHAPES.index("square") + 1
+    assert counts[1].sum() == 3 and counts[0, OBJECT_COLORS.index("red")] == 1 and shapes[0, blue] == 0
+
+
+def test_text_pretraining_learns_the_probe_targets_and_resumes(tmp_path):
+    from twig_core.train.scenes import PALETTE
+    from twig_core.train.text_pretrain import pretrain_text
+
+    tok = build_tiny_gemma_tokenizer()
+    text = TextEncoder(build_tiny_gemma2(tok), tok, instruction="")
+    before = [p.detach().clone() for p in text.model.parameters()]
+    img = np.zeros((2, 64, 64, 3), np.uint8)
+    img[0] = PALETTE["white"]
+    img[0, 16:48, 0:32] = PALETTE["red"]
+    img[1] = PALETTE["gray"]
+    img[1, 8:24, 8:56] = PALETTE["blue"]
+    _, losses, acc = pretrain_text(img, scene_records(), text, tmp_path, steps=60, batch=8, lr=3e-3,
+                                   max_length=16, save_every=20)
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
+    assert acc[0] > 0.9  # the two layouts are told apart from their captions
+    assert any(not torch.equal(a, b) for a, b in zip(before, text.model.parameters()))
+    assert not text.model.training
+    _, more, _ = pretrain_text(img, scene_records(), text, tmp_path, steps=62, batch=8, lr=3e-3, max_length=16)
+    assert len(more) == 2  # picked up at step 60
+
+
+def test_dit_stage_with_frozen_text_leaves_the_text_encoder_alone(tmp_path):
+    tok = build_tiny_gemma_tokenizer()
+    text = TextEncoder(build_tiny_gemma2(tok), tok, instruction="")
+    before = [p.detach().clone() for p in text.model.parameters()]
+    torch.manual_seed(0)
+    dit = TwigTransformer(TINY_TRANSFORMER)
+    _, _, losses = train_dit(torch.randn(2, 32, 2, 2), scene_records(), text, dit, tmp_path, steps=40, batch=8,
+                             lr=3e-3, max_length=16, train_text=False)
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    assert all(torch.equal(a, b) for a, b in zip(before, text.model.parameters()))
+
+
 def test_downsample_is_an_area_mean():
     img = np.zeros((1, 4, 4, 3), np.uint8)
     img[0, :2, :2] = 200

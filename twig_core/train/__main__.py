@@ -4,7 +4,8 @@ Stages run in order and each resumes from what the previous run left in DIR:
   data     render the scenes (256², area-averaged to 128²) and train the tokenizer
   vae      train the DC-AE                          (checkpoint DIR/vae.ckpt)
   latents  encode the training pictures              (DIR/latents.pt)
-  dit      train Gemma-2 + DiT with flow matching    (checkpoint DIR/dit.ckpt)
+  text     pre-train Gemma-2 to read scenes out of captions (checkpoint DIR/text.ckpt)
+  dit      train the DiT with flow matching, Gemma-2 frozen (checkpoint DIR/dit.ckpt)
   export   write the pipeline folder (default: twig_core/demo_model)
   eval     score held-out prompts with the pixel evaluator, English and Chinese
 ``--stage all`` runs everything that is not finished yet. Fixed seeds throughout.
@@ -22,7 +23,7 @@ import torch
 
 from .trainer import Checkpoint, downsample_u8, encode_all, latent_scale, log, train_dit, train_vae
 
-STAGES = ("data", "vae", "latents", "dit", "export", "eval")
+STAGES = ("data", "vae", "latents", "text", "dit", "export", "eval")
 
 
 def _images(work: Path, split: str) -> np.ndarray:
@@ -91,12 +92,27 @@ def stage_latents(work: Path, a) -> None:
     torch.save(encode_all(vae, _images(work, "train")), work / "latents.pt")
 
 
+def stage_text(work: Path, a) -> None:
+    from .text_pretrain import pretrain_text
+
+    text, _ = _text_and_dit(work, _tokenizer(work))
+    pretrain_text(_images(work, "train"), _records(work, "train"), text, work, steps=a.text_steps, batch=a.batch)
+
+
+def _pretrained_text(work: Path, text) -> None:
+    state = Checkpoint(work / "text.ckpt").load()
+    if state is None:
+        raise SystemExit(f"{work / 'text.ckpt'} not found: run --stage text first")
+    text.model.load_state_dict(state["text"])
+
+
 def stage_dit(work: Path, a) -> None:
     tok = _tokenizer(work)
     text, dit = _text_and_dit(work, tok, a.pos_embed)
+    _pretrained_text(work, text)
     latents = torch.load(work / "latents.pt", weights_only=True)
     dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, work, steps=a.dit_steps, batch=a.batch,
-                             lr=a.lr, bf16=a.bf16)
+                             lr=a.lr, bf16=a.bf16, train_text=False)
     torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, work / "dit_ema.pt")
 
 
@@ -109,11 +125,11 @@ def stage_export(work: Path, a) -> None:
         ema = torch.load(work / "dit_ema.pt", weights_only=True)
         dit.load_state_dict(ema["transformer"])
         text.model.load_state_dict(ema["text"])
-    else:  # training stopped early: the averaged weights of the last checkpoint
+    else:  # training stopped early: the averaged DiT weights of the last checkpoint, the (frozen) text encoder
         state = Checkpoint(work / "dit.ckpt").load()
-        params = [p for m in (dit, text.model) for p in m.parameters()]
+        text.model.load_state_dict(state["text"])
         with torch.no_grad():
-            for p, v in zip(params, state["ema"]):
+            for p, v in zip(dit.parameters(), state["ema"]):
                 p.copy_(v)
         log(f"exporting the averaged weights of step {state['step']}")
     export_pipeline(Path(a.out), dit, _vae(work), text, dtype=torch.float16)
@@ -141,6 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(DEMO_DIR), help="where export writes the pipeline folder")
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--text-steps", type=int, default=1500)
     p.add_argument("--dit-steps", type=int, default=4500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
