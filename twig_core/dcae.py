@@ -370,8 +370,14 @@ class MultiscaleQKV(nn.Module):
         self.proj_in = Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=False)
         self.proj_out = Conv2d(channels, channels, 1, 1, 0, groups=groups, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj_out(self.proj_in(x))
+    def forward(self, x: torch.Tensor, channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``channels``: when given, x holds only these of the module's channels (whole 1x1 groups, ascending)
+        and only their outputs are computed."""
+        if channels is None:
+            return self.proj_out(self.proj_in(x))
+        pi, po, n, dt = self.proj_in, self.proj_out, len(channels), x.dtype
+        y = F.conv2d(x, pi.weight[channels].to(dt), None, 1, pi.padding, 1, n)
+        return F.conv2d(y, po.weight[channels].to(dt), None, 1, 0, 1, n // po.weight.shape[1])
 
 
 class MultiscaleLinearAttention(nn.Module):
@@ -397,25 +403,57 @@ class MultiscaleLinearAttention(nn.Module):
         self.norm_out = _norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = x.shape
-        n = h * w
-        qkv = _pointwise(x, torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight]))
-        qkv = torch.cat([qkv] + [agg(qkv) for agg in self.to_qkv_multiscale], dim=1)
-        qkv = qkv.reshape(b, -1, 3, self.head_dim, n)  # [B, heads, (q,k,v), d, N]
+        n = x.shape[-2] * x.shape[-1]
+        qkv = self.heads(self.qkv(x))
         if n > self.head_dim:
-            out = self._linear(qkv).to(x.dtype)
+            q, k, v = qkv.unbind(2)
+            out = self.attend(q, self.key_stats(k, v)).to(x.dtype)
         else:
             out = self._quadratic(qkv)
+        return self.finish(x, out)
+
+    # The pieces of forward, also run separately over row bands (see _attention_banded): only key_stats sums
+    # over all positions; the rest is per pixel apart from the multiscale kernels' reach.
+
+    def qkv_weight(self, roles: tuple = (0, 1, 2)) -> tuple:
+        """(fused projection weight, its rows' indices or None for all) for the qkv channels that the heads
+        read in ``roles`` (0: q, 1: k, 2: v)."""
+        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+        if tuple(roles) == (0, 1, 2):
+            return w, None
+        role = torch.arange(w.shape[0], device=w.device) // self.head_dim % 3
+        idx = torch.nonzero(torch.isin(role, torch.tensor(roles, device=w.device))).flatten()
+        return w[idx], idx
+
+    def qkv(self, x: torch.Tensor, weight: Optional[tuple] = None) -> torch.Tensor:
+        """Fused q/k/v plus the multiscale aggregates, [B, 3*inner*(1+scales), H, W] channels-last; with
+        ``weight`` from qkv_weight(roles), only the channels of those roles."""
+        w, idx = weight or self.qkv_weight()
+        qkv = _pointwise(x, w)
+        return torch.cat([qkv] + [agg(qkv, idx) for agg in self.to_qkv_multiscale], dim=1)
+
+    def heads(self, qkv: torch.Tensor, roles: int = 3) -> torch.Tensor:
+        b, _, h, w = qkv.shape
+        return qkv.reshape(b, -1, roles, self.head_dim, h * w)  # [B, heads, roles (q,k,v), d, N]
+
+    @staticmethod
+    def key_stats(k: torch.Tensor, v: torch.Tensor) -> tuple:
+        """(sum_m v_m k_m^T [B,h,d,d], sum_m k_m^T [B,h,1,d]) over the positions of k, v [B,h,d,N], in fp32;
+        sums over disjoint sets of positions add up to the sums over their union."""
+        k, v = F.relu(k.float()), v.float()
+        return v @ k.transpose(-1, -2), k.sum(dim=-1, keepdim=True).transpose(-1, -2)
+
+    def attend(self, q: torch.Tensor, stats: tuple) -> torch.Tensor:
+        # out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps), associated as (v k^T) q: O(N d^2), in fp32.
+        q = F.relu(q.float())
+        vk, ks = stats
+        return (vk @ q) / (ks @ q + self.eps)  # [B, h, d, N]
+
+    def finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """x + norm(to_out(out)) for the attention output ``out`` [B, heads, d, N] at x's positions."""
+        b, _, h, w = x.shape
         out = _pointwise(out.reshape(b, -1, h, w), self.to_out.weight)
         return x + self.norm_out(out)
-
-    def _linear(self, qkv: torch.Tensor) -> torch.Tensor:
-        # out_n = sum_m v_m (k_m . q_n) / (sum_m k_m . q_n + eps), associated as (v k^T) q: O(N d^2), in fp32.
-        q, k, v = qkv.float().unbind(2)
-        q, k = F.relu(q), F.relu(k)
-        num = (v @ k.transpose(-1, -2)) @ q  # [B, h, d, N]
-        den = (k.sum(dim=-1, keepdim=True).transpose(-1, -2)) @ q  # [B, h, 1, N]
-        return num / (den + self.eps)
 
     def _quadratic(self, qkv: torch.Tensor) -> torch.Tensor:
         # Same quantity via the N x N score matrix; cheaper when N <= d (tiny feature maps).
@@ -595,13 +633,23 @@ class Decoder(nn.Module):
         else:  # stage 0 is empty: the output conv upsamples straight to pixels
             self.conv_out = UpBlock(out_ch, cfg.in_channels, interp, shortcut=False)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        """The input conv (plus shortcut): latent -> the lowest-resolution stage's width."""
         x = self.conv_in(z)
         if self.in_shortcut:
             x = x + z.repeat_interleave(self.in_repeats, dim=1)
-        for stage in reversed(self.up_blocks):
-            x = stage(x)
-        return self.conv_out(self.conv_act(self.norm_out(x)))
+        return x
+
+    def layers(self) -> list:
+        """Every module after ``embed``, in the order they run: the stages from the lowest resolution to the
+        highest (each its up block, then its blocks), then norm_out, the activation and conv_out."""
+        return [m for stage in reversed(self.up_blocks) for m in stage] + [self.norm_out, self.conv_act, self.conv_out]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.embed(z)
+        for m in self.layers():
+            x = m(x)
+        return x
 
 
 # --------------------------------------------------------------------------------------------------------------
