@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderDC
 
+from tests.tiny_models import TINY_DCAE
+from twig_core import dcae
 from twig_core.dcae import (
     DCAE,
     DCAE_F32C32_SANA,
@@ -262,12 +264,111 @@ def test_tiling_blend_is_exact_for_a_pointwise_map():
             torch.testing.assert_close(_run_tiled(up, x, tile, overlap, 1, 8, 1, 3), full, atol=1e-5, rtol=1e-5)
 
 
-def test_tiled_decode_matches_untiled():
-    m = _local_tiny()
+def _random(cfg, seed=0):
+    """Our DC-AE with random weights; norm scales/shifts and BatchNorm statistics perturbed too."""
+    torch.manual_seed(seed)
+    m = DCAE(cfg).eval()
+    with torch.no_grad():
+        for name, t in m.state_dict().items():
+            if t.ndim == 1 and t.is_floating_point():
+                t.add_(0.2 * torch.randn_like(t)) if not name.endswith("running_var") else t.uniform_(0.5, 2.0)
+    return m
+
+
+def _max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
+def test_exact_tiled_decode_equals_untiled(cfg, monkeypatch):
+    """Attention runs on the whole latent, the local stages on tiles with their full reach as halo: every tile
+    size gives the untiled decode (odd, non-square latent, batch 2, tiles that do not divide it)."""
+    m = _random(cfg)
+    banded = []
+    real = dcae._attention_banded
+    monkeypatch.setattr(dcae, "_attention_banded", lambda *a: banded.append(1) or real(*a))
+    z = torch.randn(2, cfg.latent_channels, 7, 5)
+    with torch.no_grad():
+        full = m.decode_raw(z)
+        assert full.shape == (2, 3, 7 * cfg.spatial_factor, 5 * cfg.spatial_factor) and full.abs().max() > 0.5
+        for tile in (1, 2, 3, 5, 7):
+            tiled = m.decode_raw(z, tile_size=tile, overlap=0 if tile == 1 else 1)
+            assert tiled.shape == full.shape and tiled.is_contiguous()
+            assert _max_diff(tiled, full) <= 2e-5, tile
+    assert banded  # small tiles also split the attention stages' maps into row bands
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [TINY, TINY_MIX], ids=["sana-like", "mix-like"])
+def test_exact_tiled_decode_narrow_weights(cfg, dtype):
+    m = _random(cfg).to(dtype)
+    m.compute_dtype = torch.float32
+    z = torch.randn(1, cfg.latent_channels, 6, 9)
+    with torch.no_grad():
+        full = m.decode(z)
+        for tile in (2, 4):
+            assert _max_diff(m.decode(z, tile_size=tile), full) <= 2e-5
+
+
+def test_exact_tiled_decode_with_batch_statistics():
+    """BatchNorm in training mode normalises with statistics over the whole map: those stages join the part
+    that runs untiled, and tiling stays exact."""
+    m = _random(TINY_MIX).train()
+    plan = dcae.decode_plan(m.decoder)
+    assert not any(isinstance(x, torch.nn.BatchNorm2d) for t in plan.tail for x in t.modules())
+    z = torch.randn(2, 4, 5, 6)
+    with torch.no_grad():
+        assert _max_diff(m.decode(z, tile_size=2), m.decode(z)) <= 2e-5
+
+
+def test_decode_plan_of_the_sana_decoder():
+    with torch.device("meta"):
+        m = DCAE(DCAE_F32C32_SANA).eval()
+    plan = dcae.decode_plan(m.decoder)
+    # attention in the three lowest-resolution stages, then three ResBlock stages at 1/8, 1/4, 1/2 -> 1
+    assert all(isinstance(x, (dcae.EfficientViTBlock, dcae.UpBlock)) for x in plan.head)
+    assert sum(isinstance(x, dcae.EfficientViTBlock) for x in plan.head) == 9
+    assert plan.scale == 8 and plan.halos[0] == 7 and plan.halos[-1] == 0
+    assert not any(isinstance(x, dcae.EfficientViTBlock) for x in plan.tail)
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_MIX], ids=["sana-like", "mix-like"])
+def test_exact_tiled_decode_needs_its_whole_halo(cfg, monkeypatch):
+    """The halo is the local part's reach, not more than needed: one pixel less changes the result by far more
+    than the tolerance of the tests above."""
+    m = _random(cfg)
+    z = torch.randn(2, 4, 7, 5)
+    real = dcae.decode_plan
+
+    def short(decoder):
+        plan = real(decoder)
+        plan.halos[0] -= 1
+        return plan
+
+    with torch.no_grad():
+        full = m.decode(z)
+        monkeypatch.setattr(dcae, "decode_plan", short)
+        assert _max_diff(m.decode(z, tile_size=2), full) > 2e-4
+
+
+def test_tiled_decode_blends_when_attention_reaches_the_output(monkeypatch):
+    """Attention in the highest-resolution stage leaves nothing local to tile: tiles are blended instead."""
+    cfg = TINY_LOCAL.replace(decoder_block_types=(VIT_BLOCK,) * 3)
+    torch.manual_seed(0)
+    m = DCAE(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "decoder" in name and "attn.to_out" in name:
+                p.zero_()  # without its attention the network is local, so blending can match untiled
+    assert dcae.decode_plan(m.decoder) is None
+    blended = []
+    real = dcae._run_tiled
+    monkeypatch.setattr(dcae, "_run_tiled", lambda *a: blended.append(1) or real(*a))
     z = torch.randn(2, 4, 56, 40)  # 3 x 2 tiles of 32 with overlap 20 (its middle half is the blend ramp)
     with torch.no_grad():
         full = m.decode(z)
         tiled = m.decode(z, tile_size=32, overlap=20)
+    assert blended
     assert tiled.shape == full.shape == (2, 3, 224, 160)
     assert rel_err(tiled, full) <= 1e-2
 
@@ -283,10 +384,14 @@ def test_tiled_encode_matches_untiled():
 
 
 def test_tiled_decode_backprop():
-    m = _local_tiny()
-    z = torch.randn(1, 4, 20, 20, requires_grad=True)
-    m.decode(z, tile_size=12).square().mean().backward()
-    assert z.grad is not None and torch.isfinite(z.grad).all()
+    m = _random(TINY)
+    z = torch.randn(1, 4, 7, 6, requires_grad=True)
+    m.decode(z).square().mean().backward()
+    want = z.grad.clone()
+    m.zero_grad()
+    z.grad = None
+    m.decode(z, tile_size=3).square().mean().backward()
+    torch.testing.assert_close(z.grad, want, atol=1e-6, rtol=1e-4)  # exact tiling: the same gradients
     assert m.decoder.conv_in.weight.grad is not None
 
 

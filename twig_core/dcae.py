@@ -717,6 +717,235 @@ def _run_tiled(fn, x: torch.Tensor, tile: int, overlap: int, unit: int, up: int,
     return out / wsum
 
 
+# ---- exact tiled decoding ------------------------------------------------------------------------------------
+#
+# Attention (EfficientViT blocks) mixes all positions, but only in the decoder's low-resolution stages; what
+# follows the last attention block (up blocks, ResBlocks, norm_out, conv_out) is local: each output pixel
+# depends on a bounded window of that intermediate map. So the decoder runs the global part on the whole
+# latent (in row bands, to bound its temporaries) and the local part on tiles of the intermediate map that
+# carry a halo of the local part's reach; cropping the halo leaves exactly the pixels of an untiled decode.
+
+
+class _NotLocal(Exception):
+    """Raised by ``_reach`` for a module whose output at a pixel can depend on far-away pixels."""
+
+
+def _conv_reach(conv: nn.Conv2d, h: int) -> int:
+    k, d = conv.kernel_size, conv.dilation
+    r = d[0] * (k[0] // 2)
+    if conv.stride != (1, 1) or k[0] != k[1] or k[0] % 2 == 0 or d[0] != d[1] or tuple(conv.padding) != (r, r):
+        raise _NotLocal(conv)
+    return h + r
+
+
+def _reach(m: nn.Module, h: int) -> int:
+    """Halo (in m's input pixels) needed around a region of m's input for m's outputs to be exact over that
+    region grown by ``h`` output pixels on every side. Raises _NotLocal for attention, BatchNorm in training
+    mode (batch statistics) and anything not known to be local."""
+    if isinstance(m, nn.Sequential):
+        for child in reversed(m):
+            h = _reach(child, h)
+        return h
+    if isinstance(m, ResBlock):
+        return _conv_reach(m.conv1, _reach(m.norm, _conv_reach(m.conv2, h)))
+    if isinstance(m, GLUMBConv):
+        return _conv_reach(m.conv_depth, h)
+    if isinstance(m, UpBlock):
+        r = _conv_reach(m.conv, 0)
+        # interpolate: the conv runs on the 2x-upsampled map; pixel_shuffle: on the source, before the shuffle
+        return -(-(h + r) // 2) if m.interpolate else -(-h // 2) + r
+    if isinstance(m, nn.Conv2d):
+        return _conv_reach(m, h)
+    if isinstance(m, ChannelRMSNorm) or isinstance(m, tuple(_ACTS.values())):
+        return h
+    if isinstance(m, nn.BatchNorm2d) and not m.training:
+        return h
+    raise _NotLocal(m)
+
+
+def _upscale(m: nn.Module) -> int:
+    """Output pixels per input pixel along each side."""
+    if isinstance(m, nn.Sequential):
+        return math.prod(_upscale(c) for c in m)
+    return 2 if isinstance(m, UpBlock) else 1
+
+
+def _is_local(m: nn.Module) -> bool:
+    try:
+        _reach(m, 0)
+        return True
+    except _NotLocal:
+        return False
+
+
+@dataclass
+class DecodePlan:
+    """How the decoder splits for exact tiling: ``head`` runs on the whole map (after ``Decoder.embed``),
+    ``tail`` on tiles; ``halos[j]`` is the halo ``tail[j]`` needs around a tile in its input pixels
+    (``halos[0]``: the halo of the tiles cut from the intermediate map), ``halos[-1]`` is 0; ``scale`` is the
+    tail's upsampling (intermediate map -> pixels)."""
+
+    head: list
+    tail: list
+    halos: list
+    scale: int
+
+
+def decode_plan(decoder: "Decoder") -> Optional[DecodePlan]:
+    """Split after the last module that is not local (in practice: the last attention block). None when the
+    tail would not upsample, i.e. attention reaches the output resolution and there is nothing worth tiling."""
+    layers = decoder.layers()
+    split = len(layers)
+    while split > 0 and _is_local(layers[split - 1]):
+        split -= 1
+    tail = layers[split:]
+    scale = math.prod(_upscale(m) for m in tail)
+    if scale == 1:
+        return None
+    halos = [0] * (len(tail) + 1)
+    for j in reversed(range(len(tail))):
+        halos[j] = _reach(tail[j], halos[j + 1])
+    return DecodePlan(layers[:split], tail, halos, scale)
+
+
+def _spans(length: int, tile: int) -> list:
+    """ceil(length / tile) consecutive spans covering [0, length), as even as possible (each <= tile)."""
+    n = -(-length // tile)
+    return [(k * length // n, (k + 1) * length // n) for k in range(n)]
+
+
+def _window(c0: int, c1: int, halo: int, length: int) -> tuple:
+    return max(c0 - halo, 0), min(c1 + halo, length)
+
+
+# A tile is cropped to the halo the next layer needs only when that sheds at least this fraction of its pixels;
+# below that, computing the extra border is cheaper than copying the tile.
+_CROP_MIN = 0.05
+
+
+def _band_rows(x: torch.Tensor, budget: int) -> int:
+    """Rows per band of x such that a band holds about ``budget`` elements per batch item."""
+    _, c, _, w = x.shape
+    return max(1, budget // max(1, c * w))
+
+
+def _banded(m: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """m(x) for a local m, computed over bands of ``rows`` rows of x (each read with the halo rows m needs).
+    When m keeps the size, results overwrite x one band late (once the next band has read its halo rows, which
+    needs bands of at least that many rows): x must be a temporary. Otherwise they go into a new output."""
+    r, s = _reach(m, 0), _upscale(m)
+    h = x.shape[-2]
+    rows = max(rows, r)
+    out, pending = None, None
+    for i0 in range(0, h, rows):
+        i1 = min(i0 + rows, h)
+        a0, a1 = _window(i0, i1, r, h)
+        y = m(x[:, :, a0:a1])[:, :, (i0 - a0) * s:(i1 - a0) * s]
+        if s == 1:
+            if pending is not None:
+                x[:, :, pending[0]:pending[1]] = pending[2]
+            pending = (i0, i1, y)
+        else:
+            if out is None:
+                out = channels_last(y.new_empty(y.shape[0], y.shape[1], h * s, x.shape[-1] * s))
+            out[:, :, i0 * s:i1 * s] = y
+        del y
+    if s == 1:
+        x[:, :, pending[0]:pending[1]] = pending[2]
+        return x
+    return out
+
+
+def _attention_banded(attn: MultiscaleLinearAttention, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """attn(x) over bands of rows, in place on x (a temporary): one pass sums the key statistics over all
+    positions from each band's keys and values, a second computes each band's queries and output."""
+    r = max((agg.proj_in.kernel_size[0] // 2 for agg in attn.to_qkv_multiscale), default=0)
+    h = x.shape[-2]
+    rows = max(rows, r)
+    bands = [(i0, min(i0 + rows, h)) for i0 in range(0, h, rows)]
+
+    def band_heads(i0, i1, weight, roles):  # [B, heads, roles, d, N] over rows i0:i1
+        a0, a1 = _window(i0, i1, r, h)
+        return attn.heads(attn.qkv(x[:, :, a0:a1], weight)[:, :, i0 - a0:i1 - a0], roles)
+
+    stats, weight = None, attn.qkv_weight((1, 2))
+    for i0, i1 in bands:
+        part = attn.key_stats(*band_heads(i0, i1, weight, 2).unbind(2))
+        stats = part if stats is None else tuple(s.add_(p) for s, p in zip(stats, part))
+        del part
+    pending, weight = None, attn.qkv_weight((0,))
+    for i0, i1 in bands:
+        out = attn.attend(band_heads(i0, i1, weight, 1)[:, :, 0], stats).to(x.dtype)
+        y = attn.finish(x[:, :, i0:i1], out)
+        del out
+        if pending is not None:
+            x[:, :, pending[0]:pending[1]] = pending[2]
+        pending = (i0, i1, y)
+    x[:, :, pending[0]:pending[1]] = pending[2]
+    return x
+
+
+def _head_step(m: nn.Module, x: torch.Tensor, budget: int) -> torch.Tensor:
+    """m(x) for one module of the head. Without autograd, a map of more than ``budget`` elements per batch
+    item is done in row bands of about that size (attention: see _attention_banded), so that no temporary
+    spans the whole map."""
+    rows = _band_rows(x, budget)
+    if torch.is_grad_enabled() or x.shape[-2] <= rows:
+        return m(x)
+    if isinstance(m, EfficientViTBlock) and _is_local(m.attn.norm_out) and _is_local(m.conv_out):
+        if x.shape[-2] * x.shape[-1] > m.attn.head_dim:  # else forward uses its N x N form; keep that
+            x = _attention_banded(m.attn, x, rows)
+            return _banded(m.conv_out, x, rows)
+    elif _is_local(m):
+        return _banded(m, x, rows)
+    return m(x)
+
+
+def _tail_tile(plan: DecodePlan, x: torch.Tensor, ys: tuple, xs: tuple) -> torch.Tensor:
+    """The decoder's output over the tile ys x xs (spans of the intermediate map x), from a window of x. After
+    each layer the window shrinks to the halo the layers left need (see _CROP_MIN)."""
+    h, w = x.shape[-2:]
+    (a0, a1), (b0, b1) = _window(*ys, plan.halos[0], h), _window(*xs, plan.halos[0], w)
+    t = x[:, :, a0:a1, b0:b1].clone(memory_format=torch.channels_last)  # own copy: layers work in place
+    scale = 1
+    for j, m in enumerate(plan.tail):
+        t = m(t)
+        s, halo, last = _upscale(m), plan.halos[j + 1], j == len(plan.tail) - 1
+        scale, h, w, a0, a1, b0, b1 = scale * s, h * s, w * s, a0 * s, a1 * s, b0 * s, b1 * s
+        c0, c1 = _window(ys[0] * scale, ys[1] * scale, halo, h)
+        d0, d1 = _window(xs[0] * scale, xs[1] * scale, halo, w)
+        if last or (c1 - c0) * (d1 - d0) <= (1 - _CROP_MIN) * (a1 - a0) * (b1 - b0):
+            t = t[:, :, c0 - a0:c1 - a0, d0 - b0:d1 - b0]
+            t = t if last else channels_last(t)
+            a0, a1, b0, b1 = c0, c1, d0, d1
+    return t
+
+
+def decode_tiled(decoder: "Decoder", z: torch.Tensor, tile: int, plan: DecodePlan) -> torch.Tensor:
+    """decoder(z), exactly (up to summation order), with the tail run on tiles of ``tile`` latent pixels.
+
+    The head runs on the whole map, in row bands where its maps are large: a band's map-sized temporaries
+    hold a quarter of the elements of one output-resolution feature map of a tile (an attention block keeps
+    about a dozen such temporaries at once, a ResBlock on a tile three maps), so the tile size bounds the
+    memory of both parts."""
+    up = math.prod(_upscale(m) for m in plan.head)  # intermediate pixels per latent pixel
+    s = plan.scale
+    budget = (tile * up * s) ** 2 * decoder.norm_out.weight.shape[0] // 4
+    x = decoder.embed(z)
+    for m in plan.head:
+        x = _head_step(m, x, budget)
+    b, _, h, w = x.shape
+    out = None
+    for y0, y1 in _spans(z.shape[-2], tile):
+        for x0, x1 in _spans(z.shape[-1], tile):
+            t = _tail_tile(plan, x, (y0 * up, y1 * up), (x0 * up, x1 * up))
+            if out is None:
+                out = t.new_empty(b, t.shape[1], h * s, w * s)
+            out[:, :, y0 * up * s:y1 * up * s, x0 * up * s:x1 * up * s] = t
+            del t
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The autoencoder
 # --------------------------------------------------------------------------------------------------------------
@@ -829,18 +1058,22 @@ class DCAE(nn.Module):
         return z.to(images.device, images.dtype).contiguous()
 
     def decode_raw(self, latent: torch.Tensor, tile_size: TileSize = None, overlap: Optional[int] = None) -> torch.Tensor:
-        """Unscaled latent [B,C,h,w] -> images [B,3,h*f,w*f], roughly [-1,1], not clamped. tile_size/overlap
-        in latent pixels (overlap defaults to a quarter tile); 'auto' uses auto_tile_size."""
+        """Unscaled latent [B,C,h,w] -> images [B,3,h*f,w*f], roughly [-1,1], not clamped. tile_size in latent
+        pixels ('auto' uses auto_tile_size): each tile gives tile_size*f output pixels a side, equal to an
+        untiled decode (see decode_plan); overlap is used only where attention reaches the output resolution
+        and tiles are blended instead (latent pixels, default a quarter tile)."""
         self._check_latent(latent)
         tiling = self._tiling(tile_size, overlap, 1, "decode", *latent.shape[-2:])
         p = self._param()
         z = channels_last(latent.to(p.device, self.dtype))
+        plan = None if tiling is None else decode_plan(self.decoder)
         if tiling is None:
             x = self.decoder(z)
+        elif plan is not None:
+            x = decode_tiled(self.decoder, z, tiling[0], plan)
         else:
             t, o = tiling
-            f = self.spatial_factor
-            x = _run_tiled(self.decoder, z, t, o, 1, f, 1, self.config.in_channels)
+            x = _run_tiled(self.decoder, z, t, o, 1, self.spatial_factor, 1, self.config.in_channels)
         return x.to(latent.device, latent.dtype).contiguous()
 
     def encode(self, images: torch.Tensor, tile_size: TileSize = None, overlap: Optional[int] = None) -> torch.Tensor:
