@@ -2,7 +2,8 @@
 
 Same code paths as the real model, smaller sizes:
   DC-AE   6 stages, 32x down, 32 latent channels (ResBlock x4 + EfficientViT x2), ~2M weights
-  DiT     TwigTransformer, 16 latent tokens for a 128² picture
+  DiT     TwigTransformer, 16 latent tokens for a 128² picture (the recipe adds Sana's sin-cos positional
+          embedding, which the 2K/4K Sana models use: on a 4x4 grid, zero padding alone says little about place)
   text    Gemma-2 (transformers) with the demo tokenizer; trained without Sana's instruction prefix, which
           would triple the text encoder's training cost (its folder says so in twig_text.json)
 Pictures are 128², so latents are [B, 32, 4, 4].

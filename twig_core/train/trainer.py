@@ -3,7 +3,8 @@
 Stages (each resumable from its last checkpoint, each small enough for one sitting on a CPU):
   vae      DC-AE autoencoder on the rendered pictures (L1 + MSE, latent-noise augmentation)
   latents  encode every training picture once with the trained DC-AE
-  dit      Gemma-2 text encoder + DiT trained jointly with the flow-matching loss on those latents
+  text     Gemma-2 pre-trained to read the scene out of captions (``text_pretrain.py``)
+  dit      DiT trained with the flow-matching loss on those latents, Gemma-2 frozen (or trained along)
 The same loop fine-tunes a real checkpoint on a GPU (``train_dit`` takes any TwigTransformer / TextEncoder,
 and ``lora.apply_lora`` restricts training to low-rank adapters).
 """
