@@ -4,6 +4,7 @@
     python bench/bench_dcae.py --size 2048 --tile 16 --overlap 2 [--weight-dtype fp16]  # both tiled alike: diffusers' enable_tiling()
                                                                    # defaults are 512 px tiles every 448 px
     python bench/bench_dcae.py --size 1024 --device cuda
+    python bench/bench_dcae.py --size 512 --tile 4 --check-untiled   # also: tiled vs our own untiled decode
 
 Each implementation runs in its own subprocess so that peak RSS (VmHWM) is its own. Weights are created
 once (seeded), saved to a temporary safetensors file and loaded by both.
@@ -118,6 +119,9 @@ def main() -> None:
     p.add_argument("--weight-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="twig_core's weights in memory (it always decodes in fp32; diffusers holds fp32)")
     p.add_argument("--ours-only", action="store_true", help="only twig_core (e.g. a 4096² completion check)")
+    p.add_argument("--check-untiled", action="store_true",
+                   help="with --tile: also decode untiled with twig_core (a third run, untiled memory) and print "
+                        "how far the tiled decode is from it")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--latent", help=argparse.SUPPRESS)
@@ -143,11 +147,15 @@ def main() -> None:
         torch.save(torch.randn(1, 32, n, n, generator=torch.Generator().manual_seed(1)), tmp / "latent.pt")
 
         results = {}
-        for name in ("ours",) if args.ours_only else ("ours", "diffusers"):
-            cmd = [sys.executable, __file__, "--child", name, "--weights", str(tmp / "vae.safetensors"),
+        runs = ["ours"] if args.ours_only else ["ours", "diffusers"]
+        if args.check_untiled and args.tile:
+            runs.append("ours-untiled")
+        for name in runs:
+            child_name = "ours" if name == "ours-untiled" else name
+            cmd = [sys.executable, __file__, "--child", child_name, "--weights", str(tmp / "vae.safetensors"),
                    "--latent", str(tmp / "latent.pt"), "--out", str(tmp / f"{name}.pt"), "--size", str(args.size),
                    "--repeat", str(args.repeat), "--device", args.device, "--weight-dtype", args.weight_dtype]
-            if args.tile:
+            if args.tile and name != "ours-untiled":
                 cmd += ["--tile", str(args.tile)]
             if args.overlap is not None:
                 cmd += ["--overlap", str(args.overlap)]
@@ -156,9 +164,14 @@ def main() -> None:
                 sys.exit(f"{name} failed:\n{proc.stderr}")
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
 
+        def rel_diff(a, b):
+            a, b = torch.load(tmp / f"{a}.pt"), torch.load(tmp / f"{b}.pt")
+            return ((a - b).abs().max() / b.abs().max()).item(), (a - b).abs().max().item()
+
         if not args.ours_only:
-            a, b = torch.load(tmp / "ours.pt"), torch.load(tmp / "diffusers.pt")
-            diff = ((a - b).abs().max() / b.abs().max()).item()
+            diff = rel_diff("ours", "diffusers")[0]
+        if "ours-untiled" in results:
+            self_rel, self_abs = rel_diff("ours", "ours-untiled")
 
     tiling = f", tile {args.tile} latent px" if args.tile else ", untiled"
     print(f"DC-AE f32c32 decode, {args.size}x{args.size} ({args.size // 32}x{args.size // 32} latent{tiling}), "
@@ -168,11 +181,13 @@ def main() -> None:
         extra = f", cuda peak {r['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in r else ""
         print(f"  {name:9s} {r['time']:8.3f} s   RSS after load {r['loaded_mib']:7.0f} MiB, "
               f"peak {r['peak_mib']:7.0f} MiB (+{r['peak_mib'] - r['loaded_mib']:.0f}){extra}")
+    if "ours-untiled" in results:
+        print(f"  ours tiled vs ours untiled: rel. max diff {self_rel:.2e}, max abs diff {self_abs:.2e}")
     if args.ours_only:
         return
     ratio = results["ours"]["time"] / results["diffusers"]["time"]
     print(f"  time ratio ours/diffusers: {ratio:.2f}   output rel. max diff: {diff:.2e}"
-          + ("  (tile seams blended differently)" if args.tile else ""))
+          + ("  (diffusers blends overlapping tiles; ours decodes tiles exactly)" if args.tile else ""))
     mem = (results["ours"]["peak_mib"] - results["ours"]["loaded_mib"]) / max(
         1.0, results["diffusers"]["peak_mib"] - results["diffusers"]["loaded_mib"])
     print(f"  decode working memory ratio ours/diffusers: {mem:.2f}   peak RSS ratio: "
