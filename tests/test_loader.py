@@ -474,6 +474,133 @@ def test_dcae_original_layout_other_family(tmp_path):
         assert torch.equal(a, b)
 
 
+def _save_ae(ae, path, layout="diffusers", dtype=None):
+    sd = {k: v if dtype is None else v.to(dtype) for k, v in ae.state_dict().items()}
+    if layout == "original":
+        sd = keymap.dcae_ours_to_original(sd)
+    if path.suffix == ".pth":
+        torch.save(sd, path)
+    else:
+        save_file(sd, path)
+    return path
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """Names of the tensors read from weight files, in order."""
+    seen = []
+    for cls in (loader.SafetensorsFile, loader.TorchFile):
+        def read(self, key, real=cls.__getitem__):
+            seen.append(key)
+            return real(self, key)
+        monkeypatch.setattr(cls, "__getitem__", read)
+    return seen
+
+
+@pytest.mark.parametrize("name,layout", [("ae.safetensors", "diffusers"), ("ae.safetensors", "original"),
+                                         ("ae.pth", "original")])
+def test_dcae_encoder_is_read_on_first_encode(tmp_path, reads, name, layout):
+    """load_vae reads the decoder only; the first encode reads the encoder's tensors (and nothing else) and
+    gives exactly what an eagerly loaded model gives."""
+    ae = tiny_ae()
+    path = _save_ae(ae, tmp_path / name, layout)
+    eager = loader.load_vae(path, lazy_encoder=False)
+    assert eager.encoder_loaded
+    reads.clear()
+    lazy = loader.load_vae(path)
+    assert reads and all(k.startswith("decoder.") for k in reads)  # the encoder half is never read
+    assert not lazy.encoder_loaded and "not loaded yet" in repr(lazy)
+    decoder_keys = [k for k in eager.state_dict() if k.startswith("decoder.")]
+    assert list(lazy.state_dict()) == decoder_keys  # what is in memory: no meta tensors, nothing unread
+    assert all(not p.is_meta for p in lazy.parameters()) and all(not b.is_meta for b in lazy.buffers())
+    assert sum(p.numel() for p in lazy.parameters()) == sum(p.numel() for p in eager.decoder.parameters())
+    g = torch.Generator().manual_seed(5)
+    latent = torch.randn(1, 4, 2, 2, generator=g)
+    with torch.no_grad():
+        assert torch.equal(lazy.decode(latent), eager.decode(latent))
+        assert not lazy.encoder_loaded  # decoding does not read it
+        reads.clear()
+        img = torch.rand(1, 3, 2 * ae.spatial_factor, 2 * ae.spatial_factor, generator=g) * 2 - 1
+        assert torch.equal(lazy.encode(img), eager.encode(img))
+    assert lazy.encoder_loaded and reads and all(k.startswith("encoder.") for k in reads)
+    assert list(lazy.state_dict()) == list(eager.state_dict())  # same names, same order as eager
+    assert all(torch.equal(a, b) for a, b in zip(lazy.state_dict().values(), eager.state_dict().values()))
+    reads.clear()
+    with torch.no_grad():
+        lazy.encode(img)
+    assert reads == []  # read once
+
+
+def test_dcae_lazy_encoder_follows_moves_and_modes(tmp_path):
+    """.to()/.half()/eval()/requires_grad_ before the first encode work, and the encoder is read the way they
+    left the decoder: its dtype and device, the training flag, the requires_grad flag; compute_dtype holds."""
+    ae = tiny_ae()
+    path = _save_ae(ae, tmp_path / "ae.safetensors")
+    lazy = loader.load_vae(path, compute_dtype="fp32")
+    eager = loader.load_vae(path, compute_dtype="fp32", lazy_encoder=False)
+    for m in (lazy, eager):
+        m.to("cpu").half().requires_grad_(False).train().eval()
+    assert not lazy.encoder_loaded and lazy.dtype == torch.float32
+    img = torch.rand(1, 3, 2 * ae.spatial_factor, 2 * ae.spatial_factor) * 2 - 1
+    got = lazy.encode(img)
+    assert got.dtype == torch.float32 and torch.equal(got, eager.encode(img))
+    enc = lazy.encoder
+    assert {p.dtype for p in enc.parameters()} == {torch.float16}
+    assert not any(p.requires_grad for p in enc.parameters()) and not enc.training
+    # a plain dtype change (weights and compute alike), and a training-mode model
+    lazy = loader.load_vae(path).to(torch.bfloat16).train()
+    eager = loader.load_vae(path, lazy_encoder=False).to(torch.bfloat16).train()
+    img = img.to(torch.bfloat16)
+    assert torch.equal(lazy.encode(img), eager.encode(img))
+    assert {p.dtype for p in lazy.encoder.parameters()} == {torch.bfloat16}
+    assert lazy.encoder.training and all(p.requires_grad for p in lazy.encoder.parameters())
+
+
+def test_dcae_lazy_encoder_from_half_file_computing_in_fp32(tmp_path):
+    ae = tiny_ae()
+    path = _save_ae(ae, tmp_path / "ae.safetensors", dtype=torch.float16)
+    lazy = loader.load_vae(path, compute_dtype="fp32")
+    eager = loader.load_vae(path, compute_dtype="fp32", lazy_encoder=False)
+    for a, b in zip(ae_out(lazy), ae_out(eager)):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert {p.dtype for p in lazy.parameters()} == {torch.float16}
+
+
+def test_dcae_lazy_encoder_file_gone_or_changed(tmp_path):
+    """A file deleted or replaced after loading: a TwigError naming it on encode (an encoder from another file
+    would not match the decoder), decoding still works and no meta tensor is left in the model."""
+    ae = tiny_ae()
+    path = _save_ae(ae, tmp_path / "ae.safetensors")
+    lazy = loader.load_vae(path)
+    img = torch.rand(1, 3, 2 * ae.spatial_factor, 2 * ae.spatial_factor) * 2 - 1
+    path.unlink()
+    with pytest.raises(TwigError, match=f"{path}: the file is gone since the VAE was loaded"):
+        lazy.encode(img)
+    assert not lazy.encoder_loaded and all(not t.is_meta for t in lazy.state_dict().values())
+    with torch.no_grad():
+        assert torch.isfinite(lazy.decode(torch.randn(1, 4, 2, 2))).all()
+    _save_ae(tiny_ae(seed=1), path)  # another model under the same name
+    with pytest.raises(TwigError, match=f"{path}: the file has changed"):
+        lazy.encode(img)
+    assert not lazy.encoder_loaded
+
+
+def test_dcae_lazy_encoder_keys_checked_at_load_and_state_dict(tmp_path):
+    ae = tiny_ae()
+    sd = dict(ae.state_dict())
+    del sd["encoder.down_blocks.0.0.conv2.weight"]
+    save_file(sd, tmp_path / "broken.safetensors")
+    with pytest.raises(TwigError, match=r"broken\.safetensors: .*missing 1 tensors \(encoder.down_blocks.0.0.conv2"):
+        loader.load_vae(tmp_path / "broken.safetensors")
+    # load_state_dict with encoder keys on a model that has not read its encoder yet
+    lazy = loader.load_vae(_save_ae(ae, tmp_path / "ae.safetensors"))
+    other = tiny_ae(seed=2)
+    lazy.load_state_dict(other.state_dict())
+    assert lazy.encoder_loaded
+    for a, b in zip(ae_out(lazy), ae_out(other)):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Gemma-2 text encoder
 

@@ -957,6 +957,10 @@ class DCAE(nn.Module):
     Computation runs on the module's device in ``dtype`` (``compute_dtype``, else the weights' dtype); results come back on the input's
     device in the input's dtype.
     Works under torch.no_grad/inference_mode and with autograd alike.
+
+    The encoder may be deferred (``defer_encoder``; ``loader.load_vae`` does so by default): until something
+    reads ``self.encoder`` (``encode``, ``encode_raw``, ``load_encoder()``) the model holds the decoder only, and
+    ``parameters()``, ``state_dict()``, ``.to()`` and the like cover the decoder only, i.e. what is in memory.
     """
 
     def __init__(self, config: DCAEConfig = DCAE_F32C32_SANA, compute_dtype: torch.dtype | None = None):
@@ -967,6 +971,8 @@ class DCAE(nn.Module):
         self.compute_dtype = compute_dtype
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self._encoder_source = None  # see defer_encoder
+        self._encoder_grad = True  # the last requires_grad_ flag, for an encoder read later
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor], strict: bool = True, **config_overrides) -> "DCAE":
@@ -977,6 +983,57 @@ class DCAE(nn.Module):
             model = cls(cfg)
         model.load_state_dict(sd, strict=strict, assign=True)
         return model.eval()
+
+    # ---- deferred encoder ------------------------------------------------------------------------------
+
+    def defer_encoder(self, source) -> "DCAE":
+        """Drop the encoder until something needs it. ``source(model, dtype, device)`` is then called once,
+        with the meta-device encoder in place, to fill ``model.encoder``'s weights in ``dtype`` on ``device``:
+        the decoder's weight dtype and device at that moment, so ``.to()``/``.half()`` made before still hold."""
+        del self.encoder
+        self._encoder_source = source
+        return self
+
+    @property
+    def encoder_loaded(self) -> bool:
+        return self.__dict__.get("_encoder_source") is None
+
+    def load_encoder(self) -> Encoder:
+        """The encoder, its weights read first if they were deferred."""
+        source = self.__dict__.get("_encoder_source")
+        if source is not None:
+            ref = self._param()
+            with torch.device("meta"):
+                enc = Encoder(self.config)
+            rest = dict(self._modules)
+            self._modules.clear()
+            self._modules.update(encoder=enc, **rest)  # the order of an eagerly built model
+            self._encoder_source = None
+            try:
+                source(self, ref.dtype, ref.device)
+            except BaseException:
+                del self._modules["encoder"]  # no meta tensors left behind; a later call tries again
+                self._encoder_source = source
+                raise
+            enc.train(self.training).requires_grad_(self._encoder_grad)
+        return self._modules["encoder"]
+
+    def __getattr__(self, name: str):
+        if name == "encoder" and self.__dict__.get("_encoder_source") is not None:
+            return self.load_encoder()
+        return super().__getattr__(name)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "DCAE":
+        self._encoder_grad = requires_grad
+        return super().requires_grad_(requires_grad)
+
+    def load_state_dict(self, state_dict, *args, **kwargs):
+        if not self.encoder_loaded and any(k.startswith("encoder.") for k in state_dict):
+            self.load_encoder()  # read, then overwritten: simpler than a second way to build it
+        return super().load_state_dict(state_dict, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return "" if self.encoder_loaded else "encoder: not loaded yet (read on first encode)"
 
     @property
     def scaling_factor(self) -> float:

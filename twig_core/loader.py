@@ -36,6 +36,7 @@ Safety and memory:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -805,23 +806,95 @@ def _describe(cfg: TransformerConfig) -> str:
 # DC-AE
 
 
+class _Part(Weights):
+    """The keys of ``base`` that start with ``prefix``, names kept (one half of a DC-AE, so that renaming the
+    original layout reads only that half)."""
+
+    def __init__(self, base: Weights, prefix: str):
+        self.base, self.label = base, base.label
+        self._keys = dict.fromkeys(k for k in base if k.startswith(prefix))
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def __contains__(self, key):
+        return key in self._keys
+
+    def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
+        return self.base[key]
+
+
+def _open_vae(path, variant, dtype):
+    """A DC-AE source: (source, original MIT layout?, every tensor's meta under our names)."""
+    src = _open_source(path, "vae", variant, dtype)
+    original = keymap.is_dcae_original(src.weights.keys())
+    metas = src.weights.meta_dict()
+    return src, original, keymap.dcae_original_to_ours(metas) if original else metas
+
+
+def _fill_vae(model, weights: Weights, original: bool, parts, dtype, device, label: str):
+    """Read the named halves of a meta-device DC-AE ("encoder", "decoder") from a checked source."""
+    for i, part in enumerate(parts):
+        names = [n for n in model.state_dict() if n.startswith(part + ".")]
+        tensors = keymap.dcae_original_to_ours(_Part(weights, part + ".")) if original else weights
+        _fill(model, tensors, names, dtype, device, label, pop=original, check=i == len(parts) - 1)
+
+
+def _files_of(weights: Weights) -> list[str]:
+    if isinstance(weights, PrefixedWeights):
+        return _files_of(weights.base)
+    if isinstance(weights, UnionWeights):
+        return [f for part in weights.parts for f in _files_of(part)]
+    return [weights.path]
+
+
+def _stamp(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _read_deferred_encoder(path, variant, requested, stamps: dict, model, dtype, device):
+    """``DCAE.defer_encoder``'s source: the encoder's tensors from the file(s) the decoder came from."""
+    for f, stamp in stamps.items():
+        now = _stamp(f)
+        if now != stamp:
+            why = "is gone" if now is None else "has changed"
+            raise TwigError(f"{f}: the file {why} since the VAE was loaded, and its encoder is read from it on "
+                            "first use (encode); load the VAE again")
+    src, original, ours_meta = _open_vae(path, variant, requested)
+    _check_keys(model, ours_meta, src.label, "DC-AE")
+    _fill_vae(model, src.weights, original, ("encoder",), dtype, device, src.label)
+
+
 def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str | None = None, config=None,
-             **overrides):
+             lazy_encoder: bool = True, **overrides):
     """Load a DC-AE (diffusers ``AutoencoderDC`` or the original MIT-Han-Lab layout), file or folder.
 
     The architecture comes from a diffusers config.json when there is one, else from the tensor shapes
     (``DCAEConfig.from_state_dict``; ``overrides`` set fields such as ``scaling_factor``). ``dtype``: the
     weights' dtype in memory (None: as stored); ``compute_dtype``: the dtype it runs in (None: the weights').
+
+    ``lazy_encoder`` (default): every key is checked now but only the decoder is read; the encoder (about half
+    the weights) is read from the same file on first use, in the decoder's dtype and on its device at that
+    time (see ``DCAE.defer_encoder``). A text-to-image run, which only decodes, never holds it. Until then
+    ``state_dict()`` and ``parameters()`` cover the decoder only, i.e. what is in memory (what a host's memory
+    accounting should count); ``model.load_encoder()`` reads it explicitly, e.g. before saving a state dict.
+    The file must stay in place meanwhile (a TwigError naming it otherwise). False reads everything now.
     """
     from .dcae import DCAE, DCAEConfig
 
-    dtype = resolve_dtype(dtype, device)
+    requested = dtype = resolve_dtype(dtype, device)
     compute_dtype = resolve_dtype(compute_dtype, device)
-    src = _open_source(path, "vae", variant, dtype)
+    src, original, ours_meta = _open_vae(path, variant, dtype)
     label = src.label
-    original = keymap.is_dcae_original(src.weights.keys())
-    metas = src.weights.meta_dict()
-    ours_meta = keymap.dcae_original_to_ours(metas) if original else metas
     with _named_errors(label):
         if config is None:
             if src.config is not None:
@@ -834,11 +907,12 @@ def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str
         model = DCAE(config, compute_dtype=compute_dtype)
     _check_keys(model, ours_meta, label, "DC-AE")
     dtype = dtype or _dominant_dtype(ours_meta)
-    names = list(model.state_dict().keys())
-    if original:
-        _fill(model, keymap.dcae_original_to_ours(src.weights), names, dtype, device, label, pop=True)
-    else:
-        _fill(model, src.weights, names, dtype, device, label)
+    parts = ("encoder", "decoder")
+    if lazy_encoder:
+        stamps = {f: _stamp(f) for f in _files_of(src.weights)}
+        model.defer_encoder(functools.partial(_read_deferred_encoder, os.fspath(path), variant, requested, stamps))
+        parts = ("decoder",)
+    _fill_vae(model, src.weights, original, parts, dtype, device, label)
     return model.eval()
 
 
