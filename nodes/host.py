@@ -324,6 +324,7 @@ class ManagedModel:
         self._module_of = module_of or (lambda obj: obj)
         self._obj = None
         self._patcher = None
+        self._patched_bytes = 0  # the module's resident size when the patcher was made
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -353,9 +354,16 @@ class ManagedModel:
             mm = model_management()
             mp = _host_module("comfy.model_patcher")
             if mm is not None and mp is not None and hasattr(mm, "load_models_gpu"):
+                size = resident_bytes(module)
+                if self._patcher is not None and size != self._patched_bytes:
+                    # weights read since ComfyUI measured the model (the DC-AE's encoder, read on first
+                    # encode): register it anew so that its memory accounting covers them
+                    self._unregister()
+                    self._patcher = None
                 if self._patcher is None:
                     holder = _holder_class(self.kind)(module, _param_device(module))
                     self._patcher = mp.ModelPatcher(holder, load_device=self.load_device, offload_device=self.offload_device)
+                    self._patched_bytes = size
                 mm.load_models_gpu([self._patcher], force_full_load=True)
             elif _param_device(module) != self.load_device:
                 module.to(self.load_device)
@@ -406,6 +414,11 @@ def _holder_class(kind: str) -> type:
     if name not in _HOLDER_CLASSES:
         _HOLDER_CLASSES[name] = type(name, (_Holder,), {"__module__": __name__})
     return _HOLDER_CLASSES[name]
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the weights the module holds now (a DC-AE whose encoder is not read yet: the decoder's)."""
+    return sum(t.nelement() * t.element_size() for t in module.state_dict().values())
 
 
 def _param_device(module: torch.nn.Module) -> torch.device:

@@ -190,6 +190,7 @@ class TwigVAEEncode:
         if not torch.is_tensor(pixels) or pixels.ndim != 4 or pixels.shape[-1] < 3:
             got = tuple(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__
             raise TwigError(f"pixels must be an IMAGE [batch, height, width, 3], got {got}")
+        vae.peek().load_encoder()  # read on first encode, before the host places the model and counts its memory
         model = vae.get()
         f = model.spatial_factor
         if tile_size and tile_size % f:

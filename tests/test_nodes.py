@@ -470,6 +470,63 @@ def test_encode_gives_model_space_latents(parts):
         TwigVAEEncode().encode(torch.rand(3, 64, 64), vae, 0)
 
 
+def test_vae_reads_its_encoder_on_first_encode_and_the_host_counts_it(models_dir, monkeypatch):
+    """The DC-AE holds its decoder only until something encodes. The host's model manager (a stand-in that
+    measures a model as comfy.model_management.module_size does, from its state_dict) sees the decoder
+    only while decoding, and the whole model once the Encode node has read the encoder."""
+    need_loader()
+    from twig_core import loader
+
+    cpu = torch.device("cpu")
+    mm = types.ModuleType("comfy.model_management")
+    mm.current_loaded_models = []
+    mp = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device):
+            self.model = model
+            self.size = sum(t.nelement() * t.element_size() for t in model.state_dict().values())
+
+        def detach(self):
+            pass
+
+    class LoadedModel:
+        def __init__(self, patcher):
+            self.model = patcher
+
+        def model_unload(self):
+            pass
+
+    def load_models_gpu(patchers, force_full_load=False):
+        for p in patchers:
+            if not any(m.model is p for m in mm.current_loaded_models):
+                mm.current_loaded_models.append(LoadedModel(p))
+
+    mm.load_models_gpu, mp.ModelPatcher = load_models_gpu, ModelPatcher
+    comfy = types.ModuleType("comfy")
+    comfy.model_management, comfy.model_patcher = mm, mp
+    for name, mod in (("comfy", comfy), ("comfy.model_management", mm), ("comfy.model_patcher", mp)):
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    path = str(models_dir / "vae" / "tiny_dcae.safetensors")
+    vae = host.ManagedModel("vae", path, lambda dev: loader.load_vae(path, device=dev).requires_grad_(False),
+                            cpu, cpu, torch.float32)
+    eager = loader.load_vae(path, lazy_encoder=False)
+    whole = sum(t.nelement() * t.element_size() for t in eager.state_dict().values())
+    decoder = sum(t.nelement() * t.element_size() for t in eager.decoder.state_dict().values())
+    TwigVAEDecode().decode({"samples": torch.randn(1, 32, 2, 2)}, vae, 0)
+    assert not vae.peek().encoder_loaded
+    assert [m.model.size for m in mm.current_loaded_models] == [decoder]
+    img = torch.rand(1, 64, 96, 3)
+    (lat,) = TwigVAEEncode().encode(img, vae, 0)
+    assert vae.peek().encoder_loaded and not any(p.requires_grad for p in vae.peek().parameters())
+    assert [m.model.size for m in mm.current_loaded_models] == [whole]  # registered anew, the old one gone
+    with torch.no_grad():
+        torch.testing.assert_close(lat["samples"], eager.encode(img.permute(0, 3, 1, 2) * 2 - 1))
+    TwigVAEDecode().decode({"samples": torch.randn(1, 32, 2, 2)}, vae, 0)
+    assert len(mm.current_loaded_models) == 1
+
+
 def test_text_to_image_graph_end_to_end(parts, conds):
     model, _, vae = parts
     latent, w, h = TwigEmptyLatent().generate("custom", 64, 64, 1)
