@@ -7,7 +7,8 @@
     python bench/bench_dcae.py --size 512 --tile 4 --check-untiled   # also: tiled vs our own untiled decode
 
 Each implementation runs in its own subprocess so that peak RSS (VmHWM) is its own. Weights are created
-once (seeded), saved to a temporary safetensors file and loaded by both.
+once (seeded), saved to a temporary safetensors file and loaded by both; twig_core's through
+``loader.load_vae``, as users get it (the decoder only: the encoder is read on first encode).
 """
 
 from __future__ import annotations
@@ -30,28 +31,27 @@ def child(args) -> None:
     import torch
     from safetensors.torch import load
 
-    from twig_core.dcae import DCAE, DCAE_F32C32_SANA
+    from twig_core.dcae import DCAE_F32C32_SANA
+    from twig_core.loader import load_vae
 
     torch.set_grad_enabled(False)
-    sd = load(Path(args.weights).read_bytes())  # weights in anonymous memory, not lazily paged from a mmap
     if args.child == "ours":
-        if args.weight_dtype != "fp32":  # weights held narrow, decoding in fp32
-            narrow = getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[args.weight_dtype])
-            sd = {k: v.to(narrow) for k, v in sd.items()}
-        model = DCAE.from_state_dict(sd)
-        model.compute_dtype = torch.float32
+        # as users load it: weights read into anonymous memory (held narrow with --weight-dtype fp16/bf16,
+        # decoding in fp32); the encoder is read on first encode, so never here
+        model = load_vae(args.weights, dtype=args.weight_dtype, compute_dtype="fp32")
         run = lambda z: model.decode_raw(z, tile_size=args.tile, overlap=args.overlap)  # noqa: E731
     else:
         from diffusers import AutoencoderDC
 
+        sd = load(Path(args.weights).read_bytes())  # weights in anonymous memory, not lazily paged from a mmap
         with torch.device("meta"):
             model = AutoencoderDC(**DCAE_F32C32_SANA.to_dict())
         model.load_state_dict(sd, assign=True)
+        del sd
         if args.tile:
             f, overlap = 32, args.overlap if args.overlap is not None else args.tile // 4
             model.enable_tiling(args.tile * f, args.tile * f, (args.tile - overlap) * f, (args.tile - overlap) * f)
         run = lambda z: model.decode(z).sample  # noqa: E731
-    del sd
     model = model.eval().to(args.device)
     latent = torch.load(args.latent, weights_only=True).to(args.device)
     try:  # reset VmHWM so that the peak below is the decode's, not the weight loading's
