@@ -42,11 +42,12 @@ def test_dit_stage_loss_falls(tmp_path):
 
 
 def scene_records():
-    def rec(color, shape, count, en, zh):
-        return {"scene": {"groups": [{"color": color, "shape": shape, "count": count}]},
+    def rec(color, shape, centres, en, zh):
+        inst = [{"cx": x, "cy": y, "r": 0.1} for x, y in centres]
+        return {"scene": {"groups": [{"color": color, "shape": shape, "count": len(inst), "instances": inst}]},
                 "captions": [{"en": en, "zh": zh}]}
-    return [rec("red", "circle", 1, "a red circle on the left", "左边一个红色的圆"),
-            rec("blue", "square", 3, "three blue squares", "三个蓝色的正方形")]
+    return [rec("red", "circle", [(0.25, 0.5)], "a red circle on the left", "左边一个红色的圆"),
+            rec("blue", "square", [(0.2, 0.3), (0.5, 0.3), (0.8, 0.6)], "three blue squares", "三个蓝色的正方形")]
 
 
 def test_layout_and_object_targets_follow_the_scene():
@@ -61,10 +62,12 @@ def test_layout_and_object_targets_follow_the_scene():
     assert (cells[:, :4] == COLOR_NAMES.index("red")).all()
     assert cells[5, 7] == COLOR_NAMES.index("blue")
     assert cells[0, 7] == COLOR_NAMES.index("white")
-    counts, shapes = object_targets(scene_records())
-    blue = OBJECT_COLORS.index("blue")
+    counts, shapes, centres = object_targets(scene_records())
+    blue, red = OBJECT_COLORS.index("blue"), OBJECT_COLORS.index("red")
     assert counts[1, blue] == 3 and shapes[1, blue] == SHAPES.index("square") + 1
-    assert counts[1].sum() == 3 and counts[0, OBJECT_COLORS.index("red")] == 1 and shapes[0, blue] == 0
+    assert counts[1].sum() == 3 and counts[0, red] == 1 and shapes[0, blue] == 0
+    assert torch.allclose(centres[1, blue], torch.tensor([0.5, 0.4])) and torch.allclose(centres[0, red], torch.tensor([0.25, 0.5]))
+    assert centres[0, blue].abs().sum() == 0
 
 
 def test_text_pretraining_learns_the_probe_targets_and_resumes(tmp_path):
@@ -79,14 +82,15 @@ def test_text_pretraining_learns_the_probe_targets_and_resumes(tmp_path):
     img[0, 16:48, 0:32] = PALETTE["red"]
     img[1] = PALETTE["gray"]
     img[1, 8:24, 8:56] = PALETTE["blue"]
-    _, losses, acc = pretrain_text(img, scene_records(), text, tmp_path, steps=60, batch=8, lr=3e-3,
+    _, losses, acc = pretrain_text(img, scene_records(), text, tmp_path, steps=100, batch=8, lr=3e-3,
                                    max_length=16, save_every=20)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     assert acc[0] > 0.9  # the two layouts are told apart from their captions
+    assert acc[3] < 0.1  # and where each colour is
     assert any(not torch.equal(a, b) for a, b in zip(before, text.model.parameters()))
     assert not text.model.training
-    _, more, _ = pretrain_text(img, scene_records(), text, tmp_path, steps=62, batch=8, lr=3e-3, max_length=16)
-    assert len(more) == 2  # picked up at step 60
+    _, more, _ = pretrain_text(img, scene_records(), text, tmp_path, steps=102, batch=8, lr=3e-3, max_length=16)
+    assert len(more) == 2  # picked up at step 100
 
 
 def test_dit_stage_with_frozen_text_leaves_the_text_encoder_alone(tmp_path):
