@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--text-steps", type=int, default=1500)
-    p.add_argument("--dit-steps", type=int, default=6000)
+    p.add_argument("--dit-steps", type=int, default=4500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast in the DiT stage")
