@@ -301,11 +301,13 @@ class UnionWeights(Weights):
 
 
 class PrefixedWeights(Weights):
-    """The keys of ``base`` that start with ``prefix``, with the prefix removed."""
+    """The keys of ``base`` that start with ``prefix``, with the prefix removed (``strip=False``: names kept,
+    e.g. one half of a DC-AE, so that renaming the original layout reads only that half)."""
 
-    def __init__(self, base: Weights, prefix: str):
-        self.base, self.prefix, self.label = base, prefix, base.label
-        self._keys = [k[len(prefix):] for k in base if k.startswith(prefix)]
+    def __init__(self, base: Weights, prefix: str, strip: bool = True):
+        self.base, self.label = base, base.label
+        self.prefix = prefix if strip else ""  # what goes back in front of a key to find it in base
+        self._keys = dict.fromkeys(k[len(self.prefix):] for k in base if k.startswith(prefix))
 
     def __iter__(self):
         return iter(self._keys)
@@ -314,12 +316,14 @@ class PrefixedWeights(Weights):
         return len(self._keys)
 
     def __contains__(self, key):
-        return isinstance(key, str) and (self.prefix + key) in self.base
+        return key in self._keys
 
     def meta(self, key):
         return self.base.meta(self.prefix + key)
 
     def __getitem__(self, key):
+        if key not in self._keys:
+            raise KeyError(key)
         return self.base[self.prefix + key]
 
     def file_of(self, key):
@@ -806,29 +810,6 @@ def _describe(cfg: TransformerConfig) -> str:
 # DC-AE
 
 
-class _Part(Weights):
-    """The keys of ``base`` that start with ``prefix``, names kept (one half of a DC-AE, so that renaming the
-    original layout reads only that half)."""
-
-    def __init__(self, base: Weights, prefix: str):
-        self.base, self.label = base, base.label
-        self._keys = dict.fromkeys(k for k in base if k.startswith(prefix))
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __contains__(self, key):
-        return key in self._keys
-
-    def __getitem__(self, key):
-        if key not in self._keys:
-            raise KeyError(key)
-        return self.base[key]
-
-
 def _open_vae(path, variant, dtype):
     """A DC-AE source: (source, original MIT layout?, every tensor's meta under our names)."""
     src = _open_source(path, "vae", variant, dtype)
@@ -841,7 +822,7 @@ def _fill_vae(model, weights: Weights, original: bool, parts, dtype, device, lab
     """Read the named halves of a meta-device DC-AE ("encoder", "decoder") from a checked source."""
     for i, part in enumerate(parts):
         names = [n for n in model.state_dict() if n.startswith(part + ".")]
-        tensors = keymap.dcae_original_to_ours(_Part(weights, part + ".")) if original else weights
+        tensors = keymap.dcae_original_to_ours(PrefixedWeights(weights, part + ".", strip=False)) if original else weights
         _fill(model, tensors, names, dtype, device, label, pop=original, check=i == len(parts) - 1)
 
 
