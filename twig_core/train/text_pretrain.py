@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import TwigError
 from .scenes import COLOR_NAMES, OBJECT_COLORS, PALETTE, SHAPES
-from .trainer import Checkpoint, log, lr_at, pick_captions
+from .trainer import encode_batch, log, lr_at, open_stage, pick_captions
 
 GRID = 8
 MAX_COUNT = 4
@@ -112,21 +112,15 @@ def pretrain_text(images: np.ndarray, records: list[dict], text_encoder, work: s
     ``images`` are the uint8 training pictures aligned with ``records``. Resumes from ``work/text.ckpt``.
     Returns (text_encoder in eval mode, per-step losses of this run, last [cell, count, shape accuracy, centre
     error])."""
-    from .trainer import encode_batch
-
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    logf = work / "text.log"
-    torch.set_flush_denormal(True)
+    ck, logf = open_stage(work, "text")
     if len(images) != len(records):
-        raise ValueError(f"{len(images)} pictures but {len(records)} caption records")
+        raise TwigError(f"{len(images)} pictures but {len(records)} caption records")
     cells = layout_targets(images, grid)
     counts, shapes, centres = object_targets(records)
     torch.manual_seed(seed)
     probe = SceneProbe(text_encoder.hidden_size, grid=grid)
     params = list(text_encoder.model.parameters()) + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99), fused=True)
-    ck = Checkpoint(work / "text.ckpt")
     start = 0
     state = ck.load()
     if state is not None:

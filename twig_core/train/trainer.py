@@ -77,6 +77,15 @@ class Checkpoint:
         os.replace(tmp, self.path)
 
 
+def open_stage(work: str | os.PathLike, name: str) -> tuple[Checkpoint, Path]:
+    """A training stage's resumable checkpoint (``work/<name>.ckpt``) and log file (``work/<name>.log``).
+    Makes ``work`` and flushes denormals to zero (denormal weights/grads otherwise slow CPU training ten-fold)."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_flush_denormal(True)
+    return Checkpoint(work / f"{name}.ckpt"), work / f"{name}.log"
+
+
 # ------------------------------------------------------------------------------------------------- stage 1: vae
 
 
@@ -87,14 +96,10 @@ def train_vae(images: np.ndarray, work: str | os.PathLike, steps: int = 3000, ba
     from ..dcae import DCAE
     from .demo import DEMO_DCAE
 
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    logf = work / "vae.log"
-    torch.set_flush_denormal(True)  # denormal weights/grads otherwise slow CPU training ten-fold
+    ck, logf = open_stage(work, "vae")
     torch.manual_seed(seed)
     model = DCAE(config or DEMO_DCAE).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.99), fused=True)
-    ck = Checkpoint(work / "vae.ckpt")
     start = 0
     state = ck.load()
     if state is not None:
@@ -247,17 +252,13 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
     ``latents`` are model-space [N,C,h,w] aligned with ``records``.
     ``bf16``: bfloat16 autocast for the forward pass (about 1.5x faster on CPUs with AVX512-BF16).
     Returns (transformer, text_encoder, losses of this run) with the averaged (EMA) weights loaded."""
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    logf = work / "dit.log"
-    torch.set_flush_denormal(True)
+    ck, logf = open_stage(work, "dit")
     if len(latents) != len(records):
         raise TwigError(f"{len(latents)} latents but {len(records)} caption records")
     modules = [transformer, text_encoder.model] if train_text else [transformer]
     trainable = list(params) if params is not None else [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.99), fused=True)
     ema = EMA(modules, ema_decay)
-    ck = Checkpoint(work / "dit.ckpt")
     start = 0
     state = ck.load()
     if state is not None:
