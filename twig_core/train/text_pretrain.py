@@ -106,7 +106,7 @@ def probe_loss(probe: SceneProbe, hidden, mask, cells, counts, shapes, centres):
 
 
 def pretrain_text(images: np.ndarray, records: list[dict], text_encoder, work: str | os.PathLike,
-                  steps: int = 1500, batch: int = 64, lr: float = 1e-3, max_length: int = 144, seed: int = 0,
+                  steps: int = 3000, batch: int = 64, lr: float = 1e-3, max_length: int = 144, seed: int = 0,
                   save_every: int = 100, grid: int = GRID):
     """Train ``text_encoder.model`` (plus a throw-away :class:`SceneProbe`) to read scenes out of captions.
     ``images`` are the uint8 training pictures aligned with ``records``. Resumes from ``work/text.ckpt``.
