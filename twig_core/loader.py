@@ -822,7 +822,9 @@ def _fill_vae(model, weights: Weights, original: bool, parts, dtype, device, lab
     """Read the named halves of a meta-device DC-AE ("encoder", "decoder") from a checked source."""
     for i, part in enumerate(parts):
         names = [n for n in model.state_dict() if n.startswith(part + ".")]
-        tensors = keymap.dcae_original_to_ours(PrefixedWeights(weights, part + ".", strip=False)) if original else weights
+        tensors = weights
+        if original:  # rename only this half's keys
+            tensors = keymap.dcae_original_to_ours(PrefixedWeights(weights, part + ".", strip=False))
         _fill(model, tensors, names, dtype, device, label, pop=original, check=i == len(parts) - 1)
 
 

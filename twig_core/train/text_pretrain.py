@@ -93,15 +93,16 @@ def probe_loss(probe: SceneProbe, hidden, mask, cells, counts, shapes, centres):
     the colours present); and the accuracies [cells, counts, shapes] and the centres' mean distance (for the log)."""
     lc, ln, ls, pc = probe(hidden.float(), mask)
     present = (counts > 0).float()
+    n_present = present.sum().clamp(min=1)
     sq = ((pc - centres) ** 2).sum(-1)
     losses = (F.cross_entropy(lc.flatten(0, 1), cells.flatten()),
               F.cross_entropy(ln.flatten(0, 1), counts.flatten()),
               F.cross_entropy(ls.flatten(0, 1), shapes.flatten()),
-              (sq * present).sum() / present.sum().clamp(min=1) * 4)
+              (sq * present).sum() / n_present * 4)
     with torch.no_grad():
         acc = [(lc.argmax(-1) == cells).float().mean().item(), (ln.argmax(-1) == counts).float().mean().item(),
                (ls.argmax(-1) == shapes).float().mean().item(),
-               ((sq.sqrt() * present).sum() / present.sum().clamp(min=1)).item()]
+               ((sq.sqrt() * present).sum() / n_present).item()]
     return sum(losses) / len(losses), acc
 
 
