@@ -249,8 +249,9 @@ def test_evaluator_tolerates_blur_and_noise(kind_scenes, renders):
         x = x * 0.95 + 6 + rng.normal(0, 8, x.shape)  # blur, slight colour drift, noise
         results.append(ev.evaluate_image(s, np.clip(x, 0, 255).astype(np.uint8)))
     agg = ev.aggregate(results)
-    for cat in ("color", "count", "position", "background"):
+    for cat in ("color", "count", "count13", "position", "background"):
         assert agg[cat]["accuracy"] == 1.0, cat
+    assert 0 < agg["count13"]["n"] < agg["count"]["n"]  # the fixtures include scenes of four
     assert agg["shape"]["accuracy"] >= 0.95
 
 
@@ -311,6 +312,8 @@ def test_evaluator_fails_wrong_counts(kind_scenes):
                 sc.layout_scene(w, rng)
             r = ev.evaluate_image(s, sc.render_scene(w, 128))
             assert r["count"] is False and r["color"] is True, (s.key(), r["details"])
+            # the 1-3 count category applies only to scenes asking for at most three of each colour
+            assert r["count13"] is (False if max(x.count for x in s.groups) <= 3 else None), s.key()
             n += 1
             break
     assert n >= 12
