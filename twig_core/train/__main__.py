@@ -158,14 +158,14 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--text-steps", type=int, default=3000)
-    p.add_argument("--dit-steps", type=int, default=9000)
+    p.add_argument("--dit-steps", type=int, default=18000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast in the DiT stage")
     p.add_argument("--pos-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="DiT with the sin-cos positional embedding (as Sana's 2K/4K models; default), or without "
                         "(as Sana 1600M 1024px); give the same choice to dit and export")
-    p.add_argument("--eval-n", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-cfg", type=float, default=4.5)
     a = p.parse_args(argv)
