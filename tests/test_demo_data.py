@@ -346,7 +346,14 @@ def test_evaluate_sets_and_agreement(kind_scenes, renders):
     assert 0.0 < rep["agreement"]["overall"] < 1.0 and rep["agreement"]["color"] == 1.0
     assert rep["en"]["background"]["n"] == 0
     assert set(rep["by_kind"]) == {s.kind for s in scenes}
-    assert "overall" in ev.format_report(rep)
+    # per place: every stated place/relation counted once; the flipped Chinese pictures fail on the sides
+    places = [g.position for s in scenes for g in s.groups if g.position]
+    places += [s.relation.relation for s in scenes if s.relation is not None]
+    assert sum(row["n"] for row in rep["by_place"].values()) == len(places)
+    assert all(row["en"] == 1.0 for row in rep["by_place"].values())
+    assert any(row["zh"] < 1.0 for row in rep["by_place"].values())
+    text = ev.format_report(rep)
+    assert "overall" in text and all(k in text for k in rep["by_place"])
     with pytest.raises(TwigError):
         ev.evaluate_sets(scenes, en, zh[:3])
 

@@ -397,16 +397,16 @@ def evaluate_image(scene: Scene | dict, image: Any, check_background: bool = Tru
         if not bl or any(b.shape != g.shape for b in bl):
             shape_ok = False
 
-    pos_checks = []
+    pos_checks = []  # (place, verdict) per stated place ("left", "top_right") or relation ("left_of")
     for g in scene.groups:
         if g.position:
             bl = blobs[g.color]
-            pos_checks.append(bool(bl) and position_ok(g.position, bl[0].cx, bl[0].cy, p))
+            pos_checks.append((g.position, bool(bl) and position_ok(g.position, bl[0].cx, bl[0].cy, p)))
     if scene.relation is not None:
         r = scene.relation
         ba, bb = blobs[scene.groups[r.subject].color], blobs[scene.groups[r.object].color]
-        pos_checks.append(bool(ba) and bool(bb) and relation_ok(r.relation, ba[0], bb[0], p))
-    position = all(pos_checks) if pos_checks else None
+        pos_checks.append((r.relation, bool(ba) and bool(bb) and relation_ok(r.relation, ba[0], bb[0], p)))
+    position = all(ok for _, ok in pos_checks) if pos_checks else None
 
     background, bg_found = None, None
     if check_background:
@@ -420,6 +420,7 @@ def evaluate_image(scene: Scene | dict, image: Any, check_background: bool = Tru
         "counts": {c: len(blobs[c]) for c in colors},
         "blobs": {c: [(round(b.cx, 3), round(b.cy, 3), b.area, b.shape) for b in blobs[c]] for c in colors},
         "background": bg_found,
+        "position_checks": pos_checks,
     }
     return res
 
@@ -467,7 +468,20 @@ def evaluate_sets(scenes: Sequence[Scene | dict], images_en: Sequence[Any], imag
         idx = [i for i, s in enumerate(scenes) if s.kind == kind]
         by_kind[kind] = {"en": aggregate([res_en[i] for i in idx]), "zh": aggregate([res_zh[i] for i in idx])}
     return {"en": aggregate(res_en), "zh": aggregate(res_zh), "agreement": agreement(res_en, res_zh),
-            "by_kind": by_kind, "results_en": res_en, "results_zh": res_zh}
+            "by_kind": by_kind, "by_place": by_place(res_en, res_zh), "results_en": res_en, "results_zh": res_zh}
+
+
+def by_place(results_en: Sequence[dict[str, Any]], results_zh: Sequence[dict[str, Any]]) -> dict[str, dict]:
+    """Position accuracy per stated place or relation ("left", "top_right", "left_of"…), each check counted on
+    its own (a scene of three placed objects adds three): {place: {"n", "en", "zh"}}."""
+    out: dict[str, dict] = {}
+    for re_, rz in zip(results_en, results_zh):
+        for (key, ok_en), (_, ok_zh) in zip(re_["details"]["position_checks"], rz["details"]["position_checks"]):
+            row = out.setdefault(key, {"n": 0, "en": 0, "zh": 0})
+            row["n"] += 1
+            row["en"] += int(ok_en)
+            row["zh"] += int(ok_zh)
+    return {k: {"n": v["n"], "en": v["en"] / v["n"], "zh": v["zh"] / v["n"]} for k, v in sorted(out.items())}
 
 
 def eval_prompts(records: Sequence[dict], style: str = "long") -> list[dict[str, Any]]:
@@ -490,4 +504,8 @@ def format_report(report: dict[str, Any]) -> str:
         ag = report["agreement"][cat]
         f = lambda v: "   -" if math.isnan(v) else f"{v:8.3f}"  # noqa: E731
         lines.append(f"{cat:<12}{f(en['accuracy'])}{f(zh['accuracy'])}{f(ag)}{en['n']:>6}")
+    if report.get("by_place"):
+        lines.append(f"\n{'place':<12}{'en':>8}{'zh':>8}{'':>8}{'n':>6}")
+        for key, row in report["by_place"].items():
+            lines.append(f"{key:<12}{row['en']:8.3f}{row['zh']:8.3f}{'':>8}{row['n']:>6}")
     return "\n".join(lines)
