@@ -130,6 +130,50 @@ def test_captions_in_both_languages():
             assert sc._COLOR_ZH[g.color] in [c["zh"] for c in r["captions"] if c["style"] == "long"][0]
 
 
+_REL_WORDS_EN = {"to the left of": "left_of", "to the right of": "right_of", "above": "above", "below": "below"}
+_REL_WORDS_ZH = {w: rel for rel, ws in sc._REL_ZH.items() for w in ws}
+
+
+def _stated_relation(text, rel_words, colors, sep):
+    """(order, (first colour, relation, second colour) as the sentence means it) of the one sentence of
+    ``text`` that states the relation: order "subject" when a colour comes before the relation words,
+    "relation" when both come after them (en) or one does (zh: "B的左边有A")."""
+    [sentence] = [x for x in text.split(sep) if any(w in x.lower() for w in rel_words)]
+    low = sentence.lower()
+    word = max((w for w in rel_words if w in low), key=len)
+    at = low.index(word)
+    found = sorted((low.index(c), c) for c in colors)
+    before = [c for i, c in found if i < at]
+    after = [c for i, c in found if i > at]
+    rel = rel_words[word]
+    if sep == ". ":
+        if before:  # "A to the left of B"
+            return "subject", (before[0], rel, after[0])
+        return "relation", (after[1], rel, after[0])  # "to the left of B, A"
+    if after:  # "B的左边有A" / "在B的左边，有A"
+        return "relation", (after[0], rel, before[0])
+    return "subject", (before[0], rel, before[1])  # "A在B左边"
+
+
+def test_relation_captions_both_orders_same_in_both_languages():
+    """A relation is stated subject first or relation first, the same order in the English caption and its
+    Chinese translation, and each way round means the scene's actual relation."""
+    scene = sc.Scene("pair_relation", [sc.Group("circle", "red", 2, "small"), sc.Group("triangle", "cyan", 1, "large")],
+                     sc.Background(["white"]), relation=sc.Relation(0, "left_of", 1))
+    true = {("red", "left_of", "cyan"), ("cyan", "right_of", "red")}
+    zh_colors = {"红色": "red", "青色": "cyan"}
+    orders = set()
+    for seed in range(40):
+        for c in sc.make_captions(scene, np.random.default_rng(seed), styles=["short", "medium", "long"]):
+            o_en, m_en = _stated_relation(c["en"], _REL_WORDS_EN, ["red", "cyan"], ". ")
+            o_zh, m_zh = _stated_relation(c["zh"], _REL_WORDS_ZH, list(zh_colors), "。")
+            m_zh = (zh_colors[m_zh[0]], m_zh[1], zh_colors[m_zh[2]])
+            assert o_en == o_zh, c
+            assert m_en in true and m_zh in true, c
+            orders.add((c["style"], o_en))
+    assert orders == {(st, o) for st in sc.CAPTION_STYLES for o in ("subject", "relation")}
+
+
 def test_caption_examples():
     scene = sc.Scene("pair_position",
                      [sc.Group("circle", "red", 1, "large", "left"), sc.Group("square", "blue", 1, "small", "right")],

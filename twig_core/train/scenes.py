@@ -94,7 +94,7 @@ OBJECT_GAP = 0.035  # minimum empty gap between two objects (between their bound
 RELATION_MIN_OFFSET = 0.28  # generation: main-axis centre offset of a relation pair
 RELATION_MAX_CROSS = 0.12  # generation: cross-axis centre offset of a relation pair
 
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -659,23 +659,35 @@ class _Phraser:
         return (f"The background is split vertically: the left half is {c0} and the right half is {c1}.",
                 f"背景分为左右两半，左半边是{z[0]}，右半边是{z[1]}。")
 
+    # Relation -----------------------------------------------------------------------------------------------------
+    def relation_pair(self) -> tuple[int, int, str]:
+        """(subject, object, relation) of the scene's relation, stated the other way round ("B below A" for
+        "A above B") a third of the time.
+
+        Every caption states the pair in one of two orders, the same in both languages: subject first ("A to the
+        left of B", "A在B左边") or relation first ("to the left of B, A", "B的左边有A"). With a causal text
+        encoder only the words after the relation know it; in a subject-first Chinese caption those are the
+        relation word alone, while relation-first captions let the subject's own words carry its place."""
+        r = self.scene.relation
+        a, b, rel = r.subject, r.object, r.relation
+        if self.rng.random() < 0.35:
+            a, b, rel = b, a, INVERSE_RELATION[rel]
+        return a, b, rel
+
     # Object clause (short / medium) -------------------------------------------------------------------------------
     def objects(self, size: bool) -> tuple[str, str]:
         s = self.scene
         n = len(s.groups)
         if s.relation is not None:
             r = s.relation
-            a, b, rel = r.subject, r.object, r.relation
-            if self.rng.random() < 0.35:  # "B below A" instead of "A above B"
-                a, b, rel = b, a, INVERSE_RELATION[rel]
-            en = f"{self.np_en(a, size)} {_REL_EN[rel]} {self.np_en(b, size)}"
+            a, b, rel = self.relation_pair()
             rz = self.pick(_REL_ZH[rel])
-            if size:
-                zh = f"{self.np_zh(a, True)}在{self.np_zh(b, True)}{rz}"
-            elif self.rng.random() < 0.5:
-                zh = f"{self.np_zh(a, False)}在{self.np_zh(b, False, numeral=False)}的{rz}"
-            else:
-                zh = f"{self.np_zh(b, False, numeral=False)}的{rz}有{self.np_zh(a, False)}"
+            if self.rng.random() < 0.5:  # subject first: "A to the left of B", "A在B（的）左边"
+                en = f"{self.np_en(a, size)} {_REL_EN[rel]} {self.np_en(b, size)}"
+                zh = f"{self.np_zh(a, size)}在{self.np_zh(b, size, numeral=size)}{'' if size else '的'}{rz}"
+            else:  # relation first: "to the left of B, A", "B的左边有A"
+                en = f"{_REL_EN[rel]} {self.np_en(b, size)}, {self.np_en(a, size)}"
+                zh = f"{self.np_zh(b, size, numeral=False)}的{rz}有{self.np_zh(a, size)}"
             return en, zh
         order = [int(i) for i in self.rng.permutation(n)] if self.rng.random() < 0.5 else list(range(n))
         if all(g.position for g in s.groups):
@@ -731,11 +743,15 @@ class _Phraser:
         if s.relation is not None:
             r = s.relation
             related = {r.subject, r.object}
-            a, b, rel = r.subject, r.object, r.relation
-            if self.rng.random() < 0.35:
-                a, b, rel = b, a, INVERSE_RELATION[rel]
-            en_s.append(_cap(f"{self.np_en(a, True)} is {_REL_EN[rel]} {self.np_en(b, True)}."))
-            zh_s.append(f"{self.np_zh(a, True)}在{self.np_zh(b, True)}{self.pick(_REL_ZH[rel])}。")
+            a, b, rel = self.relation_pair()
+            rz = self.pick(_REL_ZH[rel])
+            verb = "is" if s.groups[a].count == 1 else "are"
+            if self.rng.random() < 0.5:
+                en_s.append(_cap(f"{self.np_en(a, True)} {verb} {_REL_EN[rel]} {self.np_en(b, True)}."))
+                zh_s.append(f"{self.np_zh(a, True)}在{self.np_zh(b, True)}{rz}。")
+            else:
+                en_s.append(f"{_cap(_REL_EN[rel])} {self.np_en(b, True)}, there {verb} {self.np_en(a, True)}.")
+                zh_s.append(f"在{self.np_zh(b, True)}的{rz}，有{self.np_zh(a, True)}。")
         first = True
         for i, g in enumerate(s.groups):
             if i in related:
