@@ -130,7 +130,7 @@ def test_captions_in_both_languages():
             assert sc._COLOR_ZH[g.color] in [c["zh"] for c in r["captions"] if c["style"] == "long"][0]
 
 
-_REL_WORDS_EN = {"to the left of": "left_of", "to the right of": "right_of", "above": "above", "below": "below"}
+_REL_WORDS_EN = {w: rel for rel, w in sc._REL_EN.items()}
 _REL_WORDS_ZH = {w: rel for rel, ws in sc._REL_ZH.items() for w in ws}
 
 

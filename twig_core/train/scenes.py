@@ -664,10 +664,11 @@ class _Phraser:
         """(subject, object, relation) of the scene's relation, stated the other way round ("B below A" for
         "A above B") a third of the time.
 
-        Every caption states the pair in one of two orders, the same in both languages: subject first ("A to the
-        left of B", "A在B左边") or relation first ("to the left of B, A", "B的左边有A"). With a causal text
-        encoder only the words after the relation know it; in a subject-first Chinese caption those are the
-        relation word alone, while relation-first captions let the subject's own words carry its place."""
+        The captions (objects, long) then state the pair in one of two orders, the same in both languages:
+        subject first ("A to the left of B", "A在B左边") or relation first ("to the left of B, A", "B的左边有A").
+        With a causal text encoder only the words after the relation know it; in a subject-first Chinese caption
+        those are the relation word alone, while relation-first captions let the subject's own words carry its
+        place."""
         r = self.scene.relation
         a, b, rel = r.subject, r.object, r.relation
         if self.rng.random() < 0.35:
@@ -679,7 +680,6 @@ class _Phraser:
         s = self.scene
         n = len(s.groups)
         if s.relation is not None:
-            r = s.relation
             a, b, rel = self.relation_pair()
             rz = self.pick(_REL_ZH[rel])
             if self.rng.random() < 0.5:  # subject first: "A to the left of B", "A在B（的）左边"
