@@ -169,9 +169,20 @@ def test_relation_captions_both_orders_same_in_both_languages():
             o_zh, m_zh = _stated_relation(c["zh"], _REL_WORDS_ZH, list(zh_colors), "。")
             m_zh = (zh_colors[m_zh[0]], m_zh[1], zh_colors[m_zh[2]])
             assert o_en == o_zh, c
+            assert sc.stated_order(c["en"]) == o_en, c  # what the evaluator splits position accuracy by
             assert m_en in true and m_zh in true, c
             orders.add((c["style"], o_en))
     assert orders == {(st, o) for st in sc.CAPTION_STYLES for o in ("subject", "relation")}
+
+
+def test_relation_order_split_of_position_accuracy():
+    plain = sc.Scene("pair_position", [sc.Group("circle", "red", 1, "large", "left")], sc.Background(["white"]))
+    assert all(sc.stated_order(c["en"]) is None for c in sc.make_captions(plain, np.random.default_rng(0)))
+    res = lambda pos: {"position": pos}  # noqa: E731
+    split = ev.by_order(["subject", "relation", "relation", None, "subject"],
+                        [res(True), res(True), res(False), res(True), res(None)],
+                        [res(False), res(True), res(True), res(False), res(None)])
+    assert split == {"subject": {"n": 1, "en": 1.0, "zh": 0.0}, "relation": {"n": 2, "en": 0.5, "zh": 1.0}}
 
 
 def test_caption_examples():

@@ -484,6 +484,19 @@ def by_place(results_en: Sequence[dict[str, Any]], results_zh: Sequence[dict[str
     return {k: {"n": v["n"], "en": v["en"] / v["n"], "zh": v["zh"] / v["n"]} for k, v in sorted(out.items())}
 
 
+def by_order(orders: Sequence[str | None], results_en: Sequence[dict[str, Any]],
+             results_zh: Sequence[dict[str, Any]]) -> dict[str, dict]:
+    """Position accuracy of the prompts that state a relation, per the order they state it in ("subject" first or
+    "relation" first, see ``scenes.stated_order``): {order: {"n", "en", "zh"}}."""
+    out = {}
+    for order in ("subject", "relation"):
+        idx = [i for i, o in enumerate(orders) if o == order and results_en[i]["position"] is not None]
+        if idx:
+            out[order] = {"n": len(idx), "en": float(np.mean([results_en[i]["position"] for i in idx])),
+                          "zh": float(np.mean([results_zh[i]["position"] for i in idx]))}
+    return out
+
+
 def eval_prompts(records: Sequence[dict], style: str = "long") -> list[dict[str, Any]]:
     """Evaluation prompts of held-out records: [{"id", "scene", "en", "zh", "check_background"}] using the
     first caption of the given style (falls back to the record's first caption)."""
@@ -508,4 +521,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"\n{'place':<12}{'en':>8}{'zh':>8}{'':>8}{'n':>6}")
         for key, row in report["by_place"].items():
             lines.append(f"{key:<12}{row['en']:8.3f}{row['zh']:8.3f}{'':>8}{row['n']:>6}")
+    if report.get("by_order"):
+        lines.append(f"\n{'relation':<12}{'en':>8}{'zh':>8}{'':>8}{'n':>6}")
+        for key, row in report["by_order"].items():
+            lines.append(f"{key + ' 1st':<12}{row['en']:8.3f}{row['zh']:8.3f}{'':>8}{row['n']:>6}")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ import torch
 
 from ..image import model_to_pil
 from ..pipeline import sample_latents
-from .evaluate import eval_prompts, evaluate_sets, format_report
+from .evaluate import by_order, eval_prompts, evaluate_sets, format_report
+from .scenes import stated_order
 
 
 @torch.no_grad()
@@ -30,7 +31,9 @@ def evaluate_demo(parts, records: list[dict], n: int = 100, steps: int = 20, cfg
     en = generate_batch(parts, [p["en"] for p in prompts], seed, steps, cfg)
     zh = generate_batch(parts, [p["zh"] for p in prompts], seed, steps, cfg)
     rep = evaluate_sets([p["scene"] for p in prompts], en, zh, [p["check_background"] for p in prompts])
+    rep["by_order"] = by_order([stated_order(p["en"]) for p in prompts], rep["results_en"], rep["results_zh"])
     summary = {lang: {cat: v["accuracy"] for cat, v in rep[lang].items()} for lang in ("en", "zh")}
     summary["agreement"] = rep["agreement"]
+    summary["position_by_relation_order"] = rep["by_order"]
     summary.update(n=len(prompts), steps=steps, cfg=cfg, style=style)
     return {"summary": summary, "text": format_report(rep), "images_en": en, "images_zh": zh, "report": rep}

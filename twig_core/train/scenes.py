@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -782,6 +783,19 @@ class _Phraser:
             en_s.append(o_en)
             zh_s.append(o_zh)
         return " ".join(en_s), "".join(zh_s)
+
+
+_RELATION_FIRST_EN = re.compile(r"(?:^|: |\. )(?:" + "|".join(_REL_EN.values()) + ") ", re.IGNORECASE)
+
+
+def stated_order(caption_en: str) -> str | None:
+    """How an English caption states its scene's relation: "relation" first ("To the left of B, there is A.",
+    also at the start of a sentence or after "White background: "), "subject" first ("A is to the left of B"), or
+    None when it states none. The Chinese translation uses the same order."""
+    if _RELATION_FIRST_EN.search(caption_en):
+        return "relation"
+    low = caption_en.lower()
+    return "subject" if any(f" {w} " in low for w in _REL_EN.values()) else None
 
 
 #: Caption styles; "short" states objects, counts, positions and relations only; "medium" adds sizes and the
