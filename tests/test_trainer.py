@@ -110,3 +110,24 @@ def test_downsample_is_an_area_mean():
     img[0, :2, :2] = 200
     out = downsample_u8(img, 2)
     assert out.shape == (1, 2, 2, 3) and out[0, 0, 0, 0] == 200 and out[0, 1, 1, 0] == 0
+
+
+def test_dit_warm_restart_resumed_at_the_cycle_end_matches_an_uninterrupted_run(tmp_path):
+    from twig_core.train.trainer import cycle_at
+
+    def run(work, restarts):
+        torch.manual_seed(0)
+        tok = build_tiny_gemma_tokenizer()
+        text = TextEncoder(build_tiny_gemma2(tok), tok, instruction="")
+        dit = TwigTransformer(TINY_TRANSFORMER)
+        train_dit(torch.randn(2, 32, 2, 2, generator=torch.Generator().manual_seed(1)), scene_records(), text, dit,
+                  work, steps=12, batch=4, lr=3e-3, max_length=16, train_text=False, restarts=restarts)
+        return [p.detach().clone() for p in dit.parameters()]
+
+    whole = run(tmp_path / "a", [(8, 1e-3)])
+    first_cycle = run(tmp_path / "b", [])
+    resumed = run(tmp_path / "b", [(8, 1e-3)])
+    assert all(torch.equal(x, y) for x, y in zip(whole, resumed))
+    assert any(not torch.equal(x, y) for x, y in zip(first_cycle, resumed))  # the second cycle did train
+    assert cycle_at(11, [(12, 3e-3), (8, 1e-3)]) == (0, 12, 3e-3)
+    assert cycle_at(12, [(12, 3e-3), (8, 1e-3)]) == (12, 8, 1e-3)

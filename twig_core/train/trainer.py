@@ -40,6 +40,17 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def cycle_at(step: int, cycles) -> tuple[int, int, float]:
+    """(first step, length, peak learning rate) of the cycle that ``step`` falls in; ``cycles`` are consecutive
+    (length, peak) pairs, each a warm-up and cosine decay of its own (warm restarts)."""
+    first = 0
+    for length, peak in cycles:
+        if step < first + length:
+            return first, length, peak
+        first += length
+    raise ValueError(f"step {step} is past the last cycle")
+
+
 def to_model_images(batch_u8: np.ndarray) -> torch.Tensor:
     """uint8 [B,H,W,3] -> float [B,3,H,W] in [-1,1]."""
     return torch.from_numpy(batch_u8).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
@@ -245,12 +256,16 @@ class EMA:
 def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transformer, work: str | os.PathLike,
               steps: int = 4000, batch: int = 64, lr: float = 5e-4, max_length: int = 144, seed: int = 0,
               p_uncond: float = 0.1, ema_decay: float = 0.998, save_every: int = 100, params=None,
-              bf16: bool = False, train_text: bool = True):
+              bf16: bool = False, train_text: bool = True, restarts=()):
     """Flow-matching training of ``transformer`` (and the text encoder's model when ``train_text``; ``params``
     restricts the trainable set further, e.g. to LoRA weights). ``train_text=False`` keeps the text encoder frozen
     and runs it without gradients, as Sana/Twig train with Gemma frozen.
     ``latents`` are model-space [N,C,h,w] aligned with ``records``.
     ``bf16``: bfloat16 autocast for the forward pass (about 1.5x faster on CPUs with AVX512-BF16).
+    ``restarts``: (steps, peak lr) pairs, further cosine cycles after the first (``steps`` at ``lr``); a run that
+    stopped at the end of one cycle goes on into the next from its checkpoint.
+    The batch order is drawn from ``seed`` plus the step a run (or a cycle) starts at, so resuming from a
+    checkpoint saved at a cycle's end continues exactly as an uninterrupted run would.
     Returns (transformer, text_encoder, losses of this run) with the averaged (EMA) weights loaded."""
     ck, logf = open_stage(work, "dit")
     if len(latents) != len(records):
@@ -272,13 +287,18 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         m.train()
     if not train_text:
         text_encoder.model.eval().requires_grad_(False)
-    rng = np.random.default_rng(seed + start)
-    trng = torch.Generator().manual_seed(seed + start)
+    cycles = [(steps, lr), *restarts]
+    steps = sum(n for n, _ in cycles)
     losses = []
     t0 = time.time()
     for step in range(start, steps):
+        first, length, peak = cycle_at(step, cycles)
+        if step == start or step == first:
+            rng = np.random.default_rng(seed + step)
+            trng = torch.Generator().manual_seed(seed + step)
+        rate = lr_at(step - first, length, peak, warmup=200)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=200)
+            g["lr"] = rate
         idx = rng.integers(0, len(records), batch)
         x0 = latents[idx].float()
         xt, t, target = flow_batch(x0, trng)
@@ -294,7 +314,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         opt.step()
         ema.update(step)
         if step % 25 == 0 or step == steps - 1:
-            log(f"dit step {step} loss {loss.item():.4f} lr {lr_at(step, steps, lr, 200):.2e} "
+            log(f"dit step {step} loss {loss.item():.4f} lr {rate:.2e} "
                 f"({(time.time() - t0) / (step - start + 1):.2f}s/step)", logf)
         if (step + 1) % save_every == 0 or step == steps - 1:
             ck.save(transformer=transformer.state_dict(), text=text_encoder.model.state_dict(), opt=opt.state_dict(),
