@@ -111,7 +111,9 @@ def stage_dit(work: Path, a) -> None:
     text, dit = _text_and_dit(work, tok, a.pos_embed)
     _pretrained_text(work, text)
     latents = torch.load(work / "latents.pt", weights_only=True)
-    restarts = [(a.dit_restart, a.restart_lr)] if a.dit_restart else []
+    if len(a.dit_restart) != len(a.restart_lr):
+        raise SystemExit(f"--dit-restart gives {len(a.dit_restart)} cycles but --restart-lr {len(a.restart_lr)} rates")
+    restarts = list(zip(a.dit_restart, a.restart_lr))
     dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, work, steps=a.dit_steps, batch=a.batch,
                              lr=a.lr, bf16=a.bf16, train_text=False, restarts=restarts)
     torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, work / "dit_ema.pt")
@@ -162,9 +164,11 @@ def main(argv=None) -> int:
     p.add_argument("--dit-steps", type=int, default=18000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--dit-restart", type=int, default=0,
-                   help="steps of a second DiT learning-rate cycle (warm restart) after --dit-steps; 0: none")
-    p.add_argument("--restart-lr", type=float, default=2e-4, help="peak learning rate of that second cycle")
+    p.add_argument("--dit-restart", type=int, nargs="*", default=[12000],
+                   help="steps of each further DiT learning-rate cycle (warm restart) after --dit-steps; none: no "
+                        "restart")
+    p.add_argument("--restart-lr", type=float, nargs="*", default=[2e-4],
+                   help="peak learning rate of each of those cycles")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast in the DiT stage")
     p.add_argument("--pos-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="DiT with the sin-cos positional embedding (as Sana's 2K/4K models; default), or without "
