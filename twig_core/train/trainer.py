@@ -288,10 +288,10 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
     if not train_text:
         text_encoder.model.eval().requires_grad_(False)
     cycles = [(steps, lr), *restarts]
-    steps = sum(n for n, _ in cycles)
+    total = sum(n for n, _ in cycles)
     losses = []
     t0 = time.time()
-    for step in range(start, steps):
+    for step in range(start, total):
         first, length, peak = cycle_at(step, cycles)
         if step == start or step == first:
             rng = np.random.default_rng(seed + step)
@@ -313,10 +313,10 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         ema.update(step)
-        if step % 25 == 0 or step == steps - 1:
+        if step % 25 == 0 or step == total - 1:
             log(f"dit step {step} loss {loss.item():.4f} lr {rate:.2e} "
                 f"({(time.time() - t0) / (step - start + 1):.2f}s/step)", logf)
-        if (step + 1) % save_every == 0 or step == steps - 1:
+        if (step + 1) % save_every == 0 or step == total - 1:
             ck.save(transformer=transformer.state_dict(), text=text_encoder.model.state_dict(), opt=opt.state_dict(),
                     ema=ema.state(), step=step + 1)
     for m in modules:
