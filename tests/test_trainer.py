@@ -2,11 +2,13 @@
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tests.tiny import build_tiny_gemma2, build_tiny_gemma_tokenizer
 from tests.tiny_models import TINY_DCAE, TINY_TRANSFORMER
 from twig_core.text import TextEncoder
-from twig_core.train.trainer import downsample_u8, train_dit, train_vae
+from twig_core.dcae import DCAE
+from twig_core.train.trainer import downsample_u8, finetune_decoder, recon_loss, train_dit, train_vae
 from twig_core.transformer import TwigTransformer
 
 
@@ -26,6 +28,34 @@ def test_vae_stage_loss_falls_and_resumes(tmp_path):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
     _, more = train_vae(imgs, tmp_path, steps=32, batch=4, lr=3e-3, crop=64, config=TINY_DCAE)
     assert len(more) == 2  # picked up at step 30
+
+
+def test_decoder_stage_trains_the_decoder_only_and_resumes(tmp_path):
+    imgs = pictures()
+    torch.manual_seed(0)
+    vae = DCAE(TINY_DCAE)
+    encoder = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
+    decoder = {k: v.clone() for k, v in vae.decoder.state_dict().items()}
+    _, losses = finetune_decoder(vae, imgs, tmp_path, steps=30, batch=4, lr=3e-3, save_every=10)
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert not all(torch.equal(v, vae.decoder.state_dict()[k]) for k, v in decoder.items())
+    assert all(p.requires_grad for p in vae.parameters())  # handed back trainable as it came
+    torch.manual_seed(1)
+    _, more = finetune_decoder(DCAE(TINY_DCAE), imgs, tmp_path, steps=32, batch=4, lr=3e-3)
+    assert len(more) == 2  # picked up at step 30
+    assert np.mean(more) < 0.7 * np.mean(losses[:5])  # with the trained decoder from the checkpoint
+
+
+def test_object_weighted_loss_counts_object_pixels_more():
+    x = -torch.ones(1, 3, 8, 8)  # black background
+    x[..., :2, :2] = 1.0  # a small white object: 4 of 64 pixels
+    off_object, off_background = x.clone(), x.clone()
+    off_object[..., 0, 0] = 0.0
+    off_background[..., 7, 7] = 0.0
+    assert torch.allclose(recon_loss(off_object, x), recon_loss(off_background, x))
+    assert torch.allclose(recon_loss(off_object, x, 4.0), 5 * recon_loss(off_background, x, 4.0))
+    assert torch.equal(recon_loss(off_object, x), F.l1_loss(off_object, x) + F.mse_loss(off_object, x))
 
 
 def test_dit_stage_loss_falls(tmp_path):
@@ -131,3 +161,19 @@ def test_dit_warm_restart_resumed_at_the_cycle_end_matches_an_uninterrupted_run(
     assert any(not torch.equal(x, y) for x, y in zip(first_cycle, resumed))  # the second cycle did train
     assert cycle_at(11, [(12, 3e-3), (8, 1e-3)]) == (0, 12, 3e-3)
     assert cycle_at(12, [(12, 3e-3), (8, 1e-3)]) == (12, 8, 1e-3)
+
+
+def test_the_recipe_builds_its_vae_with_the_tuned_decoder_once_there_is_one(tmp_path):
+    from twig_core.train.__main__ import _vae
+    from twig_core.train.demo import DEMO_DCAE
+    from twig_core.train.trainer import Checkpoint
+
+    torch.manual_seed(0)
+    state = DCAE(DEMO_DCAE).state_dict()
+    Checkpoint(tmp_path / "vae.ckpt").save(model=state, step=1)
+    assert torch.equal(_vae(tmp_path).decoder.conv_in.weight, state["decoder.conv_in.weight"])
+    tuned = {k: v + 1 if k.startswith("decoder.") else v for k, v in state.items()}
+    Checkpoint(tmp_path / "decoder.ckpt").save(model=tuned, step=1)
+    vae = _vae(tmp_path)
+    assert torch.equal(vae.decoder.conv_in.weight, tuned["decoder.conv_in.weight"])
+    assert torch.equal(vae.encoder.conv_in.weight, state["encoder.conv_in.weight"])

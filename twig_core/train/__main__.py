@@ -4,6 +4,7 @@ Stages run in order and each resumes from what the previous run left in DIR:
   data     render the scenes (256², area-averaged to 128²) and train the tokenizer
   vae      train the DC-AE                          (checkpoint DIR/vae.ckpt)
   latents  encode the training pictures              (DIR/latents.pt)
+  decoder  train the DC-AE's decoder further, encoder frozen, objects weighted (checkpoint DIR/decoder.ckpt)
   text     pre-train Gemma-2 to read scenes out of captions (checkpoint DIR/text.ckpt)
   dit      train the DiT with flow matching, Gemma-2 frozen (checkpoint DIR/dit.ckpt)
   export   write the pipeline folder (default: twig_core/demo_model)
@@ -21,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .trainer import Checkpoint, downsample_u8, encode_all, latent_scale, log, train_dit, train_vae
+from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
+                      train_vae)
 
-STAGES = ("data", "vae", "latents", "text", "dit", "export", "eval")
+STAGES = ("data", "vae", "latents", "decoder", "text", "dit", "export", "eval")
 
 
 def _images(work: Path, split: str) -> np.ndarray:
@@ -54,6 +56,9 @@ def _vae(work: Path):
     meta = json.loads((work / "vae_scale.json").read_text()) if (work / "vae_scale.json").exists() else {}
     vae = DCAE(DEMO_DCAE.replace(scaling_factor=meta.get("scaling_factor", DEMO_DCAE.scaling_factor)))
     vae.load_state_dict(state["model"])
+    tuned = Checkpoint(work / "decoder.ckpt").load()
+    if tuned is not None:  # the decoder stage changed the decoder only: latents encoded before it stay valid
+        vae.load_state_dict(tuned["model"])
     return vae.eval()
 
 
@@ -90,6 +95,10 @@ def stage_latents(work: Path, a) -> None:
         return
     vae = _vae(work)
     torch.save(encode_all(vae, _images(work, "train")), work / "latents.pt")
+
+
+def stage_decoder(work: Path, a) -> None:
+    finetune_decoder(_vae(work), _images(work, "train"), work, steps=a.decoder_steps)
 
 
 def stage_text(work: Path, a) -> None:
@@ -160,6 +169,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(DEMO_DIR), help="where export writes the pipeline folder")
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--decoder-steps", type=int, default=1500)
     p.add_argument("--text-steps", type=int, default=3000)
     p.add_argument("--dit-steps", type=int, default=18000)
     p.add_argument("--batch", type=int, default=64)
