@@ -174,10 +174,10 @@ def main(argv=None) -> int:
     p.add_argument("--dit-steps", type=int, default=18000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--dit-restart", type=int, nargs="*", default=[12000, 8000],
+    p.add_argument("--dit-restart", type=int, nargs="*", default=[12000, 8000, 10000],
                    help="steps of each further DiT learning-rate cycle (warm restart) after --dit-steps; none: no "
                         "restart")
-    p.add_argument("--restart-lr", type=float, nargs="*", default=[2e-4, 1.5e-4],
+    p.add_argument("--restart-lr", type=float, nargs="*", default=[2e-4, 1.5e-4, 1.5e-4],
                    help="peak learning rate of each of those cycles")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast in the DiT stage")
     p.add_argument("--pos-embed", action=argparse.BooleanOptionalAction, default=True,
