@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import TwigError
 from .scenes import COLOR_NAMES, OBJECT_COLORS, PALETTE, SHAPES
-from .trainer import encode_batch, log, lr_at, open_stage, pick_captions
+from .trainer import descend, encode_batch, log, lr_at, open_stage, pick_captions
 
 GRID = 8
 MAX_COUNT = 4
@@ -140,11 +140,7 @@ def pretrain_text(images: np.ndarray, records: list[dict], text_encoder, work: s
         idx = rng.integers(0, len(records), batch)
         hidden, mask = encode_batch(text_encoder, pick_captions(records, idx, rng, p_uncond=0.0), max_length)
         loss, acc = probe_loss(probe, hidden, mask, cells[idx], counts[idx], shapes[idx], centres[idx])
-        losses.append(loss.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        losses.append(descend(opt, loss, params))
         if step % 25 == 0 or step == steps - 1:
             log(f"text step {step} loss {loss.item():.4f} acc cells {acc[0]:.3f} counts {acc[1]:.3f} "
                 f"shapes {acc[2]:.3f} centre error {acc[3]:.3f} ({(time.time() - t0) / (step - start + 1):.2f}s/step)",

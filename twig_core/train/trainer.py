@@ -88,6 +88,15 @@ class Checkpoint:
         os.replace(tmp, self.path)
 
 
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor, params) -> float:
+    """One optimiser step on ``loss`` with the gradients of ``params`` clipped to norm 1; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
 def open_stage(work: str | os.PathLike, name: str) -> tuple[Checkpoint, Path]:
     """A training stage's resumable checkpoint (``work/<name>.ckpt``) and log file (``work/<name>.log``).
     Makes ``work`` and flushes denormals to zero (denormal weights/grads otherwise slow CPU training ten-fold)."""
@@ -137,11 +146,7 @@ def train_vae(images: np.ndarray, work: str | os.PathLike, steps: int = 3000, ba
         z = z + 0.05 * z.detach().std() * torch.randn_like(z)  # a decoder that tolerates imperfect latents
         y = model.decode_raw(z)
         loss = recon_loss(y, x)
-        losses.append(loss.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        losses.append(descend(opt, loss, model.parameters()))
         if step % 20 == 0 or step == steps - 1:
             log(f"vae step {step} loss {loss.item():.4f} lr {lr_at(step, steps, lr):.2e} "
                 f"({(time.time() - t0) / (step - start + 1):.2f}s/step)", logf)
@@ -196,11 +201,7 @@ def finetune_decoder(vae, images: np.ndarray, work: str | os.PathLike, steps: in
             z = vae.encode_raw(x)
             z = z + 0.05 * z.std() * torch.randn(z.shape, generator=trng)
         loss = recon_loss(vae.decode_raw(z), x, object_weight)
-        losses.append(loss.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        losses.append(descend(opt, loss, params))
         if step % 20 == 0 or step == steps - 1:
             log(f"decoder step {step} loss {loss.item():.4f} lr {lr_at(step, steps, lr, warmup=50):.2e} "
                 f"({(time.time() - t0) / (step - start + 1):.2f}s/step)", logf)
@@ -367,11 +368,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
                                         train=train_text)
             v = transformer(xt, t, embeds, mask)
         loss = F.mse_loss(v.float(), target)
-        losses.append(loss.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
+        losses.append(descend(opt, loss, trainable))
         ema.update(step)
         if step % 25 == 0 or step == total - 1:
             log(f"dit step {step} loss {loss.item():.4f} lr {rate:.2e} "
