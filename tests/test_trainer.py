@@ -177,3 +177,48 @@ def test_the_recipe_builds_its_vae_with_the_tuned_decoder_once_there_is_one(tmp_
     vae = _vae(tmp_path)
     assert torch.equal(vae.decoder.conv_in.weight, tuned["decoder.conv_in.weight"])
     assert torch.equal(vae.encoder.conv_in.weight, state["encoder.conv_in.weight"])
+
+
+def test_lora_trains_only_the_adapters_and_merges_into_plain_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from twig_core.train.lora import apply_lora, load_lora, lora_state_dict, lora_targets, merge_lora
+
+    tok = build_tiny_gemma_tokenizer()
+    text = TextEncoder(build_tiny_gemma2(tok), tok, instruction="")
+    torch.manual_seed(0)
+    dit = TwigTransformer(TINY_TRANSFORMER)
+    base = {k: v.clone() for k, v in dit.state_dict().items()}
+    x = torch.randn(2, 32, 2, 2)
+    emb, mask = torch.randn(2, 5, TINY_TRANSFORMER.caption_channels), torch.ones(2, 5, dtype=torch.bool)
+    t = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        before = dit(x, t, emb, mask)
+    targets = lora_targets(dit)
+    assert any(n.endswith("attn.qkv") for n in targets) and any("cross_attn.kv_linear" in n for n in targets)
+    assert not any(n.endswith("depth_conv.conv") for n in targets)  # depthwise 3x3 convolutions stay as they are
+    params = apply_lora(dit, rank=4)
+    assert len(params) == 2 * len(targets)
+    with torch.no_grad():
+        assert torch.equal(dit(x, t, emb, mask), before)  # adapters start as no change
+    _, _, losses = train_dit(torch.randn(2, 32, 2, 2), scene_records(), text, dit, tmp_path, steps=40, batch=8,
+                             lr=1e-2, max_length=16, train_text=False, params=params)
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+    for name in targets:  # frozen weights untouched, adapters trained
+        assert torch.equal(dit.get_submodule(name).parametrizations.weight.original, base[name + ".weight"])
+    assert all(p.abs().sum() > 0 for p in params[1::2])
+    with torch.no_grad():
+        adapted = dit(x, t, emb, mask)
+    assert not torch.allclose(adapted, before, atol=1e-4)
+
+    save_file(lora_state_dict(dit), tmp_path / "lora.safetensors")
+    again = TwigTransformer(TINY_TRANSFORMER)
+    again.load_state_dict(base)
+    load_lora(again, load_file(tmp_path / "lora.safetensors"))
+    merge_lora(dit)
+    assert set(dit.state_dict()) == set(base)  # plain weights under the original names
+    fresh = TwigTransformer(TINY_TRANSFORMER)
+    fresh.load_state_dict(dit.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fresh(x, t, emb, mask), adapted, atol=1e-5)
+        assert torch.allclose(again(x, t, emb, mask), adapted, atol=1e-5)

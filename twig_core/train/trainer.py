@@ -3,10 +3,11 @@
 Stages (each resumable from its last checkpoint, each small enough for one sitting on a CPU):
   vae      DC-AE autoencoder on the rendered pictures (L1 + MSE, latent-noise augmentation)
   latents  encode every training picture once with the trained DC-AE
+  decoder  the DC-AE's decoder trained further, encoder frozen, object pixels weighted
   text     Gemma-2 pre-trained to read the scene out of captions (``text_pretrain.py``)
   dit      DiT trained with the flow-matching loss on those latents, Gemma-2 frozen (or trained along)
-The same loop fine-tunes a real checkpoint on a GPU (``train_dit`` takes any TwigTransformer / TextEncoder,
-and ``lora.apply_lora`` restricts training to low-rank adapters).
+The same loop fine-tunes a real checkpoint (``train_dit`` takes any TwigTransformer / TextEncoder, on the
+transformer's device), and ``lora.apply_lora`` restricts training to low-rank adapters.
 """
 
 from __future__ import annotations
@@ -287,9 +288,12 @@ def flow_batch(x0: torch.Tensor, rng: torch.Generator):
 
 
 class EMA:
-    def __init__(self, modules, decay: float):
+    """Exponential moving average of the trained parameters (only those: frozen weights, e.g. under LoRA
+    adapters, need no shadow copy)."""
+
+    def __init__(self, params, decay: float):
         self.decay = decay
-        self.params = [p for m in modules for p in m.parameters()]
+        self.params = list(params)
         self.shadow = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
@@ -333,8 +337,9 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         raise TwigError(f"{len(latents)} latents but {len(records)} caption records")
     modules = [transformer, text_encoder.model] if train_text else [transformer]
     trainable = list(params) if params is not None else [p for m in modules for p in m.parameters()]
+    device = next(transformer.parameters()).device  # batches are drawn on the CPU, then moved
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.99), fused=True)
-    ema = EMA(modules, ema_decay)
+    ema = EMA(trainable, ema_decay)
     start = 0
     state = ck.load()
     if state is not None:
@@ -361,8 +366,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         for g in opt.param_groups:
             g["lr"] = rate
         idx = rng.integers(0, len(records), batch)
-        x0 = latents[idx].float()
-        xt, t, target = flow_batch(x0, trng)
+        xt, t, target = (v.to(device) for v in flow_batch(latents[idx].float(), trng))
         with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=bf16):
             embeds, mask = encode_batch(text_encoder, pick_captions(records, idx, rng, p_uncond), max_length,
                                         train=train_text)
