@@ -59,12 +59,16 @@ def apply_lora(model: nn.Module, rank: int = 16, alpha: float | None = None, pre
     params = []
     for name in targets:
         m = model.get_submodule(name)
-        if parametrize.is_parametrized(m, "weight"):
-            raise TwigError(f"{name} already carries an adapter")
-        delta = LoRADelta(m.weight, rank, float(alpha if alpha is not None else rank))
-        parametrize.register_parametrization(m, "weight", delta)
-        params += [delta.down, delta.up]
+        params += _attach(m, name, LoRADelta(m.weight, rank, float(alpha if alpha is not None else rank)))
     return params
+
+
+def _attach(m: nn.Module, name: str, delta: LoRADelta) -> list:
+    """Put ``delta`` on module ``m``'s weight (one adapter per weight); returns its two parameters."""
+    if parametrize.is_parametrized(m, "weight"):
+        raise TwigError(f"{name} already carries an adapter")
+    parametrize.register_parametrization(m, "weight", delta)
+    return [delta.down, delta.up]
 
 
 def _adapted(model: nn.Module):
@@ -117,6 +121,5 @@ def load_lora(model: nn.Module, state: dict[str, torch.Tensor], source: str = "L
         with torch.no_grad():
             delta.down.copy_(down)
             delta.up.copy_(up)
-        parametrize.register_parametrization(m, "weight", delta)
-        params += [delta.down, delta.up]
+        params += _attach(m, name, delta)
     return params

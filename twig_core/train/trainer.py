@@ -179,6 +179,7 @@ def finetune_decoder(vae, images: np.ndarray, work: str | os.PathLike, steps: in
     if state is not None:
         vae.load_state_dict(state["model"])
         start = int(state["step"])
+    flags = [p.requires_grad for p in vae.parameters()]
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters())
     for p in params:
@@ -193,8 +194,9 @@ def finetune_decoder(vae, images: np.ndarray, work: str | os.PathLike, steps: in
     losses = []
     t0 = time.time()
     for step in range(start, steps):
+        rate = lr_at(step, steps, lr, warmup=50)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=50)
+            g["lr"] = rate
         x = to_model_images(images[np.sort(rng.integers(0, len(images), batch))])
         if rng.random() < 0.5:
             x = x.flip(-1)
@@ -204,11 +206,12 @@ def finetune_decoder(vae, images: np.ndarray, work: str | os.PathLike, steps: in
         loss = recon_loss(vae.decode_raw(z), x, object_weight)
         losses.append(descend(opt, loss, params))
         if step % 20 == 0 or step == steps - 1:
-            log(f"decoder step {step} loss {loss.item():.4f} lr {lr_at(step, steps, lr, warmup=50):.2e} "
+            log(f"decoder step {step} loss {loss.item():.4f} lr {rate:.2e} "
                 f"({(time.time() - t0) / (step - start + 1):.2f}s/step)", logf)
         if (step + 1) % save_every == 0 or step == steps - 1:
             ck.save(model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
-    vae.requires_grad_(True)
+    for p, flag in zip(vae.parameters(), flags):  # handed back as it came
+        p.requires_grad_(flag)
     return vae.eval(), losses
 
 
@@ -337,7 +340,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         raise TwigError(f"{len(latents)} latents but {len(records)} caption records")
     modules = [transformer, text_encoder.model] if train_text else [transformer]
     trainable = list(params) if params is not None else [p for m in modules for p in m.parameters()]
-    device = next(transformer.parameters()).device  # batches are drawn on the CPU, then moved
+    device = transformer.device  # batches are drawn on the CPU, then moved
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01, betas=(0.9, 0.99), fused=True)
     ema = EMA(trainable, ema_decay)
     start = 0
