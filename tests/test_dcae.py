@@ -298,6 +298,26 @@ def test_exact_tiled_decode_equals_untiled(cfg, monkeypatch):
     assert banded  # small tiles also split the attention stages' maps into row bands
 
 
+@pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
+def test_banded_decode_equals_plain(cfg, monkeypatch):
+    """The untiled CPU decode runs attention, ResBlocks (conv1 one row ahead of conv2, nothing recomputed) and
+    the output layers over row bands, and adds up blocks' shortcuts as their phases are written: for any band
+    height it equals the layer-by-layer decode with autograd on (which takes none of those paths)."""
+    m = _random(cfg)
+    rolled, banded = [], []
+    real_res, real_dec = dcae._resblock_banded, dcae.decode_banded
+    monkeypatch.setattr(dcae, "_resblock_banded", lambda *a: rolled.append(a[2]) or real_res(*a))
+    monkeypatch.setattr(dcae, "decode_banded", lambda *a: banded.append(1) or real_dec(*a))
+    z = torch.randn(2, cfg.latent_channels, 7, 5)
+    plain = m.decoder(dcae.channels_last(z)).detach()
+    with torch.no_grad():
+        assert _max_diff(m.decode_raw(z), plain) <= 2e-5 and banded
+        for budget in (1, 40, 300, 2000):
+            x = dcae.decode_banded(m.decoder, dcae.channels_last(z), budget)
+            assert x.shape == plain.shape and _max_diff(x, plain) <= 2e-5, budget
+    assert 1 in rolled and max(rolled) > 1  # ResBlocks ran in bands of one row and of several
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX], ids=["sana-like", "mix-like"])
 def test_exact_tiled_decode_narrow_weights(cfg, dtype):

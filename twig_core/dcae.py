@@ -512,12 +512,17 @@ class DownBlock(nn.Module):
         return y
 
 
-def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   shortcut_repeats: int | None = None) -> torch.Tensor:
     """conv3x3(nearest_upsample_2x(x)) without the upsampled input. Output pixel (2i+a, 2j+b) sees only the
     2x2 source pixels starting at padded position (i+a, j+b), with taps that are sums of the 3x3 taps landing on
     the same source pixel (rows: phase 0 -> (w0, w1+w2), phase 1 -> (w0+w1, w2); columns alike). So one 2x2
     convolution of the padded source with the four phases' kernels stacked (4*Cout outputs) gives all outputs:
-    16 multiply-adds per source pixel and channel pair instead of 36. Returns a channels-last tensor."""
+    16 multiply-adds per source pixel and channel pair instead of 36. Returns a channels-last tensor.
+
+    With ``shortcut_repeats`` (r dividing 4) it also adds UpBlock's shortcut, pixel_shuffle(x with each channel
+    repeated r times): output channel c of phase k = 2a+b reads source channel (4c+k)//r, i.e. channels k//r,
+    k//r + 4/r, ... of x, added as the phase is written (no repeated copy of x, no second pass)."""
     bsz, cin, h, w = x.shape
     cout = weight.shape[0]
     wt = weight.to(x.dtype)
@@ -533,7 +538,12 @@ def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     for a in (0, 1):
         for b in (0, 1):
             k = 2 * a + b
-            out[:, :, a, :, b, :] = res[:, a:a + h, b:b + w, k * cout:(k + 1) * cout]
+            phase = res[:, a:a + h, b:b + w, k * cout:(k + 1) * cout]
+            if shortcut_repeats is None:
+                out[:, :, a, :, b, :] = phase
+            else:
+                src = nhwc(x)[..., k // shortcut_repeats::4 // shortcut_repeats][..., :cout]
+                torch.add(phase, src, out=out[:, :, a, :, b, :])
     return nchw(out.view(bsz, 2 * h, 2 * w, cout))
 
 
@@ -550,7 +560,10 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.interpolate:
-            y = _upsample_conv(x, self.conv.weight, self.conv.bias)
+            fused = self.shortcut and not torch.is_grad_enabled() and 4 % self.repeats == 0
+            y = _upsample_conv(x, self.conv.weight, self.conv.bias, self.repeats if fused else None)
+            if fused:
+                return y
         else:
             y = F.pixel_shuffle(self.conv(x), 2)
         if self.shortcut:
@@ -831,8 +844,11 @@ def _band_rows(x: torch.Tensor, budget: int) -> int:
 
 def _banded(m: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     """m(x) for a local m, computed over bands of ``rows`` rows of x (each read with the halo rows m needs).
-    When m keeps the size, results overwrite x one band late (once the next band has read its halo rows, which
-    needs bands of at least that many rows): x must be a temporary. Otherwise they go into a new output."""
+    When m keeps the shape, results overwrite x one band late (once the next band has read its halo rows, which
+    needs bands of at least that many rows): x must be a temporary. Otherwise they go into a new output.
+    A ResBlock runs without recomputing halo rows (see _resblock_banded)."""
+    if isinstance(m, ResBlock):
+        return _resblock_banded(m, x, rows)
     r, s = _reach(m, 0), _upscale(m)
     h = x.shape[-2]
     rows = max(rows, r)
@@ -841,7 +857,7 @@ def _banded(m: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
         i1 = min(i0 + rows, h)
         a0, a1 = _window(i0, i1, r, h)
         y = m(x[:, :, a0:a1])[:, :, (i0 - a0) * s:(i1 - a0) * s]
-        if s == 1:
+        if s == 1 and y.shape[1] == x.shape[1]:
             if pending is not None:
                 x[:, :, pending[0]:pending[1]] = pending[2]
             pending = (i0, i1, y)
@@ -850,10 +866,46 @@ def _banded(m: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
                 out = channels_last(y.new_empty(y.shape[0], y.shape[1], h * s, x.shape[-1] * s))
             out[:, :, i0 * s:i1 * s] = y
         del y
-    if s == 1:
+    if out is None:
         x[:, :, pending[0]:pending[1]] = pending[2]
         return x
     return out
+
+
+def _resblock_banded(m: ResBlock, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """m(x) over bands of ``rows`` rows, written into x (a temporary) band by band. conv1 runs one row ahead of
+    conv2 and the two rows of its output that the next band's conv2 also reads are kept, so no row is computed
+    twice; x's rows are overwritten only once every conv1 row that reads them is done."""
+    h = x.shape[-2]
+    dt = x.dtype
+    w1, w2 = m.conv1.weight.to(dt), m.conv2.weight.to(dt)
+    b1 = None if m.conv1.bias is None else m.conv1.bias.to(dt)
+
+    def rows_padded(t, a0, a1, want0, want1):  # rows want0:want1 of a map whose rows a0:a1 are t; zeros outside
+        top, bottom = a0 - want0, want1 - a1
+        return channels_last(F.pad(t, (0, 0, top, bottom))) if top or bottom else t
+
+    def conv1(e0, e1):  # act(conv1(x)) over rows e0:e1
+        a0, a1 = _window(e0, e1, 1, h)
+        return _act(m.act, F.conv2d(rows_padded(x[:, :, a0:a1], a0, a1, e0 - 1, e1 + 1), w1, b1, padding=(0, 1)))
+
+    kept = None  # conv1's rows i0-1, i0 (row -1: zeros) for the band starting at i0
+    for i0 in range(0, h, rows):
+        i1 = min(i0 + rows, h)
+        if kept is None:
+            win = rows_padded(conv1(0, min(i1 + 1, h)), 0, min(i1 + 1, h), -1, min(i1 + 1, h))
+        elif i0 + 1 < h:
+            win = torch.cat([kept, conv1(i0 + 1, min(i1 + 1, h))], dim=2)
+        else:
+            win = kept
+        top = i0 - 1  # win holds conv1's rows top .. top + rows(win)
+        win = channels_last(rows_padded(win, top, top + win.shape[2], top, i1 + 1))
+        y = m.norm(F.conv2d(win, w2, None, padding=(0, 1)))
+        kept = win[:, :, i1 - 1 - top:i1 + 1 - top].clone(memory_format=torch.channels_last)
+        del win
+        x[:, :, i0:i1] += y
+        del y
+    return x
 
 
 def _attention_banded(attn: MultiscaleLinearAttention, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -899,6 +951,21 @@ def _head_step(m: nn.Module, x: torch.Tensor, budget: int) -> torch.Tensor:
     elif _is_local(m):
         return _banded(m, x, rows)
     return m(x)
+
+
+# Row-band size (elements per batch item) of an untiled CPU decode: bands of 8 MB in fp32 stay well inside the
+# last-level cache and below glibc's mmap threshold, so their temporaries are reused instead of page-faulted in.
+_UNTILED_BAND = 1 << 21
+
+
+def decode_banded(decoder: "Decoder", z: torch.Tensor, budget: int = _UNTILED_BAND) -> torch.Tensor:
+    """decoder(z) without autograd, exactly (up to summation order), with no temporary the size of a whole
+    feature map: attention, ResBlocks and the output layers run over row bands (see _head_step); an up block
+    writes its output map whole (banding it recomputes halo rows and costs more than it saves)."""
+    x = decoder.embed(z)
+    for m in decoder.layers():
+        x = m(x) if isinstance(m, UpBlock) else _head_step(m, x, budget)
+    return x
 
 
 def _tail_tile(plan: DecodePlan, x: torch.Tensor, ys: tuple, xs: tuple) -> torch.Tensor:
@@ -1125,7 +1192,8 @@ class DCAE(nn.Module):
         z = channels_last(latent.to(p.device, self.dtype))
         plan = None if tiling is None else decode_plan(self.decoder)
         if tiling is None:
-            x = self.decoder(z)
+            banded = z.device.type == "cpu" and not torch.is_grad_enabled()
+            x = decode_banded(self.decoder, z) if banded else self.decoder(z)
         elif plan is not None:
             x = decode_tiled(self.decoder, z, tiling[0], plan)
         else:
