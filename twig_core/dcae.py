@@ -513,7 +513,7 @@ class DownBlock(nn.Module):
 
 
 def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   shortcut_repeats: int | None = None) -> torch.Tensor:
+                   shortcut_repeats: int | None = None, rows: int | None = None) -> torch.Tensor:
     """conv3x3(nearest_upsample_2x(x)) without the upsampled input. Output pixel (2i+a, 2j+b) sees only the
     2x2 source pixels starting at padded position (i+a, j+b), with taps that are sums of the 3x3 taps landing on
     the same source pixel (rows: phase 0 -> (w0, w1+w2), phase 1 -> (w0+w1, w2); columns alike). So one 2x2
@@ -522,28 +522,42 @@ def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
     With ``shortcut_repeats`` (r dividing 4) it also adds UpBlock's shortcut, pixel_shuffle(x with each channel
     repeated r times): output channel c of phase k = 2a+b reads source channel (4c+k)//r, i.e. channels k//r,
-    k//r + 4/r, ... of x, added as the phase is written (no repeated copy of x, no second pass)."""
+    k//r + 4/r, ... of x, added as the phase is written (no repeated copy of x, no second pass).
+
+    With ``rows`` the convolution runs over bands of that many source rows. Row i of its result (padded rows i,
+    i+1) feeds source rows i-1 and i, so each band keeps its last result row for the next: none is computed
+    twice, and only a band's worth of the 4*Cout-channel result exists at once."""
     bsz, cin, h, w = x.shape
     cout = weight.shape[0]
     wt = weight.to(x.dtype)
+    b4 = None if bias is None else bias.to(x.dtype).repeat(4)
 
     def fold(k, dim, phase):  # the 3 taps along ``dim`` folded to the 2 seen by this phase
         t0, t1, t2 = k.unbind(dim)
         return torch.stack([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], dim)
 
     kernels = torch.cat([fold(fold(wt, 2, a), 3, b) for a in (0, 1) for b in (0, 1)])  # [4*Cout, Cin, 2, 2]
-    xp = channels_last(F.pad(x, (1, 1, 1, 1)))
-    res = nhwc(F.conv2d(xp, kernels, None if bias is None else bias.to(x.dtype).repeat(4)))  # [B,h+1,w+1,4*Cout]
     out = torch.empty(bsz, h, 2, w, 2, cout, dtype=x.dtype, device=x.device)
-    for a in (0, 1):
-        for b in (0, 1):
-            k = 2 * a + b
-            phase = res[:, a:a + h, b:b + w, k * cout:(k + 1) * cout]
-            if shortcut_repeats is None:
-                out[:, :, a, :, b, :] = phase
-            else:
-                src = nhwc(x)[..., k // shortcut_repeats::4 // shortcut_repeats][..., :cout]
-                torch.add(phase, src, out=out[:, :, a, :, b, :])
+    kept = None  # the previous band's last result row
+    for i0 in range(0, h, rows or h):
+        i1 = min(i0 + (rows or h), h)
+        e0 = i0 if kept is None else i0 + 1  # result rows e0..i1 (inclusive) from source rows e0-1..i1
+        a0, a1 = max(e0 - 1, 0), min(i1 + 1, h)
+        xp = channels_last(F.pad(x[:, :, a0:a1], (1, 1, a0 - (e0 - 1), (i1 + 1) - a1)))
+        res = nhwc(F.conv2d(xp, kernels, b4))  # [B, i1+1-e0, w+1, 4*Cout]
+        if kept is not None:
+            res = torch.cat([kept, res], dim=1)  # result rows i0..i1
+        for a in (0, 1):
+            for b in (0, 1):
+                k = 2 * a + b
+                phase = res[:, a:a + i1 - i0, b:b + w, k * cout:(k + 1) * cout]
+                if shortcut_repeats is None:
+                    out[:, i0:i1, a, :, b, :] = phase
+                else:
+                    src = nhwc(x)[:, i0:i1, :, k // shortcut_repeats::4 // shortcut_repeats][..., :cout]
+                    torch.add(phase, src, out=out[:, i0:i1, a, :, b, :])
+        kept = res[:, -1:].clone() if i1 < h else None
+        del res
     return nchw(out.view(bsz, 2 * h, 2 * w, cout))
 
 
@@ -558,10 +572,11 @@ class UpBlock(nn.Module):
         self.repeats = cout * 4 // cin
         self.conv = Conv2d(cin, cout if interpolate else cout * 4, 3, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """``rows``: run an interpolating block's convolution over bands of that many source rows."""
         if self.interpolate:
             fused = self.shortcut and not torch.is_grad_enabled() and 4 % self.repeats == 0
-            y = _upsample_conv(x, self.conv.weight, self.conv.bias, self.repeats if fused else None)
+            y = _upsample_conv(x, self.conv.weight, self.conv.bias, self.repeats if fused else None, rows)
             if fused:
                 return y
         else:
@@ -846,9 +861,12 @@ def _banded(m: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     """m(x) for a local m, computed over bands of ``rows`` rows of x (each read with the halo rows m needs).
     When m keeps the shape, results overwrite x one band late (once the next band has read its halo rows, which
     needs bands of at least that many rows): x must be a temporary. Otherwise they go into a new output.
-    A ResBlock runs without recomputing halo rows (see _resblock_banded)."""
+    ResBlocks and interpolating up blocks run without recomputing halo rows (see _resblock_banded and
+    _upsample_conv)."""
     if isinstance(m, ResBlock):
         return _resblock_banded(m, x, rows)
+    if isinstance(m, UpBlock) and m.interpolate:
+        return m(x, rows)
     r, s = _reach(m, 0), _upscale(m)
     h = x.shape[-2]
     rows = max(rows, r)
@@ -959,24 +977,24 @@ _UNTILED_BAND = 1 << 21
 
 
 def decode_banded(decoder: "Decoder", z: torch.Tensor, budget: int = _UNTILED_BAND) -> torch.Tensor:
-    """decoder(z) without autograd, exactly (up to summation order), with no temporary the size of a whole
-    feature map: attention, ResBlocks and the output layers run over row bands (see _head_step); an up block
-    writes its output map whole (banding it recomputes halo rows and costs more than it saves)."""
+    """decoder(z) without autograd, exactly (up to summation order), with every layer run over row bands (see
+    _head_step): no temporary the size of a whole feature map."""
     x = decoder.embed(z)
     for m in decoder.layers():
-        x = m(x) if isinstance(m, UpBlock) else _head_step(m, x, budget)
+        x = _head_step(m, x, budget)
     return x
 
 
 def _tail_tile(plan: DecodePlan, x: torch.Tensor, ys: tuple, xs: tuple) -> torch.Tensor:
     """The decoder's output over the tile ys x xs (spans of the intermediate map x), from a window of x. After
-    each layer the window shrinks to the halo the layers left need (see _CROP_MIN)."""
+    each layer the window shrinks to the halo the layers left need (see _CROP_MIN). Each layer runs over row
+    bands of the tile (see decode_banded)."""
     h, w = x.shape[-2:]
     (a0, a1), (b0, b1) = _window(*ys, plan.halos[0], h), _window(*xs, plan.halos[0], w)
     t = x[:, :, a0:a1, b0:b1].clone(memory_format=torch.channels_last)  # own copy: layers work in place
     scale = 1
     for j, m in enumerate(plan.tail):
-        t = m(t)
+        t = _head_step(m, t, _UNTILED_BAND)  # in row bands too, like an untiled decode
         s, halo, last = _upscale(m), plan.halos[j + 1], j == len(plan.tail) - 1
         scale, h, w, a0, a1, b0, b1 = scale * s, h * s, w * s, a0 * s, a1 * s, b0 * s, b1 * s
         c0, c1 = _window(ys[0] * scale, ys[1] * scale, halo, h)
