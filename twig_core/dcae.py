@@ -987,14 +987,14 @@ def decode_banded(decoder: "Decoder", z: torch.Tensor, budget: int = _UNTILED_BA
 
 def _tail_tile(plan: DecodePlan, x: torch.Tensor, ys: tuple, xs: tuple) -> torch.Tensor:
     """The decoder's output over the tile ys x xs (spans of the intermediate map x), from a window of x. After
-    each layer the window shrinks to the halo the layers left need (see _CROP_MIN). Each layer runs over row
-    bands of the tile (see decode_banded)."""
+    each layer the window shrinks to the halo the layers left need (see _CROP_MIN). On CPU each layer runs over
+    row bands of the tile (see decode_banded)."""
     h, w = x.shape[-2:]
     (a0, a1), (b0, b1) = _window(*ys, plan.halos[0], h), _window(*xs, plan.halos[0], w)
     t = x[:, :, a0:a1, b0:b1].clone(memory_format=torch.channels_last)  # own copy: layers work in place
     scale = 1
     for j, m in enumerate(plan.tail):
-        t = _head_step(m, t, _UNTILED_BAND)  # in row bands too, like an untiled decode
+        t = _head_step(m, t, _UNTILED_BAND) if t.device.type == "cpu" else m(t)  # like an untiled decode
         s, halo, last = _upscale(m), plan.halos[j + 1], j == len(plan.tail) - 1
         scale, h, w, a0, a1, b0, b1 = scale * s, h * s, w * s, a0 * s, a1 * s, b0 * s, b1 * s
         c0, c1 = _window(ys[0] * scale, ys[1] * scale, halo, h)
