@@ -512,6 +512,15 @@ class DownBlock(nn.Module):
         return y
 
 
+def _rows(t: torch.Tensor, first: int, r0: int, r1: int, cols: int = 0) -> torch.Tensor:
+    """Rows r0:r1 of a map of which ``t`` holds the rows from ``first`` on, zeros where t holds none, plus
+    ``cols`` zero columns on each side; channels-last (a view of t when nothing is padded)."""
+    a0, a1 = max(r0 - first, 0), min(r1 - first, t.shape[-2])
+    top, bottom = a0 - (r0 - first), (r1 - first) - a1
+    t = t[:, :, a0:a1]
+    return channels_last(F.pad(t, (cols, cols, top, bottom))) if top or bottom or cols else t
+
+
 def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    shortcut_repeats: int | None = None, rows: int | None = None) -> torch.Tensor:
     """conv3x3(nearest_upsample_2x(x)) without the upsampled input. Output pixel (2i+a, 2j+b) sees only the
@@ -542,9 +551,7 @@ def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     for i0 in range(0, h, rows or h):
         i1 = min(i0 + (rows or h), h)
         e0 = i0 if kept is None else i0 + 1  # result rows e0..i1 (inclusive) from source rows e0-1..i1
-        a0, a1 = max(e0 - 1, 0), min(i1 + 1, h)
-        xp = channels_last(F.pad(x[:, :, a0:a1], (1, 1, a0 - (e0 - 1), (i1 + 1) - a1)))
-        res = nhwc(F.conv2d(xp, kernels, b4))  # [B, i1+1-e0, w+1, 4*Cout]
+        res = nhwc(F.conv2d(_rows(x, 0, e0 - 1, i1 + 1, cols=1), kernels, b4))  # [B, i1+1-e0, w+1, 4*Cout]
         if kept is not None:
             res = torch.cat([kept, res], dim=1)  # result rows i0..i1
         for a in (0, 1):
@@ -899,27 +906,20 @@ def _resblock_banded(m: ResBlock, x: torch.Tensor, rows: int) -> torch.Tensor:
     w1, w2 = m.conv1.weight.to(dt), m.conv2.weight.to(dt)
     b1 = None if m.conv1.bias is None else m.conv1.bias.to(dt)
 
-    def rows_padded(t, a0, a1, want0, want1):  # rows want0:want1 of a map whose rows a0:a1 are t; zeros outside
-        top, bottom = a0 - want0, want1 - a1
-        return channels_last(F.pad(t, (0, 0, top, bottom))) if top or bottom else t
-
     def conv1(e0, e1):  # act(conv1(x)) over rows e0:e1
-        a0, a1 = _window(e0, e1, 1, h)
-        return _act(m.act, F.conv2d(rows_padded(x[:, :, a0:a1], a0, a1, e0 - 1, e1 + 1), w1, b1, padding=(0, 1)))
+        return _act(m.act, F.conv2d(_rows(x, 0, e0 - 1, e1 + 1), w1, b1, padding=(0, 1)))
 
-    kept = None  # conv1's rows i0-1, i0 (row -1: zeros) for the band starting at i0
+    kept = None  # conv1's rows i0-1, i0 for the band starting at i0
     for i0 in range(0, h, rows):
         i1 = min(i0 + rows, h)
+        e1 = min(i1 + 1, h)
         if kept is None:
-            win = rows_padded(conv1(0, min(i1 + 1, h)), 0, min(i1 + 1, h), -1, min(i1 + 1, h))
-        elif i0 + 1 < h:
-            win = torch.cat([kept, conv1(i0 + 1, min(i1 + 1, h))], dim=2)
+            win, first = conv1(0, e1), 0
         else:
-            win = kept
-        top = i0 - 1  # win holds conv1's rows top .. top + rows(win)
-        win = channels_last(rows_padded(win, top, top + win.shape[2], top, i1 + 1))
+            win, first = (torch.cat([kept, conv1(i0 + 1, e1)], dim=2) if i0 + 1 < e1 else kept), i0 - 1
+        win = _rows(win, first, i0 - 1, i1 + 1)  # conv1's rows i0-1 .. i1, zeros for rows -1 and h
         y = m.norm(F.conv2d(win, w2, None, padding=(0, 1)))
-        kept = win[:, :, i1 - 1 - top:i1 + 1 - top].clone(memory_format=torch.channels_last)
+        kept = win[:, :, i1 - i0:i1 - i0 + 2].clone(memory_format=torch.channels_last)
         del win
         x[:, :, i0:i1] += y
         del y
