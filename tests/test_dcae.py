@@ -319,6 +319,31 @@ def test_banded_decode_equals_plain(cfg, monkeypatch):
     assert 1 in rolled and max(rolled) > 1  # ResBlocks ran in bands of one row and of several
 
 
+def test_glumbconv_chunks_match_diffusers(monkeypatch):
+    """On CPU a GLUMBConv runs its hidden channels in chunks sized by the map (temporaries about a decode band):
+    whatever the chunking, the result is diffusers' GLUMBConv on the same weights."""
+    from diffusers.models.autoencoders.autoencoder_dc import GLUMBConv as RefGLUMBConv
+
+    torch.manual_seed(0)
+    ref = RefGLUMBConv(48, 48, norm_type="rms_norm").eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    ours = dcae.GLUMBConv(48).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 48, 9, 7)  # 126 pixels, 192 hidden channels
+    with torch.no_grad():
+        want = ref(x)
+    chunks = []
+    real = dcae.glu_conv_ffn
+    monkeypatch.setattr(dcae, "glu_conv_ffn", lambda *a: chunks.append(a[-1]) or real(*a))
+    for band in (dcae._UNTILED_BAND, 126 * 100, 126 * 64, 1):
+        monkeypatch.setattr(dcae, "_UNTILED_BAND", band)
+        with torch.no_grad():
+            assert _max_diff(ours(dcae.channels_last(x)), want) <= 2e-5 * want.abs().max().item(), band
+    assert chunks == [(1 << 21) // 126, 100, 64, 64]  # one chunk, two of 96, three of 64, the floor of 64
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX], ids=["sana-like", "mix-like"])
 def test_exact_tiled_decode_narrow_weights(cfg, dtype):

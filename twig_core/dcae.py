@@ -477,7 +477,10 @@ class GLUMBConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up, dw = self.conv_inverted, self.conv_depth
-        y = glu_conv_ffn(nhwc(x), up.weight, up.bias, dw.weight, dw.bias, self.conv_point.weight)
+        # On CPU each chunk's temporaries stay about the size of a decode band (cache-sized, reused by the
+        # allocator): the 512-channel stage's GLUMBConv ran 1.5x faster in chunks of ~400 than in one of 2048.
+        chunk = max(64, _UNTILED_BAND // (x.numel() // x.shape[1])) if x.device.type == "cpu" else None
+        y = glu_conv_ffn(nhwc(x), up.weight, up.bias, dw.weight, dw.bias, self.conv_point.weight, chunk)
         return _residual(self.norm(nchw(y)), x)
 
 

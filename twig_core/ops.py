@@ -37,19 +37,20 @@ FFN_CHUNK = 2800
 
 
 def glu_conv_ffn(x: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor | None, dw_w: torch.Tensor,
-                 dw_b: torch.Tensor | None, down_w: torch.Tensor) -> torch.Tensor:
+                 dw_b: torch.Tensor | None, down_w: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """The inverted bottleneck of Sana's Mix-FFN and DC-AE's GLUMBConv, over pixel-major x [B,H,W,C]:
     1x1 expand to value and gate halves, SiLU, depthwise conv, value * SiLU(gate), 1x1 project (no bias).
     Returns [B,H,W,C_out], contiguous. Weights are ``[out, in(, k, k)]`` tensors in any stored dtype.
 
     Every hidden channel is independent until the projection, so the expansion runs in chunks of channels
     (value and gate each in their own tensor) whose projections are summed: temporaries and per-call weight
-    casts are a fraction of the layer's. Without autograd, activations and sums run in place.
+    casts are a fraction of the layer's (``chunk``: at most this many hidden channels each, default FFN_CHUNK).
+    Without autograd, activations and sums run in place.
     """
     dt = x.dtype
     inplace = not torch.is_grad_enabled()
     hidden = up_w.shape[0] // 2
-    pieces = -(-hidden // FFN_CHUNK)
+    pieces = -(-hidden // max(1, chunk or FFN_CHUNK))
     step = -(-hidden // pieces)
     out = None
     for c0 in range(0, hidden, step):
