@@ -319,6 +319,40 @@ def test_banded_decode_equals_plain(cfg, monkeypatch):
     assert 1 in rolled and max(rolled) > 1  # ResBlocks ran in bands of one row and of several
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-frequency"])
+def test_winograd_conv_equals_direct(grouped, monkeypatch):
+    """The Winograd F(4x4,3x3) path of the wide ResBlocks' convolutions gives the direct convolution (to fp32
+    rounding) for windows whose rows and columns are not multiples of the 4x4 tile, batch 2, with and without
+    bias, with the 36 channel products grouped or one at a time."""
+    monkeypatch.setattr(dcae, "_WINOGRAD_GROUPED_MAX", 1 << 40 if grouped else 0)
+    torch.manual_seed(0)
+    for b, c, o, r, w in [(2, 24, 16, 7, 10), (1, 40, 40, 16, 32), (2, 8, 12, 1, 1), (1, 16, 16, 5, 4)]:
+        x = dcae.channels_last(torch.randn(b, c, r + 2, w))
+        weight, bias = torch.randn(o, c, 3, 3) / (9 * c) ** 0.5, torch.randn(o)
+        for bb in (bias, None):
+            want = F.conv2d(x.double(), weight.double(), None if bb is None else bb.double(), padding=(0, 1))
+            got = dcae._conv3x3_rows(x, weight, bb, dcae._winograd_weight(weight))
+            assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+            assert _max_diff(got.double(), want) <= 1e-5 * want.abs().max().item(), (b, c, o, r, w)
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_DCAE], ids=["sana-like", "f32"])
+def test_banded_decode_with_winograd_resblocks(cfg, monkeypatch):
+    """With every ResBlock taking the Winograd path (the real decoder's 256- and 512-channel stages do), the
+    banded decode stays within fp32 rounding of the plain one."""
+    m = _random(cfg)
+    z = torch.randn(2, cfg.latent_channels, 7, 5)
+    plain = m.decoder(dcae.channels_last(z)).detach()
+    monkeypatch.setattr(dcae, "_WINOGRAD_MIN_CHANNELS", 1)
+    used = []
+    real = dcae._conv3x3_rows
+    monkeypatch.setattr(dcae, "_conv3x3_rows", lambda *a: used.append(a[3] is not None) or real(*a))
+    with torch.no_grad():
+        for budget in (40, 2000):
+            x = dcae.decode_banded(m.decoder, dcae.channels_last(z), budget)
+            assert _max_diff(x, plain) <= 2e-5 * plain.abs().max().item(), budget
+    assert used and all(used)
+
 def test_glumbconv_chunks_match_diffusers(monkeypatch):
     """On CPU a GLUMBConv runs its hidden channels in chunks sized by the map (temporaries about a decode band):
     whatever the chunking, the result is diffusers' GLUMBConv on the same weights."""
