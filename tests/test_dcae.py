@@ -282,21 +282,47 @@ def _max_diff(a, b):
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
 def test_exact_tiled_decode_equals_untiled(cfg, monkeypatch):
     """Attention runs on the whole latent, the local stages on tiles with their full reach as halo: every tile
-    size gives the untiled decode (odd, non-square latent, batch 2, tiles that do not divide it)."""
+    size gives the untiled decode (odd, non-square latent, batch 2, tiles that do not divide it). This is the
+    tiled decode of GPUs and of autograd; a CPU decode streams instead (next test)."""
     m = _random(cfg)
     banded = []
     real = dcae._attention_banded
     monkeypatch.setattr(dcae, "_attention_banded", lambda *a: banded.append(1) or real(*a))
     z = torch.randn(2, cfg.latent_channels, 7, 5)
+    plan = dcae.decode_plan(m.decoder)
     with torch.no_grad():
         full = m.decode_raw(z)
         assert full.shape == (2, 3, 7 * cfg.spatial_factor, 5 * cfg.spatial_factor) and full.abs().max() > 0.5
-        monkeypatch.setattr(dcae, "_UNTILED_BAND", 64)  # tiles' layers in bands of a few rows, too
         for tile in (1, 2, 3, 5, 7):
-            tiled = m.decode_raw(z, tile_size=tile, overlap=0 if tile == 1 else 1)
-            assert tiled.shape == full.shape and tiled.is_contiguous()
+            tiled = dcae.decode_tiled(m.decoder, dcae.channels_last(z), tile, plan)
+            assert tiled.shape == full.shape
             assert _max_diff(tiled, full) <= 2e-5, tile
     assert banded  # small tiles also split the attention stages' maps into row bands
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
+def test_streamed_decode_equals_plain(cfg, monkeypatch):
+    """A tiled decode on CPU streams the local stages band by band through all their layers (no tiles, no
+    halo): for bands from one row up it equals the layer-by-layer decode; ResBlocks and up blocks take their
+    no-recompute paths, the output layers the generic one."""
+    m = _random(cfg)
+    z = torch.randn(2, cfg.latent_channels, 7, 5)
+    plain = m.decoder(dcae.channels_last(z)).detach()
+    plan = dcae.decode_plan(m.decoder)
+    assert plan is not None
+    seen = []
+    for name in ("decode_streamed", "_resblock_stream", "_upsample_stream"):
+        real = getattr(dcae, name)
+        monkeypatch.setattr(dcae, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+    with torch.no_grad():
+        x = m.decode_raw(z, tile_size=2)
+        assert x.shape == plain.shape and x.is_contiguous() and _max_diff(x, plain) <= 2e-5
+        assert "decode_streamed" in seen
+        for budget in (1, 40, 300, 2000):
+            x = dcae.decode_streamed(m.decoder, dcae.channels_last(z), plan, budget)
+            assert x.shape == plain.shape and _max_diff(x, plain) <= 2e-5, budget
+    assert "_resblock_stream" in seen
+    assert "_upsample_stream" in seen or not cfg.upsample_block_type == "interpolate"
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
@@ -413,22 +439,16 @@ def test_decode_plan_of_the_sana_decoder():
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX], ids=["sana-like", "mix-like"])
-def test_exact_tiled_decode_needs_its_whole_halo(cfg, monkeypatch):
+def test_exact_tiled_decode_needs_its_whole_halo(cfg):
     """The halo is the local part's reach, not more than needed: one pixel less changes the result by far more
     than the tolerance of the tests above."""
     m = _random(cfg)
     z = torch.randn(2, 4, 7, 5)
-    real = dcae.decode_plan
-
-    def short(decoder):
-        plan = real(decoder)
-        plan.halos[0] -= 1
-        return plan
-
+    plan = dcae.decode_plan(m.decoder)
+    plan.halos[0] -= 1
     with torch.no_grad():
-        full = m.decode(z)
-        monkeypatch.setattr(dcae, "decode_plan", short)
-        assert _max_diff(m.decode(z, tile_size=2), full) > 2e-4
+        full = m.decode_raw(z)
+        assert _max_diff(dcae.decode_tiled(m.decoder, dcae.channels_last(z), 2, plan), full) > 2e-4
 
 
 def test_tiled_decode_blends_when_attention_reaches_the_output(monkeypatch):
