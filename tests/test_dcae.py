@@ -303,8 +303,9 @@ def test_exact_tiled_decode_equals_untiled(cfg, monkeypatch):
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
 def test_streamed_decode_equals_plain(cfg, monkeypatch):
     """A tiled decode on CPU streams the local stages band by band through all their layers (no tiles, no
-    halo): for bands from one row up it equals the layer-by-layer decode; ResBlocks and up blocks take their
-    no-recompute paths, the output layers the generic one."""
+    halo): for bands of four rows (the least it uses) and more it equals the layer-by-layer decode; ResBlocks
+    and up blocks take their no-recompute paths, the output layers the generic one. (Their streams on bands of
+    single rows are covered by the banded whole-map decode above.)"""
     m = _random(cfg)
     z = torch.randn(2, cfg.latent_channels, 7, 5)
     plain = m.decoder(dcae.channels_last(z)).detach()

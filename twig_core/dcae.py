@@ -1123,7 +1123,8 @@ def _stream(m: nn.Module, bands, h: int, budget: int):
     consecutive row bands; the input is re-cut into bands of about ``budget`` elements per batch item.
     ResBlocks and interpolating up blocks compute no row twice (_resblock_stream, _upsample_stream); any other
     local module runs on each band with the halo rows it reaches (recomputed by the next band)."""
-    bands = (piece for band in bands for piece in _bands(band, _band_rows(band, budget)))
+    # at least 4 rows (a whole Winograd tile): wide maps would otherwise get bands of one or two rows
+    bands = (piece for band in bands for piece in _bands(band, max(4, _band_rows(band, budget))))
     if isinstance(m, ResBlock):
         yield from _resblock_stream(m, bands, h)
         return
@@ -1150,8 +1151,8 @@ def decode_streamed(decoder: "Decoder", z: torch.Tensor, plan: DecodePlan, budge
     about ``budget`` elements per batch item (see _head_step), then the tail streamed: each of its layers takes
     the previous one's output band by band and passes its own on (see _stream), so the tail needs no whole-map
     tensor, no tiles and no halo work, at any size. Every tail layer holds a band or two at once: bands of
-    ``tail_budget`` elements (default ``budget``) bound that. Measured at 2048²: half-size tail bands peak at
-    1.9 GB in 68-72 s, full-size ones at 2.3 GB in 65 s."""
+    ``tail_budget`` elements (default ``budget``; at least 4 rows) bound that. Measured at 2048²: half-size
+    tail bands peak at 1.9 GB in 68-72 s, full-size ones at 2.3 GB in 65 s."""
     x = decoder.embed(z)
     for m in plan.head:
         x = _head_step(m, x, budget)
