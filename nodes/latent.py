@@ -131,8 +131,8 @@ def _run_with_oom_fallback(what: str, fn, tile, fallbacks):
 
 TILE_INPUT = ("INT", {"default": 0, "min": 0, "max": 4096, "step": MULTIPLE,
                       "tooltip": "Tile size in pixels (multiple of 32). 0 = automatic: tiles only above 1024x1024 "
-                                 "or when memory runs short. Decoding on CPU streams row bands instead of tiles (same "
-                                 "image; the tile size does not matter there)."})
+                                 "or when memory runs short. On CPU a tiled decode streams row bands instead of tiles "
+                                 "(the same image, whatever the tile size)."})
 
 
 class TwigVAEDecode:
