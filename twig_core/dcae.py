@@ -907,34 +907,29 @@ def _band_rows(x: torch.Tensor, budget: int) -> int:
 
 
 def _banded(m: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """m(x) for a local m, computed over bands of ``rows`` rows of x (each read with the halo rows m needs).
-    When m keeps the shape, results overwrite x one band late (once the next band has read its halo rows, which
-    needs bands of at least that many rows): x must be a temporary. Otherwise they go into a new output.
-    ResBlocks and interpolating up blocks run without recomputing halo rows (see _resblock_banded and
-    _upsample_conv)."""
+    """m(x) for a local m, computed over bands of ``rows`` rows of x (see _stream). When m keeps the shape,
+    results overwrite x one band late (by then the stream has copied the halo rows it still reads): x must be a
+    temporary. Otherwise they go into a new output. ResBlocks write each band at once (see _resblock_banded);
+    interpolating up blocks fill their own output (see _upsample_conv)."""
     if isinstance(m, ResBlock):
         return _resblock_banded(m, x, rows)
     if isinstance(m, UpBlock) and m.interpolate:
         return m(x, rows)
-    r, s = _reach(m, 0), _upscale(m)
-    h = x.shape[-2]
-    rows = max(rows, r)
-    out, pending = None, None
-    for i0 in range(0, h, rows):
-        i1 = min(i0 + rows, h)
-        a0, a1 = _window(i0, i1, r, h)
-        y = m(x[:, :, a0:a1])[:, :, (i0 - a0) * s:(i1 - a0) * s]
-        if s == 1 and y.shape[1] == x.shape[1]:
+    out, pending, i = None, None, 0
+    for y in _stream(m, _bands(x, rows), x.shape[-2]):
+        if y.shape[1] == x.shape[1] and y.shape[-1] == x.shape[-1]:
             if pending is not None:
-                x[:, :, pending[0]:pending[1]] = pending[2]
-            pending = (i0, i1, y)
+                x[:, :, pending[0]:pending[0] + pending[1].shape[-2]] = pending[1]
+            pending = (i, y)
         else:
             if out is None:
-                out = channels_last(y.new_empty(y.shape[0], y.shape[1], h * s, x.shape[-1] * s))
-            out[:, :, i0 * s:i1 * s] = y
+                s = y.shape[-1] // x.shape[-1]
+                out = channels_last(y.new_empty(y.shape[0], y.shape[1], x.shape[-2] * s, y.shape[-1]))
+            out[:, :, i:i + y.shape[-2]] = y
+        i += y.shape[-2]
         del y
     if out is None:
-        x[:, :, pending[0]:pending[1]] = pending[2]
+        x[:, :, pending[0]:pending[0] + pending[1].shape[-2]] = pending[1]
         return x
     return out
 
@@ -1118,13 +1113,18 @@ def decode_banded(decoder: "Decoder", z: torch.Tensor, budget: int = _UNTILED_BA
     return x
 
 
-def _stream(m: nn.Module, bands, h: int, budget: int):
+def _recut(bands, budget: int):
+    """The rows of ``bands`` again, in bands of about ``budget`` elements per batch item and at least 4 rows (a
+    whole Winograd tile: wide maps would otherwise get bands of one or two rows)."""
+    for band in bands:
+        yield from _bands(band, max(4, _band_rows(band, budget)))
+
+
+def _stream(m: nn.Module, bands, h: int):
     """m (a local module) over a map of h rows arriving as consecutive row bands, yielding its output as
-    consecutive row bands; the input is re-cut into bands of about ``budget`` elements per batch item.
-    ResBlocks and interpolating up blocks compute no row twice (_resblock_stream, _upsample_stream); any other
-    local module runs on each band with the halo rows it reaches (recomputed by the next band)."""
-    # at least 4 rows (a whole Winograd tile): wide maps would otherwise get bands of one or two rows
-    bands = (piece for band in bands for piece in _bands(band, max(4, _band_rows(band, budget))))
+    consecutive row bands. ResBlocks and interpolating up blocks compute no row twice (_resblock_stream,
+    _upsample_stream); any other local module runs on each band with the halo rows it reaches (recomputed by
+    the next band)."""
     if isinstance(m, ResBlock):
         yield from _resblock_stream(m, bands, h)
         return
@@ -1160,7 +1160,7 @@ def decode_streamed(decoder: "Decoder", z: torch.Tensor, plan: DecodePlan, budge
     tail_budget = tail_budget or budget
     bands = iter([x])  # each stream cuts its input into bands
     for m in plan.tail:
-        bands = _stream(m, bands, h, tail_budget)
+        bands = _stream(m, _recut(bands, tail_budget), h)
         h *= _upscale(m)
     out, i = None, 0
     for y in bands:
