@@ -305,7 +305,7 @@ def test_streamed_decode_equals_plain(cfg, monkeypatch):
     """A tiled decode on CPU streams the local stages band by band through all their layers (no tiles, no
     halo): for bands of four rows (the least it uses) and more it equals the layer-by-layer decode; ResBlocks
     and up blocks take their no-recompute paths, the output layers the generic one. (Their streams on bands of
-    single rows are covered by the banded whole-map decode above.)"""
+    single rows are covered by test_banded_decode_equals_plain.)"""
     m = _random(cfg)
     z = torch.randn(2, cfg.latent_channels, 7, 5)
     plain = m.decoder(dcae.channels_last(z)).detach()
@@ -379,6 +379,7 @@ def test_banded_decode_with_winograd_resblocks(cfg, monkeypatch):
             x = dcae.decode_banded(m.decoder, dcae.channels_last(z), budget)
             assert _max_diff(x, plain) <= 2e-5 * plain.abs().max().item(), budget
     assert used and all(used)
+
 
 def test_glumbconv_chunks_match_diffusers(monkeypatch):
     """On CPU a GLUMBConv runs its hidden channels in chunks sized by the map (temporaries about a decode band):
