@@ -23,7 +23,7 @@ DEMO_NAME = "twig-demo (embedded)"
 
 def demo_dir() -> str | None:
     """The embedded demo pipeline folder ($TWIG_DEMO_DIR overrides it), or None when this install has none."""
-    from twig_core.train.demo import DEMO_DIR
+    from twig_core import DEMO_DIR
 
     path = os.environ.get("TWIG_DEMO_DIR") or str(DEMO_DIR)
     return path if os.path.isfile(os.path.join(path, "model_index.json")) else None

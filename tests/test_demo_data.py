@@ -8,9 +8,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from twig_core.errors import TwigError
-from twig_core.train import evaluate as ev
-from twig_core.train import scenes as sc
-from twig_core.train import tokenizer as tk
+from training import evaluate as ev
+from training import scenes as sc
+from training import tokenizer as tk
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -31,7 +31,7 @@ def renders(kind_scenes):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tk.train_tokenizer(tk.demo_tokenizer_corpus(400, seed=0))
+    return tk.train_tokenizer(sc.demo_tokenizer_corpus(400, seed=0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def test_tokenizer_save_and_autotokenizer(tokenizer, tmp_path):
 
 
 def test_tokenizer_training_is_deterministic():
-    corpus = tk.demo_tokenizer_corpus(100, seed=0)
+    corpus = sc.demo_tokenizer_corpus(100, seed=0)
     assert tk.train_backend(corpus).to_str() == tk.train_backend(corpus).to_str()
 
 

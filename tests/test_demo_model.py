@@ -8,7 +8,7 @@ path drops the scores far below them.
 import pytest
 import torch
 
-from twig_core.train.demo import DEMO_DIR
+from twig_core import DEMO_DIR
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "model_index.json").is_file(),
                                 reason="the embedded demo model is not in this checkout")
@@ -21,8 +21,8 @@ FLOORS = {"color": 0.85, "count": 0.50, "position": 0.65, "background": 0.85}
 @pytest.fixture(scope="module")
 def report():
     from twig_core.loader import load_pipeline
-    from twig_core.train.evaluate_demo import evaluate_demo
-    from twig_core.train.scenes import generate_records
+    from training.evaluate_demo import evaluate_demo
+    from training.scenes import generate_records
 
     _, heldout = generate_records(0, 24, seed=0)
     parts = load_pipeline(DEMO_DIR, dtype=torch.float32)

@@ -8,7 +8,7 @@ from tests.tiny import build_tiny_gemma2, build_tiny_gemma_tokenizer
 from tests.tiny_models import TINY_DCAE, TINY_TRANSFORMER
 from twig_core.text import TextEncoder
 from twig_core.dcae import DCAE
-from twig_core.train.trainer import downsample_u8, finetune_decoder, recon_loss, train_dit, train_vae
+from training.trainer import downsample_u8, finetune_decoder, recon_loss, train_dit, train_vae
 from twig_core.transformer import TwigTransformer
 
 
@@ -81,8 +81,8 @@ def scene_records():
 
 
 def test_layout_and_object_targets_follow_the_scene():
-    from twig_core.train.scenes import COLOR_NAMES, OBJECT_COLORS, PALETTE, SHAPES
-    from twig_core.train.text_pretrain import layout_targets, object_targets
+    from training.scenes import COLOR_NAMES, OBJECT_COLORS, PALETTE, SHAPES
+    from training.text_pretrain import layout_targets, object_targets
 
     img = np.zeros((1, 64, 64, 3), np.uint8)
     img[:] = PALETTE["white"]
@@ -101,8 +101,8 @@ def test_layout_and_object_targets_follow_the_scene():
 
 
 def test_text_pretraining_learns_the_probe_targets_and_resumes(tmp_path):
-    from twig_core.train.scenes import PALETTE
-    from twig_core.train.text_pretrain import pretrain_text
+    from training.scenes import PALETTE
+    from training.text_pretrain import pretrain_text
 
     tok = build_tiny_gemma_tokenizer()
     text = TextEncoder(build_tiny_gemma2(tok), tok, instruction="")
@@ -143,7 +143,7 @@ def test_downsample_is_an_area_mean():
 
 
 def test_dit_warm_restart_resumed_at_the_cycle_end_matches_an_uninterrupted_run(tmp_path):
-    from twig_core.train.trainer import cycle_at
+    from training.trainer import cycle_at
 
     def run(work, restarts):
         torch.manual_seed(0)
@@ -164,9 +164,9 @@ def test_dit_warm_restart_resumed_at_the_cycle_end_matches_an_uninterrupted_run(
 
 
 def test_the_recipe_builds_its_vae_with_the_tuned_decoder_once_there_is_one(tmp_path):
-    from twig_core.train.__main__ import _vae
-    from twig_core.train.demo import DEMO_DCAE
-    from twig_core.train.trainer import Checkpoint
+    from training.__main__ import _vae
+    from training.demo import DEMO_DCAE
+    from training.trainer import Checkpoint
 
     torch.manual_seed(0)
     state = DCAE(DEMO_DCAE).state_dict()
@@ -182,7 +182,7 @@ def test_the_recipe_builds_its_vae_with_the_tuned_decoder_once_there_is_one(tmp_
 def test_lora_trains_only_the_adapters_and_merges_into_plain_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from twig_core.train.lora import apply_lora, load_lora, lora_state_dict, lora_targets, merge_lora
+    from training.lora import apply_lora, load_lora, lora_state_dict, lora_targets, merge_lora
 
     tok = build_tiny_gemma_tokenizer()
     text = TextEncoder(build_tiny_gemma2(tok), tok, instruction="")

@@ -310,7 +310,7 @@ def test_demo_entry_is_listed_first_only_when_the_demo_folder_exists(model_env, 
 
 
 def test_demo_entry_defaults_to_the_package_folder(monkeypatch):
-    from twig_core.train.demo import DEMO_DIR
+    from twig_core import DEMO_DIR
 
     monkeypatch.delenv("TWIG_DEMO_DIR", raising=False)
     expected = str(DEMO_DIR) if (DEMO_DIR / "model_index.json").is_file() else None
@@ -532,15 +532,15 @@ def test_workflow_graph_runs_on_tiny_models(name, tiny_names, monkeypatch):
 
 
 def _packaged_demo() -> bool:
-    from twig_core.train.demo import DEMO_DIR
+    from twig_core import DEMO_DIR
 
     return (DEMO_DIR / "model_index.json").is_file()
 
 
 @pytest.mark.skipif(not _packaged_demo(), reason="twig_core/demo_model (the trained demo model) is not in this checkout")
 def test_demo_workflow_draws_its_prompt_with_the_trained_demo_model(monkeypatch):
-    from twig_core.train.evaluate import evaluate_image
-    from twig_core.train.scenes import Background, Group, Scene
+    from training.evaluate import evaluate_image
+    from training.scenes import Background, Group, Scene
 
     monkeypatch.delenv("TWIG_DEMO_DIR", raising=False)
     _, api = load("demo_text_to_image")

@@ -22,7 +22,7 @@ def write_demo_pipeline(out: str | os.PathLike) -> Path:
     from tests.tiny import build_tiny_gemma2, build_tiny_gemma_tokenizer
     from tests.tiny_models import TINY_TRANSFORMER, tiny_dcae, tiny_transformer
     from twig_core.text import TextEncoder
-    from twig_core.train.export import export_pipeline
+    from training.export import export_pipeline
     from twig_core.transformer import TwigTransformer
 
     cfg = dataclasses.replace(TINY_TRANSFORMER, sample_size=DEMO_SIZE // 32)

@@ -1,7 +1,7 @@
 """A tiny random Twig pipeline folder, the layout of the embedded demo model, buildable on any transformers.
 
 ``write_tiny_pipeline(out)`` exports a random 2-layer transformer (native 128 px), a tiny DC-AE and a tiny
-Gemma-2 with a byte-fallback BPE tokenizer through ``twig_core.train.export.export_pipeline``. The tokenizer
+Gemma-2 with a byte-fallback BPE tokenizer through ``training.export.export_pipeline``. The tokenizer
 is built with the ``tokenizers`` library and wrapped in ``PreTrainedTokenizerFast``, so this works on
 transformers 4.4x (what Forge ships) as well as 5.x, without sentencepiece.
 """
@@ -56,7 +56,7 @@ def tiny_native_transformer(seed: int = 0):
 def write_tiny_pipeline(out: str | os.PathLike, seed: int = 0) -> Path:
     """The pipeline folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/) at ``out``."""
     from twig_core.text import TextEncoder
-    from twig_core.train.export import export_pipeline
+    from training.export import export_pipeline
 
     tokenizer = build_fast_tokenizer()
     gemma = build_tiny_gemma2(tokenizer, seed=seed)

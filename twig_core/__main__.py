@@ -55,7 +55,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     dtype = loader.resolve_dtype(a.dtype, device)
     transformer_path = a.transformer
     if transformer_path is None:
-        from .train.demo import DEMO_DIR
+        from . import DEMO_DIR
 
         if not (DEMO_DIR / "model_index.json").is_file():
             raise TwigError(f"no --transformer given and the embedded demo model is missing ({DEMO_DIR})")

@@ -295,7 +295,7 @@ async def browser(url: str, out_dir: str, chromium: str) -> None:
 
 def make_models(models_dir: str, demo_dir: str) -> str:
     from tests.tiny_tipo import save_tiny_tipo_folder
-    from twig_core.train.demo import DEMO_DIR
+    from twig_core import DEMO_DIR
 
     save_tiny_tipo_folder(os.path.join(models_dir, "LLM", TIPO_NAME.rstrip("/")))
     if os.path.isfile(os.path.join(DEMO_DIR, "model_index.json")):

@@ -20,7 +20,6 @@ from typing import Iterable, Mapping, Sequence
 CATEGORIES = ("special", "characters", "copyrights", "artist", "general", "generated", "extended",
               "quality", "meta", "rating")
 TAG_CATEGORIES = ("special", "characters", "copyrights", "artist", "general", "quality", "meta", "rating")
-TEXT_CATEGORIES = ("extended", "generated")
 
 # Head-count tags: written first, before the characters.
 SPECIAL_TAGS = (

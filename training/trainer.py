@@ -12,7 +12,6 @@ transformer's device), and ``lora.apply_lora`` restricts training to low-rank ad
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import TwigError
+from twig_core.errors import TwigError
 
 
 def log(msg: str, path: str | os.PathLike | None = None) -> None:
@@ -114,7 +113,7 @@ def train_vae(images: np.ndarray, work: str | os.PathLike, steps: int = 3000, ba
               crop: int = 64, full_from: float = 0.85, seed: int = 0, save_every: int = 100, config=None):
     """Train the demo DC-AE on uint8 pictures [N,H,W,3]. Random 32-aligned crops of ``crop`` pixels first (cheap),
     whole pictures for the last (1 - full_from) of the steps. Returns (model, losses of this run)."""
-    from ..dcae import DCAE
+    from twig_core.dcae import DCAE
     from .demo import DEMO_DCAE
 
     ck, logf = open_stage(work, "vae")
@@ -231,10 +230,6 @@ def encode_all(model, images: np.ndarray, batch: int = 64) -> torch.Tensor:
         if (i // batch) % 50 == 0:
             log(f"encoded {i + len(out[-1])}/{len(images)} pictures")
     return torch.cat(out)
-
-
-def save_json(path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------- stage 3: dit

@@ -166,16 +166,3 @@ def load_tokenizer(path: str | os.PathLike):
         return wrap(Tokenizer.from_file(path))
     raise TwigError(f"load_tokenizer: no such file or folder {path}")
 
-
-def build_demo_tokenizer(out_dir: str | os.PathLike | None = None, n_scenes: int = 3000, seed: int = 0):
-    """The demo model's tokenizer: trained on the captions of the first `n_scenes` training scenes."""
-    return train_tokenizer(demo_tokenizer_corpus(n_scenes, seed), out_dir)
-
-
-def demo_tokenizer_corpus(n_scenes: int = 3000, seed: int = 0) -> list[str]:
-    """Captions (both languages) of the first `n_scenes` training scenes: the corpus the demo tokenizer is
-    trained on. Deterministic."""
-    from twig_core.train.scenes import all_caption_texts, generate_records
-
-    train, _ = generate_records(n_scenes, 0, seed)
-    return all_caption_texts(train)

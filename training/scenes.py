@@ -871,21 +871,15 @@ def render_records(records: list[dict], size: int = 128, supersample: int = 4) -
 
 
 def build_dataset(out_dir: str | os.PathLike, n_train: int = 20000, n_heldout: int = 400, seed: int = 0,
-                  size: int = 128, supersample: int = 4, heldout_fraction: float = 0.1,
-                  tokenizer: bool = False) -> dict[str, Any]:
+                  size: int = 128, supersample: int = 4, heldout_fraction: float = 0.1) -> dict[str, Any]:
     """Render the dataset ahead of time. Writes into out_dir:
         train.json / heldout.json   list of records {"id", "key", "split", "index", "scene",
                                     "captions": [{"style", "en", "zh"}, ...]}
         train.npz / heldout.npz     "images": uint8 [N, size, size, 3] (same order as the json)
         meta.json                   seed, size, counts, palette, version
-        tokenizer/                  (tokenizer=True) the tokenizer trained on the train captions
     Returns the meta dict. Deterministic: the same arguments give identical arrays and json."""
     os.makedirs(out_dir, exist_ok=True)
     train, held = generate_records(n_train, n_heldout, seed, heldout_fraction)
-    if tokenizer:
-        from twig_core.train.tokenizer import train_tokenizer
-
-        train_tokenizer(all_caption_texts(train[:5000]), os.path.join(out_dir, "tokenizer"))
     for name, recs in (("train", train), ("heldout", held)):
         imgs = render_records(recs, size, supersample)
         np.savez_compressed(os.path.join(out_dir, f"{name}.npz"), images=imgs)
@@ -930,6 +924,13 @@ def all_caption_texts(records: Iterable[dict]) -> list[str]:
     return out
 
 
+def demo_tokenizer_corpus(n_scenes: int = 3000, seed: int = 0) -> list[str]:
+    """Captions (both languages) of the first `n_scenes` training scenes: the corpus the demo tokenizer is
+    trained on. Deterministic."""
+    train, _ = generate_records(n_scenes, 0, seed)
+    return all_caption_texts(train)
+
+
 def _main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -939,9 +940,8 @@ def _main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-heldout", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--tokenizer", action="store_true", help="also train the tokenizer into OUT_DIR/tokenizer")
     a = ap.parse_args(argv)
-    meta = build_dataset(a.out_dir, a.n_train, a.n_heldout, a.seed, a.size, tokenizer=a.tokenizer)
+    meta = build_dataset(a.out_dir, a.n_train, a.n_heldout, a.seed, a.size)
     print(json.dumps({k: v for k, v in meta.items() if k != "palette"}))
 
 

@@ -1,4 +1,4 @@
-"""Reproduce the embedded demo model: ``python -m twig_core.train demo --work DIR [--stage STAGE]``.
+"""Reproduce the embedded demo model: ``python -m training demo --work DIR [--stage STAGE]``.
 
 Stages run in order and each resumes from what the previous run left in DIR:
   data     render the scenes (256², area-averaged to 128²) and train the tokenizer
@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from twig_core import DEMO_DIR
+
 from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
                       train_vae)
-
-STAGES = ("data", "vae", "latents", "decoder", "text", "dit", "export", "eval")
-
 
 def _images(work: Path, split: str) -> np.ndarray:
     cache = work / f"{split}128.npy"
@@ -49,7 +48,7 @@ def _tokenizer(work: Path):
 
 
 def _vae(work: Path):
-    from ..dcae import DCAE
+    from twig_core.dcae import DCAE
     from .demo import DEMO_DCAE
 
     state = Checkpoint(work / "vae.ckpt").load()
@@ -65,8 +64,8 @@ def _vae(work: Path):
 def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False):
     from transformers import Gemma2Model
 
-    from ..text import TextEncoder
-    from ..transformer import TwigTransformer
+    from twig_core.text import TextEncoder
+    from twig_core.transformer import TwigTransformer
     from .demo import DEMO_TRANSFORMER, demo_gemma_config
 
     torch.manual_seed(0)
@@ -149,7 +148,7 @@ def stage_export(work: Path, a) -> None:
 
 
 def stage_eval(work: Path, a) -> None:
-    from ..loader import load_pipeline
+    from twig_core.loader import load_pipeline
     from .evaluate_demo import evaluate_demo
 
     parts = load_pipeline(a.out, dtype=torch.float32)
@@ -158,14 +157,17 @@ def stage_eval(work: Path, a) -> None:
     (work / "eval.json").write_text(json.dumps(report["summary"], indent=1))
 
 
-def main(argv=None) -> int:
-    from .demo import DEMO_DIR
+# every stage, in the order ``--stage all`` runs them
+STAGES = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "decoder": stage_decoder,
+          "text": stage_text, "dit": stage_dit, "export": stage_export, "eval": stage_eval}
 
-    p = argparse.ArgumentParser(prog="python -m twig_core.train", description=__doc__,
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["demo"])
     p.add_argument("--work", required=True, help="working folder (data, checkpoints, logs)")
-    p.add_argument("--stage", default="all", choices=STAGES + ("all",))
+    p.add_argument("--stage", default="all", choices=(*STAGES, "all"))
     p.add_argument("--out", default=str(DEMO_DIR), help="where export writes the pipeline folder")
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
@@ -189,10 +191,9 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    todo = STAGES if a.stage == "all" else (a.stage,)
-    for name in todo:
+    for name in STAGES if a.stage == "all" else (a.stage,):
         log(f"stage {name}")
-        globals()[f"stage_{name}"](work, a)
+        STAGES[name](work, a)
     return 0
 
 

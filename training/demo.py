@@ -1,4 +1,4 @@
-"""The embedded demo model: tiny Twig-architecture networks and where they live.
+"""The embedded demo model's networks: tiny Twig-architecture sizes (its weights ship in twig_core/demo_model).
 
 Same code paths as the real model, smaller sizes:
   DC-AE   6 stages, 32x down, 32 latent channels (ResBlock x4 + EfficientViT x2), ~2M weights
@@ -11,13 +11,10 @@ Pictures are 128², so latents are [B, 32, 4, 4].
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..config import TransformerConfig
-from ..dcae import RES_BLOCK, VIT_BLOCK, DCAEConfig
+from twig_core.config import TransformerConfig
+from twig_core.dcae import RES_BLOCK, VIT_BLOCK, DCAEConfig
 
 IMAGE_SIZE = 128
-DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_model"  # shipped weights (a pipeline folder)
 
 DEMO_DCAE = DCAEConfig(
     latent_channels=32,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..keymap import ours_to_diffusers
+from twig_core.keymap import ours_to_diffusers
 
 
 def _save(sd: dict, path: Path, dtype) -> None:

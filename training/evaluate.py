@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from twig_core.errors import TwigError
-from twig_core.train.scenes import (
+from .scenes import (
     COLOR_NAMES,
     PALETTE,
     SHAPES,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import TwigError
+from twig_core.errors import TwigError
 
 
 class LoRADelta(nn.Module):
