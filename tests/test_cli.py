@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from tests.tiny_models import write_model_folders
+from tests.builders import write_model_folders
 from twig_core.__main__ import main
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderDC
 
-from tests.tiny_models import TINY_DCAE
+from tests.builders import TINY_DCAE
 from twig_core import dcae
 from twig_core.dcae import (
     DCAE,

@@ -5,8 +5,7 @@ import torch
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline
 
 from tests.test_transformer import diffusers_model
-from tests.tiny import build_tiny_gemma2, build_tiny_gemma_tokenizer
-from tests.tiny_models import TINY_DCAE, TINY_TRANSFORMER
+from tests.builders import TINY_DCAE, TINY_TRANSFORMER, build_tiny_gemma2, build_tiny_gemma_tokenizer
 from twig_core.dcae import DCAE
 from twig_core.keymap import diffusers_to_ours
 from twig_core.pipeline import generate

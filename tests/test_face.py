@@ -473,7 +473,7 @@ def test_eroded_away_mask_skips_the_face():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from tests.tiny_models import tiny_dcae, tiny_transformer
+    from tests.builders import tiny_dcae, tiny_transformer
     from twig_core.text import Conditioning
 
     g = torch.Generator().manual_seed(0)
@@ -537,7 +537,7 @@ def test_twig_refine_zero_denoise_changes_only_by_the_vae_round_trip(tiny):
 def node_models(tmp_path_factory, tiny):
     from nodes import host
     from nodes.loaders import TextEncoderRef
-    from tests.tiny import save_tiny_gemma2_folder
+    from tests.builders import save_tiny_gemma2_folder
     from twig_core.text import TextEncoder
 
     folder = tmp_path_factory.mktemp("te") / "tiny_gemma"

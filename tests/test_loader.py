@@ -162,7 +162,7 @@ def test_half_stored_weights_compute_in_fp32(tmp_path, stored, cfg):
 
 
 def test_load_parts_weight_dtype(tmp_path):
-    from tests.tiny_pipeline import write_tiny_pipeline
+    from tests.builders import write_tiny_pipeline
 
     folder = write_tiny_pipeline(tmp_path / "pipe")
     parts = loader.load_parts(str(folder), weight_dtype="fp16")
@@ -634,7 +634,7 @@ def spiece():
 
 @pytest.fixture(scope="module")
 def gemma(spiece):
-    from tests.tiny import tiny_gemma2_config
+    from tests.builders import tiny_gemma2_config
     from transformers import Gemma2Model
 
     torch.manual_seed(0)
@@ -691,7 +691,7 @@ def test_comfy_gemma_fp16_file_and_dtype(tmp_path, spiece, gemma):
 
 
 def test_gemma_hf_folder_and_tokenizer_path(tmp_path, spiece, gemma):
-    from tests.tiny import save_tiny_gemma2_folder
+    from tests.builders import save_tiny_gemma2_folder
 
     model, tokenizer = save_tiny_gemma2_folder(tmp_path / "gemma")
     assert loader.detect(tmp_path / "gemma") == "text_encoder"
@@ -707,7 +707,7 @@ def test_gemma_hf_folder_and_tokenizer_path(tmp_path, spiece, gemma):
 
 
 def test_gemma_folder_with_only_a_bf16_variant(tmp_path):
-    from tests.tiny import save_tiny_gemma2_folder
+    from tests.builders import save_tiny_gemma2_folder
     from twig_core.text import TextEncoder
 
     model, tokenizer = save_tiny_gemma2_folder(tmp_path / "ref")
@@ -748,7 +748,7 @@ def test_not_gemma2(tmp_path):
 
 def test_pipeline_folder(tmp_path, spiece, gemma):
     from diffusers import AutoencoderDC
-    from tests.tiny import save_tiny_gemma2_folder
+    from tests.builders import save_tiny_gemma2_folder
 
     cfg = DIFF_CFG.replace(caption_channels=64)
     model = ours(cfg)

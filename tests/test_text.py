@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.tiny import build_tiny_gemma2, build_tiny_gemma_tokenizer, save_tiny_gemma2_folder
+from tests.builders import build_tiny_gemma2, build_tiny_gemma_tokenizer, save_tiny_gemma2_folder
 from twig_core.errors import TwigError
 from twig_core.text import COMPLEX_HUMAN_INSTRUCTION, Conditioning, TextEncoder, TokenReport, check_max_length
 

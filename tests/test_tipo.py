@@ -1,7 +1,7 @@
 """TIPO prompt expansion (twig_core.tipo and the TwigTIPO node).
 
 Format parity: requests, plans, tag sorting, parsing and answer cleaning are compared with TIPO-KGen 0.3.1
-(a test-only oracle) on tables of inputs. Generation runs a tiny random LLaMA built here (tests/tiny_tipo.py)
+(a test-only oracle) on tables of inputs. Generation runs a tiny random LLaMA built here (tests/builders.py)
 through our loop and KGen's executor with the same seed. Two KGen quirks are deliberately not copied and are
 pinned down by their own tests: its tag cap uses the sentence maximum, and its marker stripping eats "s"
 characters at the ends of an answer.
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_tipo import build_tiny_tipo, build_tiny_tipo_tokenizer, save_tiny_tipo_folder
+from tests.builders import build_tiny_tipo, build_tiny_tipo_tokenizer, save_tiny_tipo_folder
 from twig_core.errors import TwigError
 from twig_core.tipo import (FORMAT_PRESETS, LENGTHS, TASKS, BanList, Sampling, TagLists, TipoModel, Weighted,
                             expand, format_prompt, has_cjk, load_tag_lists, long_enough, parse_output,

@@ -4,8 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tests.tiny import build_tiny_gemma2, build_tiny_gemma_tokenizer
-from tests.tiny_models import TINY_DCAE, TINY_TRANSFORMER
+from tests.builders import TINY_DCAE, TINY_TRANSFORMER, build_tiny_gemma2, build_tiny_gemma_tokenizer
 from twig_core.text import TextEncoder
 from twig_core.dcae import DCAE
 from training.trainer import downsample_u8, finetune_decoder, recon_loss, train_dit, train_vae

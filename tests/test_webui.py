@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.tiny_models import tiny_dcae
-from tests.tiny_pipeline import DEMO_PROMPTS, tiny_native_transformer, write_tiny_pipeline
+from tests.builders import tiny_dcae
+from tests.builders import DEMO_PROMPTS, tiny_native_transformer, write_tiny_pipeline
 from twig_core.errors import TwigError
 from twig_webui.engine import (DEMO, FROM_MODEL, Engine, Interrupted, Settings, nearest_choice, native_size,
                                size_choices, split_prompt)
@@ -308,7 +308,7 @@ def test_install_plan_installs_only_missing_and_never_torch(monkeypatch):
 def test_tipo_switch_expands_the_prompt(tmp_path, pipeline):
     import json
 
-    from tests.tiny_tipo import save_tiny_tipo_folder
+    from tests.builders import save_tiny_tipo_folder
 
     save_tiny_tipo_folder(tmp_path / "models" / "LLM" / "tiny-tipo")
     engine = _engine(tmp_path, pipeline)

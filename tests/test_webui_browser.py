@@ -71,15 +71,11 @@ def _artifacts() -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
+def model(request) -> Path:
     from twig_webui.host import demo_model
 
     demo = demo_model()
-    if demo:
-        return Path(demo)
-    from tests.tiny_pipeline import write_tiny_pipeline
-
-    return write_tiny_pipeline(tmp_path_factory.mktemp("webui") / "tiny_demo")
+    return Path(demo) if demo else request.getfixturevalue("tiny_pipeline")
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,13 @@ import torch
 import nodes
 from nodes import loaders, tokens
 from nodes.latent import TwigEmptyLatent
-from tests import workflow_runner as runner
-from tests.tiny_demo import DEMO_SIZE, write_demo_pipeline
+from tests.builders import NATIVE
 
 ROOT = Path(__file__).resolve().parents[1]
 WF_DIR = ROOT / "workflows"
 sys.path.insert(0, str(WF_DIR))
+import workflow_runner as runner  # noqa: E402  (workflows/workflow_runner.py, as build.py imports it)
+
 _spec = importlib.util.spec_from_file_location("twig_workflow_build", WF_DIR / "build.py")
 build = importlib.util.module_from_spec(_spec)  # workflows/build.py, under a name no installed package has
 sys.modules[_spec.name] = build
@@ -42,7 +43,7 @@ CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
 
 @pytest.fixture(scope="module")
-def model_env(tmp_path_factory):
+def model_env(tmp_path_factory, demo_standin):
     """A model folder holding (empty stand-ins of) the files the workflows name, and a tiny demo pipeline."""
     root = tmp_path_factory.mktemp("wf_models")
     (root / "diffusion_models").mkdir()
@@ -51,11 +52,10 @@ def model_env(tmp_path_factory):
         folder = root / sub / name.rstrip("/")
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
-    demo = write_demo_pipeline(tmp_path_factory.mktemp("demo") / "demo_model")
     mp = pytest.MonkeyPatch()
     mp.setenv("TWIG_MODELS_DIR", str(root))
-    mp.setenv("TWIG_DEMO_DIR", str(demo))
-    yield root, demo
+    mp.setenv("TWIG_DEMO_DIR", str(demo_standin))
+    yield root, demo_standin
     mp.undo()
 
 
@@ -324,7 +324,7 @@ def test_demo_entry_loads_in_all_three_loaders_and_sizes_the_empty_latent(model_
     assert Path(model.path) == model_env[1] and Path(te.model.path) == model_env[1] and Path(vae.path) == model_env[1]
     assert te.model.peek().instruction == ""  # the demo's text encoder folder turns Sana's instruction off
     latent, w, h = TwigEmptyLatent().generate(build.SQUARE, 1024, 1024, 1, model)
-    assert (w, h) == (DEMO_SIZE, DEMO_SIZE) and latent["samples"].shape == (1, 32, 4, 4)
+    assert (w, h) == (NATIVE, NATIVE) and latent["samples"].shape == (1, 32, 4, 4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def test_demo_workflow_runs_on_cpu_and_makes_images(name, model_env):
     assert saves and all(nid in ui and ui[nid]["images"] for nid in saves)
     assert len(runner.SaveImage.saved) == len(saves)
     for prefix, images in runner.SaveImage.saved:
-        assert images.shape == (1, DEMO_SIZE, DEMO_SIZE, 3), (prefix, images.shape)
+        assert images.shape == (1, NATIVE, NATIVE, 3), (prefix, images.shape)
         assert torch.isfinite(images).all() and 0 <= images.min() and images.max() <= 1
         assert images.std() > 0, f"{prefix}: a flat image"
     encodes = [nid for nid, e in api.items() if e["class_type"] == "TwigTextEncode"]
@@ -410,7 +410,7 @@ def test_token_count_matches_encoding_and_never_loads_weights(model_env, monkeyp
 def test_token_count_for_a_gemma_folder_and_a_single_file(model_env, tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
-    from tests.tiny import save_tiny_gemma2_folder
+    from tests.builders import save_tiny_gemma2_folder
     from twig_core.text import COMPLEX_HUMAN_INSTRUCTION
 
     root = tmp_path / "models"
@@ -499,8 +499,7 @@ SMALL = {
 def tiny_names(model_env, tmp_path_factory):
     from PIL import Image
 
-    from tests.tiny_models import write_model_folders
-    from tests.tiny_tipo import save_tiny_tipo_folder
+    from tests.builders import save_tiny_tipo_folder, write_model_folders
 
     root = model_env[0]
     names = write_model_folders(root, "wf_tiny")

@@ -11,7 +11,7 @@
     python workflows/build.py --check      exit 1 if a committed file differs from what this script writes
 
 Previews of the demo-model workflows are real renders (the API form run on the CPU through the pack's node
-functions, tests/workflow_runner.py); the other workflows need weights that are not part of this repository,
+functions, workflows/workflow_runner.py); the other workflows need weights that are not part of this repository,
 so their preview is a drawing of the graph, labelled as such.
 
 Model names below are what the workflows expect in ComfyUI's model folders (see the README's table).
@@ -556,8 +556,8 @@ def demo_model_dir() -> str | None:
 
 def render_demo(wf: Workflow):
     """Run the workflow on the embedded demo model (CPU) and lay its saved images out side by side."""
+    import workflow_runner as runner
     from nodes import NODE_CLASS_MAPPINGS
-    from tests import workflow_runner as runner
 
     runner.SaveImage.saved = []
     runner.execute(wf.api(), NODE_CLASS_MAPPINGS)

@@ -394,7 +394,7 @@ def main() -> int:
         return 0
     if a.cmd == "make-models":
         sys.path.insert(0, REPO)
-        from tests.tiny_models import write_model_folders
+        from tests.builders import write_model_folders
 
         names = write_model_folders(a.models_dir, PREFIX)
         log(f"tiny models written under {a.models_dir}: {names}")

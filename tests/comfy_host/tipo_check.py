@@ -109,7 +109,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.cmd == "make-model":
         sys.path.insert(0, C.REPO)
-        from tests.tiny_tipo import save_tiny_tipo_folder
+        from tests.builders import save_tiny_tipo_folder
 
         folder = os.path.join(a.models_dir, "LLM", TIPO_NAME.rstrip("/"))
         save_tiny_tipo_folder(folder)

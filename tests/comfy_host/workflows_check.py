@@ -35,7 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import client as C  # noqa: E402
 
 sys.path.insert(0, C.REPO)
-from tests.workflow_runner import with_models  # noqa: E402
+sys.path.insert(0, os.path.join(C.REPO, "workflows"))
+from workflow_runner import with_models  # noqa: E402
 
 WF_DIR = os.path.join(C.REPO, "workflows")
 TIPO_NAME = f"{C.PREFIX}_tipo/"
@@ -294,13 +295,13 @@ async def browser(url: str, out_dir: str, chromium: str) -> None:
 
 
 def make_models(models_dir: str, demo_dir: str) -> str:
-    from tests.tiny_tipo import save_tiny_tipo_folder
+    from tests.builders import save_tiny_tipo_folder
     from twig_core import DEMO_DIR
 
     save_tiny_tipo_folder(os.path.join(models_dir, "LLM", TIPO_NAME.rstrip("/")))
     if os.path.isfile(os.path.join(DEMO_DIR, "model_index.json")):
         return ""
-    from tests.tiny_demo import write_demo_pipeline
+    from tests.builders import write_demo_pipeline
 
     write_demo_pipeline(demo_dir)
     return demo_dir

@@ -1,7 +1,8 @@
 """Run an API-form workflow (the JSON ComfyUI's POST /prompt takes) through the pack's node classes, without
 ComfyUI: nodes run in dependency order, each called the way ComfyUI calls it (an instance, its FUNCTION, the
 inputs its INPUT_TYPES declares). The few core ComfyUI nodes the example workflows use are replaced by small
-stand-ins (``STANDINS``) that do the same thing on tensors; nothing here is used by the pack itself.
+stand-ins (``STANDINS``) that do the same thing on tensors. build.py renders the demo workflows' previews
+with it and the tests run every workflow with it; the pack itself never imports it.
 
 Also: ``with_models`` swaps the loader choices of a workflow for other model names (the tiny test models), so a
 workflow made for the real weights can be run end to end on a CPU.
