@@ -17,8 +17,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     here, one layer at a time, so only one layer's widened copy exists at once).
 
     Large fp32 products on CPU run as a 1x1 convolution over a channels-last view of the tokens: that goes to
-    oneDNN, whose fp32 kernels measured about 2x the BLAS sgemm behind ``torch.mm`` on AVX-512 CPUs (same
-    result up to summation order). Elsewhere (GPU, bf16/fp16, small products) this is ``F.linear``.
+    oneDNN, whose fp32 kernels outrun the BLAS sgemm behind ``torch.mm`` on AVX-512 CPUs (bench/RESULTS.md;
+    same result up to summation order). Elsewhere (GPU, bf16/fp16, small products) this is ``F.linear``.
     """
     w = weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)

@@ -323,7 +323,8 @@ class TwigTransformer(nn.Module):
                 bias = bias[:, None, None, :]
         if keep_kv is None:
             # weights held narrower than the compute dtype mean memory matters more than speed: keep only the
-            # projected caption and compute each block's keys/values as it runs (about 4% of a 1600M step)
+            # projected caption and compute each block's keys/values as it runs (a small part of a step; see
+            # bench/RESULTS.md)
             keep_kv = self.weight_dtype.itemsize >= self.dtype.itemsize
         if not keep_kv:
             return CaptionCache(None, bias, y)
