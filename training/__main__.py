@@ -27,6 +27,7 @@ from twig_core import DEMO_DIR
 from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
                       train_vae)
 
+
 def _images(work: Path, split: str) -> np.ndarray:
     cache = work / f"{split}128.npy"
     if not cache.exists():
@@ -49,6 +50,7 @@ def _tokenizer(work: Path):
 
 def _vae(work: Path):
     from twig_core.dcae import DCAE
+
     from .demo import DEMO_DCAE
 
     state = Checkpoint(work / "vae.ckpt").load()
@@ -66,6 +68,7 @@ def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False):
 
     from twig_core.text import TextEncoder
     from twig_core.transformer import TwigTransformer
+
     from .demo import DEMO_TRANSFORMER, demo_gemma_config
 
     torch.manual_seed(0)
@@ -149,6 +152,7 @@ def stage_export(work: Path, a) -> None:
 
 def stage_eval(work: Path, a) -> None:
     from twig_core.loader import load_pipeline
+
     from .evaluate_demo import evaluate_demo
 
     parts = load_pipeline(a.out, dtype=torch.float32)

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from twig_core.errors import TwigError
+
 from .scenes import (
     COLOR_NAMES,
     PALETTE,

@@ -6,6 +6,7 @@ import torch
 
 from twig_core.image import model_to_pil
 from twig_core.pipeline import sample_latents
+
 from .evaluate import by_order, eval_prompts, evaluate_sets, format_report
 from .scenes import stated_order
 

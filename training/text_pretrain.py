@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from twig_core.errors import TwigError
+
 from .scenes import COLOR_NAMES, OBJECT_COLORS, PALETTE, SHAPES
 from .trainer import descend, encode_batch, log, lr_at, open_stage, pick_captions
 

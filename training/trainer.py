@@ -114,6 +114,7 @@ def train_vae(images: np.ndarray, work: str | os.PathLike, steps: int = 3000, ba
     """Train the demo DC-AE on uint8 pictures [N,H,W,3]. Random 32-aligned crops of ``crop`` pixels first (cheap),
     whole pictures for the last (1 - full_from) of the steps. Returns (model, losses of this run)."""
     from twig_core.dcae import DCAE
+
     from .demo import DEMO_DCAE
 
     ck, logf = open_stage(work, "vae")
