@@ -189,4 +189,3 @@ def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str
         parts = ("decoder",)
     _fill_vae(model, src.weights, original, parts, dtype, device, label)
     return model.eval()
-

@@ -6,7 +6,7 @@ tokenizer.model, or the ``spiece_model`` uint8 tensor that ComfyUI's single-file
 
 A sentencepiece model becomes a ``transformers`` fast tokenizer here, read with a small protobuf reader and
 built with ``tokenizers``, so neither ``sentencepiece`` nor ``protobuf`` is needed. transformers' own converter
-needs both (ComfyUI installs no ``protobuf``; protobuf 4.x cannot load the schema sentencepiece 0.2.1+ ships),
+needs both (ComfyUI installs no ``protobuf``; protobuf 4.25 cannot load the schema sentencepiece 0.2.3 ships),
 and transformers 5 reads a tokenizer.model by other means than 4.x. This one gives sentencepiece's ids on
 every version (tests/test_loader.py compares).
 """

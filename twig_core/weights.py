@@ -273,4 +273,3 @@ def open_weights(path: str | os.PathLike) -> Weights:
     if head[:1] == b"\x80":  # a pickle stream: the legacy (pre-zip) torch.save format
         return TorchFile(path, zip_format=False)
     raise TwigError(f"{path}: not a safetensors or PyTorch checkpoint (unrecognised first bytes {head[:8]!r})")
-
