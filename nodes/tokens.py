@@ -1,8 +1,9 @@
 """Live prompt token counts for the frontend: ``POST /twig/token_count`` on ComfyUI's server.
 
 The Twig Text Encode node shows "812 / 1200" under its prompts while you type (web/js/twig_token_count.js).
-Counting needs only the text encoder's tokenizer, never the Gemma weights: the tokenizer is read from the
-folder (or the sentencepiece tensor inside a single file) once and kept, keyed by path and modification time.
+Counting needs only the text encoder's tokenizer, never the Gemma weights: ``twig_core.tokenizer.load_tokenizer``
+finds it as the text encoder loader does (folder, pipeline, or the sentencepiece tensor inside a single file);
+it is read once and kept, keyed by path and modification time.
 Counts are those of :meth:`twig_core.text.TextEncoder.token_report`, so they match what encoding reports.
 
 Request JSON: ``{"text_encoder": <loader choice>, "max_tokens": 300..1200, "positive": str, "negative": str}``.
@@ -19,7 +20,9 @@ import threading
 from collections import OrderedDict
 
 from twig_core.errors import TwigError
+from twig_core.layout import component_folder
 from twig_core.text import MAX_LENGTH_LIMIT, MIN_MAX_LENGTH, SANA_MAX_LENGTH, TextEncoder, folder_settings
+from twig_core.tokenizer import load_tokenizer
 
 from . import host, loaders
 
@@ -28,73 +31,12 @@ MAX_TEXT = 200_000  # characters per prompt; far beyond 1200 tokens
 _CACHE: "OrderedDict[tuple, TextEncoder]" = OrderedDict()
 _CACHE_SIZE = 4
 _LOCK = threading.Lock()
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-
-
-def _has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, n)) for n in _TOKENIZER_FILES)
-
-
-def _tokenizer_from(path: str, label: str):
-    """A tokenizer from a folder (tokenizer.json / tokenizer.model), a tokenizer.json or a tokenizer.model."""
-    from twig_core.loader import tokenizer_from_spiece
-
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "tokenizer.json")):
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        path = os.path.join(path, "tokenizer.model")
-    if path.endswith(".json"):
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast(tokenizer_file=path, bos_token="<bos>", eos_token="<eos>",
-                                       pad_token="<pad>", unk_token="<unk>")
-    with open(path, "rb") as f:
-        return tokenizer_from_spiece(f.read(), label)
-
-
-def _spiece_from_file(path: str):
-    """The sentencepiece model riding along in a ComfyUI-style Gemma file (only that tensor is read)."""
-    if not path.lower().endswith((".safetensors", ".sft")):
-        return None
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        keys = [k for k in f.keys() if k.rsplit(".", 1)[-1] == "spiece_model"]
-        if not keys:
-            return None
-        return f.get_tensor(keys[0]).numpy().tobytes(), f"{path} [{keys[0]}]"
 
 
 def tokenizer_only(path: str) -> TextEncoder:
     """A TextEncoder without a model (tokenizer and prompt settings only) for the text encoder at ``path``."""
-    settings: dict = {}
-    if os.path.isdir(path):
-        folder = path
-        if os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isdir(os.path.join(path, "text_encoder")):
-            folder = os.path.join(path, "text_encoder")  # a pipeline folder
-        settings = folder_settings(folder)
-        candidates = [os.path.join(path, "tokenizer"), folder, os.path.join(os.path.dirname(os.path.abspath(folder)), "tokenizer")]
-        source = next((c for c in candidates if os.path.isdir(c) and _has_tokenizer(c)), None)
-        if source is None:
-            raise TwigError(f"{path}: no tokenizer.json or tokenizer.model found for this text encoder")
-        tokenizer = _tokenizer_from(source, source)
-    elif os.path.isfile(path):
-        found = _spiece_from_file(path)
-        if found is not None:
-            from twig_core.loader import tokenizer_from_spiece
-
-            tokenizer = tokenizer_from_spiece(*found)
-        else:
-            near = [os.path.join(os.path.dirname(path), n) for n in ("tokenizer", "tokenizer.json", "tokenizer.model")]
-            near = [n for n in near if os.path.exists(n)]
-            if not near:
-                raise TwigError(f"{path}: no embedded tokenizer and none beside the file")
-            tokenizer = _tokenizer_from(near[0], near[0])
-    else:
-        raise TwigError(f"not found: {path}")
-    return TextEncoder(None, tokenizer, **settings)
+    settings = folder_settings(component_folder(path, "text_encoder")) if os.path.isdir(path) else {}
+    return TextEncoder(None, load_tokenizer(path), **settings)
 
 
 def cached_tokenizer(path: str) -> TextEncoder:

@@ -436,6 +436,25 @@ def test_dcae_original_table_matches_diffusers_converter(cfg):
     assert set(ours_back) == set(sd) and all(torch.equal(ours_back[k], sd[k]) for k in sd)
 
 
+@pytest.mark.parametrize("table, full", [
+    (keymap.TRANSFORMER_KEYS, lambda: ours(TINY.replace(qkv_bias=True, qk_norm=True)).state_dict()),
+    (keymap.DCAE_ORIGINAL_KEYS, lambda: tiny_ae().state_dict()),
+    (keymap.DCAE_ORIGINAL_KEYS, lambda: tiny_ae(cfg=TINY_AE_MIX).state_dict()),
+], ids=["transformer", "dcae", "dcae-mix"])
+def test_rename_round_trips_every_table(table, full):
+    """rename both ways over a full state dict is the identity (keys, order, values), every one of our keys is
+    in the table, and an unknown key passes through untouched."""
+    sd = {k: v.clone() for k, v in full().items()}
+    sd["not.in.the.table"] = torch.arange(3.0)
+    theirs = keymap.rename(sd, table, "from_ours")
+    assert theirs["not.in.the.table"] is sd["not.in.the.table"]
+    assert not set(theirs) & (set(sd) - {"not.in.the.table"})  # every one of our names was renamed
+    back = keymap.rename(theirs, table, "to_ours")
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) and back[k].shape == sd[k].shape for k in sd)
+    with pytest.raises(ValueError, match="direction"):
+        keymap.rename(sd, table, "sideways")
+
+
 @pytest.mark.parametrize("fmt", ["diffusers-file", "original-file", "prefixed-original", "diffusers-folder", "pth"])
 def test_dcae_formats(tmp_path, fmt):
     from diffusers import AutoencoderDC

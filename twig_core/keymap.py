@@ -1,14 +1,17 @@
 """The key tables: one per network, mapping every published checkpoint layout onto our names.
 
-Transformer (``TRANSFORMER_KEYS``): our transformer uses the original NVlabs names, so an NVlabs checkpoint
-needs no renaming. A diffusers checkpoint splits the fused projections (``attn.qkv`` -> ``to_q/to_k/to_v``,
-``cross_attn.kv_linear`` -> ``to_k/to_v``); each row says which diffusers tensors are concatenated (dim 0)
-to make ours. ``{i}`` stands for the block index.
+Every table is a tuple of :class:`Row`, and one function, :func:`rename`, applies a table either way
+(``"to_ours"`` or ``"from_ours"``). Names hold placeholders: ``{i}``/``{s}``/``{b}``/``{m}`` block, stage and
+multi-scale indices, ``{p}`` weight or bias, ``{n}`` a norm's tensors (which may be BatchNorm's).
 
-DC-AE (``DCAE_ORIGINAL_KEYS``): our autoencoder uses diffusers' ``AutoencoderDC`` names; the original
-MIT-Han-Lab release (``encoder.project_in``, ``stages.N.op_list.M.main...``) fuses q/k/v into one 1x1 conv
-and stores the attention projections as 1x1 convs. Each row lists the original name (with alternatives where
-a residual wrapper or a different resampling layer changes it) and the names of ours it holds.
+Transformer (``TRANSFORMER_KEYS``, theirs = diffusers ``SanaTransformer2DModel``): our transformer uses the
+original NVlabs names, so an NVlabs checkpoint needs no renaming. diffusers splits the fused projections
+(``attn.qkv`` -> ``to_q/to_k/to_v``, ``cross_attn.kv_linear`` -> ``to_k/to_v``).
+
+DC-AE (``DCAE_ORIGINAL_KEYS``, theirs = the original MIT-Han-Lab release): our autoencoder uses diffusers'
+``AutoencoderDC`` names; the original (``encoder.project_in``, ``stages.N.op_list.M.main...``) fuses q/k/v into
+one 1x1 conv and stores the attention projections as 1x1 convs; a residual wrapper or another resampling
+layer gives some tensors other names (the aliases; ``from_ours`` writes the Sana release's names).
 
 Container prefixes (``model.diffusion_model.``, ``first_stage_model.``, ``model.`` ...) are not part of the
 tables: ``find_prefix`` locates the prefix in front of a network's anchor key, and the loader strips it.
@@ -16,37 +19,63 @@ tables: ``find_prefix`` locates the prefix in front of a network's anchor key, a
 
 from __future__ import annotations
 
+import functools
 import re
+from dataclasses import dataclass
 
 import torch
 
-# (our name, [diffusers names concatenated along dim 0])
-TRANSFORMER_KEYS: list[tuple[str, list[str]]] = [
-    ("x_embedder.proj.{p}", ["patch_embed.proj.{p}"]),
-    ("t_embedder.mlp.0.{p}", ["time_embed.emb.timestep_embedder.linear_1.{p}"]),
-    ("t_embedder.mlp.2.{p}", ["time_embed.emb.timestep_embedder.linear_2.{p}"]),
-    ("t_block.1.{p}", ["time_embed.linear.{p}"]),
-    ("y_embedder.y_proj.fc1.{p}", ["caption_projection.linear_1.{p}"]),
-    ("y_embedder.y_proj.fc2.{p}", ["caption_projection.linear_2.{p}"]),
-    ("attention_y_norm.weight", ["caption_norm.weight"]),
-    ("blocks.{i}.scale_shift_table", ["transformer_blocks.{i}.scale_shift_table"]),
-    ("blocks.{i}.attn.qkv.{p}", ["transformer_blocks.{i}.attn1.to_q.{p}", "transformer_blocks.{i}.attn1.to_k.{p}",
-                                 "transformer_blocks.{i}.attn1.to_v.{p}"]),
-    ("blocks.{i}.attn.proj.{p}", ["transformer_blocks.{i}.attn1.to_out.0.{p}"]),
-    ("blocks.{i}.attn.q_norm.weight", ["transformer_blocks.{i}.attn1.norm_q.weight"]),
-    ("blocks.{i}.attn.k_norm.weight", ["transformer_blocks.{i}.attn1.norm_k.weight"]),
-    ("blocks.{i}.cross_attn.q_linear.{p}", ["transformer_blocks.{i}.attn2.to_q.{p}"]),
-    ("blocks.{i}.cross_attn.kv_linear.{p}", ["transformer_blocks.{i}.attn2.to_k.{p}",
-                                             "transformer_blocks.{i}.attn2.to_v.{p}"]),
-    ("blocks.{i}.cross_attn.proj.{p}", ["transformer_blocks.{i}.attn2.to_out.0.{p}"]),
-    ("blocks.{i}.cross_attn.q_norm.weight", ["transformer_blocks.{i}.attn2.norm_q.weight"]),
-    ("blocks.{i}.cross_attn.k_norm.weight", ["transformer_blocks.{i}.attn2.norm_k.weight"]),
-    ("blocks.{i}.mlp.inverted_conv.conv.{p}", ["transformer_blocks.{i}.ff.conv_inverted.{p}"]),
-    ("blocks.{i}.mlp.depth_conv.conv.{p}", ["transformer_blocks.{i}.ff.conv_depth.{p}"]),
-    ("blocks.{i}.mlp.point_conv.conv.weight", ["transformer_blocks.{i}.ff.conv_point.weight"]),
-    ("final_layer.linear.{p}", ["proj_out.{p}"]),
-    ("final_layer.scale_shift_table", ["scale_shift_table"]),
-]
+
+@dataclass(frozen=True)
+class Row:
+    """One tensor under our name(s) and under another layout's name(s).
+
+    When one side lists several names, the other side's single tensor is their concatenation along dim 0 (a
+    fused projection). ``aliases``: other names the other layout may give its single tensor (read, never
+    written). ``conv1x1``: theirs is a 1x1 convolution weight ``[out, in, 1, 1]``, ours the linear ``[out, in]``.
+    A string stands for a one-name tuple.
+    """
+
+    ours: tuple[str, ...] | str
+    theirs: tuple[str, ...] | str
+    aliases: tuple[str, ...] = ()
+    conv1x1: bool = False
+
+    def __post_init__(self):
+        for side in ("ours", "theirs"):
+            if isinstance(getattr(self, side), str):
+                object.__setattr__(self, side, (getattr(self, side),))
+        if len(self.ours) > 1 and len(self.theirs) > 1 or self.aliases and len(self.theirs) > 1:
+            raise ValueError(f"key table row {self}: one side must be a single tensor")
+
+
+TRANSFORMER_KEYS: tuple[Row, ...] = (
+    Row("x_embedder.proj.{p}", "patch_embed.proj.{p}"),
+    Row("t_embedder.mlp.0.{p}", "time_embed.emb.timestep_embedder.linear_1.{p}"),
+    Row("t_embedder.mlp.2.{p}", "time_embed.emb.timestep_embedder.linear_2.{p}"),
+    Row("t_block.1.{p}", "time_embed.linear.{p}"),
+    Row("y_embedder.y_proj.fc1.{p}", "caption_projection.linear_1.{p}"),
+    Row("y_embedder.y_proj.fc2.{p}", "caption_projection.linear_2.{p}"),
+    Row("attention_y_norm.weight", "caption_norm.weight"),
+    Row("blocks.{i}.scale_shift_table", "transformer_blocks.{i}.scale_shift_table"),
+    Row("blocks.{i}.attn.qkv.{p}", ("transformer_blocks.{i}.attn1.to_q.{p}",
+                                    "transformer_blocks.{i}.attn1.to_k.{p}",
+                                    "transformer_blocks.{i}.attn1.to_v.{p}")),
+    Row("blocks.{i}.attn.proj.{p}", "transformer_blocks.{i}.attn1.to_out.0.{p}"),
+    Row("blocks.{i}.attn.q_norm.weight", "transformer_blocks.{i}.attn1.norm_q.weight"),
+    Row("blocks.{i}.attn.k_norm.weight", "transformer_blocks.{i}.attn1.norm_k.weight"),
+    Row("blocks.{i}.cross_attn.q_linear.{p}", "transformer_blocks.{i}.attn2.to_q.{p}"),
+    Row("blocks.{i}.cross_attn.kv_linear.{p}", ("transformer_blocks.{i}.attn2.to_k.{p}",
+                                                "transformer_blocks.{i}.attn2.to_v.{p}")),
+    Row("blocks.{i}.cross_attn.proj.{p}", "transformer_blocks.{i}.attn2.to_out.0.{p}"),
+    Row("blocks.{i}.cross_attn.q_norm.weight", "transformer_blocks.{i}.attn2.norm_q.weight"),
+    Row("blocks.{i}.cross_attn.k_norm.weight", "transformer_blocks.{i}.attn2.norm_k.weight"),
+    Row("blocks.{i}.mlp.inverted_conv.conv.{p}", "transformer_blocks.{i}.ff.conv_inverted.{p}"),
+    Row("blocks.{i}.mlp.depth_conv.conv.{p}", "transformer_blocks.{i}.ff.conv_depth.{p}"),
+    Row("blocks.{i}.mlp.point_conv.conv.weight", "transformer_blocks.{i}.ff.conv_point.weight"),
+    Row("final_layer.linear.{p}", "proj_out.{p}"),
+    Row("final_layer.scale_shift_table", "scale_shift_table"),
+)
 
 # Tensors present in original checkpoints that inference does not use: the positional table (recomputed for
 # each resolution) and the learned null caption (only used for caption dropout in training).
@@ -71,10 +100,6 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile(rx + "$")
 
 
-_DIFFUSERS_FIRST = [(_pattern(srcs[0]), ours, srcs) for ours, srcs in TRANSFORMER_KEYS]
-_OURS = [(_pattern(ours), ours, srcs) for ours, srcs in TRANSFORMER_KEYS]
-
-
 def _fill(template: str, m: re.Match) -> str:
     out = template
     for name, value in m.groupdict().items():
@@ -86,97 +111,50 @@ def is_diffusers_transformer(keys) -> bool:
     return any(k.startswith("transformer_blocks.") for k in keys)
 
 
-def diffusers_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename (and fuse) a diffusers SanaTransformer2DModel state dict into our names.
-
-    Keys the table does not know are returned under their own name, so the caller's strict load reports them.
-    """
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-    for key in sd:
-        for rx, ours, srcs in _DIFFUSERS_FIRST:
-            m = rx.match(key)
-            if m:
-                names = [_fill(s, m) for s in srcs]
-                missing = [n for n in names if n not in sd]
-                if missing:
-                    out[key] = sd[key]  # let the strict load name it
-                    break
-                out[_fill(ours, m)] = sd[names[0]] if len(names) == 1 else torch.cat([sd[n] for n in names], 0)
-                used.update(names)
-                break
-    for key in sd:
-        if key not in used and key not in out:
-            out[key] = sd[key]
-    return out
-
-
-def ours_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``diffusers_to_ours``: split the fused projections back into diffusers names."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        for rx, ours, srcs in _OURS:
-            m = rx.match(key)
-            if m:
-                parts = value.chunk(len(srcs), 0) if len(srcs) > 1 else (value,)
-                for s, part in zip(srcs, parts):
-                    out[_fill(s, m)] = part.contiguous()
-                break
-        else:
-            out[key] = value
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
-# DC-AE: original MIT-Han-Lab layout -> ours (diffusers AutoencoderDC names)
+# DC-AE: original MIT-Han-Lab layout
 
 
-def _dcae_rows() -> list[tuple[tuple[str, ...], list[str], bool]]:
-    """(original name alternatives, [our names the tensor is split into along dim 0], squeeze 1x1 conv)."""
-    rows: list[tuple[tuple[str, ...], list[str], bool]] = [
-        (("encoder.project_in.conv.{p}",), ["encoder.conv_in.{p}"], False),
-        (("encoder.project_in.conv.conv.{p}",), ["encoder.conv_in.conv.{p}"], False),  # stage 0 without blocks
-        (("encoder.project_out.main.op_list.0.conv.{p}", "encoder.project_out.op_list.0.conv.{p}"),
-         ["encoder.conv_out.{p}"], False),
-        (("decoder.project_in.main.conv.{p}", "decoder.project_in.conv.{p}"), ["decoder.conv_in.{p}"], False),
-        (("decoder.project_out.op_list.0.{n}",), ["decoder.norm_out.{n}"], False),
-        (("decoder.project_out.op_list.2.conv.{p}",), ["decoder.conv_out.{p}"], False),
-        (("decoder.project_out.op_list.2.conv.conv.{p}",), ["decoder.conv_out.conv.{p}"], False),
+def _dcae_rows() -> tuple[Row, ...]:
+    rows = [
+        Row("encoder.conv_in.{p}", "encoder.project_in.conv.{p}"),
+        Row("encoder.conv_in.conv.{p}", "encoder.project_in.conv.conv.{p}"),  # stage 0 without blocks
+        Row("encoder.conv_out.{p}", "encoder.project_out.main.op_list.0.conv.{p}",
+            aliases=("encoder.project_out.op_list.0.conv.{p}",)),
+        Row("decoder.conv_in.{p}", "decoder.project_in.main.conv.{p}", aliases=("decoder.project_in.conv.{p}",)),
+        Row("decoder.norm_out.{n}", "decoder.project_out.op_list.0.{n}"),
+        Row("decoder.conv_out.{p}", "decoder.project_out.op_list.2.conv.{p}"),
+        Row("decoder.conv_out.conv.{p}", "decoder.project_out.op_list.2.conv.conv.{p}"),
     ]
     for side, blocks in (("encoder", "down_blocks"), ("decoder", "up_blocks")):
         o, b = f"{side}.stages.{{s}}.op_list.{{b}}", f"{side}.{blocks}.{{s}}.{{b}}"
-        # the 2x resampling block: first alternative is the Sana release (stride-2 conv down, interpolate+conv up)
+        # the 2x resampling block: first name is the Sana release (stride-2 conv down, interpolate+conv up)
         resample = ((f"{o}.main.conv.{{p}}", f"{o}.main.conv.conv.{{p}}", f"{o}.conv.{{p}}", f"{o}.conv.conv.{{p}}")
                     if side == "encoder" else
                     (f"{o}.main.conv.conv.{{p}}", f"{o}.main.conv.{{p}}", f"{o}.conv.conv.{{p}}", f"{o}.conv.{{p}}"))
         rows += [
             # ResBlock
-            ((f"{o}.main.conv1.conv.{{p}}",), [f"{b}.conv1.{{p}}"], False),
-            ((f"{o}.main.conv2.conv.weight",), [f"{b}.conv2.weight"], False),
-            ((f"{o}.main.conv2.norm.{{n}}",), [f"{b}.norm.{{n}}"], False),
+            Row(f"{b}.conv1.{{p}}", f"{o}.main.conv1.conv.{{p}}"),
+            Row(f"{b}.conv2.weight", f"{o}.main.conv2.conv.weight"),
+            Row(f"{b}.norm.{{n}}", f"{o}.main.conv2.norm.{{n}}"),
             # EfficientViT block: multi-scale linear attention ...
-            ((f"{o}.context_module.main.qkv.conv.weight",),
-             [f"{b}.attn.to_q.weight", f"{b}.attn.to_k.weight", f"{b}.attn.to_v.weight"], True),
-            ((f"{o}.context_module.main.aggreg.{{m}}.0.weight",), [f"{b}.attn.to_qkv_multiscale.{{m}}.proj_in.weight"],
-             False),
-            ((f"{o}.context_module.main.aggreg.{{m}}.1.weight",), [f"{b}.attn.to_qkv_multiscale.{{m}}.proj_out.weight"],
-             False),
-            ((f"{o}.context_module.main.proj.conv.weight",), [f"{b}.attn.to_out.weight"], True),
-            ((f"{o}.context_module.main.proj.norm.{{n}}",), [f"{b}.attn.norm_out.{{n}}"], False),
+            Row((f"{b}.attn.to_q.weight", f"{b}.attn.to_k.weight", f"{b}.attn.to_v.weight"),
+                f"{o}.context_module.main.qkv.conv.weight", conv1x1=True),
+            Row(f"{b}.attn.to_qkv_multiscale.{{m}}.proj_in.weight", f"{o}.context_module.main.aggreg.{{m}}.0.weight"),
+            Row(f"{b}.attn.to_qkv_multiscale.{{m}}.proj_out.weight", f"{o}.context_module.main.aggreg.{{m}}.1.weight"),
+            Row(f"{b}.attn.to_out.weight", f"{o}.context_module.main.proj.conv.weight", conv1x1=True),
+            Row(f"{b}.attn.norm_out.{{n}}", f"{o}.context_module.main.proj.norm.{{n}}"),
             # ... and GLUMBConv
-            ((f"{o}.local_module.main.inverted_conv.conv.{{p}}",), [f"{b}.conv_out.conv_inverted.{{p}}"], False),
-            ((f"{o}.local_module.main.depth_conv.conv.{{p}}",), [f"{b}.conv_out.conv_depth.{{p}}"], False),
-            ((f"{o}.local_module.main.point_conv.conv.weight",), [f"{b}.conv_out.conv_point.weight"], False),
-            ((f"{o}.local_module.main.point_conv.norm.{{n}}",), [f"{b}.conv_out.norm.{{n}}"], False),
-            (resample, [f"{b}.conv.{{p}}"], False),
+            Row(f"{b}.conv_out.conv_inverted.{{p}}", f"{o}.local_module.main.inverted_conv.conv.{{p}}"),
+            Row(f"{b}.conv_out.conv_depth.{{p}}", f"{o}.local_module.main.depth_conv.conv.{{p}}"),
+            Row(f"{b}.conv_out.conv_point.weight", f"{o}.local_module.main.point_conv.conv.weight"),
+            Row(f"{b}.conv_out.norm.{{n}}", f"{o}.local_module.main.point_conv.norm.{{n}}"),
+            Row(f"{b}.conv.{{p}}", resample[0], aliases=resample[1:]),
         ]
-    return rows
+    return tuple(rows)
 
 
 DCAE_ORIGINAL_KEYS = _dcae_rows()
-
-_DCAE_ORIG = [(_pattern(alt), alts, ours, squeeze) for alts, ours, squeeze in DCAE_ORIGINAL_KEYS for alt in alts]
-_DCAE_OURS_FIRST = [(_pattern(ours[0]), alts, ours, squeeze) for alts, ours, squeeze in DCAE_ORIGINAL_KEYS]
 
 
 def is_dcae_original(keys) -> bool:
@@ -184,49 +162,67 @@ def is_dcae_original(keys) -> bool:
                for k in keys)
 
 
-def dcae_original_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an original-layout DC-AE state dict into ours (split fused qkv, squeeze 1x1 conv projections).
+# --------------------------------------------------------------------------------------------------
+# Renaming
 
-    Keys the table does not know keep their own name, so the caller's strict check reports them.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key in sd:
-        for rx, _alts, ours, squeeze in _DCAE_ORIG:
-            m = rx.match(key)
-            if m:
-                value = sd[key]
-                if squeeze:
-                    value = value.reshape(value.shape[0], -1)
-                parts = value.chunk(len(ours), 0) if len(ours) > 1 else (value,)
-                for name, part in zip(ours, parts):
-                    out[_fill(name, m)] = part
-                break
+
+DIRECTIONS = ("to_ours", "from_ours")
+
+
+@functools.lru_cache(maxsize=None)
+def _rules(table: tuple[Row, ...], direction: str):
+    """(pattern, names read, names written, read side is theirs, row), in table order: one rule per name a
+    single tensor may have on the read side, one for the first name of a group (which brings its members)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"rename direction {direction!r}: use one of {DIRECTIONS}")
+    to_ours = direction == "to_ours"
+    rules = []
+    for row in table:
+        read, write = (row.theirs, row.ours) if to_ours else (row.ours, row.theirs)
+        if len(read) > 1:
+            rules.append((_pattern(read[0]), read, write, to_ours, row))
         else:
+            for name in read + (row.aliases if to_ours else ()):
+                rules.append((_pattern(name), (name,), write, to_ours, row))
+    return tuple(rules)
+
+
+def rename(sd, table: tuple[Row, ...], direction: str) -> dict[str, torch.Tensor]:
+    """A state dict with every key in ``table`` renamed, ``"to_ours"`` or ``"from_ours"``: fused tensors are
+    concatenated or split along dim 0, 1x1 convolution weights squeezed or unsqueezed. Keys the table does not
+    know (or a group with a member missing) keep their own name, so a strict load names them."""
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    rules = _rules(tuple(table), direction)
+    for key in sd:
+        for rx, read, write, from_theirs, row in rules:
+            m = rx.match(key)
+            if not m:
+                continue
+            names = [_fill(n, m) for n in read] if len(read) > 1 else [key]
+            if any(n not in sd for n in names):
+                break
+            value = torch.cat([sd[n] for n in names], 0) if len(names) > 1 else sd[key]
+            if row.conv1x1 and from_theirs:
+                value = value.reshape(value.shape[0], -1)
+            parts = value.chunk(len(write), 0) if len(write) > 1 else (value,)
+            for name, part in zip(write, parts):
+                if row.conv1x1 and not from_theirs:
+                    part = part.reshape(*part.shape, 1, 1)
+                out[_fill(name, m)] = part.contiguous()
+            used.update(names)
+            break
+    for key in sd:
+        if key not in used and key not in out:
             out[key] = sd[key]
     return out
 
 
-def dcae_ours_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``dcae_original_to_ours``, writing the layout of the Sana DC-AE release (shortcuts on,
-    stride-2 conv downsampling, interpolate+conv upsampling)."""
-    out: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
-    for key in sd:
-        if key in done:
-            continue
-        for rx, alts, ours, squeeze in _DCAE_OURS_FIRST:
-            m = rx.match(key)
-            if m:
-                names = [_fill(n, m) for n in ours]
-                value = torch.cat([sd[n] for n in names], 0) if len(names) > 1 else sd[key]
-                if squeeze:
-                    value = value.reshape(*value.shape, 1, 1)
-                out[_fill(alts[0], m)] = value.contiguous()
-                done.update(names)
-                break
-        else:
-            out[key] = sd[key]
-    return out
+# Shorthands for the four renamings
+diffusers_to_ours = functools.partial(rename, table=TRANSFORMER_KEYS, direction="to_ours")
+ours_to_diffusers = functools.partial(rename, table=TRANSFORMER_KEYS, direction="from_ours")
+dcae_original_to_ours = functools.partial(rename, table=DCAE_ORIGINAL_KEYS, direction="to_ours")
+dcae_ours_to_original = functools.partial(rename, table=DCAE_ORIGINAL_KEYS, direction="from_ours")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""The Gemma-2 text encoder from files: its config inferred from tensor shapes, the model built on the meta
+device and filled from the weights, with its tokenizer.
+
+Understood: Hugging Face folders (through ``TextEncoder.from_pretrained`` when the plain weight set is there),
+diffusers pipeline folders (``text_encoder/`` + ``tokenizer/``), and single files as ComfyUI ships them
+(weights, optionally prefixed, plus a ``spiece_model`` uint8 tensor holding the sentencepiece model).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+
+from .assign import assign, check_keys, dominant_dtype, named_errors
+from .errors import TwigError
+from .layout import (component_folder, config_kind, config_name, network_weights, open_set, pick_weight_set,
+                     read_json, weight_sets)
+from .tokenizer import file_tokenizer, read_tokenizer, tokenizer_dir
+from .weights import Weights, open_weights, shortlist
+
+# gemma-2-2b(-it) values for what the weights do not show
+_GEMMA2_DEFAULT_HEAD_DIM = 256
+
+
+def gemma2_config_from_shapes(sd: Mapping[str, torch.Tensor], label: str = "Gemma-2 weights"):
+    """A transformers ``Gemma2Config`` from a Gemma2Model state dict's shapes (keys without prefix).
+
+    hidden size and vocabulary from ``embed_tokens``, layers from the indices, MLP width from ``gate_proj``.
+    Head dim: 256 (every Gemma-2 up to 9B) when it divides both the q and k projections, else the largest
+    common divisor of the two widths (one key/value head). ``query_pre_attn_scalar`` = head dim, as in
+    gemma-2-2b; everything else (soft-caps 50/30, sliding window 4096, RoPE theta 10000, RMS eps 1e-6,
+    GELU-tanh) is gemma-2-2b's, which are ``Gemma2Config``'s defaults.
+    """
+    from transformers import Gemma2Config
+
+    def shape(key):
+        if key not in sd:
+            raise TwigError(f"{label}: missing {key!r}; not a Gemma-2 model")
+        return tuple(sd[key].shape)
+
+    vocab, hidden = shape("embed_tokens.weight")
+    layers = sorted({int(k.split(".")[1]) for k in sd if k.startswith("layers.") and k.split(".")[1].isdigit()})
+    if not layers or layers != list(range(layers[-1] + 1)):
+        raise TwigError(f"{label}: Gemma-2 layers are not numbered 0..N-1 ({shortlist(layers)})")
+    q_out = shape("layers.0.self_attn.q_proj.weight")[0]
+    k_out = shape("layers.0.self_attn.k_proj.weight")[0]
+    inter = shape("layers.0.mlp.gate_proj.weight")[0]
+    hd = _GEMMA2_DEFAULT_HEAD_DIM
+    if q_out % hd or k_out % hd:
+        hd = math.gcd(q_out, k_out)
+    return Gemma2Config(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=len(layers),
+        num_attention_heads=q_out // hd, num_key_value_heads=k_out // hd, head_dim=hd, query_pre_attn_scalar=hd,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_implementation="eager",
+    )
+
+
+def _gemma2_from_weights(weights: Weights, config, dtype, device, label: str):
+    """Build Gemma2Model on the meta device and assign its weights; non-persistent buffers (RoPE
+    frequencies, embedding scale) come from a one-layer twin built for real."""
+    from transformers import Gemma2Model
+
+    # lm_head is tied to embed_tokens; spiece_model is the tokenizer riding along in ComfyUI files
+    keys = [k for k in weights if k != "lm_head.weight" and k.rsplit(".", 1)[-1] != "spiece_model"]
+    metas = {k: weights.meta(k) for k in keys}
+    with torch.device("meta"):
+        model = Gemma2Model(config)
+    check_keys(model, metas, label, "Gemma-2")
+    dtype = dtype or dominant_dtype(metas)
+    assign(model, weights, list(model.state_dict().keys()), dtype, device, label, check=False)
+    small = {**config.to_dict(), "num_hidden_layers": 1, "vocab_size": 8, "intermediate_size": 8}
+    if small.get("layer_types"):
+        small["layer_types"] = small["layer_types"][:1]
+    twin_cfg = type(config).from_dict(small)
+    twin_cfg._attn_implementation = config._attn_implementation
+    with torch.device("cpu"):
+        twin = Gemma2Model(twin_cfg)
+    twin_buffers = dict(twin.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            src_name = re.sub(r"^layers\.\d+\.", "layers.0.", name)
+            if src_name not in twin_buffers:
+                raise TwigError(f"{label}: cannot rebuild buffer {name}")  # pragma: no cover
+            mod_name, _, leaf = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            mod._buffers[leaf] = twin_buffers[src_name].clone().to(device)
+    for mod_name, mod in model.named_modules():  # plain tensor attributes (some versions keep RoPE copies)
+        for attr, value in list(vars(mod).items()):
+            if torch.is_tensor(value) and value.is_meta:
+                twin_mod = twin.get_submodule(re.sub(r"^layers\.\d+", "layers.0", mod_name)) if mod_name else twin
+                setattr(mod, attr, getattr(twin_mod, attr).clone().to(device))
+    return model.eval().requires_grad_(False)
+
+
+def load_text_encoder(
+    path,
+    dtype=None,
+    device="cpu",
+    tokenizer_path=None,
+    *,
+    expected_width: int | None = None,
+    variant: str | None = None,
+    **kwargs,
+):
+    """Load Gemma-2 and its tokenizer as a :class:`twig_core.text.TextEncoder`.
+
+    ``path``: a Hugging Face Gemma-2 folder, a diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``),
+    or a single file (ComfyUI style: weights, optionally under a prefix such as ``model.``, plus a
+    ``spiece_model`` uint8 tensor with the sentencepiece tokenizer). ``tokenizer_path`` (a tokenizer folder,
+    tokenizer.json or tokenizer.model) overrides the tokenizer found with the weights. ``dtype`` None: bf16
+    on CUDA, fp32 elsewhere (Gemma-2 overflows in fp16). ``expected_width``: the transformer's caption
+    width; a different hidden size is a TwigError. Other keyword arguments go to ``TextEncoder``.
+    """
+    from .loader import resolve_dtype
+    from .text import TextEncoder, folder_settings
+
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise TwigError(f"not found: {path}")
+    encoder = None
+    if os.path.isdir(path):
+        folder = component_folder(path, "text_encoder")
+        cfg_path = os.path.join(folder, "config.json")
+        tok_dir = tokenizer_path if tokenizer_path is not None else tokenizer_dir(path, folder)
+        if os.path.isfile(cfg_path):
+            cfg = read_json(cfg_path)
+            if config_kind(cfg) != "text_encoder":
+                raise TwigError(f"{folder}: {config_name(cfg)} is not Gemma-2 (Sana uses Gemma-2-2B)")
+            _check_width(cfg.get("hidden_size"), expected_width, folder)
+            sets = weight_sets(folder)
+            if variant is None and any(v is None for v, _ in sets) and (tok_dir is None or os.path.isdir(tok_dir)):
+                encoder = TextEncoder.from_pretrained(folder, dtype, device, tokenizer_folder=tok_dir, **kwargs)
+            else:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+                config._attn_implementation = "eager"
+                weights = open_set(pick_weight_set(folder, variant, dtype))
+                weights = network_weights(weights, "text_encoder")
+                model = _gemma2_from_weights(weights, config, dtype, device, weights.label)
+                tokenizer = read_tokenizer(tok_dir if tok_dir is not None else folder)
+                encoder = TextEncoder(model, tokenizer, **{**folder_settings(folder), **kwargs})
+        else:
+            raise TwigError(f"{folder}: no config.json; a Gemma-2 folder needs one (or pick the single file)")
+    else:
+        base = open_weights(path)
+        weights = network_weights(base, "text_encoder")
+        with named_errors(base.label):
+            config = gemma2_config_from_shapes(weights.meta_dict(), base.label)
+        _check_width(config.hidden_size, expected_width, base.label)
+        tokenizer = read_tokenizer(tokenizer_path) if tokenizer_path is not None else file_tokenizer(base)
+        model = _gemma2_from_weights(weights, config, dtype, device, base.label)
+        encoder = TextEncoder(model, tokenizer, **kwargs)
+    _check_width(encoder.hidden_size, expected_width, path)
+    return encoder
+
+
+def _check_width(hidden, expected: int | None, label: str):
+    """Checked before the weights are read, so a wrong Gemma costs no time."""
+    if expected is not None and hidden is not None and int(hidden) != int(expected):
+        raise TwigError(
+            f"{label}: text encoder width {hidden} does not match the transformer's caption width "
+            f"{expected} (Sana/Twig use Gemma-2-2B, width 2304)"
+        )

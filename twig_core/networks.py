@@ -1,0 +1,191 @@
+"""Loading the transformer and the DC-AE from any supported file or folder, with the config read from them.
+
+- Transformer: NVlabs originals (``.pth`` with a ``state_dict`` entry, as Twig v0 alpha ships, or the same
+  keys in ``.safetensors``; fused ``attn.qkv`` / ``cross_attn.kv_linear``; the unused ``pos_embed`` table and
+  ``y_embedder.y_embedding`` null caption are dropped after ``pos_embed`` has told the training grid);
+  diffusers ``SanaTransformer2DModel`` files and folders; ComfyUI single files with a container prefix such
+  as ``model.diffusion_model.``.
+- DC-AE: diffusers ``AutoencoderDC`` files/folders and the original MIT-Han-Lab layout, with any prefix; the
+  encoder can be left on disk until first used (``DCAE.defer_encoder``).
+
+Each config comes from a diffusers ``config.json`` when there is one, else from the tensor shapes
+(``TransformerConfig.from_state_dict``, ``DCAEConfig.from_state_dict``); names go through ``twig_core.keymap``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import keymap
+from .assign import assign, check_keys, dominant_dtype, named_errors
+from .config import TransformerConfig
+from .errors import TwigError
+from .layout import open_source
+from .weights import PrefixedWeights, UnionWeights, Weights
+
+def load_transformer(
+    path,
+    dtype=None,
+    device="cpu",
+    *,
+    compute_dtype=None,
+    pos_embed: bool | None = None,
+    variant: str | None = None,
+    config: TransformerConfig | None = None,
+    **overrides,
+):
+    """Load a Sana/Twig transformer from any supported file or folder.
+
+    ``dtype``: the weights' dtype in memory. None keeps the stored dtype (fp16 stays fp16); else
+    "fp16"/"bf16"/"fp32"/"auto" or a torch.dtype. ``compute_dtype``: the dtype the model runs in (None: the
+    weights' dtype); e.g. fp16-stored weights computing in fp32 take half the memory of an fp32 model.
+    ``pos_embed`` forces the sin-cos positional embedding on/off (default: a diffusers config.json decides,
+    else the rule in ``TransformerConfig.from_state_dict``: on for 2K/4K checkpoints).
+    ``variant`` picks a diffusers weight variant ("fp16", "bf16"); by default the one matching ``dtype``, else
+    the full-precision one. ``config`` replaces inference entirely; ``overrides`` set single config fields
+    (e.g. ``cross_heads=``).
+    """
+    from .loader import resolve_dtype
+    from .transformer import TwigTransformer
+
+    dtype = resolve_dtype(dtype, device)
+    compute_dtype = resolve_dtype(compute_dtype, device)
+    src = open_source(path, "transformer", variant, dtype)
+    label = src.label
+    diffusers_names = keymap.is_diffusers_transformer(src.weights.keys())
+    metas = src.weights.meta_dict()
+    ours_meta = keymap.rename(metas, keymap.TRANSFORMER_KEYS, "to_ours") if diffusers_names else metas
+    with named_errors(label):
+        if config is None:
+            if src.config is not None:
+                config = TransformerConfig.from_diffusers_config(src.config, label)
+                if pos_embed is not None:
+                    config = config.replace(pos_embed=bool(pos_embed))
+                if overrides:
+                    config = config.replace(**overrides)
+            else:
+                config = TransformerConfig.from_state_dict(ours_meta, pos_embed=pos_embed, **overrides)
+    for name in keymap.NVLABS_UNUSED:
+        ours_meta.pop(name, None)
+    with torch.device("meta"):
+        model = TwigTransformer(config, compute_dtype=compute_dtype)
+    hint = ""
+    if any(k.startswith(("cfg_embedder", "logvar_linear", "time_embed.guidance")) for k in ours_meta):
+        hint = " (guidance-embedded / Sana Sprint checkpoints are not supported)"
+    check_keys(model, ours_meta, label, f"transformer {_describe(config)}", hint)
+    dtype = dtype or dominant_dtype(ours_meta)
+    names = list(model.state_dict().keys())
+    if diffusers_names:
+        tensors = keymap.rename(src.weights, keymap.TRANSFORMER_KEYS, "to_ours")
+        assign(model, tensors, names, dtype, device, label, pop=True)
+    else:
+        assign(model, src.weights, names, dtype, device, label)
+    return model.eval()
+
+
+def _describe(cfg: TransformerConfig) -> str:
+    extra = []
+    if cfg.qk_norm:
+        extra.append("qk-norm")
+    if cfg.pos_embed:
+        extra.append(f"pos-embed {cfg.sample_size}x{cfg.sample_size}")
+    return f"(width {cfg.width}, depth {cfg.depth}, {cfg.heads} heads, {cfg.cross_heads} cross heads" + \
+        "".join(", " + e for e in extra) + ")"
+
+
+# --------------------------------------------------------------------------------------------------
+# DC-AE
+
+
+def _open_vae(path, variant, dtype):
+    """A DC-AE source: (source, original MIT layout?, every tensor's meta under our names)."""
+    src = open_source(path, "vae", variant, dtype)
+    original = keymap.is_dcae_original(src.weights.keys())
+    metas = src.weights.meta_dict()
+    return src, original, keymap.rename(metas, keymap.DCAE_ORIGINAL_KEYS, "to_ours") if original else metas
+
+
+def _fill_vae(model, weights: Weights, original: bool, parts, dtype, device, label: str):
+    """Read the named halves of a meta-device DC-AE ("encoder", "decoder") from a checked source."""
+    for i, part in enumerate(parts):
+        names = [n for n in model.state_dict() if n.startswith(part + ".")]
+        tensors = weights
+        if original:  # rename only this half's keys
+            tensors = keymap.rename(PrefixedWeights(weights, part + ".", strip=False), keymap.DCAE_ORIGINAL_KEYS,
+                                   "to_ours")
+        assign(model, tensors, names, dtype, device, label, pop=original, check=i == len(parts) - 1)
+
+
+def _files_of(weights: Weights) -> list[str]:
+    if isinstance(weights, PrefixedWeights):
+        return _files_of(weights.base)
+    if isinstance(weights, UnionWeights):
+        return [f for part in weights.parts for f in _files_of(part)]
+    return [weights.path]
+
+
+def _stamp(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def _read_deferred_encoder(path, variant, requested, stamps: dict, model, dtype, device):
+    """``DCAE.defer_encoder``'s source: the encoder's tensors from the file(s) the decoder came from."""
+    for f, stamp in stamps.items():
+        now = _stamp(f)
+        if now != stamp:
+            why = "is gone" if now is None else "has changed"
+            raise TwigError(f"{f}: the file {why} since the VAE was loaded, and its encoder is read from it on "
+                            "first use (encode); load the VAE again")
+    src, original, ours_meta = _open_vae(path, variant, requested)
+    check_keys(model, ours_meta, src.label, "DC-AE")
+    _fill_vae(model, src.weights, original, ("encoder",), dtype, device, src.label)
+
+
+def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str | None = None, config=None,
+             lazy_encoder: bool = True, **overrides):
+    """Load a DC-AE (diffusers ``AutoencoderDC`` or the original MIT-Han-Lab layout), file or folder.
+
+    The architecture comes from a diffusers config.json when there is one, else from the tensor shapes
+    (``DCAEConfig.from_state_dict``; ``overrides`` set fields such as ``scaling_factor``). ``dtype``: the
+    weights' dtype in memory (None: as stored); ``compute_dtype``: the dtype it runs in (None: the weights').
+
+    ``lazy_encoder`` (default): every key is checked now but only the decoder is read; the encoder (about half
+    the weights) is read from the same file on first use, in the decoder's dtype and on its device at that
+    time (see ``DCAE.defer_encoder``). A text-to-image run, which only decodes, never holds it. Until then
+    ``state_dict()`` and ``parameters()`` cover the decoder only, i.e. what is in memory (what a host's memory
+    accounting should count); ``model.load_encoder()`` reads it explicitly, e.g. before saving a state dict.
+    The file must stay in place meanwhile (a TwigError naming it otherwise). False reads everything now.
+    """
+    from .dcae import DCAE, DCAEConfig
+    from .loader import resolve_dtype
+
+    requested = dtype = resolve_dtype(dtype, device)
+    compute_dtype = resolve_dtype(compute_dtype, device)
+    src, original, ours_meta = _open_vae(path, variant, dtype)
+    label = src.label
+    with named_errors(label):
+        if config is None:
+            if src.config is not None:
+                config = DCAEConfig.from_diffusers_config(src.config)
+                if overrides:
+                    config = config.replace(**overrides)
+            else:
+                config = DCAEConfig.from_state_dict(ours_meta, **overrides)
+    with torch.device("meta"):
+        model = DCAE(config, compute_dtype=compute_dtype)
+    check_keys(model, ours_meta, label, "DC-AE")
+    dtype = dtype or dominant_dtype(ours_meta)
+    parts = ("encoder", "decoder")
+    if lazy_encoder:
+        stamps = {f: _stamp(f) for f in _files_of(src.weights)}
+        model.defer_encoder(functools.partial(_read_deferred_encoder, os.fspath(path), variant, requested, stamps))
+        parts = ("decoder",)
+    _fill_vae(model, src.weights, original, parts, dtype, device, label)
+    return model.eval()
