@@ -72,9 +72,9 @@ def _artifacts() -> Path:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from twig_webui.host import demo_model
+    from twig_core.catalog import demo_dir
 
-    demo = demo_model()
+    demo = demo_dir()
     if demo:
         return Path(demo)
     from tests.tiny_pipeline import write_tiny_pipeline
