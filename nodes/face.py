@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twig_core.catalog import scan
+from twig_core.devices import MAX_SEED
 from twig_core.errors import TwigError
 from twig_core.face import detect as fdetect
 from twig_core.face import refine as frefine
@@ -15,10 +17,10 @@ from twig_core.sampling import SAMPLERS
 
 from . import host
 from .common import CATEGORY, CONDITIONING, MODEL, TEXT_ENCODER, VAE, NodeError, log, node_errors
+from .sampling import SAMPLER_HELP
 
 FACES = "TWIG_FACES"
 FACE_CATEGORY = CATEGORY + "/face"
-MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
 YOLO_KINDS = (("ultralytics_bbox", "ultralytics/bbox", "bbox/"), ("ultralytics_segm", "ultralytics/segm", "segm/"))
 NO_DETECTOR = ("(no face detector installed: pip install \"opencv-python-headless<5\", "
                "or mediapipe==0.10.21, or ultralytics + a model in models/ultralytics/bbox)")
@@ -60,14 +62,8 @@ def _yolo_files() -> dict[str, str]:
     out: dict[str, str] = {}
     for kind, sub, prefix in YOLO_KINDS:
         for root in _yolo_dirs(kind, sub):
-            if not os.path.isdir(root):
-                continue
-            for cur, dirs, names in os.walk(root, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for n in sorted(names):
-                    if n.lower().endswith(fdetect.YOLO_EXTENSIONS):
-                        rel = os.path.relpath(os.path.join(cur, n), root).replace(os.sep, "/")
-                        out.setdefault(prefix + rel, os.path.join(cur, n))
+            for name, path in scan(root, fdetect.YOLO_EXTENSIONS, folders=False).items():
+                out.setdefault(prefix + name, path)
     return out
 
 
@@ -97,15 +93,6 @@ def resolve_detector(name: str) -> fdetect.Detector:
         det = fdetect.get_detector(path, device=_ultralytics_device(host.default_device()))
     det.check()
     return det
-
-
-def detector_report() -> str:
-    lines = []
-    for name, why in fdetect.available_detectors().items():
-        lines.append(f"{name}: {'ready' if why is None else why}")
-    yolo = _yolo_files()
-    lines.append(f"YOLO models: {', '.join(yolo) if yolo else 'none in models/ultralytics/bbox'}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,7 +257,7 @@ class TwigFaceRefine:
                 "steps": ("INT", {"default": D["steps"], "min": 1, "max": 200}),
                 "cfg": ("FLOAT", {"default": D["cfg"], "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "Face n (counted across the batch from 0) uses seed + n."}),
-                "sampler": (list(SAMPLERS), {"default": SAMPLERS[0]}),
+                "sampler": (list(SAMPLERS), {"default": SAMPLERS[0], "tooltip": SAMPLER_HELP}),
                 "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1, "round": 0.01}),
                 "noise_mask": ("BOOLEAN", {"default": True, "tooltip": "Re-draw only inside the face mask (inpainting); off re-draws the whole crop and relies on the feathered paste."}),
             },

@@ -26,14 +26,13 @@ from typing import Callable, Iterable
 
 import torch
 
+from twig_core import catalog
+from twig_core import devices as twig_devices
 from twig_core.errors import TwigError
 
 log = logging.getLogger("twig")
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DTYPE_CHOICES = ["auto", "fp16", "bf16", "fp32"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,54 +82,17 @@ def register_folder(kind: str, subfolder: str | None = None) -> None:
         fp.add_model_folder_path(kind, path)
 
 
-def _is_diffusers_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json")) or os.path.isfile(os.path.join(path, "config.json"))
+def _roots(kinds: Iterable[str]) -> list[str]:
+    return [root for kind in kinds for root in folder_paths_for(kind)]
 
 
-def _is_pipeline_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model_index.json"))
-
-
-def _scan(root: str, folders_only: bool = False, max_depth: int = 4) -> tuple[list[str], list[str]]:
-    """(model files, diffusers-style folders) under ``root``, as relative paths with "/" separators.
-
-    Files inside a diffusers folder are not listed on their own: the folder stands for them.
-    """
-    files: list[str] = []
-    dirs: list[str] = []
-    if not os.path.isdir(root):
-        return files, dirs
-    for cur, subdirs, names in os.walk(root, followlinks=True):
-        rel = os.path.relpath(cur, root)
-        depth = 0 if rel == "." else rel.count(os.sep) + 1
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        if depth > 0 and _is_diffusers_folder(cur):
-            dirs.append(rel.replace(os.sep, "/") + "/")
-            subdirs[:] = []  # components of a pipeline are reached through the pipeline folder
-            continue
-        if depth >= max_depth:
-            subdirs[:] = []
-        if not folders_only:
-            for n in sorted(names):
-                if n.lower().endswith(MODEL_EXTENSIONS):
-                    files.append(os.path.normpath(os.path.join(rel, n)).replace(os.sep, "/"))
-    return files, dirs
-
-
-def list_models(kinds: Iterable[str], pipeline_kinds: Iterable[str] = ()) -> list[str]:
-    """Names for a loader's combo: files and diffusers folders found in the ``kinds`` folders, plus
-    diffusers *pipeline* folders (with model_index.json) found in ``pipeline_kinds`` folders. Folders end in "/"."""
-    out: list[str] = []
-    for kind in kinds:
-        for root in folder_paths_for(kind):
-            files, dirs = _scan(root)
-            out += [d for d in dirs if d not in out]
-            out += [f for f in files if f not in out]
-    for kind in pipeline_kinds:
-        for root in folder_paths_for(kind):
-            _, dirs = _scan(root, folders_only=True)
-            out += [d for d in dirs if d not in out and _is_pipeline_folder(os.path.join(root, d))]
-    return out
+def list_models(kinds: Iterable[str], pipeline_kinds: Iterable[str] = (),
+                extensions: tuple[str, ...] = catalog.MODEL_EXTENSIONS, demo: bool = False) -> list[str]:
+    """Names for a loader's combo (twig_core.catalog): files and diffusers folders found in the ``kinds`` folders,
+    plus diffusers *pipeline* folders found in ``pipeline_kinds`` folders, after the embedded demo model when
+    ``demo``. Folders end in "/"."""
+    entries = catalog.listing(_roots(kinds), extensions, pipeline_roots=_roots(pipeline_kinds))
+    return list(catalog.with_demo(entries) if demo else entries)
 
 
 def resolve_model(name: str, kinds: Iterable[str], pipeline_kinds: Iterable[str] = ()) -> str:
@@ -138,18 +100,10 @@ def resolve_model(name: str, kinds: Iterable[str], pipeline_kinds: Iterable[str]
     kinds, pipeline_kinds = list(kinds), list(pipeline_kinds)
     if not name or not isinstance(name, str):
         raise TwigError(f"no model selected; put one in models/{' or models/'.join(kinds)} and refresh")
-    rel = name.rstrip("/")
-    searched = []
-    for kind in kinds + pipeline_kinds:
-        for root in folder_paths_for(kind):
-            searched.append(root)
-            path = os.path.abspath(os.path.join(root, rel))
-            if os.path.commonpath([path, os.path.abspath(root)]) != os.path.abspath(root):
-                continue  # no escaping the model folders
-            if kind in kinds and (os.path.isfile(path) or os.path.isdir(path)):
-                return path
-            if kind in pipeline_kinds and _is_pipeline_folder(path):
-                return path
+    path = catalog.find(name, _roots(kinds), _roots(pipeline_kinds))
+    if path is not None:
+        return path
+    searched = _roots(kinds + pipeline_kinds)
     raise TwigError(
         f"model '{name}' not found; expected it in models/{' or models/'.join(kinds)} "
         f"(searched: {', '.join(searched) or 'no folders registered'})"
@@ -160,19 +114,12 @@ def resolve_model(name: str, kinds: Iterable[str], pipeline_kinds: Iterable[str]
 # Devices and dtypes
 
 
-def _cuda_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
 def default_device() -> torch.device:
+    """ComfyUI's torch device inside ComfyUI, else twig_core.devices' default."""
     mm = model_management()
     if mm is not None and hasattr(mm, "get_torch_device"):
         return torch.device(mm.get_torch_device())
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return twig_devices.default_device()
 
 
 def devices(role: str, choice: str = "default") -> tuple[torch.device, torch.device]:
@@ -196,17 +143,10 @@ def devices(role: str, choice: str = "default") -> tuple[torch.device, torch.dev
 
 
 def pick_dtype(choice: str, device: torch.device, role: str) -> torch.dtype:
-    """The dtype for a loader's dtype choice ("auto", "fp16", "bf16", "fp32")."""
-    if choice in DTYPES:
-        return DTYPES[choice]
-    if choice != "auto":
-        raise TwigError(f"unknown dtype {choice!r}; choose one of {', '.join(DTYPE_CHOICES)}")
-    device = torch.device(device)
+    """The dtype for a loader's dtype choice (twig_core.devices.DTYPE_CHOICES); "auto" asks ComfyUI's model
+    manager for the transformer and the VAE, else twig_core.devices decides."""
     mm = model_management()
-    if role == "text":
-        # Gemma-2 overflows in float16, so auto never picks it
-        return torch.bfloat16 if device.type == "cuda" and _cuda_bf16() else torch.float32
-    if mm is not None:
+    if choice == "auto" and mm is not None:
         try:
             if role == "diffusion" and hasattr(mm, "unet_dtype"):
                 return mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
@@ -214,11 +154,7 @@ def pick_dtype(choice: str, device: torch.device, role: str) -> torch.dtype:
                 return mm.vae_dtype(device, allowed_dtypes=[torch.bfloat16, torch.float32])
         except Exception:
             pass
-    if device.type == "cuda":
-        return torch.bfloat16 if _cuda_bf16() else (torch.float16 if role == "diffusion" else torch.float32)
-    if device.type == "mps" and role == "diffusion":
-        return torch.float16
-    return torch.float32
+    return twig_devices.resolve_dtype(choice, device, role)
 
 
 # --------------------------------------------------------------------------------------------------

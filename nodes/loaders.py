@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from twig_core.errors import TwigError
-from twig_core.loader import WEIGHT_DTYPE_CHOICES
+from twig_core import loader
+from twig_core.devices import DTYPE_CHOICES, WEIGHT_DTYPE_CHOICES, weight_dtype_kwargs
 from twig_core.text import MAX_LENGTH_LIMIT, SANA_MAX_LENGTH
 
 from . import host
@@ -16,50 +15,21 @@ MODEL_FOLDERS = ("diffusion_models", "checkpoints")
 TEXT_FOLDERS = ("text_encoders",)
 VAE_FOLDERS = ("vae",)
 
-# The small demo model shipped inside the pack (twig_core/demo_model, a diffusers pipeline folder): listed first
-# in all three loaders when it is there, so the demo workflow runs without downloading anything.
-DEMO_NAME = "twig-demo (embedded)"
-
-
-def demo_dir() -> str | None:
-    """The embedded demo pipeline folder ($TWIG_DEMO_DIR overrides it), or None when this install has none."""
-    from twig_core import DEMO_DIR
-
-    path = os.environ.get("TWIG_DEMO_DIR") or str(DEMO_DIR)
-    return path if os.path.isfile(os.path.join(path, "model_index.json")) else None
-
 
 def _choices(kinds, pipeline_kinds=()):
-    names = host.list_models(kinds, pipeline_kinds)
-    if demo_dir() is not None:
-        names = [DEMO_NAME] + names
+    """A loader's combo: the embedded demo model first (all three loaders read its pipeline folder, so the demo
+    workflows run without downloading anything), then what the model folders hold."""
+    names = host.list_models(kinds, pipeline_kinds, demo=True)
     return names or [f"(put a model in models/{kinds[0]})"]
 
 
 def resolve(name, kinds, pipeline_kinds=()) -> str:
     """Full path for a loader choice: the embedded demo, or a file/folder in the model folders."""
-    if name == DEMO_NAME:
-        path = demo_dir()
-        if path is None:
-            raise TwigError(f"'{DEMO_NAME}' is not in this install (expected a pipeline folder at "
-                            "twig_core/demo_model); pick a model from the list")
-        return path
     return host.resolve_model(name, kinds, pipeline_kinds)
 
 
-def _role_dtype(choice, device, role):
-    return host.pick_dtype(choice, device, role)
-
-
+DTYPE_INPUT = list(DTYPE_CHOICES)
 WEIGHT_DTYPE_INPUT = (list(WEIGHT_DTYPE_CHOICES), {"default": "same", "tooltip": "Weights in memory: same as dtype, as stored in the file, or fp16/bf16. fp16 weights computing in fp32 take half the memory of fp32."})
-
-
-def _loader():
-    try:
-        from twig_core import loader
-    except ImportError as e:
-        raise TwigError(f"this Twig install has no checkpoint loader (twig_core.loader): {e}") from e
-    return loader
 
 
 @dataclass
@@ -82,7 +52,7 @@ class TwigModelLoader:
         return {
             "required": {
                 "model_name": (names, {"tooltip": "A file or diffusers folder in models/diffusion_models or models/checkpoints."}),
-                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Compute dtype (and weight dtype unless weight_dtype says otherwise). auto: ComfyUI's choice for this GPU (fp32 on CPU)."}),
+                "dtype": (DTYPE_INPUT, {"default": "auto", "tooltip": "Compute dtype (and weight dtype unless weight_dtype says otherwise). auto: ComfyUI's choice for this GPU (fp32 on CPU)."}),
             },
             "optional": {"weight_dtype": WEIGHT_DTYPE_INPUT},
         }
@@ -96,11 +66,11 @@ class TwigModelLoader:
     def load(self, model_name, dtype="auto", weight_dtype="same"):
         path = resolve(model_name, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("diffusion")
-        dt = _role_dtype(dtype, load_dev, "diffusion")
-        kwargs = _loader().weight_dtype_kwargs(weight_dtype, dt, load_dev)
+        dt = host.pick_dtype(dtype, load_dev, "diffusion")
+        kwargs = weight_dtype_kwargs(weight_dtype, dt, load_dev)
         model = host.cached_model(
             "transformer", path, dt, load_dev, offload_dev,
-            lambda device: _loader().load_transformer(path, device=device, **kwargs).eval().requires_grad_(False),
+            lambda device: loader.load_transformer(path, device=device, **kwargs).eval().requires_grad_(False),
             extra=(weight_dtype,),
         )
         return (model,)
@@ -116,7 +86,7 @@ class TwigTextEncoderLoader:
                 "text_encoder_name": (_choices(TEXT_FOLDERS, MODEL_FOLDERS), {"tooltip": "Gemma-2-2B(-it) in models/text_encoders: an HF folder with its tokenizer, a single file, or a diffusers pipeline folder."}),
                 "max_tokens": ("INT", {"default": SANA_MAX_LENGTH, "min": SANA_MAX_LENGTH, "max": MAX_LENGTH_LIMIT, "step": 1, "tooltip": "Prompt length budget in tokens. Sana was trained with 300; longer prompts are truncated with a warning."}),
                 "device": (["default", "cpu", "gpu"], {"default": "default", "tooltip": "cpu keeps the GPU free for the transformer (slower prompt encoding)."}),
-                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "auto: bf16 on GPUs that support it, else fp32. fp16 overflows in Gemma-2."}),
+                "dtype": (DTYPE_INPUT, {"default": "auto", "tooltip": "auto: bf16 on GPUs that support it, else fp32. fp16 overflows in Gemma-2."}),
             }
         }
 
@@ -129,10 +99,10 @@ class TwigTextEncoderLoader:
     def load(self, text_encoder_name, max_tokens=SANA_MAX_LENGTH, device="default", dtype="auto"):
         path = resolve(text_encoder_name, TEXT_FOLDERS, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("text", device)
-        dt = _role_dtype(dtype, load_dev, "text")
+        dt = host.pick_dtype(dtype, load_dev, "text")
         model = host.cached_model(
             "text_encoder", path, dt, load_dev, offload_dev,
-            lambda dev: _loader().load_text_encoder(path, dtype=dt, device=dev),
+            lambda dev: loader.load_text_encoder(path, dtype=dt, device=dev),
             module_of=lambda te: te.model,
         )
         return (TextEncoderRef(model, int(max_tokens)),)
@@ -147,7 +117,7 @@ class TwigVAELoader:
             "required": {
                 # not "vae_name": ComfyUI's frontend gives that input name special (asset browser) handling
                 "vae_model": (_choices(VAE_FOLDERS, MODEL_FOLDERS), {"tooltip": "DC-AE f32c32 in models/vae: a file, a diffusers vae/ folder, or a pipeline folder."}),
-                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Compute dtype (and weight dtype unless weight_dtype says otherwise). auto: bf16 on GPUs that support it, else fp32."}),
+                "dtype": (DTYPE_INPUT, {"default": "auto", "tooltip": "Compute dtype (and weight dtype unless weight_dtype says otherwise). auto: bf16 on GPUs that support it, else fp32."}),
             },
             "optional": {"weight_dtype": WEIGHT_DTYPE_INPUT},
         }
@@ -161,11 +131,11 @@ class TwigVAELoader:
     def load(self, vae_model, dtype="auto", weight_dtype="same"):
         path = resolve(vae_model, VAE_FOLDERS, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("vae")
-        dt = _role_dtype(dtype, load_dev, "vae")
-        kwargs = _loader().weight_dtype_kwargs(weight_dtype, dt, load_dev)
+        dt = host.pick_dtype(dtype, load_dev, "vae")
+        kwargs = weight_dtype_kwargs(weight_dtype, dt, load_dev)
         vae = host.cached_model(
             "vae", path, dt, load_dev, offload_dev,
-            lambda dev: _loader().load_vae(path, device=dev, **kwargs).eval().requires_grad_(False),
+            lambda dev: loader.load_vae(path, device=dev, **kwargs).eval().requires_grad_(False),
             extra=(weight_dtype,),
         )
         return (vae,)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from twig_core.devices import MAX_SEED
 from twig_core.pipeline import sample_latents
-from twig_core.sampling import SAMPLERS
+from twig_core.sampling import SAMPLER_TABLE, SAMPLERS
 
 from . import host
 from .common import CATEGORY, CONDITIONING, MODEL, NodeError, node_errors
 from .latent import _latent_samples
 from .preview import preview_image
 
-MAX_SEED = 0xFFFF_FFFF_FFFF_FFFF
+SAMPLER_HELP = " ".join(f"{name}: {s.description}." for name, s in SAMPLER_TABLE.items())
 
 
 def _check_cond(name, cond):
@@ -36,7 +37,7 @@ class TwigSampler:
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same image on any device."}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Solver steps (20 is Sana's default)."}),
                 "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": "Guidance scale; 1.0 skips the negative prompt (twice as fast)."}),
-                "sampler": (list(SAMPLERS), {"default": SAMPLERS[0], "tooltip": "flow_dpmpp_2m: Sana's DPM-Solver++ 2M. flow_euler: first-order Euler."}),
+                "sampler": (list(SAMPLERS), {"default": SAMPLERS[0], "tooltip": SAMPLER_HELP}),
                 "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Flow schedule shift (Sana: 3.0; higher for larger images)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1.0 = from pure noise; lower keeps more of the input latent; 0 returns it unchanged."}),
             }

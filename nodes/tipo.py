@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import os
 
+from twig_core.catalog import TIPO_EXTENSIONS
+from twig_core.devices import DTYPE_CHOICES, MAX_SEED
 from twig_core.errors import TwigError
 from twig_core.tipo import (DEFAULT_FORMAT, FORMAT_PRESETS, LENGTHS, TASKS, Sampling, TipoModel, expand,
                             load_tag_lists, tag_list_folders)
 
 from . import host
 from .common import CATEGORY, node_errors
-from .sampling import MAX_SEED
 
 LLM_FOLDER = "LLM"
 NO_MODEL = "none (format only)"
 CUSTOM_FORMAT = "custom (format below)"
-WEIGHT_EXTENSIONS = (".safetensors", ".sft")
 
 # The model in use stays loaded between runs (one at a time); ComfyUI's model manager may still move it off
 # the GPU when another model needs the room, and Twig Unload Models releases it.
@@ -29,17 +29,7 @@ def _register() -> None:
 def model_choices() -> list[str]:
     """TIPO models in models/LLM (folders with config.json, or .safetensors files), then the format-only entry."""
     _register()
-    names = [n for n in host.list_models([LLM_FOLDER])
-             if n.endswith("/") or n.lower().endswith(WEIGHT_EXTENSIONS)]
-    return names + [NO_MODEL]
-
-
-def _dtype(choice: str, device) -> object:
-    from twig_core.tipo import default_dtype
-
-    if choice == "auto":
-        return default_dtype(device)
-    return host.pick_dtype(choice, device, "text")
+    return host.list_models([LLM_FOLDER], extensions=TIPO_EXTENSIONS) + [NO_MODEL]
 
 
 def load_model(name: str, device: str = "default", dtype: str = "auto") -> host.ManagedModel:
@@ -47,7 +37,7 @@ def load_model(name: str, device: str = "default", dtype: str = "auto") -> host.
     _register()
     path = host.resolve_model(name, [LLM_FOLDER])
     load_dev, offload_dev = host.devices("text", device)
-    dt = _dtype(dtype, load_dev)
+    dt = host.pick_dtype(dtype, load_dev, "tipo")
     model = host.cached_model(
         "tipo", path, dt, load_dev, offload_dev,
         lambda dev: TipoModel.from_pretrained(path, dtype=dt, device=dev),
@@ -95,7 +85,7 @@ class TwigTIPO:
                 "max_new_tokens": ("INT", {"default": 512, "min": 16, "max": 2048, "tooltip": "Most tokens one pass may write."}),
                 "model": (model_choices(), {"tooltip": "A TIPO model in models/LLM (folder with config.json, weights and tokenizer), or format only."}),
                 "device": (["default", "cpu", "gpu"], {"default": "default"}),
-                "dtype": (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "auto: bf16/fp16 on GPU, fp32 on CPU."}),
+                "dtype": (list(DTYPE_CHOICES), {"default": "auto", "tooltip": "auto: bf16/fp16 on GPU, fp32 on CPU."}),
             }
         }
 

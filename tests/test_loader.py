@@ -921,12 +921,3 @@ def test_broken_shards(tmp_path):
     with pytest.raises(TwigError, match=r"index\.json.*transformer_blocks\.9\.attn1\.to_q\.weight"):
         loader.load_transformer(folder)
 
-
-def test_resolve_dtype():
-    assert loader.resolve_dtype(None) is None
-    assert loader.resolve_dtype("fp16") == torch.float16
-    assert loader.resolve_dtype("bf16") == torch.bfloat16
-    assert loader.resolve_dtype("auto", "cpu") == torch.float32
-    assert loader.resolve_dtype(torch.float64) == torch.float64
-    with pytest.raises(TwigError, match="unknown dtype"):
-        loader.resolve_dtype("int4")

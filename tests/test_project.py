@@ -25,7 +25,7 @@ def test_runtime_requirements_are_lower_bounds_without_test_tools():
     reqs = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
     reqs = [r for r in reqs if r]
     names = {re.split(r"[<>=!~ ]", r)[0].lower() for r in reqs}
-    assert names == {"torch", "transformers", "safetensors", "numpy", "pillow", "einops"}
+    assert names == {"torch", "transformers", "safetensors", "numpy", "pillow", "einops", "tqdm"}
     assert all("==" not in r and "<" not in r for r in reqs), reqs
 
 

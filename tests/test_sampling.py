@@ -60,8 +60,10 @@ def run_pair(name, ref, steps, integer_t):
         return x - sigma * velocity(x, t)
 
     got = []
-    sampling.SAMPLER_FUNCS[name](denoise, x0.clone(), sampling.flow_sigmas(steps, 3.0, name),
-                                 callback=lambda d: got.append(d["x"].clone()))
+    spec = sampling.SAMPLER_TABLE[name]
+    assert spec.integer_timesteps == integer_t
+    spec.function(denoise, x0.clone(), sampling.flow_sigmas(steps, 3.0, name),
+                  callback=lambda d: got.append(d["x"].clone()))
     assert len(got) == len(want) == steps
     for i, (a, b) in enumerate(zip(got, want)):
         err = ((a - b).abs().max() / b.abs().max()).item()

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from tests.builders import tiny_dcae
 from tests.builders import DEMO_PROMPTS, tiny_native_transformer, write_tiny_pipeline
 from twig_core.errors import TwigError
-from twig_webui.engine import (DEMO, FROM_MODEL, Engine, Interrupted, Settings, nearest_choice, native_size,
+from twig_core.catalog import DEMO_NAME
+from twig_webui.engine import (FROM_MODEL, Engine, Interrupted, Settings, nearest_choice, native_size,
                                size_choices, split_prompt)
 from twig_webui.host import Host, WebUIHost
 
@@ -164,11 +165,9 @@ def test_interrupt_button_and_host_interrupt_stop_the_run(tmp_path, pipeline):
 
 
 def test_demo_model_is_the_default_when_installed(tmp_path, pipeline, monkeypatch):
-    import twig_webui.engine as E
-
-    monkeypatch.setattr(E, "demo_model", lambda: str(pipeline))
+    monkeypatch.setenv("TWIG_DEMO_DIR", str(pipeline))
     engine = Engine(Host(tmp_path / "models", tmp_path / "out", device="cpu"))
-    assert engine.default_model() == DEMO
+    assert engine.default_model() == DEMO_NAME
     r = engine.run(Settings(prompt=PROMPT, steps=1, seed=3))
     assert (r.width, r.height) == (128, 128) and "Model: Twig demo" in r.infotext
 

@@ -72,9 +72,9 @@ def _artifacts() -> Path:
 
 @pytest.fixture(scope="module")
 def model(request) -> Path:
-    from twig_webui.host import demo_model
+    from twig_core.catalog import demo_dir
 
-    demo = demo_model()
+    demo = demo_dir()
     return Path(demo) if demo else request.getfixturevalue("tiny_pipeline")
 
 

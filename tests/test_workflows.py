@@ -25,6 +25,7 @@ import nodes
 from nodes import loaders, tokens
 from nodes.latent import TwigEmptyLatent
 from tests.builders import NATIVE
+from twig_core import catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 WF_DIR = ROOT / "workflows"
@@ -301,26 +302,26 @@ def test_demo_entry_is_listed_first_only_when_the_demo_folder_exists(model_env, 
     for cls, field in ((loaders.TwigModelLoader, "model_name"), (loaders.TwigTextEncoderLoader, "text_encoder_name"),
                        (loaders.TwigVAELoader, "vae_model")):
         names = cls.INPUT_TYPES()["required"][field][0]
-        assert names[0] == loaders.DEMO_NAME and names.count(loaders.DEMO_NAME) == 1, names
+        assert names[0] == catalog.DEMO_NAME and names.count(catalog.DEMO_NAME) == 1, names
     monkeypatch.setenv("TWIG_DEMO_DIR", str(tmp_path / "nothing"))
-    assert loaders.demo_dir() is None
-    assert loaders.DEMO_NAME not in loaders.TwigModelLoader.INPUT_TYPES()["required"]["model_name"][0]
+    assert catalog.demo_dir() is None
+    assert catalog.DEMO_NAME not in loaders.TwigModelLoader.INPUT_TYPES()["required"]["model_name"][0]
     with pytest.raises(Exception, match="not in this install"):
-        loaders.TwigModelLoader().load(loaders.DEMO_NAME, "fp32")
+        loaders.TwigModelLoader().load(catalog.DEMO_NAME, "fp32")
 
 
 def test_demo_entry_defaults_to_the_package_folder(monkeypatch):
-    from twig_core import DEMO_DIR
+    from twig_core.catalog import DEMO_DIR
 
     monkeypatch.delenv("TWIG_DEMO_DIR", raising=False)
     expected = str(DEMO_DIR) if (DEMO_DIR / "model_index.json").is_file() else None
-    assert loaders.demo_dir() == expected
+    assert catalog.demo_dir() == expected
 
 
 def test_demo_entry_loads_in_all_three_loaders_and_sizes_the_empty_latent(model_env):
-    (model,) = loaders.TwigModelLoader().load(loaders.DEMO_NAME, "auto")
-    (te,) = loaders.TwigTextEncoderLoader().load(loaders.DEMO_NAME, 300, "default", "auto")
-    (vae,) = loaders.TwigVAELoader().load(loaders.DEMO_NAME, "auto")
+    (model,) = loaders.TwigModelLoader().load(catalog.DEMO_NAME, "auto")
+    (te,) = loaders.TwigTextEncoderLoader().load(catalog.DEMO_NAME, 300, "default", "auto")
+    (vae,) = loaders.TwigVAELoader().load(catalog.DEMO_NAME, "auto")
     assert Path(model.path) == model_env[1] and Path(te.model.path) == model_env[1] and Path(vae.path) == model_env[1]
     assert te.model.peek().instruction == ""  # the demo's text encoder folder turns Sana's instruction off
     latent, w, h = TwigEmptyLatent().generate(build.SQUARE, 1024, 1024, 1, model)
@@ -337,7 +338,7 @@ def demo_workflow_names() -> list[str]:
         _, api = load(name)
         loader_values = [e["inputs"].get(f) for e in api.values() for ct, (f, _) in runner.LOADER_FIELDS.items()
                          if e["class_type"] == ct and ct != "TwigTIPO"]
-        if loader_values and all(v == loaders.DEMO_NAME for v in loader_values):
+        if loader_values and all(v == catalog.DEMO_NAME for v in loader_values):
             out.append(name)
     return out
 
@@ -397,12 +398,12 @@ def test_token_count_matches_encoding_and_never_loads_weights(model_env, monkeyp
     monkeypatch.setattr(TextEncoder, "from_pretrained", no_weights)
     long_zh = build.ZH_LONG_PROMPT
     for prompt, n in ((build.DEMO_EN, 300), (build.DEMO_ZH, 300), (long_zh, 300), (long_zh, 1200), ("", 300)):
-        got = tokens.count(loaders.DEMO_NAME, n, prompt, "blurry")
+        got = tokens.count(catalog.DEMO_NAME, n, prompt, "blurry")
         ref = full.token_report(prompt, n, use_instruction=True)
         neg = full.token_report("blurry", n, use_instruction=False)
         assert got == {"max_tokens": n, "positive": {"tokens": ref.prompt_tokens, "kept": ref.kept_tokens},
                        "negative": {"tokens": neg.prompt_tokens, "kept": neg.kept_tokens}}
-    short = tokens.count(loaders.DEMO_NAME, 300, long_zh)
+    short = tokens.count(catalog.DEMO_NAME, 300, long_zh)
     assert short["positive"]["kept"] < short["positive"]["tokens"]  # 300 cuts the long prompt
     assert len(tokens._CACHE) == 1  # one tokenizer, reused
 
@@ -456,10 +457,10 @@ def test_route_handler_answers_and_registers_inside_comfyui(model_env, monkeypat
         r = asyncio.run(tokens.handle(_FakeRequest(body)))
         return r.status, json.loads(r.text)
 
-    status, body = call({"text_encoder": loaders.DEMO_NAME, "max_tokens": 1200, "positive": build.DEMO_ZH})
+    status, body = call({"text_encoder": catalog.DEMO_NAME, "max_tokens": 1200, "positive": build.DEMO_ZH})
     assert status == 200 and body["max_tokens"] == 1200 and body["positive"]["tokens"] > 0
     assert call({"text_encoder": "nope/", "positive": "x"})[0] == 404
-    assert call({"text_encoder": loaders.DEMO_NAME, "max_tokens": "many"})[0] == 400
+    assert call({"text_encoder": catalog.DEMO_NAME, "max_tokens": "many"})[0] == 400
     assert call(ValueError("not json"))[0] == 400
     assert call(["a list"])[0] == 400
 
@@ -531,9 +532,9 @@ def test_workflow_graph_runs_on_tiny_models(name, tiny_names, monkeypatch):
 
 
 def _packaged_demo() -> bool:
-    from twig_core import DEMO_DIR
+    from twig_core.catalog import DEMO_DIR, is_pipeline_folder
 
-    return (DEMO_DIR / "model_index.json").is_file()
+    return is_pipeline_folder(str(DEMO_DIR))
 
 
 @pytest.mark.skipif(not _packaged_demo(), reason="twig_core/demo_model (the trained demo model) is not in this checkout")

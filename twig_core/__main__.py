@@ -7,7 +7,10 @@ import sys
 import time
 from pathlib import Path
 
+from .catalog import DEMO_NAME, demo_dir, demo_location
+from .devices import DTYPE_CHOICES, WEIGHT_DTYPE_CHOICES
 from .errors import TwigError
+from .sampling import SAMPLERS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,15 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the model's native size)")
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--batch", type=int, default=1)
-    g.add_argument("--sampler", default="flow_dpmpp_2m", choices=["flow_dpmpp_2m", "flow_euler"])
+    g.add_argument("--sampler", default=SAMPLERS[0], choices=SAMPLERS)
     g.add_argument("--shift", type=float, default=3.0)
     g.add_argument("--max-length", type=int, default=300, help="prompt tokens kept (300 … 1200)")
     g.add_argument("--transformer", help="transformer checkpoint (file or diffusers folder), or a pipeline folder "
-                   "(default: the embedded demo model)")
+                   f"(default: the embedded demo model, {DEMO_NAME}; $TWIG_DEMO_DIR moves it)")
     g.add_argument("--text-encoder", help="Gemma-2 folder or single file")
     g.add_argument("--vae", help="DC-AE file or folder")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"], help="compute dtype")
-    g.add_argument("--weight-dtype", default="same", choices=["same", "stored", "fp16", "bf16"],
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype")
+    g.add_argument("--weight-dtype", default="same", choices=WEIGHT_DTYPE_CHOICES,
                    help="the transformer's weights in memory: same as --dtype, as stored in the file, or fp16/bf16 "
                         "(half the memory of fp32 while computing in --dtype)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
@@ -42,25 +45,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate(a: argparse.Namespace) -> list[Path]:
-    import torch
     from PIL import Image
+    from tqdm import tqdm
 
     from . import image as img
     from . import loader
+    from .devices import pick_device, resolve_dtype
     from .pipeline import generate
 
-    device = a.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = loader.resolve_dtype(a.dtype, device)
+    device = pick_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
     transformer_path = a.transformer
     if transformer_path is None:
-        from . import DEMO_DIR
-
-        if not (DEMO_DIR / "model_index.json").is_file():
-            raise TwigError(f"no --transformer given and the embedded demo model is missing ({DEMO_DIR})")
-        transformer_path = str(DEMO_DIR)
-        print(f"using the embedded demo model ({DEMO_DIR}); it knows simple coloured shapes", file=sys.stderr)
+        transformer_path = demo_dir()
+        if transformer_path is None:
+            raise TwigError(f"no --transformer given and the embedded demo model is missing "
+                            f"({demo_location()})")
+        print(f"using {DEMO_NAME} ({transformer_path}); it knows simple coloured shapes", file=sys.stderr)
     parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device,
                               weight_dtype=a.weight_dtype)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
@@ -75,16 +76,15 @@ def _generate(a: argparse.Namespace) -> list[Path]:
         init = img.pil_to_model(pic.resize((width, height), Image.LANCZOS))
     total = a.steps if init is None else max(1, round(a.steps * a.denoise))
 
-    def progress(info: dict) -> None:
-        print(f"\rstep {info['i'] + 1}/{total}", end="", file=sys.stderr, flush=True)
-
     started = time.perf_counter()
-    images = generate(
-        transformer, vae, text_encoder, a.prompt, a.negative, width=width, height=height, batch_size=a.batch,
-        steps=a.steps, cfg=a.cfg, seed=a.seed, sampler=a.sampler, shift=a.shift, max_length=a.max_length,
-        image=init, denoise=a.denoise if init is not None else 1.0, tile_size=_tile(a.tile), callback=progress,
-    )
-    print(f"\rdone in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    with tqdm(total=total, desc="sampling", unit="step", file=sys.stderr) as bar:
+        images = generate(
+            transformer, vae, text_encoder, a.prompt, a.negative, width=width, height=height, batch_size=a.batch,
+            steps=a.steps, cfg=a.cfg, seed=a.seed, sampler=a.sampler, shift=a.shift, max_length=a.max_length,
+            image=init, denoise=a.denoise if init is not None else 1.0, tile_size=_tile(a.tile),
+            callback=lambda info: bar.update(1),
+        )
+    print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []

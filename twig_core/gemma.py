@@ -115,7 +115,7 @@ def load_text_encoder(
     on CUDA, fp32 elsewhere (Gemma-2 overflows in fp16). ``expected_width``: the transformer's caption
     width; a different hidden size is a TwigError. Other keyword arguments go to ``TextEncoder``.
     """
-    from .loader import resolve_dtype
+    from .devices import resolve_dtype
     from .text import TextEncoder, folder_settings
 
     device = torch.device(device)

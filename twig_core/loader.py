@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
+from .devices import WEIGHT_DTYPE_CHOICES, resolve_dtype, weight_dtype_kwargs  # noqa: F401 (re-exported)
+from .devices import text_dtype as _text_dtype
 from .errors import TwigError
 from .gemma import gemma2_config_from_shapes, load_text_encoder
 from .layout import classify, detect
@@ -49,29 +50,6 @@ __all__ = [
     "tokenizer_from_spiece",
 ]
 
-DTYPE_CHOICES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(choice, device="cpu") -> torch.dtype | None:
-    """Map a user choice ("auto", "fp16", "bf16", "fp32", a torch.dtype or None) to a dtype.
-
-    "auto": bf16 on a CUDA device that supports it, else fp16 on CUDA, fp32 elsewhere. None stays None (keep
-    the stored dtype).
-    """
-    if choice is None or isinstance(choice, torch.dtype):
-        return choice
-    if isinstance(choice, str):
-        key = choice.lower().replace("float", "fp").replace("bfloat", "bf").replace("half", "fp16")
-        key = {"fp": "fp32", "bf": "bf16"}.get(key, key)
-        if key in DTYPE_CHOICES:
-            return DTYPE_CHOICES[key]
-        if key == "auto":
-            dev = torch.device(device)
-            if dev.type == "cuda":
-                return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.float32
-    raise TwigError(f"unknown dtype {choice!r}; use auto, fp16, bf16 or fp32")
-
 
 @dataclass
 class Parts:
@@ -80,30 +58,6 @@ class Parts:
     transformer: Any
     text_encoder: Any
     vae: Any
-
-
-def _text_dtype(dtype: torch.dtype | None, device) -> torch.dtype | None:
-    """Gemma-2 overflows in fp16: use bf16 (CUDA with bf16) or fp32 instead."""
-    if dtype == torch.float16:
-        dev = torch.device(device)
-        return torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return dtype
-
-
-WEIGHT_DTYPE_CHOICES = ("same", "stored", "fp16", "bf16")
-
-
-def weight_dtype_kwargs(weight_dtype, dtype, device="cpu") -> dict:
-    """``dtype``/``compute_dtype`` arguments of :func:`load_transformer` / :func:`load_vae` for a weight_dtype
-    choice: "same" (or None) holds the weights in ``dtype``; "stored" keeps the file's dtype and "fp16"/"bf16"
-    that dtype, both computing in ``dtype`` (fp32 on CPU when ``dtype`` is None)."""
-    if weight_dtype in (None, "same"):
-        return {"dtype": dtype}
-    if weight_dtype not in WEIGHT_DTYPE_CHOICES:
-        raise TwigError(f"weight_dtype {weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPE_CHOICES)}")
-    compute = dtype or (torch.float32 if torch.device(device).type == "cpu" else None)
-    return {"dtype": None if weight_dtype == "stored" else resolve_dtype(weight_dtype, device),
-            "compute_dtype": compute}
 
 
 def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu", weight_dtype=None) -> Parts:

@@ -48,7 +48,7 @@ def load_transformer(
     the full-precision one. ``config`` replaces inference entirely; ``overrides`` set single config fields
     (e.g. ``cross_heads=``).
     """
-    from .loader import resolve_dtype
+    from .devices import resolve_dtype
     from .transformer import TwigTransformer
 
     dtype = resolve_dtype(dtype, device)
@@ -164,7 +164,7 @@ def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str
     The file must stay in place meanwhile (a TwigError naming it otherwise). False reads everything now.
     """
     from .dcae import DCAE, DCAEConfig
-    from .loader import resolve_dtype
+    from .devices import resolve_dtype
 
     requested = dtype = resolve_dtype(dtype, device)
     compute_dtype = resolve_dtype(compute_dtype, device)

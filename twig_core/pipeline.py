@@ -79,9 +79,8 @@ def sample_latents(
     if mask is not None:
         m = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, -1, -1)
         inpaint = (init_latent, noise, m)
-    denoiser = sampling.make_denoiser(
-        transformer, cond, uncond, cfg, integer_timesteps=(sampler == "flow_dpmpp_2m"), inpaint=inpaint
-    )
+    integer = sampling.get_sampler(sampler).integer_timesteps
+    denoiser = sampling.make_denoiser(transformer, cond, uncond, cfg, integer_timesteps=integer, inpaint=inpaint)
     x = sampling.sample(denoiser, noise, sigmas, sampler, init=init_latent if denoise < 1.0 else None, callback=callback)
     if inpaint is not None:
         x = x * inpaint[2] + init_latent * (1 - inpaint[2])

@@ -2,7 +2,8 @@
 
 A *denoiser* is any callable ``denoise(x, sigma) -> x0_hat``. Samplers are plain functions over a denoiser,
 a starting latent and a decreasing list of sigmas ending in 0; guidance, inpainting and timestep conventions
-all live in the denoiser closure (``make_denoiser``), not in the samplers.
+all live in the denoiser closure (``make_denoiser``), not in the samplers. ``SAMPLER_TABLE`` is the one list of
+sampler choices every front end offers: name -> (function, sigma schedule, integer timesteps).
 
 Flow matching: x_sigma = (1 - sigma) x0 + sigma * noise, and the model predicts v = noise - x0, so
 x0 = x_sigma - sigma * v.
@@ -11,6 +12,7 @@ x0 = x_sigma - sigma * v.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,8 +22,6 @@ from .errors import TwigError
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 Callback = Callable[[dict], None]
 
-SAMPLERS = ("flow_dpmpp_2m", "flow_euler")
-
 
 def shift_sigma(sigma, shift: float):
     """Resolution shift of the flow schedule: s*sigma / (1 + (s-1)*sigma)."""
@@ -29,12 +29,9 @@ def shift_sigma(sigma, shift: float):
 
 
 def flow_sigmas(steps: int, shift: float = 3.0, sampler: str = "flow_dpmpp_2m", denoise: float = 1.0) -> torch.Tensor:
-    """Decreasing sigmas for ``steps`` steps, ending in 0 (float64, length steps+1).
-
-    Each sampler uses the spacing of its reference scheduler, so results match Sana's published pipeline:
-      flow_dpmpp_2m: shift(linspace(0.999, 0.999/N, N))
-      flow_euler:    shift(linspace(1, shift(0.001), N))
-    ``denoise`` < 1 (img2img) runs the last ``steps`` steps of a schedule of round(steps/denoise) steps.
+    """Decreasing sigmas for ``steps`` steps, ending in 0 (float64, length steps+1): the sampler's schedule
+    (:data:`SAMPLER_TABLE`), shifted. ``denoise`` < 1 (img2img) runs the last ``steps`` steps of a schedule of
+    round(steps/denoise) steps.
     """
     if not isinstance(steps, int) or steps < 1:
         raise TwigError(f"steps must be a whole number ≥ 1, got {steps!r}")
@@ -43,14 +40,19 @@ def flow_sigmas(steps: int, shift: float = 3.0, sampler: str = "flow_dpmpp_2m", 
     if shift <= 0:
         raise TwigError(f"shift must be > 0, got {shift!r}")
     total = max(steps, int(round(steps / denoise)))
-    if sampler == "flow_dpmpp_2m":
-        base = torch.linspace(0.999, 0.999 / total, total, dtype=torch.float64)
-    elif sampler == "flow_euler":
-        base = torch.linspace(1.0, shift_sigma(0.001, shift), total, dtype=torch.float64)
-    else:
-        raise TwigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    base = get_sampler(sampler).schedule(total, shift)
     sigmas = torch.cat([shift_sigma(base, shift), torch.zeros(1, dtype=torch.float64)])
     return sigmas[-(steps + 1):]
+
+
+def dpm_solver_schedule(total: int, shift: float) -> torch.Tensor:
+    """The DPM-Solver scheduler's spacing (diffusers, flow sigmas): linspace(0.999, 0.999/N, N), before the shift."""
+    return torch.linspace(0.999, 0.999 / total, total, dtype=torch.float64)
+
+
+def flow_euler_schedule(total: int, shift: float) -> torch.Tensor:
+    """The flow-match Euler scheduler's spacing: linspace(1, shift(0.001), N), before the shift."""
+    return torch.linspace(1.0, shift_sigma(0.001, shift), total, dtype=torch.float64)
 
 
 def _check(x: torch.Tensor, i: int) -> None:
@@ -106,7 +108,28 @@ def sample_flow_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     return x
 
 
-SAMPLER_FUNCS = {"flow_dpmpp_2m": sample_flow_dpmpp_2m, "flow_euler": sample_flow_euler}
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler choice. Each keeps the spacing and timestep rounding of its reference scheduler, so results
+    match Sana's published pipeline."""
+
+    function: Callable  # sample_x(denoise, x, sigmas, callback)
+    schedule: Callable[[int, float], torch.Tensor]  # (steps, shift) -> unshifted decreasing sigmas
+    integer_timesteps: bool  # the model sees floor(sigma*1000), as the DPM-Solver scheduler feeds it
+    description: str
+
+
+SAMPLER_TABLE: dict[str, Sampler] = {
+    "flow_dpmpp_2m": Sampler(sample_flow_dpmpp_2m, dpm_solver_schedule, True, "Sana's DPM-Solver++ 2M"),
+    "flow_euler": Sampler(sample_flow_euler, flow_euler_schedule, False, "first-order Euler"),
+}
+SAMPLERS = tuple(SAMPLER_TABLE)  # the names, the default first
+
+
+def get_sampler(name: str) -> Sampler:
+    if name not in SAMPLER_TABLE:
+        raise TwigError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLER_TABLE[name]
 
 
 def make_denoiser(
@@ -196,8 +219,7 @@ def sample(
     callback: Callback | None = None,
 ) -> torch.Tensor:
     """Run ``sampler`` from pure noise (init None) or from ``init`` noised to sigmas[0] (img2img)."""
-    if sampler not in SAMPLER_FUNCS:
-        raise TwigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    function = get_sampler(sampler).function
     s0 = float(sigmas[0])
     x = noise if init is None else (1 - s0) * init + s0 * noise
-    return SAMPLER_FUNCS[sampler](denoise, x, sigmas, callback)
+    return function(denoise, x, sigmas, callback)

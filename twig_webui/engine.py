@@ -18,20 +18,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from twig_core import catalog
+from twig_core.devices import MAX_SEED
 from twig_core.errors import TwigError
 from twig_core.sampling import SAMPLERS
 
-from .host import Host, demo_model
+from .host import Host
 
 log = logging.getLogger("twig")
 
-DEMO = "demo (built in)"
 FROM_MODEL = "(from the model)"
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth")
-TIPO_EXTENSIONS = (".safetensors", ".sft")
-YOLO_EXTENSIONS = (".pt", ".pth")
-MAX_SEED = 2**32 - 1
+RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as the WebUI does (any seed up to MAX_SEED is accepted)
 
 Progress = Callable[[float, str], None]
 
@@ -80,66 +77,17 @@ class Result:
 # What the pickers list
 
 
-_KIND_CACHE: dict[tuple, str | None] = {}
-
-
-def _kind(path: str) -> str | None:
-    """twig_core.loader.detect, remembered per file version; None for anything it does not read."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    key = (path, st.st_mtime_ns, st.st_size)
-    if key not in _KIND_CACHE:
-        from twig_core import loader
-
-        try:
-            _KIND_CACHE[key] = loader.detect(path)
-        except Exception:  # noqa: BLE001 - not ours (an SD checkpoint, a CLIP, ...): not listed
-            _KIND_CACHE[key] = None
-    return _KIND_CACHE[key]
-
-
-def _scan(root: str, extensions: tuple[str, ...], folder_marker: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(name, path) of files with ``extensions`` and folders holding one of ``folder_marker`` under ``root``;
-    folder names end in "/" and are not searched further."""
-    out: list[tuple[str, str]] = []
-    if not os.path.isdir(root):
-        return out
-    for cur, dirs, files in os.walk(root, followlinks=True):
-        rel = os.path.relpath(cur, root)
-        if rel != "." and any(os.path.isfile(os.path.join(cur, m)) for m in folder_marker):
-            out.append((rel.replace(os.sep, "/") + "/", cur))
-            dirs[:] = []
-            continue
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in sorted(files):
-            if f.lower().endswith(extensions):
-                name = f if rel == "." else os.path.join(rel, f).replace(os.sep, "/")
-                out.append((name, os.path.join(cur, f)))
-    return out
-
-
 class Catalog:
     """Name -> path for each picker, read from the host's model folders on every call (Refresh)."""
 
     def __init__(self, host: Host):
         self.host = host
 
-    def _listed(self, role: str, kinds: tuple[str, ...], extensions=MODEL_EXTENSIONS,
-                markers=("model_index.json", "config.json")) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for root in self.host.folders(role):
-            for name, path in _scan(root, extensions, markers):
-                if name not in out and _kind(path) in kinds:
-                    out[name] = path
-        return out
+    def _listed(self, role: str, kinds: tuple[str, ...]) -> dict[str, str]:
+        return catalog.listing(self.host.folders(role), kinds=kinds)
 
     def models(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        demo = demo_model()
-        if demo:
-            out[DEMO] = demo
+        out = catalog.with_demo({})
         for path in self.host.extra_models:  # --model PATH: shown by its name, the full path if names clash
             name = os.path.basename(path.rstrip("/\\")) + ("/" if os.path.isdir(path) else "")
             out.setdefault(name if name not in out else path, path)
@@ -153,19 +101,14 @@ class Catalog:
         return {FROM_MODEL: "", **self._listed("vae", ("vae", "pipeline"))}
 
     def tipo_models(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for root in self.host.folders("llm"):
-            for name, path in _scan(root, TIPO_EXTENSIONS, ("config.json",)):
-                out.setdefault(name, path)
-        return out
+        return catalog.listing(self.host.folders("llm"), catalog.TIPO_EXTENSIONS)
 
     def face_detectors(self) -> dict[str, str]:
         from twig_core.face import detect as fdetect
 
         out = {n: n for n, why in fdetect.available_detectors().items() if why is None}
-        for root in self.host.folders("face"):
-            for name, path in _scan(root, YOLO_EXTENSIONS, ()):
-                out.setdefault(name, path)
+        for name, path in catalog.listing(self.host.folders("face"), fdetect.YOLO_EXTENSIONS, folders=False).items():
+            out.setdefault(name, path)
         return out
 
     def resolve(self, role: str, name: str) -> str:
@@ -349,6 +292,7 @@ class Engine:
 
     def load(self, s: Settings, progress: Progress | None = None):
         from twig_core import loader
+        from twig_core.devices import resolve_dtype
 
         check_transformers()
 
@@ -356,7 +300,7 @@ class Engine:
         te = self.catalog.resolve("text_encoder", s.text_encoder) if s.text_encoder != FROM_MODEL else None
         vae = self.catalog.resolve("vae", s.vae) if s.vae != FROM_MODEL else None
         device = self.host.device()
-        dtype = loader.resolve_dtype(s.dtype, device)
+        dtype = resolve_dtype(s.dtype, device)
         key = (model, te or None, vae or None, dtype, str(device))
         if key != self._parts_key:
             if progress:
@@ -375,12 +319,12 @@ class Engine:
         return self._parts
 
     def _tipo_model(self, name: str, device):
-        from twig_core.tipo import TipoModel, default_dtype
+        from twig_core.tipo import TipoModel
 
         path = self.catalog.resolve("tipo", name)
         key = (path, str(device))
         if key != self._tipo_key:
-            self._tipo = TipoModel.from_pretrained(path, dtype=default_dtype(device), device=device)
+            self._tipo = TipoModel.from_pretrained(path, dtype="auto", device=device)
             self._tipo_key = key
         return self._tipo, path
 
@@ -414,7 +358,9 @@ class Engine:
         native = int(parts.transformer.config.sample_size) * 32
         width, height = parse_size(s.size) if s.size else (native, native)
         check_size(width, height)
-        seed = int(s.seed) if s.seed is not None and int(s.seed) >= 0 else random.randint(0, MAX_SEED)
+        seed = int(s.seed) if s.seed is not None and int(s.seed) >= 0 else random.randrange(RANDOM_SEEDS)
+        if seed > MAX_SEED:
+            raise TwigError(f"seed must be -1 (random) or 0 … {MAX_SEED}, got {seed}")
         notes: list[str] = []
         extra: dict = {}
 
@@ -538,7 +484,7 @@ class Engine:
 
     def _model_label(self, s: Settings) -> str:
         name = s.model or self.default_model()
-        if name == DEMO:
+        if name == catalog.DEMO_NAME:
             return "Twig demo"
         base = os.path.basename(name.rstrip("/\\"))
         return os.path.splitext(base)[0] if not name.endswith("/") else base

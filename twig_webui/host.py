@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent.parent
-DEMO_MODEL = PACK_DIR / "twig_core" / "demo_model"
 
 # what each picker lists, as folders under the models directory (first = where new files should go)
 STANDALONE_FOLDERS = {
@@ -23,11 +22,6 @@ STANDALONE_FOLDERS = {
     "llm": ("LLM",),
     "face": ("adetailer", "ultralytics/bbox", "ultralytics/segm"),
 }
-
-
-def demo_model() -> str | None:
-    """The embedded demo pipeline folder, when this install has one."""
-    return str(DEMO_MODEL) if (DEMO_MODEL / "model_index.json").is_file() else None
 
 
 class Host:
@@ -55,11 +49,9 @@ class Host:
 
     # running
     def device(self):
-        import torch
+        from twig_core.devices import pick_device
 
-        if self.device_choice and self.device_choice != "auto":
-            return torch.device(self.device_choice)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return pick_device(self.device_choice)
 
     def interrupted(self) -> bool:
         return False

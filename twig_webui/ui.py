@@ -15,11 +15,12 @@ import html
 import logging
 import traceback
 
+from twig_core.devices import DTYPE_CHOICES
 from twig_core.errors import TwigError
 from twig_core.sampling import SAMPLERS
 from twig_core.tipo import LENGTHS
 
-from .engine import DTYPES, FROM_MODEL, Engine, Interrupted, Settings, nearest_choice, size_choices
+from .engine import FROM_MODEL, Engine, Interrupted, Settings, nearest_choice, size_choices
 from .host import Host
 
 log = logging.getLogger("twig")
@@ -95,7 +96,7 @@ def build_ui(engine: Engine | None = None, *, theme=None):
                     vaes = list(cat.vaes())
                     vae = gr.Dropdown(label="VAE (DC-AE)", choices=vaes, value=FROM_MODEL, elem_id="twig_vae")
                 with gr.Row():
-                    dtype = gr.Dropdown(label="Precision", choices=list(DTYPES), value="auto", elem_id="twig_dtype")
+                    dtype = gr.Dropdown(label="Precision", choices=list(DTYPE_CHOICES), value="auto", elem_id="twig_dtype")
                     max_length = gr.Slider(label="Max prompt tokens", minimum=100, maximum=1200, step=50, value=300,
                                            elem_id="twig_max_length")
                 with gr.Row():

@@ -36,6 +36,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import comfy_core  # noqa: E402
+from twig_core.catalog import DEMO_NAME, demo_dir  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # What the workflows expect to find (file or folder names as the loader lists show them)
@@ -46,7 +47,7 @@ DCAE = "dc-ae-f32c32-sana-1.0-diffusers/"  # models/vae: DC-AE f32c32 diffusers 
 TIPO = "TIPO-500M-ft/"  # models/LLM: TIPO model folder
 FACE_DETECTOR = "opencv_haar"  # built in once opencv-python-headless (4.x) is installed
 INPUT_IMAGE = "example.png"  # ComfyUI ships input/example.png
-DEMO = "twig-demo (embedded)"  # the demo model inside the pack (twig_core/demo_model)
+DEMO = DEMO_NAME  # the demo model inside the pack (twig_core/demo_model)
 
 UI_VERSION = 0.4
 CONTROL = "fixed"  # control_after_generate of every seed: the workflow reproduces its preview
@@ -548,12 +549,6 @@ def save_png(image, path: Path, wf: Workflow) -> None:
     path.write_bytes(buf.getvalue())
 
 
-def demo_model_dir() -> str | None:
-    from nodes.loaders import demo_dir
-
-    return demo_dir()
-
-
 def render_demo(wf: Workflow):
     """Run the workflow on the embedded demo model (CPU) and lay its saved images out side by side."""
     import workflow_runner as runner
@@ -774,7 +769,7 @@ def main(argv=None) -> int:
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
             print(f"wrote {path.relative_to(ROOT)}")
-    demo = demo_model_dir()
+    demo = demo_dir()
     for wf in wfs:
         png = HERE / f"{wf.name}.png"
         stale = not png.is_file() or "workflow" not in png_chunks(png) or json.loads(png_chunks(png)["workflow"]) != wf.ui()

@@ -37,10 +37,10 @@ import client as C  # noqa: E402
 sys.path.insert(0, C.REPO)
 sys.path.insert(0, os.path.join(C.REPO, "workflows"))
 from workflow_runner import with_models  # noqa: E402
+from twig_core.catalog import DEMO_NAME  # noqa: E402
 
 WF_DIR = os.path.join(C.REPO, "workflows")
 TIPO_NAME = f"{C.PREFIX}_tipo/"
-DEMO_NAME = "twig-demo (embedded)"
 PACK = "twig"  # the folder name run_check.sh links the pack under
 TINY = {"model": C.NAMES["model"], "text_encoder": C.NAMES["text_encoder"], "vae": C.NAMES["vae"], "tipo": TIPO_NAME}
 TINY_OVERRIDES = {"TwigTIPO": {"max_new_tokens": 48}}
@@ -296,10 +296,10 @@ async def browser(url: str, out_dir: str, chromium: str) -> None:
 
 def make_models(models_dir: str, demo_dir: str) -> str:
     from tests.builders import save_tiny_tipo_folder
-    from twig_core import DEMO_DIR
+    from twig_core.catalog import DEMO_DIR, is_pipeline_folder
 
     save_tiny_tipo_folder(os.path.join(models_dir, "LLM", TIPO_NAME.rstrip("/")))
-    if os.path.isfile(os.path.join(DEMO_DIR, "model_index.json")):
+    if is_pipeline_folder(str(DEMO_DIR)):
         return ""
     from tests.builders import write_demo_pipeline
 

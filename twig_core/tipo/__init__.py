@@ -21,7 +21,7 @@ Format placeholders: ``<|special|>`` (1girl, 2boys...), ``<|characters|>``, ``<|
 """
 
 from .expand import AUTO, Pass, TipoResult, expand, run_steps
-from .model import Generation, Sampling, TipoModel, default_dtype, find_files
+from .model import Generation, Sampling, TipoModel, find_files
 from .request import (DEFAULT_FORMAT, FORMAT_PRESETS, LENGTHS, NL_MAX, NL_MIN, TAG_MAX, TAG_MIN, TASKS, Plan, Step,
                       format_prompt, long_enough, meta_lines, parse_output, plan, postprocess, request_text,
                       resolve_format, sections, single_task_plan)
@@ -29,7 +29,7 @@ from .tags import (CATEGORIES, BanList, TagLists, Weighted, has_cjk, load_tag_li
                    split_tag_text, tag_list_folders)
 
 __all__ = [
-    "AUTO", "Pass", "TipoResult", "expand", "run_steps", "Generation", "Sampling", "TipoModel", "default_dtype",
+    "AUTO", "Pass", "TipoResult", "expand", "run_steps", "Generation", "Sampling", "TipoModel",
     "find_files", "DEFAULT_FORMAT", "FORMAT_PRESETS", "LENGTHS", "NL_MAX", "NL_MIN", "TAG_MAX", "TAG_MIN",
     "TASKS", "Plan", "Step", "format_prompt", "long_enough", "meta_lines", "parse_output", "plan", "postprocess",
     "request_text", "resolve_format", "sections", "single_task_plan", "CATEGORIES", "BanList", "TagLists",

@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 
+from ..devices import resolve_dtype
 from ..errors import TwigError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -65,16 +65,6 @@ def _transformers_dtype_kw(dtype: torch.dtype) -> dict:
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on other GPUs, fp32 on the CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "mps":
-        return torch.float16
-    return torch.float32
 
 
 def _has_tokenizer(folder: str) -> bool:
@@ -158,11 +148,7 @@ class TipoModel:
         from transformers import AutoTokenizer, LlamaForCausalLM
 
         device = torch.device(device)
-        if isinstance(dtype, str):
-            if dtype not in DTYPES and dtype != "auto":
-                raise TwigError(f"unknown dtype {dtype!r}; choose auto, fp16, bf16 or fp32")
-            dtype = DTYPES.get(dtype)
-        dtype = dtype or default_dtype(device)
+        dtype = resolve_dtype(dtype or "auto", device, role="tipo")
         config_dir, tok_dir, weights = find_files(path)
         config = _read_config(config_dir)
         try:

@@ -1,0 +1,142 @@
+"""What the model pickers list: weight files and diffusers folders found in model folders, what each holds,
+the name it is shown under, and the embedded demo model. Shared by the command line, the ComfyUI nodes and the
+WebUI tab, which only say which folders to search (and add their own widgets on top).
+
+A name is the path relative to the folder it was found in, with "/" separators; a diffusers folder (one
+holding ``model_index.json`` or ``config.json``) is listed as "name/" and stands for the files inside it. The
+demo model is the pipeline folder ``twig_core/demo_model`` (``$TWIG_DEMO_DIR`` overrides it), shown as
+:data:`DEMO_NAME` everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import TwigError
+
+# what twig_core.loader reads (it sniffs the format from the first bytes, so these are all safetensors or torch)
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+# what is classified (kind) by reading its keys: safetensors headers are small and Twig ships a .pth; a pickled
+# .ckpt/.pt/.bin beside them is most likely another model's checkpoint, which would have to be read whole
+CLASSIFIED_EXTENSIONS = (".safetensors", ".sft", ".pth")
+TIPO_EXTENSIONS = (".safetensors", ".sft")
+MAX_DEPTH = 4
+
+DEMO_NAME = "twig-demo (embedded)"
+DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+
+
+def demo_location() -> str:
+    """Where the demo pipeline folder is looked for: $TWIG_DEMO_DIR, else twig_core/demo_model."""
+    return os.environ.get("TWIG_DEMO_DIR") or str(DEMO_DIR)
+
+
+def demo_dir() -> str | None:
+    """The embedded demo pipeline folder, or None when this install has none (:func:`demo_location`)."""
+    path = demo_location()
+    return path if is_pipeline_folder(path) else None
+
+
+def with_demo(entries: dict[str, str]) -> dict[str, str]:
+    """``entries`` (name -> path) with the demo model first, when this install has it."""
+    demo = demo_dir()
+    return {DEMO_NAME: demo, **entries} if demo is not None else dict(entries)
+
+
+def is_model_folder(path: str) -> bool:
+    """A diffusers component folder (config.json) or pipeline folder (model_index.json)."""
+    return os.path.isfile(os.path.join(path, "model_index.json")) or os.path.isfile(os.path.join(path, "config.json"))
+
+
+def is_pipeline_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json"))
+
+
+def scan(root: str, extensions: tuple[str, ...] = MODEL_EXTENSIONS, *, folders: bool = True,
+         folders_only: bool = False, max_depth: int = MAX_DEPTH) -> dict[str, str]:
+    """name -> path under ``root``: diffusers folders first ("name/"; not searched further), then files with
+    ``extensions`` down to ``max_depth`` folders deep. ``folders`` False: no folder stands for its files."""
+    files: dict[str, str] = {}
+    dirs: dict[str, str] = {}
+    if not os.path.isdir(root):
+        return {}
+    for cur, subdirs, names in os.walk(root, followlinks=True):
+        rel = os.path.relpath(cur, root)
+        depth = 0 if rel == "." else rel.count(os.sep) + 1
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        if folders and depth > 0 and is_model_folder(cur):
+            dirs[rel.replace(os.sep, "/") + "/"] = cur
+            subdirs[:] = []  # components of a pipeline are reached through the pipeline folder
+            continue
+        if depth >= max_depth:
+            subdirs[:] = []
+        if not folders_only:
+            for n in sorted(names):
+                if n.lower().endswith(extensions):
+                    files[os.path.normpath(os.path.join(rel, n)).replace(os.sep, "/")] = os.path.join(cur, n)
+    return {**dirs, **files}
+
+
+def listing(roots: Iterable[str], extensions: tuple[str, ...] = MODEL_EXTENSIONS, *, kinds: Iterable[str] | None = None,
+            pipeline_roots: Iterable[str] = (), folders: bool = True) -> dict[str, str]:
+    """name -> path of what the ``roots`` hold, plus the pipeline folders (model_index.json) in ``pipeline_roots``;
+    the first folder wins when two hold the same name. ``kinds`` (e.g. ("transformer", "pipeline")): only what
+    :func:`kind` says is one of them, among folders and :data:`CLASSIFIED_EXTENSIONS` files."""
+    if kinds is not None:
+        kinds = tuple(kinds)
+        extensions = tuple(e for e in extensions if e in CLASSIFIED_EXTENSIONS)
+    out: dict[str, str] = {}
+    for root in roots:
+        for name, path in scan(root, extensions, folders=folders).items():
+            if name not in out and (kinds is None or kind(path) in kinds):
+                out[name] = path
+    for root in pipeline_roots:
+        for name, path in scan(root, folders_only=True).items():
+            if name not in out and is_pipeline_folder(path):
+                out[name] = path
+    return out
+
+
+def find(name: str, roots: Iterable[str], pipeline_roots: Iterable[str] = ()) -> str | None:
+    """Full path of a listed ``name`` (:data:`DEMO_NAME`, or a file or folder in ``roots``, or a pipeline folder
+    in ``pipeline_roots``), None if it is not there. Names never lead out of their folder."""
+    if name == DEMO_NAME:
+        path = demo_dir()
+        if path is None:
+            raise TwigError(f"'{DEMO_NAME}' is not in this install (expected a pipeline folder at "
+                            f"{demo_location()}); pick a model from the list")
+        return path
+    if not name:
+        return None
+    rel = name.rstrip("/")
+    for root, pipelines_only in [(r, False) for r in roots] + [(r, True) for r in pipeline_roots]:
+        top = os.path.abspath(root)
+        path = os.path.abspath(os.path.join(root, rel))
+        if os.path.commonpath([path, top]) != top:
+            continue
+        if is_pipeline_folder(path) if pipelines_only else os.path.exists(path):
+            return path
+    return None
+
+
+_KIND_CACHE: dict[tuple, str | None] = {}
+
+
+def kind(path: str) -> str | None:
+    """What ``path`` holds ("transformer", "vae", "text_encoder", "pipeline"; twig_core.loader.detect),
+    remembered per file version; None for anything the loader does not read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _KIND_CACHE:
+        from . import loader
+
+        try:
+            _KIND_CACHE[key] = loader.detect(path)
+        except Exception:  # noqa: BLE001 - not ours (an SD checkpoint, a CLIP, ...)
+            _KIND_CACHE[key] = None
+    return _KIND_CACHE[key]
