@@ -45,7 +45,7 @@ def _write(folder: str) -> dict[str, str]:
 
     from twig_core.config import SANA_1600M
     from twig_core.dcae import DCAE, DCAE_F32C32_SANA
-    from twig_core import DEMO_DIR
+    from twig_core.catalog import DEMO_DIR
     from twig_core.transformer import TwigTransformer
 
     g = torch.Generator().manual_seed(0)

@@ -12,8 +12,7 @@ from safetensors.torch import save_file
 
 from nodes import host
 from nodes.loaders import MODEL_FOLDERS, TwigModelLoader, TwigTextEncoderLoader, TwigVAELoader
-from tests.tiny_models import write_model_folders
-from tests.tiny_pipeline import write_tiny_pipeline
+from tests.builders import write_model_folders, write_tiny_pipeline
 from twig_core import catalog
 from twig_webui.engine import Engine
 from twig_webui.host import Host

@@ -8,7 +8,7 @@ path drops the scores far below them.
 import pytest
 import torch
 
-from twig_core import DEMO_DIR
+from twig_core.catalog import DEMO_DIR
 
 pytestmark = pytest.mark.skipif(not (DEMO_DIR / "model_index.json").is_file(),
                                 reason="the embedded demo model is not in this checkout")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twig_core import DEMO_DIR
+from twig_core.catalog import DEMO_DIR
 
 from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
                       train_vae)

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 from .devices import WEIGHT_DTYPE_CHOICES, resolve_dtype, weight_dtype_kwargs  # noqa: F401 (re-exported)
 from .devices import text_dtype as _text_dtype
 from .errors import TwigError
