@@ -10,7 +10,7 @@ from twig_core.errors import TwigError
 from twig_core.resolution import BINS_1024, MULTIPLE, check_size, nearest_bin
 
 from . import host
-from .common import CATEGORY, MODEL, VAE, NodeError, log, node_errors
+from .common import CATEGORY, MODEL, VAE, log, node_errors
 
 CUSTOM = "custom"
 MAX_SIZE = 8192

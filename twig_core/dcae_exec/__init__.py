@@ -22,10 +22,11 @@ from __future__ import annotations
 import gc
 import logging
 import traceback
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
+from ..dcae import TileSize
 from ..errors import TwigError
 from ..ops import channels_last
 from .kernels import CPU_BAND, Run, forward
@@ -35,8 +36,6 @@ __all__ = ["decode", "encode", "Run", "choose", "auto_tile_size", "fallback_tile
            "ENCODE_STRATEGIES"]
 
 log = logging.getLogger("twig")
-
-TileSize = Union[int, str, None]
 
 
 def auto_tile_size(latent_height: int, latent_width: int, max_side: int = 32) -> Optional[int]:

@@ -266,7 +266,8 @@ _WINOGRAD_MIN_CHANNELS = 256
 # accurate in fp32 than the common (0, +-1, +-2): relative error ~3e-6 of a 3x3 convolution's largest output.
 _WINOGRAD_POINTS = (0.0, -1.0, 1.0, 0.5, -2.0)
 # Transformed kernels up to this many elements (16 MB in fp32: 256 channels) run as one grouped convolution;
-# larger ones (512 channels: 38 MB) one frequency at a time, measured 1.5x faster there (and 0.7x below).
+# larger ones (512 channels: 38 MB) one frequency at a time, so that one frequency's weights stay in cache
+# (faster for those, slower for smaller ones).
 _WINOGRAD_GROUPED_MAX = 1 << 22
 
 
