@@ -74,8 +74,8 @@ ENCODE_STRATEGIES: dict[str, Callable] = {
 
 
 def choose(what: str, vae, strategy: str, tiled: bool, device_type: str, autograd: bool) -> str:
-    """The strategy an ``what`` ("decode" or "encode") runs: ``strategy`` itself once checked to fit, or for
-    "auto" the one the table in this module's docstring gives."""
+    """The strategy a ``what`` ("decode" or "encode") runs on ``device_type``: ``strategy`` itself once checked
+    to fit, or for "auto" the one the table in this module's docstring gives."""
     table = DECODE_STRATEGIES if what == "decode" else ENCODE_STRATEGIES
     in_bands = device_type == "cpu" and not autograd
     if strategy == "auto":

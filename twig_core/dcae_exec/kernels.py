@@ -53,7 +53,9 @@ class Run:
     ``overlap`` in latent pixels (None: untiled / not blended); ``band``: the row-band budget (elements per
     batch item) of the layers run in bands, None when none were; ``retries``: the tile sizes tried after
     running out of memory, in order. ``device`` and ``inplace`` (no autograd) select the kernels;
-    ``kernels`` maps the name of each special kernel that ran to the band heights (rows) it ran on."""
+    ``kernels`` maps the name of each special kernel that ran ("attention bands", "resblock bands", "resblock
+    stream", "upsample bands", "upsample stream", "winograd 3x3", "direct 3x3": the streamed ResBlock convs)
+    to the band heights (rows) it ran on, None where not known."""
 
     strategy: str
     device: str = "cpu"

@@ -455,12 +455,13 @@ def decode_tiled(decoder: Decoder, z: torch.Tensor, run: Run, plan: DecodePlan |
     as ``run.band``). ``plan``: decode_plan(decoder) unless given."""
     plan = plan or decode_plan(decoder)
     tile = run.tile_size
-    run.band = tile_band(decoder, plan, tile)
+    band = tile_band(decoder, plan, tile)
+    run.band = band if run.inplace else None  # with autograd the head runs on whole maps
     up = math.prod(_upscale(m) for m in plan.head)
     s = plan.scale
     x = decoder.embed(z)
     for m in plan.head:
-        x = _head_step(m, x, run.band, run)
+        x = _head_step(m, x, band, run)
     b, _, h, w = x.shape
     out = None
     for y0, y1 in _spans(z.shape[-2], tile):
