@@ -31,6 +31,7 @@ def child(args) -> None:
     import torch
     from safetensors.torch import load
 
+    from twig_core import dcae_exec
     from twig_core.dcae import DCAE_F32C32_SANA
     from twig_core.loader import load_vae
 
@@ -39,7 +40,7 @@ def child(args) -> None:
         # as users load it: weights read into anonymous memory (held narrow with --weight-dtype fp16/bf16,
         # decoding in fp32); the encoder is read on first encode, so never here
         model = load_vae(args.weights, dtype=args.weight_dtype, compute_dtype="fp32")
-        run = lambda z: model.decode_raw(z, tile_size=args.tile, overlap=args.overlap)  # noqa: E731
+        run = lambda z: dcae_exec.decode(model, z, tile_size=args.tile, overlap=args.overlap, raw=True)[0]  # noqa: E731
     else:
         from diffusers import AutoencoderDC
 

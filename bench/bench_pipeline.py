@@ -84,7 +84,7 @@ def _reset_peak() -> None:
 def child(paths: dict[str, str], size: int, steps: int) -> dict:
     import torch
 
-    from twig_core import loader
+    from twig_core import dcae_exec, loader
     from twig_core.pipeline import sample_latents
 
     torch.set_grad_enabled(False)
@@ -112,7 +112,7 @@ def child(paths: dict[str, str], size: int, steps: int) -> dict:
     stage(f"transformer ({weights} weights, fp32 compute, {steps} steps)", t0)
     t0 = time.perf_counter()
     vae = loader.load_vae(paths["vae"])
-    image = vae.decode(latent.to(torch.float32), tile_size="auto")
+    image = dcae_exec.decode(vae, latent.to(torch.float32), tile_size="auto")[0]
     del vae
     stage("DC-AE decode (fp32)", t0)
     return {"stages": stages, "image": list(image.shape)}

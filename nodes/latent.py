@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from twig_core import image as timage
-from twig_core.dcae import auto_tile_size
+from twig_core import dcae_exec
 from twig_core.errors import TwigError
 from twig_core.resolution import BINS_1024, MULTIPLE, check_size, nearest_bin
 
 from . import host
-from .common import CATEGORY, MODEL, VAE, NodeError, log, node_errors
+from .common import CATEGORY, MODEL, VAE, log, node_errors
 
 CUSTOM = "custom"
 MAX_SIZE = 8192
@@ -87,46 +87,16 @@ class TwigEmptyLatent:
 # DC-AE
 
 
-def _vae_device(vae) -> torch.device:
-    for p in vae.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def _vae_dtype(vae) -> torch.dtype:
-    if isinstance(getattr(vae, "dtype", None), torch.dtype):  # the compute dtype (weights may be stored narrower)
-        return vae.dtype
-    for p in vae.parameters():
-        return p.dtype
-    return torch.float32
-
-
-def _fallback_tiles(first: int, floor: int = 4) -> list[int]:
-    """Tile sizes (latent px) to retry with after running out of memory: halving ``first`` down to ``floor``."""
-    out, t = [], first
-    while t // 2 >= floor:
-        t //= 2
-        out.append(t)
-    return out
-
-
-def _run_with_oom_fallback(what: str, fn, tile, fallbacks):
-    """Run ``fn(tile)``; when memory runs short, free caches and retry with smaller tiles."""
-    try:
-        return fn(tile)
-    except Exception as e:  # noqa: BLE001
-        if not host.is_oom(e):
-            raise
-        host.free_after_failure(e)
-    for t in fallbacks:
-        log.warning("[Twig] %s ran out of memory; retrying with tiles of %d latent px", what, t)
-        try:
-            return fn(t)
-        except Exception as e:  # noqa: BLE001
-            if not host.is_oom(e):
-                raise
-            host.free_after_failure(e)
-    raise NodeError(f"{what}: out of memory even with the smallest tiles; lower the batch size or use a smaller image")
+def _run(fn, what: str, vae, x, tile_size: int):
+    """fn (dcae_exec.decode or encode) on one item, tiles of ``tile_size`` px (0: automatic), out of memory
+    retried with smaller tiles; the result as float32 on the CPU."""
+    f = vae.spatial_factor
+    if tile_size and tile_size % f:
+        raise TwigError(f"tile_size {tile_size} px is not a multiple of {f}")
+    with torch.no_grad():
+        out, _ = fn(vae, x, tile_size=tile_size // f if tile_size else "auto", label=what, is_oom=host.is_oom,
+                    free_memory=host.free_after_failure)
+    return out.float().cpu()
 
 
 TILE_INPUT = ("INT", {"default": 0, "min": 0, "max": 4096, "step": MULTIPLE,
@@ -151,26 +121,10 @@ class TwigVAEDecode:
     def decode(self, samples, vae, tile_size=0):
         latent = _latent_samples(samples)
         model = vae.get()
-        f = model.spatial_factor
-        if latent.shape[1] != model.config.latent_channels:
-            raise TwigError(f"latent has {latent.shape[1]} channels but this VAE ({vae.name}) expects "
-                            f"{model.config.latent_channels}; is it a Twig/Sana latent?")
-        if tile_size and tile_size % f:
-            raise TwigError(f"tile_size {tile_size} px is not a multiple of {f}")
-        device, dtype = _vae_device(model), _vae_dtype(model)
-        h, w = latent.shape[-2:]
-        first = auto_tile_size(h, w) if not tile_size else tile_size // f  # latent px, None = untiled
-        fallbacks = _fallback_tiles(min(first or max(h, w), max(h, w)))
         out = []
         for i in range(latent.shape[0]):
             host.check_interrupt()
-            z = latent[i:i + 1].to(device=device, dtype=dtype)
-
-            def run(tile, z=z):
-                with torch.no_grad():
-                    return model.decode(z, tile_size=tile).float().cpu()
-
-            out.append(timage.from_model(_run_with_oom_fallback("Twig VAE Decode", run, first, fallbacks)))
+            out.append(timage.from_model(_run(dcae_exec.decode, "Twig VAE Decode", model, latent[i:i + 1], tile_size)))
         return (torch.cat(out, 0),)
 
 
@@ -193,24 +147,11 @@ class TwigVAEEncode:
             raise TwigError(f"pixels must be an IMAGE [batch, height, width, 3], got {got}")
         vae.peek().load_encoder()  # read on first encode, before the host places the model and counts its memory
         model = vae.get()
-        f = model.spatial_factor
-        if tile_size and tile_size % f:
-            raise TwigError(f"tile_size {tile_size} px is not a multiple of {f}")
-        pixels = center_crop(pixels, f)
-        device, dtype = _vae_device(model), _vae_dtype(model)
-        h, w = pixels.shape[1] // f, pixels.shape[2] // f  # latent px
-        first = auto_tile_size(h, w) if not tile_size else tile_size // f
-        fallbacks = _fallback_tiles(min(first or max(h, w), max(h, w)))
+        pixels = center_crop(pixels, model.spatial_factor)
         out = []
         for i in range(pixels.shape[0]):
             host.check_interrupt()
-            x = timage.to_model(pixels[i:i + 1]).to(device=device, dtype=dtype)
-
-            def run(tile, x=x):
-                with torch.no_grad():
-                    return model.encode(x, tile_size=tile * f if tile else None).float().cpu()
-
-            out.append(_run_with_oom_fallback("Twig VAE Encode", run, first, fallbacks))
+            out.append(_run(dcae_exec.encode, "Twig VAE Encode", model, timage.to_model(pixels[i:i + 1]), tile_size))
         return ({"samples": torch.cat(out, 0)},)
 
 

@@ -6,16 +6,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderDC
 
 from tests.builders import TINY_DCAE
-from twig_core import dcae
-from twig_core.dcae import (
-    DCAE,
-    DCAE_F32C32_SANA,
-    RES_BLOCK,
-    VIT_BLOCK,
-    DCAEConfig,
-    _run_tiled,
-    auto_tile_size,
-)
+from twig_core import dcae, dcae_exec
+from twig_core.dcae import DCAE, DCAE_F32C32_SANA, RES_BLOCK, VIT_BLOCK, DCAEConfig
+from twig_core.dcae_exec import auto_tile_size, kernels, strategies
+from twig_core.dcae_exec.strategies import run_blended
 from twig_core.errors import TwigError
 
 # Sana-shaped, tiny: stride-2 conv down, interpolate up, RMSNorm + SiLU, two multiscale kernels on the last stage.
@@ -159,7 +153,7 @@ def test_training_path_parity_and_gradients(cfg):
 
 @pytest.mark.parametrize("shape", [(1, 5, 6, 7, 3), (2, 16, 9, 4, 24)])
 def test_upsample_conv_equals_interpolate_then_conv(shape):
-    from twig_core.dcae import _upsample_conv
+    from twig_core.dcae_exec.kernels import _upsample_conv
 
     b, cin, h, w, cout = shape
     g = torch.Generator().manual_seed(0)
@@ -261,7 +255,7 @@ def test_tiling_blend_is_exact_for_a_pointwise_map():
     with torch.no_grad():
         full = up(x)
         for tile, overlap in [(8, 2), (16, 4), (10, 9), (36, 0)]:
-            torch.testing.assert_close(_run_tiled(up, x, tile, overlap, 1, 8, 1, 3), full, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(run_blended(up, x, tile, overlap, 1, 8, 1, 3), full, atol=1e-5, rtol=1e-5)
 
 
 def _random(cfg, seed=0):
@@ -280,69 +274,65 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
-def test_exact_tiled_decode_equals_untiled(cfg, monkeypatch):
+def test_exact_tiled_decode_equals_untiled(cfg):
     """Attention runs on the whole latent, the local stages on tiles with their full reach as halo: every tile
     size gives the untiled decode (odd, non-square latent, batch 2, tiles that do not divide it). This is the
     tiled decode of GPUs and of autograd; a CPU decode streams instead (next test)."""
     m = _random(cfg)
-    banded = []
-    real = dcae._attention_banded
-    monkeypatch.setattr(dcae, "_attention_banded", lambda *a: banded.append(1) or real(*a))
+    banded = set()
     z = torch.randn(2, cfg.latent_channels, 7, 5)
-    plan = dcae.decode_plan(m.decoder)
     with torch.no_grad():
         full = m.decode_raw(z)
         assert full.shape == (2, 3, 7 * cfg.spatial_factor, 5 * cfg.spatial_factor) and full.abs().max() > 0.5
         for tile in (1, 2, 3, 5, 7):
-            tiled = dcae.decode_tiled(m.decoder, dcae.channels_last(z), tile, plan)
+            tiled, run = dcae_exec.decode(m, z, "tiles", tile, raw=True)
+            assert run.strategy == "tiles" and run.tile_size == tile
+            banded |= run.kernels.get("attention bands", set())
             assert tiled.shape == full.shape
             assert _max_diff(tiled, full) <= 2e-5, tile
     assert banded  # small tiles also split the attention stages' maps into row bands
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
-def test_streamed_decode_equals_plain(cfg, monkeypatch):
+def test_streamed_decode_equals_plain(cfg):
     """A tiled decode on CPU streams the local stages band by band through all their layers (no tiles, no
     halo): for bands of four rows (the least it uses) and more it equals the layer-by-layer decode; ResBlocks
     and up blocks take their no-recompute paths, the output layers the generic one. (Their streams on bands of
     single rows are covered by test_banded_decode_equals_plain.)"""
     m = _random(cfg)
     z = torch.randn(2, cfg.latent_channels, 7, 5)
-    plain = m.decoder(dcae.channels_last(z)).detach()
-    plan = dcae.decode_plan(m.decoder)
-    assert plan is not None
-    seen = []
-    for name in ("decode_streamed", "_resblock_stream", "_upsample_stream"):
-        real = getattr(dcae, name)
-        monkeypatch.setattr(dcae, name, lambda *a, _real=real, _name=name, **k: seen.append(_name) or _real(*a, **k))
+    plain = m.decoder(kernels.channels_last(z)).detach()
+    assert strategies.decode_plan(m.decoder) is not None
+    seen = set()
     with torch.no_grad():
-        x = m.decode_raw(z, tile_size=2)
+        x, run = dcae_exec.decode(m, z, tile_size=2, raw=True)
         assert x.shape == plain.shape and x.is_contiguous() and _max_diff(x, plain) <= 2e-5
-        assert "decode_streamed" in seen
+        assert run.strategy == "streamed"
+        seen |= set(run.kernels)
         for budget in (1, 40, 300, 2000):
-            x = dcae.decode_streamed(m.decoder, dcae.channels_last(z), plan, budget)
+            x, run = dcae_exec.decode(m, z, "streamed", raw=True, band=budget)
             assert x.shape == plain.shape and _max_diff(x, plain) <= 2e-5, budget
-    assert "_resblock_stream" in seen
-    assert "_upsample_stream" in seen or not cfg.upsample_block_type == "interpolate"
+            seen |= set(run.kernels)
+    assert "resblock stream" in seen
+    assert "upsample stream" in seen or not cfg.upsample_block_type == "interpolate"
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX, TINY_DCAE], ids=["sana-like", "mix-like", "f32"])
-def test_banded_decode_equals_plain(cfg, monkeypatch):
+def test_banded_decode_equals_plain(cfg):
     """The untiled CPU decode runs attention, ResBlocks (conv1 one row ahead of conv2, nothing recomputed) and
     the output layers over row bands, and adds up blocks' shortcuts as their phases are written: for any band
     height it equals the layer-by-layer decode with autograd on (which takes none of those paths)."""
     m = _random(cfg)
-    rolled, banded = [], []
-    real_res, real_dec = dcae._resblock_banded, dcae.decode_banded
-    monkeypatch.setattr(dcae, "_resblock_banded", lambda *a: rolled.append(a[2]) or real_res(*a))
-    monkeypatch.setattr(dcae, "decode_banded", lambda *a: banded.append(1) or real_dec(*a))
+    rolled = set()
     z = torch.randn(2, cfg.latent_channels, 7, 5)
-    plain = m.decoder(dcae.channels_last(z)).detach()
+    plain = m.decoder(kernels.channels_last(z)).detach()
     with torch.no_grad():
-        assert _max_diff(m.decode_raw(z), plain) <= 2e-5 and banded
+        x, run = dcae_exec.decode(m, z, raw=True)
+        assert _max_diff(x, plain) <= 2e-5 and run.strategy == "banded"
         for budget in (1, 40, 300, 2000):
-            x = dcae.decode_banded(m.decoder, dcae.channels_last(z), budget)
+            x, run = dcae_exec.decode(m, z, "banded", raw=True, band=budget)
             assert x.shape == plain.shape and _max_diff(x, plain) <= 2e-5, budget
+            rolled |= run.kernels.get("resblock bands", set())
     assert 1 in rolled and max(rolled) > 1  # ResBlocks ran in bands of one row and of several
 
 
@@ -351,14 +341,14 @@ def test_winograd_conv_equals_direct(grouped, monkeypatch):
     """The Winograd F(4x4,3x3) path of the wide ResBlocks' convolutions gives the direct convolution (to fp32
     rounding) for windows whose rows and columns are not multiples of the 4x4 tile, batch 2, with and without
     bias, with the 36 channel products grouped or one at a time."""
-    monkeypatch.setattr(dcae, "_WINOGRAD_GROUPED_MAX", 1 << 40 if grouped else 0)
+    monkeypatch.setattr(kernels, "_WINOGRAD_GROUPED_MAX", 1 << 40 if grouped else 0)
     torch.manual_seed(0)
     for b, c, o, r, w in [(2, 24, 16, 7, 10), (1, 40, 40, 16, 32), (2, 8, 12, 1, 1), (1, 16, 16, 5, 4)]:
-        x = dcae.channels_last(torch.randn(b, c, r + 2, w))
+        x = kernels.channels_last(torch.randn(b, c, r + 2, w))
         weight, bias = torch.randn(o, c, 3, 3) / (9 * c) ** 0.5, torch.randn(o)
         for bb in (bias, None):
             want = F.conv2d(x.double(), weight.double(), None if bb is None else bb.double(), padding=(0, 1))
-            got = dcae._conv3x3_rows(x, weight, bb, dcae._winograd_weight(weight))
+            got = kernels._conv3x3_rows(x, weight, bb, kernels._winograd_weight(weight))
             assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
             assert _max_diff(got.double(), want) <= 1e-5 * want.abs().max().item(), (b, c, o, r, w)
 
@@ -369,16 +359,15 @@ def test_banded_decode_with_winograd_resblocks(cfg, monkeypatch):
     banded decode stays within fp32 rounding of the plain one."""
     m = _random(cfg)
     z = torch.randn(2, cfg.latent_channels, 7, 5)
-    plain = m.decoder(dcae.channels_last(z)).detach()
-    monkeypatch.setattr(dcae, "_WINOGRAD_MIN_CHANNELS", 1)
-    used = []
-    real = dcae._conv3x3_rows
-    monkeypatch.setattr(dcae, "_conv3x3_rows", lambda *a: used.append(a[3] is not None) or real(*a))
+    plain = m.decoder(kernels.channels_last(z)).detach()
+    monkeypatch.setattr(kernels, "_WINOGRAD_MIN_CHANNELS", 1)
+    used = set()
     with torch.no_grad():
         for budget in (40, 2000):
-            x = dcae.decode_banded(m.decoder, dcae.channels_last(z), budget)
+            x, run = dcae_exec.decode(m, z, "banded", raw=True, band=budget)
             assert _max_diff(x, plain) <= 2e-5 * plain.abs().max().item(), budget
-    assert used and all(used)
+            used |= set(run.kernels)
+    assert "winograd 3x3" in used and "direct 3x3" not in used
 
 
 def test_glumbconv_chunks_match_diffusers(monkeypatch):
@@ -396,13 +385,14 @@ def test_glumbconv_chunks_match_diffusers(monkeypatch):
     x = torch.randn(2, 48, 9, 7)  # 126 pixels, 192 hidden channels
     with torch.no_grad():
         want = ref(x)
+    x = kernels.channels_last(x)
+    run = kernels.Run("plain")  # on CPU, without autograd
     chunks = []
-    real = dcae.glu_conv_ffn
-    monkeypatch.setattr(dcae, "glu_conv_ffn", lambda *a: chunks.append(a[-1]) or real(*a))
-    for band in (dcae._UNTILED_BAND, 126 * 100, 126 * 64, 1):
-        monkeypatch.setattr(dcae, "_UNTILED_BAND", band)
+    for band in (kernels.CPU_BAND, 126 * 100, 126 * 64, 1):
+        monkeypatch.setattr(kernels, "CPU_BAND", band)
+        chunks.append(kernels.ffn_chunk(x, band))
         with torch.no_grad():
-            assert _max_diff(ours(dcae.channels_last(x)), want) <= 2e-5 * want.abs().max().item(), band
+            assert _max_diff(kernels.forward(ours, x.clone(), run), want) <= 2e-5 * want.abs().max().item(), band
     assert chunks == [(1 << 21) // 126, 100, 64, 64]  # one chunk, two of 96, three of 64, the floor of 64
 
 
@@ -422,7 +412,7 @@ def test_exact_tiled_decode_with_batch_statistics():
     """BatchNorm in training mode normalises with statistics over the whole map: those stages join the part
     that runs untiled, and tiling stays exact."""
     m = _random(TINY_MIX).train()
-    plan = dcae.decode_plan(m.decoder)
+    plan = strategies.decode_plan(m.decoder)
     assert not any(isinstance(x, torch.nn.BatchNorm2d) for t in plan.tail for x in t.modules())
     z = torch.randn(2, 4, 5, 6)
     with torch.no_grad():
@@ -432,12 +422,80 @@ def test_exact_tiled_decode_with_batch_statistics():
 def test_decode_plan_of_the_sana_decoder():
     with torch.device("meta"):
         m = DCAE(DCAE_F32C32_SANA).eval()
-    plan = dcae.decode_plan(m.decoder)
+    plan = strategies.decode_plan(m.decoder)
     # attention in the three lowest-resolution stages, then three ResBlock stages at 1/8, 1/4, 1/2 -> 1
     assert all(isinstance(x, (dcae.EfficientViTBlock, dcae.UpBlock)) for x in plan.head)
     assert sum(isinstance(x, dcae.EfficientViTBlock) for x in plan.head) == 9
     assert plan.scale == 8 and plan.halos[0] == 7 and plan.halos[-1] == 0
     assert not any(isinstance(x, dcae.EfficientViTBlock) for x in plan.tail)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "mps"])
+@pytest.mark.parametrize("autograd", [False, True], ids=["no-grad", "autograd"])
+def test_auto_strategy_per_device_and_grad_mode(device, autograd):
+    """"auto": on CPU without autograd an untiled decode runs in bands and a tiled one streams; elsewhere whole
+    maps or exact tiles; blended tiles when attention reaches the output; encodes blend their tiles."""
+    with torch.device("meta"):
+        m = DCAE(TINY).eval()
+        blend_only = DCAE(TINY_LOCAL.replace(decoder_block_types=(VIT_BLOCK,) * 3)).eval()
+    cpu_no_grad = device == "cpu" and not autograd
+    assert dcae_exec.choose("decode", m, "auto", False, device, autograd) == ("banded" if cpu_no_grad else "plain")
+    assert dcae_exec.choose("decode", m, "auto", True, device, autograd) == ("streamed" if cpu_no_grad else "tiles")
+    assert dcae_exec.choose("decode", blend_only, "auto", True, device, autograd) == "blended"
+    assert dcae_exec.choose("decode", blend_only, "auto", False, device, autograd) == ("banded" if cpu_no_grad else "plain")
+    assert dcae_exec.choose("encode", m, "auto", False, device, autograd) == "plain"
+    assert dcae_exec.choose("encode", m, "auto", True, device, autograd) == "blended"
+    if autograd:
+        with pytest.raises(TwigError, match="without autograd"):
+            dcae_exec.choose("decode", m, "banded", False, device, autograd)
+    with pytest.raises(TwigError, match="needs a tile_size"):
+        dcae_exec.choose("decode", m, "tiles", False, device, autograd)
+    with pytest.raises(TwigError, match="use 'blended'"):
+        dcae_exec.choose("decode", blend_only, "tiles", True, device, autograd)
+    with pytest.raises(TwigError, match="unknown strategy"):
+        dcae_exec.choose("encode", m, "banded", False, device, autograd)
+
+
+def test_auto_strategy_as_run():
+    m = _random(TINY)
+    z = torch.randn(1, 4, 3, 2, requires_grad=True)
+    assert dcae_exec.decode(m, z)[1].strategy == "plain"
+    assert dcae_exec.decode(m, z, tile_size=1)[1].strategy == "tiles"
+    with torch.no_grad():
+        assert dcae_exec.decode(m, z)[1].strategy == "banded"
+        assert dcae_exec.decode(m, z, tile_size=1)[1].strategy == "streamed"
+        assert dcae_exec.decode(m, z, "plain", 1)[1].strategy == "plain"
+
+
+@pytest.mark.parametrize("device,retries", [("cpu", [20, 10, 5]), ("meta", [20, 10])], ids=["cpu", "other"])
+def test_out_of_memory_retries_halve_tiles_down_to_the_floor(device, retries, monkeypatch, caplog):
+    """Running out of memory retries with halved tiles down to a floor of 4 latent px on CPU and 8 on any other
+    device (here the meta device); the Run reports the retries, and past the floor the error says what to do."""
+    with torch.device(device):
+        m = DCAE(TINY).eval()
+        z = torch.randn(1, 4, 40, 24)  # untiled at first ("auto": at most 32x32 latent px)
+    tried, fits = [], [retries[-1]]
+
+    def short_of_memory(vae, x, run):
+        tried.append(run.tile_size)
+        if run.tile_size is None or run.tile_size > fits[0]:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return x.new_zeros(1, 3, 320, 192)
+
+    monkeypatch.setattr(dcae_exec, "DECODE_STRATEGIES", {k: short_of_memory for k in dcae_exec.DECODE_STRATEGIES})
+    with torch.no_grad(), caplog.at_level("WARNING", logger="twig"):
+        out, run = dcae_exec.decode(m, z, tile_size="auto", label="Twig VAE Decode")
+        assert out.shape == (1, 3, 320, 192) and tried == [None] + retries
+        assert run.retries == retries and run.tile_size == retries[-1]
+        assert run.strategy == ("streamed" if device == "cpu" else "tiles")
+        assert f"Twig VAE Decode ran out of memory; retrying with tiles of {retries[-1]} latent px" in caplog.text
+        tried.clear()
+        fits[0] = 0
+        with pytest.raises(TwigError, match="out of memory even with the smallest tiles; lower the batch size"):
+            dcae_exec.decode(m, z, tile_size="auto")
+        assert tried == [None] + retries  # nothing below the floor
+        with pytest.raises(torch.OutOfMemoryError):
+            dcae_exec.decode(m, z, retry=False)
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_MIX], ids=["sana-like", "mix-like"])
@@ -446,14 +504,15 @@ def test_exact_tiled_decode_needs_its_whole_halo(cfg):
     than the tolerance of the tests above."""
     m = _random(cfg)
     z = torch.randn(2, 4, 7, 5)
-    plan = dcae.decode_plan(m.decoder)
+    plan = strategies.decode_plan(m.decoder)
     plan.halos[0] -= 1
     with torch.no_grad():
         full = m.decode_raw(z)
-        assert _max_diff(dcae.decode_tiled(m.decoder, dcae.channels_last(z), 2, plan), full) > 2e-4
+        run = kernels.Run("tiles", tile_size=2)
+        assert _max_diff(strategies.decode_tiled(m.decoder, kernels.channels_last(z), run, plan), full) > 2e-4
 
 
-def test_tiled_decode_blends_when_attention_reaches_the_output(monkeypatch):
+def test_tiled_decode_blends_when_attention_reaches_the_output():
     """Attention in the highest-resolution stage leaves nothing local to tile: tiles are blended instead."""
     cfg = TINY_LOCAL.replace(decoder_block_types=(VIT_BLOCK,) * 3)
     torch.manual_seed(0)
@@ -462,15 +521,12 @@ def test_tiled_decode_blends_when_attention_reaches_the_output(monkeypatch):
         for name, p in m.named_parameters():
             if "decoder" in name and "attn.to_out" in name:
                 p.zero_()  # without its attention the network is local, so blending can match untiled
-    assert dcae.decode_plan(m.decoder) is None
-    blended = []
-    real = dcae._run_tiled
-    monkeypatch.setattr(dcae, "_run_tiled", lambda *a: blended.append(1) or real(*a))
+    assert strategies.decode_plan(m.decoder) is None
     z = torch.randn(2, 4, 56, 40)  # 3 x 2 tiles of 32 with overlap 20 (its middle half is the blend ramp)
     with torch.no_grad():
         full = m.decode(z)
-        tiled = m.decode(z, tile_size=32, overlap=20)
-    assert blended
+        tiled, run = dcae_exec.decode(m, z, tile_size=32, overlap=20)
+    assert run.strategy == "blended" and (run.tile_size, run.overlap) == (32, 20)
     assert tiled.shape == full.shape == (2, 3, 224, 160)
     assert rel_err(tiled, full) <= 1e-2
 

@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.builders import write_model_folders
+from twig_core import dcae_exec
 from twig_core.dcae import DCAE
 from twig_core.text import Conditioning
 from twig_core.transformer import TwigTransformer
@@ -442,15 +443,16 @@ def test_decode_retries_with_tiles_when_memory_runs_short(parts, monkeypatch):
     vae = parts[2]
     dcae = vae.get()
     seen = []
-    real = DCAE.decode
 
-    def flaky(self, latent, tile_size=None, overlap=None):
-        seen.append(tile_size)
-        if tile_size is None or tile_size > 4:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(self, latent, tile_size, overlap)
+    def flaky(real):
+        def run(model, latent, run):
+            seen.append(run.tile_size)
+            if run.tile_size is None or run.tile_size > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(model, latent, run)
+        return run
 
-    monkeypatch.setattr(DCAE, "decode", flaky)
+    monkeypatch.setattr(dcae_exec, "DECODE_STRATEGIES", {k: flaky(f) for k, f in dcae_exec.DECODE_STRATEGIES.items()})
     (img,) = TwigVAEDecode().decode({"samples": torch.randn(1, 32, 8, 8)}, vae, 0)
     assert img.shape == (1, 256, 256, 3) and seen == [None, 4]
     assert dcae is vae.get()

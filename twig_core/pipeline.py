@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import sampling
+from . import dcae_exec, sampling
 from .errors import TwigError
 from .resolution import check_size
 
@@ -111,7 +111,8 @@ def generate(
 ) -> torch.Tensor:
     """Prompt -> images [B,3,H,W] in [-1,1]. ``image`` ([B,3,H,W] in [-1,1]) switches to image to image.
 
-    ``tile_size``: VAE tiles in latent pixels; "auto" tiles only images larger than 1024², None never tiles.
+    ``tile_size``: VAE tiles in latent pixels; "auto" tiles only images larger than 1024², None never tiles
+    (see dcae_exec: out of memory, the VAE retries with smaller tiles).
     """
     cond = text_encoder.encode([prompt], max_length=max_length, use_instruction=True)
     uncond = text_encoder.encode([negative], max_length=max_length, use_instruction=False) if cfg != 1.0 else None
@@ -119,11 +120,11 @@ def generate(
     if image is not None:
         check_size(image.shape[-1], image.shape[-2])
         with torch.no_grad():
-            init = vae.encode(image.float(), tile_size=tile_size).float().cpu()
+            init = dcae_exec.encode(vae, image.float(), tile_size=tile_size)[0].float().cpu()
     latents = sample_latents(
         transformer, cond, uncond, width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg,
         seed=seed, sampler=sampler, shift=shift, init_latent=init, denoise=denoise if init is not None else 1.0,
         mask=mask, callback=callback,
     )
     with torch.no_grad():
-        return vae.decode(latents, tile_size=tile_size).float().cpu()
+        return dcae_exec.decode(vae, latents, tile_size=tile_size)[0].float().cpu()

@@ -226,17 +226,6 @@ def _resolve(obj):
     return obj
 
 
-def _param(module) -> torch.Tensor | None:
-    for p in module.parameters():
-        return p
-    return None
-
-
-def _where(module) -> tuple[torch.device, torch.dtype]:
-    p = _param(module)
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
-
-
 class TwigRefiner:
     """Re-denoise a face crop with a Twig transformer and DC-AE: encode → ``sample_latents`` (img2img from
     ``denoise``, inpainting inside the mask when ``use_mask``) → decode. Face number n uses seed + n.
@@ -263,24 +252,23 @@ class TwigRefiner:
         return int(getattr(_resolve(self.vae), "spatial_factor", 32))
 
     def __call__(self, crop: torch.Tensor, mask: torch.Tensor, job: FaceJob) -> torch.Tensor:
+        from .. import dcae_exec
         from .. import image as timage
         from ..pipeline import sample_latents
 
         cond, uncond = self.conds_for(job) if self.conds_for is not None else (self.cond, self.uncond)
         vae = _resolve(self.vae)
-        device, dtype = _where(vae)
         cb = None
         if self.callback is not None:
             def cb(state, job=job):
                 self.callback(job, state)
         with torch.no_grad():
-            latent = vae.encode(timage.to_model(crop).to(device=device, dtype=dtype)).float().cpu()
+            latent = dcae_exec.encode(vae, timage.to_model(crop))[0].float().cpu()
             latent = sample_latents(
                 _resolve(self.transformer), cond, uncond if self.cfg != 1.0 else None, steps=self.steps, cfg=self.cfg,
                 seed=self.seed + job.number, sampler=self.sampler, shift=self.shift, init_latent=latent,
                 denoise=self.denoise, mask=mask if self.use_mask else None, callback=cb,
             )
             vae = _resolve(self.vae)  # fetched again: the host may have moved it while the transformer ran
-            device, dtype = _where(vae)
-            out = vae.decode(latent.to(device=device, dtype=dtype)).float().cpu()
+            out = dcae_exec.decode(vae, latent)[0].float().cpu()
         return timage.from_model(out)
