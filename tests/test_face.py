@@ -750,3 +750,13 @@ def test_turned_heads_off_runs_no_turned_passes(monkeypatch, face_cases):
     assert calls == [(h, w, 3), (w, h, 3), (h, w, 3), (w, h, 3)]
     with pytest.raises(TwigError, match="turned_heads"):
         fdetect.detect_faces(rotated, det, 0.3, turned_heads="sideways")
+
+
+def test_ensemble_takes_yolo_models_as_members(fake_ultralytics, tmp_path):
+    path = tmp_path / "face_yolov8n.pt"
+    torch.save({"model": fake_ultralytics.DetectionModel()}, path)
+    ens = fdetect.EnsembleDetector(extra=[fdetect.YoloDetector(str(path))])
+    found = fdetect.detect_faces(np.full((1024, 1024, 3), 128, np.uint8), ens, 0.3, turned_heads="off")
+    assert sorted((d.box, round(d.confidence, 2)) for d in found) == [((10.0, 12.0, 40.0, 44.0), 0.9),
+                                                                       ((50.0, 5.0, 70.0, 30.0), 0.4)]
+    assert all(d.source == "ensemble" and d.found_by == ("yolo:face_yolov8n.pt",) for d in found)
