@@ -760,3 +760,17 @@ def test_ensemble_takes_yolo_models_as_members(fake_ultralytics, tmp_path):
     assert sorted((d.box, round(d.confidence, 2)) for d in found) == [((10.0, 12.0, 40.0, 44.0), 0.9),
                                                                        ((50.0, 5.0, 70.0, 30.0), 0.4)]
     assert all(d.source == "ensemble" and d.found_by == ("yolo:face_yolov8n.pt",) for d in found)
+
+
+def test_node_limits_and_sorts_the_merged_ensemble_faces(astronaut):
+    """max_faces and sort act on the merged faces: duplicates from tiles, turned copies and members are gone."""
+    from nodes.face import run_detection
+
+    _usable("ensemble")
+    grid = np.concatenate([np.concatenate([astronaut, astronaut], 1)] * 2, 0)
+    image = torch.from_numpy(grid[None].astype(np.float32) / 255.0)
+    faces = run_detection(image, "ensemble", 0.3, "auto", 0, 0.0, 1.0, "left-right")
+    assert len(faces.detections[0]) == 4 and faces.detector == "ensemble"
+    top = run_detection(image, "ensemble", 0.3, "auto", 3, 0.0, 1.0, "confidence", "off").detections[0]
+    assert len(top) == 3 and [d.confidence for d in top] == sorted((d.confidence for d in top), reverse=True)
+    assert len({(int(d.center[0] // 512), int(d.center[1] // 512)) for d in top}) == 3
