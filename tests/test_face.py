@@ -774,3 +774,11 @@ def test_node_limits_and_sorts_the_merged_ensemble_faces(astronaut):
     top = run_detection(image, "ensemble", 0.3, "auto", 3, 0.0, 1.0, "confidence", "off").detections[0]
     assert len(top) == 3 and [d.confidence for d in top] == sorted((d.confidence for d in top), reverse=True)
     assert len({(int(d.center[0] // 512), int(d.center[1] // 512)) for d in top}) == 3
+
+
+def test_mediapipe_reuses_a_few_graphs_and_gives_the_same_faces(astronaut):
+    det = fdetect.get_detector(_usable("mediapipe_face_short"))
+    first = det.detect(astronaut, 0.3)
+    for conf in (0.31, 0.32, 0.33, 0.34, 0.35, 0.3):
+        assert [d.box for d in det.detect(astronaut, conf)] == [d.box for d in first]
+        assert len(det._graphs) <= 4

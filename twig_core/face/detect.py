@@ -265,6 +265,10 @@ class MediapipeDetector(Detector):
         with self._lock:  # a mediapipe graph runs one image at a time; building one costs more than running it
             key = float(confidence)
             if key not in self._graphs:
+                if len(self._graphs) >= 4:  # thresholds come and go with the node's widget: keep a few
+                    for graph in self._graphs.values():
+                        graph.close()
+                    self._graphs.clear()
                 fd = self._solutions().face_detection
                 self._graphs[key] = fd.FaceDetection(model_selection=self.model_selection,
                                                      min_detection_confidence=key)
