@@ -131,7 +131,7 @@ def detection_inputs() -> dict:
     }
 
 
-TURNED_HEADS = ("turned_heads", (TURN_CHOICES, {"default": "auto", "tooltip": "Also detect on the image turned by 90, 180 and 270 degrees, for faces lying sideways or upside down (three more passes of the fast detectors). auto: on for the ensemble only."}))
+TURNED_HEADS = {"turned_heads": (TURN_CHOICES, {"default": "auto", "tooltip": "Also detect on the image turned by 90, 180 and 270 degrees, for faces lying sideways or upside down (three more passes of the fast detectors). auto: on for the ensemble only."})}
 
 
 def run_detection(image, detector, confidence, small_faces, max_faces, min_ratio, max_ratio, sort,
@@ -223,7 +223,7 @@ class TwigFaceDetect:
     def INPUT_TYPES(cls):
         inputs = detection_inputs()
         inputs["dilate"] = ("INT", {"default": 0, "min": -128, "max": 128, "tooltip": "Grow (+) or shrink (-) the output mask by this many pixels (the detections themselves are unchanged)."})
-        return {"required": {"image": ("IMAGE",), **inputs}, "optional": dict([TURNED_HEADS])}
+        return {"required": {"image": ("IMAGE",), **inputs}, "optional": dict(TURNED_HEADS)}
 
     RETURN_TYPES = (FACES, "MASK", "IMAGE", "INT", "STRING")
     RETURN_NAMES = ("faces", "mask", "preview", "count", "info")
@@ -286,7 +286,7 @@ class TwigFaceRefine:
                 "face_prompt": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": True, "tooltip": "Prompt for the faces; empty = the main prompt. 'a [SEP] b' gives face 1 a and faces 2+ b; [PROMPT] inserts main_prompt."}),
                 "face_negative": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": True, "tooltip": "Negative prompt for the faces, with [SEP] like face_prompt; empty = the main negative."}),
                 "main_prompt": ("STRING", {"multiline": False, "default": "", "tooltip": "The main prompt's text, inserted where face_prompt says [PROMPT]."}),
-                TURNED_HEADS[0]: TURNED_HEADS[1],
+                **TURNED_HEADS,
             },
         }
 
