@@ -24,7 +24,8 @@ FACE_CATEGORY = CATEGORY + "/face"
 YOLO_KINDS = (("ultralytics_bbox", "ultralytics/bbox", "bbox/"), ("ultralytics_segm", "ultralytics/segm", "segm/"))
 NO_DETECTOR = ("(no face detector installed: pip install \"opencv-python-headless<5\", "
                "or mediapipe==0.10.21, or ultralytics + a model in models/ultralytics/bbox)")
-TILE_CHOICES = ["auto", "on", "off"]
+TILE_CHOICES = ["auto", "on", "fine", "off"]
+TURN_CHOICES = ["auto", "on", "off"]
 D = frefine.DEFAULTS
 
 
@@ -107,9 +108,9 @@ def _check_image(image) -> None:
 
 def detection_inputs() -> dict:
     return {
-        "detector": (detector_choices(), {"tooltip": "Face detector. Lists what is installed: mediapipe (0.10.21) BlazeFace full/short range and face mesh, OpenCV's Haar cascade, and YOLO .pt models from models/ultralytics/bbox or segm (needs ultralytics)."}),
+        "detector": (detector_choices(), {"tooltip": "Face detector. Lists what is installed: ensemble (the default: mediapipe full and short range and OpenCV Haar together, duplicates merged, confidences made comparable), mediapipe (0.10.21) BlazeFace full/short range and face mesh, OpenCV's Haar cascade, and YOLO .pt models from models/ultralytics/bbox or segm (needs ultralytics)."}),
         "confidence": ("FLOAT", {"default": D["confidence"], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Minimum detection confidence (ADetailer default 0.3)."}),
-        "small_faces": (TILE_CHOICES, {"default": "auto", "tooltip": "Also scan overlapping 512 px tiles to find small (distant) faces. auto: on for the mediapipe models, off for Haar (it scans all scales) and YOLO."}),
+        "small_faces": (TILE_CHOICES, {"default": "auto", "tooltip": "Also scan overlapping 512 px tiles to find small (distant) faces; fine: 256 px tiles, for faces down to 24 px in a 1024 px image (slower). auto: on for the ensemble and the mediapipe models, off for Haar (it scans all scales) and YOLO."}),
         "max_faces": ("INT", {"default": D["max_faces"], "min": 0, "max": 100, "tooltip": "Keep only the N largest faces per image (0 = all)."}),
         "min_ratio": ("FLOAT", {"default": D["min_ratio"], "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Ignore faces smaller than this fraction of the image area (e.g. 0.01 skips background faces)."}),
         "max_ratio": ("FLOAT", {"default": D["max_ratio"], "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Ignore faces larger than this fraction of the image area."}),
@@ -117,13 +118,17 @@ def detection_inputs() -> dict:
     }
 
 
-def run_detection(image, detector, confidence, small_faces, max_faces, min_ratio, max_ratio, sort) -> FaceSet:
+TURNED_HEADS = {"turned_heads": (TURN_CHOICES, {"default": "auto", "tooltip": "Also detect on the image turned by 90, 180 and 270 degrees, for faces lying sideways or upside down (three more passes of the fast detectors). auto: on for the ensemble only."})}
+
+
+def run_detection(image, detector, confidence, small_faces, max_faces, min_ratio, max_ratio, sort,
+                  turned_heads="auto") -> FaceSet:
     det = resolve_detector(detector)
     h, w = int(image.shape[1]), int(image.shape[2])
     per_image = []
     for b in range(image.shape[0]):
         host.check_interrupt()
-        found = fdetect.detect_faces(image[b], det, float(confidence), small_faces)
+        found = fdetect.detect_faces(image[b], det, float(confidence), small_faces, turned_heads)
         per_image.append(frefine.select_faces(found, w, h, confidence=float(confidence), max_faces=int(max_faces),
                                               min_ratio=float(min_ratio), max_ratio=float(max_ratio), sort=sort))
     return FaceSet(per_image, w, h, det.name)
@@ -205,7 +210,7 @@ class TwigFaceDetect:
     def INPUT_TYPES(cls):
         inputs = detection_inputs()
         inputs["dilate"] = ("INT", {"default": 0, "min": -128, "max": 128, "tooltip": "Grow (+) or shrink (-) the output mask by this many pixels (the detections themselves are unchanged)."})
-        return {"required": {"image": ("IMAGE",), **inputs}}
+        return {"required": {"image": ("IMAGE",), **inputs}, "optional": dict(TURNED_HEADS)}
 
     RETURN_TYPES = (FACES, "MASK", "IMAGE", "INT", "STRING")
     RETURN_NAMES = ("faces", "mask", "preview", "count", "info")
@@ -219,9 +224,10 @@ class TwigFaceDetect:
 
     @node_errors("Twig Face Detect")
     def detect(self, image, detector, confidence=D["confidence"], small_faces="auto", max_faces=0, min_ratio=0.0,
-               max_ratio=1.0, sort=D["sort"], dilate=0):
+               max_ratio=1.0, sort=D["sort"], dilate=0, turned_heads="auto"):
         _check_image(image)
-        faces = run_detection(image, detector, confidence, small_faces, max_faces, min_ratio, max_ratio, sort)
+        faces = run_detection(image, detector, confidence, small_faces, max_faces, min_ratio, max_ratio, sort,
+                              turned_heads)
         info = json.dumps({
             "detector": faces.detector, "count": faces.count,
             "images": [[d.to_dict() for d in dets] for dets in faces.detections],
@@ -267,6 +273,7 @@ class TwigFaceRefine:
                 "face_prompt": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": True, "tooltip": "Prompt for the faces; empty = the main prompt. 'a [SEP] b' gives face 1 a and faces 2+ b; [PROMPT] inserts main_prompt."}),
                 "face_negative": ("STRING", {"multiline": True, "default": "", "dynamicPrompts": True, "tooltip": "Negative prompt for the faces, with [SEP] like face_prompt; empty = the main negative."}),
                 "main_prompt": ("STRING", {"multiline": False, "default": "", "tooltip": "The main prompt's text, inserted where face_prompt says [PROMPT]."}),
+                **TURNED_HEADS,
             },
         }
 
@@ -285,7 +292,7 @@ class TwigFaceRefine:
                max_faces=0, min_ratio=0.0, max_ratio=1.0, sort=D["sort"], dilate=D["dilate"], feather=D["feather"],
                crop_factor=D["crop_factor"], guide_size=D["guide_size"], max_size=D["max_size"], denoise=D["denoise"],
                steps=D["steps"], cfg=D["cfg"], seed=0, sampler=SAMPLERS[0], shift=3.0, noise_mask=True, faces=None,
-               text_encoder=None, face_prompt="", face_negative="", main_prompt=""):
+               text_encoder=None, face_prompt="", face_negative="", main_prompt="", turned_heads="auto"):
         _check_image(image)
         for name, c in (("positive", positive), ("negative", negative)):
             if not hasattr(c, "embeds") or not hasattr(c, "mask"):
@@ -302,7 +309,8 @@ class TwigFaceRefine:
                         for d in faces.detections]
             found = FaceSet(selected, w, h, faces.detector)
         else:
-            found = run_detection(image, detector, confidence, small_faces, max_faces, min_ratio, max_ratio, sort)
+            found = run_detection(image, detector, confidence, small_faces, max_faces, min_ratio, max_ratio, sort,
+                                  turned_heads)
 
         empty = torch.zeros(batch, h, w)
         if found.count == 0:

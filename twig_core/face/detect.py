@@ -8,6 +8,9 @@ Built-in detectors (names as ADetailer spells them):
 - ``mediapipe_face_mesh``: mediapipe's face mesh; each face also gets a mask (the convex hull of its
   468 landmarks).
 - ``opencv_haar``: OpenCV's frontal-face Haar cascade, bundled with opencv-python(-headless) 4.x.
+- ``ensemble`` (the default): every installed one of mediapipe full range (with tiles), mediapipe short range
+  and Haar, plus YOLO models when given, merged by :func:`merge_detections` on calibrated confidences; see
+  :class:`EnsembleDetector`.
 
 YOLO face models (``.pt``, bbox or segmentation) run through ultralytics when it is installed; see
 :class:`YoloDetector`. They are loaded with PyTorch's restricted (``weights_only``) unpickler so a model
@@ -15,7 +18,8 @@ file cannot run code, and refused, naming the offending global, when it needs mo
 
 Each detector is a :class:`Detector`: ``status()`` (None when usable, else the reason, without importing the
 package) and ``detect(image, confidence) -> list[Detection]`` on an RGB uint8 ``[H,W,3]`` array.
-:func:`detect_faces` adds tiled detection for small faces and merges duplicates.
+:func:`detect_faces` adds tiled detection for small faces, passes over quarter-turned copies for turned heads,
+and merges duplicates.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ YOLO_EXTENSIONS = (".pt", ".pth")
 class Detection:
     """One detected face in image pixel coordinates.
 
-    box: (x0, y0, x1, y1), x1/y1 exclusive, floats. confidence: 0..1 (see each detector for what it means).
+    box: (x0, y0, x1, y1), x1/y1 exclusive, floats. confidence: 0..1 (see each detector for what it means;
+    the ensemble's is calibrated across its members).
     mask: optional bool [H,W] for the whole image (face mesh hull, YOLO segmentation), else None (use the box).
     """
 
@@ -56,6 +61,7 @@ class Detection:
     mask: Optional[np.ndarray] = field(default=None, repr=False)
     label: str = "face"
     source: str = ""
+    found_by: tuple[str, ...] = ()  # the ensemble's members that found this face
 
     @property
     def width(self) -> float:
@@ -85,7 +91,8 @@ class Detection:
             h, w = mask.shape
             big[int(dy):int(dy) + h, int(dx):int(dx) + w] = mask
             mask = big
-        return Detection((x0 + dx, y0 + dy, x1 + dx, y1 + dy), self.confidence, mask, self.label, self.source)
+        return Detection((x0 + dx, y0 + dy, x1 + dx, y1 + dy), self.confidence, mask, self.label, self.source,
+                         self.found_by)
 
     def to_dict(self) -> dict:
         return {
@@ -94,6 +101,7 @@ class Detection:
             "has_mask": self.mask is not None,
             "label": self.label,
             "source": self.source,
+            **({"found_by": list(self.found_by)} if self.found_by else {}),
         }
 
 
@@ -115,13 +123,28 @@ def iou(a, b) -> tuple[float, float]:
 
 
 def merge_detections(dets: Iterable[Detection], iou_limit: float = 0.4, contain_limit: float = 0.6) -> list[Detection]:
-    """Greedy non-maximum suppression: keep the most confident of overlapping boxes. A box mostly inside a
-    kept one (a face cut by a tile edge, found again whole) is dropped too."""
+    """The one merge rule, greedy non-maximum suppression: keep the most confident of overlapping boxes; a box
+    mostly inside a kept one (a face cut by a tile edge, found again whole) is dropped too.
+
+    When boxes from different detectors (``source``) fall on one kept face, they are independent evidence: the
+    kept face's confidence becomes ``1 - prod(1 - c)`` over the best confidence of each source (one source:
+    its own confidence, unchanged). Its ``source`` then names them all, joined by "+", the kept box's first.
+    """
     kept: list[Detection] = []
+    best: list[dict[str, float]] = []
     for d in sorted(dets, key=lambda d: -d.confidence):
-        overlaps = (iou(d.box, k.box) for k in kept)
-        if all(union <= iou_limit and inside <= contain_limit for union, inside in overlaps):
+        for k, b in zip(kept, best):
+            union, inside = iou(d.box, k.box)
+            if union > iou_limit or inside > contain_limit:
+                b.setdefault(d.source, d.confidence)
+                break
+        else:
             kept.append(d)
+            best.append({d.source: d.confidence})
+    for i, (k, b) in enumerate(zip(kept, best)):
+        if len(b) > 1:
+            conf = 1.0 - math.prod(1.0 - c for c in b.values())
+            kept[i] = Detection(k.box, conf, k.mask, k.label, "+".join(b))
     return kept
 
 
@@ -209,6 +232,8 @@ class MediapipeDetector(Detector):
         self.model_selection = model_selection
         self.name = "mediapipe_face_short" if model_selection == 0 else "mediapipe_face_full"
         self.tile_small_faces = True  # BlazeFace sees 128/192 px: a 50 px face in a 1024 px image vanishes
+        self._graphs: dict[float, object] = {}  # min_detection_confidence -> FaceDetection
+        self._lock = threading.Lock()
 
     def _required_files(self) -> list[str]:
         return [os.path.join("modules", "face_detection", self.MODEL_FILES[self.model_selection]),
@@ -237,9 +262,17 @@ class MediapipeDetector(Detector):
         self.check()
         img = as_rgb_uint8(image)
         h, w = img.shape[:2]
-        fd = self._solutions().face_detection
-        with fd.FaceDetection(model_selection=self.model_selection, min_detection_confidence=float(confidence)) as det:
-            result = det.process(img)
+        with self._lock:  # a mediapipe graph runs one image at a time; building one costs more than running it
+            key = float(confidence)
+            if key not in self._graphs:
+                if len(self._graphs) >= 4:  # thresholds come and go with the node's widget: keep a few
+                    for graph in self._graphs.values():
+                        graph.close()
+                    self._graphs.clear()
+                fd = self._solutions().face_detection
+                self._graphs[key] = fd.FaceDetection(model_selection=self.model_selection,
+                                                     min_detection_confidence=key)
+            result = self._graphs[key].process(img)
         out = []
         for d in result.detections or []:
             rb = d.location_data.relative_bounding_box
@@ -520,9 +553,98 @@ def load_yolo_safely(path: str):
 
 
 # --------------------------------------------------------------------------------------------------
+# The ensemble
+
+# Each member's own score s is mapped to logistic(a·logit(s) + b) before merging, so that a confidence means
+# about the same whatever found the face. (a, b) per member were set on bench/bench_faces.py's photographs:
+# BlazeFace full range as it is (its false finds there score ≤ 0.65), short range lowered (a lone find of 0.54
+# becomes 0.24: its true and false finds both score 0.5-0.8, so it counts mostly where another member agrees),
+# Haar raised (its faces score from 0.01 up, while minNeighbors=5 already rejects nearly every texture).
+# Members run down to MEMBER_FLOOR on this scale, so two weak finds of one face add up (merge_detections'
+# rule) while one weak find alone stays below the usual 0.3.
+CALIBRATION = {
+    "mediapipe_face_full": (1.0, 0.0),
+    "mediapipe_face_short": (1.0, -1.25),
+    "opencv_haar": (0.7, 0.5),
+}
+MEMBER_FLOOR = 0.02
+# Images up to this size (longer side) are run with a border of a quarter of that side (edge pixels repeated):
+# a face that fills the frame (an ID photo, a crop) is found once it has the surroundings detectors expect.
+PAD_LIMIT = 768
+PAD_FRACTION = 0.25
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def calibrated(source: str, score: float, inverse: bool = False) -> float:
+    """A member's score on the ensemble's common scale (YOLO models and unknown sources: unchanged);
+    ``inverse``: the member score that maps to ``score``."""
+    a, b = CALIBRATION.get(source, (1.0, 0.0))
+    x = (_logit(score) - b) / a if inverse else a * _logit(score) + b
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+class EnsembleDetector(Detector):
+    """Every installed built-in detector, each where it is strong, merged by :func:`merge_detections`.
+
+    Members: mediapipe full range (whole image, tiles, quarter-turned copies), mediapipe short range (whole
+    image: close-ups and tight crops, which the full-range model misses; it finds faces turned up to 180°
+    itself), OpenCV Haar (whole image, upright: frontal faces down to 24 px at every scale; turned copies would
+    triple its cost), plus any YOLO detectors given (whole image and turned copies). Small images get a border
+    first (:data:`PAD_LIMIT`). A member that is not installed is left out; the ensemble needs one. Scores are
+    calibrated per member (:data:`CALIBRATION`), and a face several members found gets their combined
+    confidence. Detections say ``source="ensemble"`` and name the members in ``found_by``.
+    """
+
+    name = "ensemble"
+    tile_small_faces = True
+    # (member, runs on tiles, runs on turned copies)
+    MEMBERS = (("mediapipe_face_full", True, True), ("mediapipe_face_short", False, False),
+               ("opencv_haar", False, False))
+
+    def __init__(self, extra: Iterable[Detector] = ()):
+        self.extra = list(extra)
+
+    def members(self) -> list[tuple[Detector, bool, bool]]:
+        """(detector, tiles, turns) for each usable member."""
+        out = [(get_detector(name), tiles, turns) for name, tiles, turns in self.MEMBERS]
+        out += [(det, False, True) for det in self.extra]
+        return [m for m in out if m[0].status() is None]
+
+    def status(self) -> Optional[str]:
+        if self.members():
+            return None
+        return "none of its members is installed: " + "; ".join(
+            f"{name}: {get_detector(name).status()}" for name, _, _ in self.MEMBERS)
+
+    def detect(self, image: np.ndarray, confidence: float = 0.3, tiles="auto",
+               turns: tuple[int, ...] = (1, 2, 3)) -> list[Detection]:
+        self.check()
+        img = as_rgb_uint8(image)
+        h, w = img.shape[:2]
+        pad = round(PAD_FRACTION * max(h, w)) if max(h, w) <= PAD_LIMIT else 0
+        work = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge") if pad else img
+        found = []
+        for det, member_tiles, member_turns in self.members():
+            floor = calibrated(det.name, min(confidence, MEMBER_FLOOR), inverse=True)
+            dets, _ = _single_passes(det, work, floor, tiles if member_tiles else "off", turns if member_turns else ())
+            for d in dets:
+                box = clip_box((d.box[0] - pad, d.box[1] - pad, d.box[2] - pad, d.box[3] - pad), w, h)
+                mask = None if d.mask is None else np.ascontiguousarray(d.mask[pad:pad + h, pad:pad + w])
+                if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+                    found.append(Detection(box, calibrated(det.name, d.confidence), mask, d.label, det.name))
+        return [Detection(d.box, d.confidence, d.mask, d.label, self.name, tuple(d.source.split("+")))
+                for d in merge_detections(found) if d.confidence >= confidence]
+
+
+# --------------------------------------------------------------------------------------------------
 # Registry and tiled detection
 
 _BUILTIN = {
+    "ensemble": EnsembleDetector,
     "mediapipe_face_full": lambda: MediapipeDetector(1),
     "mediapipe_face_short": lambda: MediapipeDetector(0),
     "mediapipe_face_mesh": MediapipeMeshDetector,
@@ -559,6 +681,7 @@ def get_detector(name: str, device: Optional[str] = None) -> Detector:
 
 
 TILE_SIZE = 512  # 4x the short-range network's 128 px input: faces keep the scale the model was trained at
+FINE_TILE_SIZE = 256  # full range's 192 px input sees a 24 px face of a 256 px tile at 18 px
 
 
 def _starts(size: int, tile: int, overlap: float) -> list[int]:
@@ -577,16 +700,17 @@ def tile_grid(height: int, width: int, tile: int = TILE_SIZE, overlap: float = 0
 
 
 def _tile_size(detector: Detector, height: int, width: int, tiles) -> Optional[int]:
-    """Tile size for ``tiles`` ("auto", "on", "off", or a size in px), or None for whole-image detection only."""
+    """Tile size for ``tiles`` ("auto", "on", "fine", "off", or a size in px), or None for whole-image detection
+    only."""
     if tiles in ("off", None, 0, False):
         return None
     if tiles == "auto":
         tiles = "on" if detector.tile_small_faces else "off"
         if tiles == "off":
             return None
-    size = TILE_SIZE if tiles in ("on", True) else tiles
+    size = TILE_SIZE if tiles in ("on", True) else FINE_TILE_SIZE if tiles == "fine" else tiles
     if not isinstance(size, int) or size < 64:
-        raise TwigError(f"tiles must be 'auto', 'on', 'off' or a tile size of at least 64 px, got {tiles!r}")
+        raise TwigError(f"tiles must be 'auto', 'on', 'fine', 'off' or a tile size of at least 64 px, got {tiles!r}")
     return size if max(height, width) > size * 1.25 else None
 
 
@@ -599,18 +723,26 @@ def _touches_inner_edge(box, x0: int, y0: int, x1: int, y1: int, width: int, hei
             or (x1 < width and bx1 >= tw - margin) or (y1 < height and by1 >= th - margin))
 
 
-def detect_faces(image, detector: Detector | str, confidence: float = 0.3, tiles="auto") -> list[Detection]:
-    """Faces in one RGB image (uint8 or float 0..1, [H,W,3]) with confidence ≥ ``confidence``.
+def _turned_back(box, k: int, height: int, width: int):
+    """A box found in ``np.rot90(image, k)`` (k quarter turns counter-clockwise) in the image's coordinates."""
+    x0, y0, x1, y1 = box
+    h, w = (width, height) if k % 2 else (height, width)  # the turned image's size
+    for _ in range(k % 4):  # undo one quarter turn: (x, y) in the turned image was (w_turned - y, x) before
+        x0, y0, x1, y1 = h - y1, x0, h - y0, x1
+        h, w = w, h
+    return x0, y0, x1, y1
 
-    ``tiles``: "off" = the whole image only; "on" (or a tile size in px) = the whole image plus overlapping
-    512 px tiles, for faces too small for BlazeFace's 128/192 px input; "auto" = "on" for the mediapipe models,
-    "off" for the Haar cascade (it scans every scale itself) and YOLO. Faces found more than once are merged
-    (the most confident box wins; a box mostly inside a kept one is dropped, and a face cut by a tile's inner
-    edge is ignored: with half overlap it lies whole in a neighbouring tile).
-    """
-    if isinstance(detector, str):
-        detector = get_detector(detector)
-    img = as_rgb_uint8(image)
+
+def _turns(detector: Detector, turns) -> tuple[int, ...]:
+    """Quarter turns (1-3) to run besides the upright image for ``turns`` ("auto", "on", "off")."""
+    if turns not in ("auto", "on", "off", True, False, None):
+        raise TwigError(f"turned_heads must be 'auto', 'on' or 'off', got {turns!r}")
+    on = turns in ("on", True) or (turns == "auto" and isinstance(detector, EnsembleDetector))
+    return (1, 2, 3) if on else ()
+
+
+def _single_passes(detector: Detector, img: np.ndarray, confidence: float, tiles, turns: tuple[int, ...]):
+    """One detector over the whole image, its tiles (see detect_faces) and its quarter-turned copies, unmerged."""
     h, w = img.shape[:2]
     size = _tile_size(detector, h, w, tiles)
     found = [d for d in detector.detect(img, confidence) if d.confidence >= confidence]
@@ -621,8 +753,36 @@ def detect_faces(image, detector: Detector | str, confidence: float = 0.3, tiles
                 # a face cut by an inner tile edge lies whole in a neighbouring tile (half overlap): skip it
                 if d.confidence >= confidence and not _touches_inner_edge(d.box, x0, y0, x1, y1, w, h):
                     found.append(d.shifted(x0, y0, (h, w)))
-        found = merge_detections(found)
-    return found
+    for k in turns:
+        for d in detector.detect(np.ascontiguousarray(np.rot90(img, k)), confidence):
+            if d.confidence >= confidence:
+                mask = None if d.mask is None else np.ascontiguousarray(np.rot90(d.mask, -k))
+                found.append(Detection(_turned_back(d.box, k, h, w), d.confidence, mask, d.label, d.source))
+    return found, size is not None or bool(turns)
+
+
+def detect_faces(image, detector: Detector | str, confidence: float = 0.3, tiles="auto",
+                 turned_heads="auto") -> list[Detection]:
+    """Faces in one RGB image (uint8 or float 0..1, [H,W,3]) with confidence ≥ ``confidence``.
+
+    ``tiles``: "off" = the whole image only; "on" (or a tile size in px) = the whole image plus overlapping
+    512 px tiles, for faces too small for BlazeFace's 128/192 px input; "fine" = 256 px tiles, which BlazeFace
+    enlarges for faces down to 24 px in a 1024² image (about five times the work of "on"); "auto" = "on" for
+    the mediapipe models and the ensemble, "off" for the Haar cascade (it scans every scale itself) and YOLO. ``turned_heads``: "on" also runs the
+    detector on the image turned by 90, 180 and 270 degrees (boxes turned back), for faces lying sideways or
+    upside down — three more whole-image passes; "auto" = on for the ensemble only. Faces found more than once
+    are merged by :func:`merge_detections` (the most confident box wins; a box mostly inside a kept one is
+    dropped, and a face cut by a tile's inner edge is ignored: with half overlap it lies whole in a
+    neighbouring tile). The ensemble runs this for each member, then merges everything with the same rule.
+    """
+    if isinstance(detector, str):
+        detector = get_detector(detector)
+    img = as_rgb_uint8(image)
+    turns = _turns(detector, turned_heads)
+    if isinstance(detector, EnsembleDetector):
+        return detector.detect(img, confidence, tiles, turns)
+    found, several = _single_passes(detector, img, confidence, tiles, turns)
+    return merge_detections(found) if several else found
 
 
 # --------------------------------------------------------------------------------------------------
