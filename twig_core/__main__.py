@@ -1,4 +1,5 @@
-"""Command line: ``python -m twig_core generate --prompt "..." --out image.png``."""
+"""Command line: ``python -m twig_core generate --prompt "..." --out image.png`` for one image,
+``python -m twig_core batch PROMPTS --out DIR`` for a prompt file (also under ``torchrun``)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,28 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="text to image (or image to image with --image)")
     g.add_argument("--prompt", required=True, help="English or Chinese prompt")
+    _generation_options(g)
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--image", help="input image for image to image")
+    g.add_argument("--denoise", type=float, default=0.6, help="strength for --image (0 … 1)")
+    g.add_argument("--out", default="twig.png", help="output PNG (batch > 1 adds _1, _2 …)")
+    b = sub.add_parser("batch", help="a prompt file (.txt, .jsonl, .csv) to one PNG per image; under torchrun the "
+                       "processes share the work")
+    b.add_argument("prompts", help="prompt file: .txt (a prompt a line), .jsonl or .csv with per-row overrides")
+    b.add_argument("--out", required=True, help="output folder (resumable: complete images are kept)")
+    _generation_options(b)
+    b.add_argument("--count", type=int, default=1, help="images per row unless the row says")
+    b.add_argument("--eval", action="store_true", help="score the images of rows that carry a demo 'scene'")
+    return p
+
+
+def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--steps", type=int, default=20)
     g.add_argument("--cfg", type=float, default=4.5)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--width", type=int, default=None, help="pixels, multiple of 32 (default: the model's native size)")
     g.add_argument("--height", type=int, default=None)
-    g.add_argument("--batch", type=int, default=1)
     g.add_argument("--sampler", default=SAMPLERS[0], choices=SAMPLERS)
     g.add_argument("--shift", type=float, default=3.0)
     g.add_argument("--max-length", type=int, default=300, help="prompt tokens kept (300 … 1200)")
@@ -37,23 +53,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="the transformer's weights in memory: same as --dtype, as stored in the file, or fp16/bf16 "
                         "(half the memory of fp32 while computing in --dtype)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
-    g.add_argument("--image", help="input image for image to image")
-    g.add_argument("--denoise", type=float, default=0.6, help="strength for --image (0 … 1)")
     g.add_argument("--tile", default="auto", help="VAE tile size in latent pixels, 'auto' or 'none'")
-    g.add_argument("--out", default="twig.png", help="output PNG (batch > 1 adds _1, _2 …)")
-    return p
 
 
-def _generate(a: argparse.Namespace) -> list[Path]:
-    from PIL import Image
-    from tqdm import tqdm
-
-    from . import image as img
+def _load(a: argparse.Namespace, device: str | None = None):
+    """The three networks the options name (the embedded demo model by default), loaded once."""
     from . import loader
     from .devices import pick_device, resolve_dtype
-    from .pipeline import generate
 
-    device = pick_device(a.device)
+    device = pick_device(device or a.device)
     dtype = resolve_dtype(a.dtype, device)
     transformer_path = a.transformer
     if transformer_path is None:
@@ -62,8 +70,18 @@ def _generate(a: argparse.Namespace) -> list[Path]:
             raise TwigError(f"no --transformer given and the embedded demo model is missing "
                             f"({demo_location()})")
         print(f"using {DEMO_NAME} ({transformer_path}); it knows simple coloured shapes", file=sys.stderr)
-    parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device,
-                              weight_dtype=a.weight_dtype)
+    return loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device,
+                             weight_dtype=a.weight_dtype)
+
+
+def _generate(a: argparse.Namespace) -> list[Path]:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from . import image as img
+    from .pipeline import generate
+
+    parts = _load(a)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
     native = transformer.config.sample_size * 32
     width, height = a.width or native, a.height or native
@@ -97,6 +115,38 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     return written
 
 
+def _batch(a: argparse.Namespace) -> int:
+    from . import batch
+
+    defaults = batch.Defaults(negative=a.negative, seed=a.seed, width=a.width, height=a.height, steps=a.steps,
+                              cfg=a.cfg, sampler=a.sampler, shift=a.shift, count=a.count)
+    jobs, bad = batch.read_jobs(a.prompts, defaults)
+    world = batch.join_world(a.device)
+    try:
+        device = a.device
+        if world.size > 1 and device in ("auto", "cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{world.local_rank}"
+        if world.rank == 0:
+            for row in bad:
+                print(f"error: {a.prompts} {row}", file=sys.stderr)
+        draw = None
+        if jobs:
+            parts = _load(a, device)
+            draw = batch.drawer(parts, max_length=a.max_length, tile_size=_tile(a.tile))
+        counts = batch.run(jobs, a.out, draw, world)
+        if world.rank == 0:
+            print(f"{len(jobs)} images in {a.out} ({counts['drawn']} drawn by rank 0, "
+                  f"{counts['skipped']} already there)", file=sys.stderr)
+            if a.eval:
+                print(batch.evaluate(jobs, a.out))
+    finally:
+        batch.leave_world(world)
+    return 1 if bad else 0
+
+
 def _tile(value: str):
     if value in ("auto", "none"):
         return None if value == "none" else "auto"
@@ -110,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             _generate(args)
+        elif args.command == "batch":
+            return _batch(args)
         return 0
     except TwigError as e:
         print(f"error: {e}", file=sys.stderr)
