@@ -9,6 +9,7 @@ Stages run in order and each resumes from what the previous run left in DIR:
   dit      train the DiT with flow matching, Gemma-2 frozen (checkpoint DIR/dit.ckpt)
   export   write the pipeline folder (default: twig_core/demo_model)
   eval     score held-out prompts with the pixel evaluator, English and Chinese
+  prompts  write the held-out prompts as DIR/heldout_prompts.jsonl, for python -m twig_core batch --eval
 ``--stage all`` runs everything that is not finished yet. Fixed seeds throughout.
 """
 
@@ -161,9 +162,19 @@ def stage_eval(work: Path, a) -> None:
     (work / "eval.json").write_text(json.dumps(report["summary"], indent=1))
 
 
+def stage_prompts(work: Path, a) -> None:
+    from .evaluate import batch_rows
+
+    rows = batch_rows(_records(work, "heldout")[: a.eval_n])
+    out = work / "heldout_prompts.jsonl"
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    log(f"{len(rows)} prompts in {out}")
+
+
 # every stage, in the order ``--stage all`` runs them
 STAGES = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "decoder": stage_decoder,
-          "text": stage_text, "dit": stage_dit, "export": stage_export, "eval": stage_eval}
+          "text": stage_text, "dit": stage_dit, "export": stage_export, "eval": stage_eval,
+          "prompts": stage_prompts}
 
 
 def main(argv=None) -> int:

@@ -510,6 +510,17 @@ def eval_prompts(records: Sequence[dict], style: str = "long") -> list[dict[str,
     return out
 
 
+def batch_rows(records: Sequence[dict], style: str = "long") -> list[dict[str, Any]]:
+    """Rows of a prompt file for ``python -m twig_core batch --eval``: each held-out record's English and Chinese
+    prompt (the caption ``eval_prompts`` picks) with its scene, so the batch run scores what it drew."""
+    rows = []
+    for r, p in zip(records, eval_prompts(records, style)):
+        for lang in ("en", "zh"):
+            rows.append({"prompt": p[lang], "scene": r["scene"], "check_background": p["check_background"],
+                         "name": f"{r['id']}_{lang}"})
+    return rows
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A small text table of evaluate_sets' output."""
     lines = [f"{'category':<12}{'en':>8}{'zh':>8}{'agree':>8}{'n':>6}"]
