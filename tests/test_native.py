@@ -77,3 +77,70 @@ def test_default_operations_read_stored_weights_unchanged():
 def test_incomplete_operations_namespace_is_named():
     with pytest.raises(TwigError, match="lacks weights"):
         TwigTransformer(TINY, operations=types.SimpleNamespace(Linear=ops.Linear, Conv2d=ops.Conv2d))
+
+
+# --------------------------------------------------------------------------------------------------
+# Native nodes, outside ComfyUI: what does not need comfy.* (the model itself is checked in the real host by
+# tests/comfy_host/native_check.py)
+
+from tests.test_nodes import conds, empty, models_dir, parts, run_sampler  # noqa: E402,F401  (fixtures)
+
+
+def test_native_conditioning_carries_states_and_mask_padded_to_one_length(conds):
+    from nodes.native import to_native
+    from twig_core.text import Conditioning
+
+    pos, neg = conds
+    short = Conditioning(neg.embeds[:, :5], neg.mask[:, :5])
+    (p,), (n,) = to_native(pos, short)
+    assert p[0].shape == pos.embeds.shape and p[0].dtype == torch.float32
+    torch.testing.assert_close(p[0], pos.embeds.float(), rtol=0, atol=0)
+    assert torch.equal(p[1]["attention_mask"], pos.mask)
+    # the shorter one is padded with masked zeros: same length, so ComfyUI batches them without repeating tokens
+    assert n[0].shape == p[0].shape and torch.equal(n[0][:, 5:], torch.zeros_like(n[0][:, 5:]))
+    assert n[1]["attention_mask"][:, :5].equal(short.mask) and not n[1]["attention_mask"][:, 5:].any()
+
+
+def test_native_vae_decodes_and_encodes_like_the_twig_vae_nodes(parts, conds):
+    from nodes.latent import TwigVAEDecode, TwigVAEEncode
+    from nodes.native import NativeDCAE, TwigToNativeVAE
+
+    _, _, vae = parts
+    (native,) = TwigToNativeVAE().convert(vae)
+    assert isinstance(native, NativeDCAE) and native.spacial_compression_decode() == 32 and native.latent_channels == 32
+    latent = run_sampler(parts, conds, empty(), steps=2)
+    want = TwigVAEDecode().decode(latent, vae)[0]
+    raw = latent["samples"] / native.scale  # ComfyUI's latents are unscaled
+    torch.testing.assert_close(native.decode(raw), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(native.decode_tiled(raw, tile_x=2, tile_y=2, overlap=1), want, rtol=0, atol=1e-4)
+    enc = native.encode(want)
+    torch.testing.assert_close(enc * native.scale, TwigVAEEncode().encode(want, vae)[0]["samples"], rtol=0, atol=1e-5)
+
+
+def test_native_nodes_refuse_other_inputs_by_name(parts):
+    from nodes.common import NodeError
+    from nodes.native import TwigToNativeModel, TwigToNativeVAE
+
+    model, _, vae = parts
+    with pytest.raises(NodeError, match="Twig Model Loader"):
+        TwigToNativeModel().convert(vae)
+    with pytest.raises(NodeError, match="Twig VAE Loader"):
+        TwigToNativeVAE().convert(model)
+
+
+def test_flow_sigmas_node_gives_the_twig_schedule():
+    from nodes.native import TwigFlowSigmas
+    from twig_core.sampling import flow_sigmas
+
+    (s,) = TwigFlowSigmas().sigmas(8, "flow_euler", 3.0, 1.0)
+    assert s.dtype == torch.float32 and torch.equal(s, flow_sigmas(8, 3.0, "flow_euler").float())
+
+
+def test_missing_comfy_names_are_reported_by_name():
+    from nodes.common import NodeError
+    from nodes.native import comfy_name
+
+    with pytest.raises(NodeError, match="comfy.no_such_module"):
+        comfy_name("comfy.no_such_module", "X")
+    with pytest.raises(NodeError, match=r"torch\.no_such_name"):
+        comfy_name("torch", "no_such_name")

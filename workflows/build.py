@@ -513,8 +513,62 @@ def wf_demo_img2img() -> Workflow:
     return wf
 
 
+NATIVE_NOTE = (
+    "**Core ComfyUI nodes with Twig** — the Twig loaders feed *Twig → native MODEL*, *Twig Text Encode (native "
+    "CONDITIONING)* and *Twig → native VAE*, and ComfyUI's own **KSampler** and **VAE Decode** do the rest, so "
+    "model patches, other samplers and packs built on core nodes work with Twig too. Runs as is on the embedded "
+    "demo model (nothing to download); swap the three loaders' choices for the real weights.\n\n"
+    "Use Twig Empty Latent (a core Empty Latent Image has the wrong channels and size), and keep native and Twig "
+    "latents apart: core VAE Encode/Decode work on ComfyUI's raw latents, the Twig VAE nodes on scaled ones."
+)
+NATIVE_NEEDS = "nothing (the demo model is inside the pack; the preview is a drawing: core nodes run only in ComfyUI)"
+
+
+def native_parts(wf: Workflow, prompt: str, y: int = -280):
+    m, te, v = demo_loaders(wf)
+    nm = wf.add("TwigToNativeModel", (380, 380), model=m[0])
+    nv = wf.add("TwigToNativeVAE", (380, 480), vae=v[0])
+    enc = wf.add("TwigTextEncodeNative", (380, y), size=(420, 290), text_encoder=te[0], positive=prompt, negative="")
+    lat = wf.add("TwigEmptyLatent", (380, 580), aspect_ratio=SQUARE, model=m[0])
+    return nm, nv, enc, lat, te
+
+
+def wf_demo_native() -> Workflow:
+    wf = Workflow("demo_native_text_to_image", "Demo model through core KSampler and VAE Decode",
+                  "the demo model as a native MODEL/CONDITIONING/VAE: core KSampler (euler, simple) and core VAE "
+                  "Decode (128²)", NATIVE_NEEDS)
+    wf.note((-520, -280), (480, 300), "Twig in core nodes", NATIVE_NOTE)
+    nm, nv, enc, lat, _ = native_parts(wf, DEMO_EN)
+    s = wf.add("KSampler", (840, -280), size=(320, 470), model=nm[0], positive=enc[0], negative=enc[1],
+               latent_image=lat[0], seed=10, steps=20, cfg=4.5, sampler_name="euler", scheduler="simple")
+    d = wf.add("VAEDecode", (1200, -280), samples=s[0], vae=nv[0])
+    wf.add("SaveImage", (1560, -280), size=(300, 320), images=d[0], filename_prefix="twig_native")
+    return wf
+
+
+def wf_demo_native_img2img() -> Workflow:
+    wf = Workflow("demo_native_image_to_image", "Demo model: image to image through core nodes",
+                  "core KSampler draws a scene, core VAE Encode and a second KSampler (denoise 0.7) redraw it from "
+                  "an edited prompt", NATIVE_NEEDS)
+    wf.note((-520, -280), (480, 300), "Twig in core nodes", NATIVE_NOTE)
+    nm, nv, enc, lat, te = native_parts(wf, DEMO_EN)
+    edit = wf.add("TwigTextEncodeNative", (380, 50), size=(420, 290), title="Twig Text Encode (native, edit)",
+                  text_encoder=te[0], positive=DEMO_EDIT, negative="")
+    s1 = wf.add("KSampler", (840, -280), size=(320, 470), model=nm[0], positive=enc[0], negative=enc[1],
+                latent_image=lat[0], seed=10, steps=20, cfg=4.5, sampler_name="euler", scheduler="simple")
+    d1 = wf.add("VAEDecode", (840, 230), samples=s1[0], vae=nv[0])
+    wf.add("SaveImage", (840, 330), size=(300, 320), title="First picture", images=d1[0], filename_prefix="twig_native_first")
+    e = wf.add("VAEEncode", (1200, -280), pixels=d1[0], vae=nv[0])
+    s2 = wf.add("KSampler", (1200, -180), size=(320, 470), title="KSampler (denoise 0.7)", model=nm[0],
+                positive=edit[0], negative=edit[1], latent_image=e[0], seed=12, steps=20, cfg=4.5,
+                sampler_name="euler", scheduler="simple", denoise=0.7)
+    d2 = wf.add("VAEDecode", (1200, 330), samples=s2[0], vae=nv[0])
+    wf.add("SaveImage", (1560, -280), size=(300, 320), title="Edited", images=d2[0], filename_prefix="twig_native_edited")
+    return wf
+
+
 BUILDERS = (wf_text_to_image, wf_chinese_long, wf_tipo, wf_face_refine, wf_image_to_image, wf_large, wf_demo,
-            wf_demo_img2img)
+            wf_demo_img2img, wf_demo_native, wf_demo_native_img2img)
 
 
 def workflows() -> list[Workflow]:

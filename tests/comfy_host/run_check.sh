@@ -7,8 +7,10 @@
 # The script links this repository into COMFY_DIR/custom_nodes/twig, writes tiny random models into
 # COMFY_DIR/models/{diffusion_models,text_encoders,vae}, starts `main.py --cpu` on a free local port,
 # runs client.py's checks against it (import, /object_info, text-to-image, inpaint, interrupt, /free), then
-# browser_check.py in headless Chromium if one is installed (nodes render, token report shows), then every
-# example workflow (workflows_check.py: API forms run, UI forms loaded in the frontend), and stops it.
+# browser_check.py in headless Chromium if one is installed (nodes render, token report shows), then
+# the native path (native_check.py: core samplers and VAE nodes on the native outputs give Twig Sampler's
+# result), then every example workflow (workflows_check.py: API forms run, UI forms loaded in the frontend), and
+# stops it.
 # On exit it removes what it put into COMFY_DIR (the custom_nodes/twig link and the twigcheck_* models).
 # Nothing of ComfyUI is copied into this repository. Where torchvision cannot be imported (no build for
 # this torch), a stand-in carrying the few names imported at start-up is put on PYTHONPATH for this run only.
@@ -78,8 +80,9 @@ if [ $rc -eq 0 ]; then
     (cd "$REPO/tests/comfy_host" && "$PY" browser_check.py --url "http://127.0.0.1:$PORT" --out "$WORK")
     rc=$?
 fi
-# 7. every example workflow: API forms POSTed and run, UI forms loaded and converted in the frontend
+# 7. the native path, then every example workflow: API forms POSTed and run, UI forms loaded and converted in the frontend
 if [ $rc -eq 0 ]; then
+    "$PY" "$REPO/tests/comfy_host/native_check.py" --url "http://127.0.0.1:$PORT" --output "$WORK/output" && \
     "$PY" "$REPO/tests/comfy_host/workflows_check.py" check --url "http://127.0.0.1:$PORT" --output "$WORK/output" && \
     (cd "$REPO/tests/comfy_host" && "$PY" workflows_check.py browser --url "http://127.0.0.1:$PORT" --out "$WORK")
     rc=$?

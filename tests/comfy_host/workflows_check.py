@@ -43,7 +43,8 @@ DEMO_NAME = "twig-demo (embedded)"
 PACK = "twig"  # the folder name run_check.sh links the pack under
 TINY = {"model": C.NAMES["model"], "text_encoder": C.NAMES["text_encoder"], "vae": C.NAMES["vae"], "tipo": TIPO_NAME}
 TINY_OVERRIDES = {"TwigTIPO": {"max_new_tokens": 48}}
-EXPECTED_SIZE = {"demo_text_to_image": (128, 128), "demo_image_to_image": (128, 128), "large_2048_tiled": (2048, 2048),
+EXPECTED_SIZE = {"demo_native_text_to_image": (128, 128), "demo_native_image_to_image": (128, 128),
+                 "demo_text_to_image": (128, 128), "demo_image_to_image": (128, 128), "large_2048_tiled": (2048, 2048),
                  "image_to_image": (768, 768), "text_to_image": (1024, 1024)}
 
 
