@@ -10,7 +10,8 @@ Reads top to bottom like the Sana paper:
   modulated LN (raw temb) -> Linear -> unpatchify -> velocity (noise - x0)
 
 Layers come from an operations namespace (``twig_core.ops`` by default; a host may pass its own with ``Linear``,
-``Conv2d`` and ``weights(layer, x)``, e.g. layers that cast or stream their weights on use).
+``Conv2d`` and ``weights(layer, x)``, e.g. layers that cast or stream their weights on use). Parameters read
+outside layers (modulation tables, norm weights) are brought to the activations' device and dtype where used.
 
 Parameter names follow the original NVlabs checkpoints (``blocks.3.attn.qkv.weight`` ...), so an original
 checkpoint is loaded without renaming; other formats are mapped onto these names by ``twig_core.loader``.
@@ -41,7 +42,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        return (x * self.weight.to(x.device, torch.float32)).to(dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -197,7 +198,7 @@ class Block(nn.Module):
 
     def forward(self, x, t6, kv, bias, hw):
         b, n, d = x.shape
-        table = self.scale_shift_table.to(t6.dtype)
+        table = self.scale_shift_table.to(t6.device, t6.dtype)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (table[None] + t6.view(b, 6, d)).chunk(6, dim=1)
         # sampling: the same arithmetic, updating the token tensor (owned by TwigTransformer.forward) in place
         ip = not torch.is_grad_enabled() and x.dtype == t6.dtype
@@ -256,7 +257,7 @@ class FinalLayer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
 
     def forward(self, x, temb):
-        shift, scale = (self.scale_shift_table.to(temb.dtype)[None] + temb[:, None]).chunk(2, dim=1)
+        shift, scale = (self.scale_shift_table.to(temb.device, temb.dtype)[None] + temb[:, None]).chunk(2, dim=1)
         x = modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale)
         return self.linear(x.to(temb.dtype))
 

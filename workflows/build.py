@@ -3,6 +3,8 @@
     workflows/<name>.json       UI workflow: drag it onto ComfyUI (or Workflow > Open); ComfyUI also lists these
                                 in its template browser under this pack
     workflows/api/<name>.json   the same graph in API form, for ``POST /prompt``
+    workflows/<name>.jpg        the template browser's thumbnail (ComfyUI's frontend asks for <name>.jpg), made from
+                                the preview below
     workflows/<name>.png        a preview carrying both (PNG text chunks "workflow" and "prompt", as ComfyUI
                                 writes them), so dropping the picture loads the graph too
 
@@ -602,6 +604,36 @@ def save_png(image, path: Path, wf: Workflow) -> None:
     path.write_bytes(buf.getvalue())
 
 
+THUMB_SIZE = 512  # longest side of a template thumbnail, px
+
+
+def save_thumbnail(png: Path) -> Path:
+    """``<name>.jpg`` beside the preview: what the template browser shows for the workflow."""
+    from PIL import Image
+
+    jpg = png.with_suffix(".jpg")
+    with Image.open(png) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        im.save(jpg, "JPEG", quality=85, optimize=True)
+    return jpg
+
+
+def thumbnail_problem(png: Path) -> str | None:
+    """Why ``<name>.jpg`` is not the thumbnail of the preview ``png`` (missing, not a JPEG, other proportions)."""
+    from PIL import Image
+
+    jpg = png.with_suffix(".jpg")
+    if not jpg.is_file():
+        return f"{jpg.relative_to(ROOT)} (template thumbnail) is missing"
+    with Image.open(jpg) as im, Image.open(png) as full:
+        want = full.copy()
+        want.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        if im.format != "JPEG" or im.size != want.size:
+            return f"{jpg.relative_to(ROOT)} is not the {want.size} JPEG thumbnail of {png.name}"
+    return None
+
+
 def demo_model_dir() -> str | None:
     from nodes.loaders import demo_dir
 
@@ -802,6 +834,9 @@ def check(wfs) -> list[str]:
         chunks = png_chunks(png)
         if json.loads(chunks.get("workflow", "null")) != wf.ui() or json.loads(chunks.get("prompt", "null")) != wf.api():
             problems.append(f"{png.relative_to(ROOT)} carries an older graph")
+        thumb = thumbnail_problem(png)
+        if thumb:
+            problems.append(thumb)
     known = {f"{wf.name}.json" for wf in wfs}
     for extra in sorted(p.name for p in list(HERE.glob("*.json")) + list(API_DIR.glob("*.json")) if p.name not in known):
         problems.append(f"workflows/{extra} is not made by workflows/build.py")
@@ -833,13 +868,15 @@ def main(argv=None) -> int:
         png = HERE / f"{wf.name}.png"
         stale = not png.is_file() or "workflow" not in png_chunks(png) or json.loads(png_chunks(png)["workflow"]) != wf.ui()
         if not (a.previews or stale):
+            if thumbnail_problem(png):
+                print(f"wrote {save_thumbnail(png).relative_to(ROOT)} (thumbnail)")
             continue
         if wf.demo and demo is not None:
             image, kind = render_demo(wf), "render on the demo model"
         else:
             image, kind = render_diagram(wf), "diagram"
         save_png(image, png, wf)
-        print(f"wrote {png.relative_to(ROOT)} ({kind})")
+        print(f"wrote {png.relative_to(ROOT)} ({kind}) and {save_thumbnail(png).relative_to(ROOT)}")
     return 0
 
 

@@ -83,6 +83,9 @@ def check_templates(url: str) -> None:
     status, body = C.get(f"{url}/api/workflow_templates/{PACK}/demo_text_to_image.json")
     C.expect(status == 200 and json.loads(body) == load("demo_text_to_image", api=False),
              "template demo_text_to_image.json served as committed")
+    thumbs = [n for n in names() if C.get(f"{url}/api/workflow_templates/{PACK}/{n}.jpg")[1][:3] == b"\xff\xd8\xff"]
+    C.expect(thumbs == names(), f"template thumbnails (<workflow>.jpg, what the template browser loads) served for "
+                                f"{len(thumbs)} of {len(names())} workflows")
 
 
 def check_token_route(url: str) -> None:
