@@ -24,9 +24,9 @@ SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/twig-comfyui.XXXXXX")"
 trap 'rm -rf "$SCRATCH"' EXIT
 cp -r "$SRC" "$SCRATCH/ComfyUI"
 chmod -R u+w "$SCRATCH/ComfyUI"
-# a ComfyUI checkout ships input/example.png (the image workflows' default); this tree may not carry it
+# a ComfyUI checkout ships input/example.png (768², the image workflows' default); this tree may not carry it
 if [ ! -f "$SCRATCH/ComfyUI/input/example.png" ]; then
     mkdir -p "$SCRATCH/ComfyUI/input"
-    "$VENV/bin/python" -c 'import sys, numpy as np; from PIL import Image; y, x = np.mgrid[0:512, 0:512]; Image.fromarray(np.stack([x / 2, y / 2, (x + y) / 4], -1).astype("uint8")).save(sys.argv[1])' "$SCRATCH/ComfyUI/input/example.png"
+    "$VENV/bin/python" -c 'import sys, numpy as np; from PIL import Image; y, x = np.mgrid[0:768, 0:768]; Image.fromarray(np.stack([x / 3, y / 3, (x + y) / 6], -1).astype("uint8")).save(sys.argv[1])' "$SCRATCH/ComfyUI/input/example.png"
 fi
 COMFY_PYTHON="$VENV/bin/python" "$REPO/tests/comfy_host/run_check.sh" "$SCRATCH/ComfyUI"
