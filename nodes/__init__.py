@@ -2,7 +2,8 @@
 
 Types between nodes: TWIG_MODEL, TWIG_TEXT_ENCODER, TWIG_VAE (loaded models, see ``host.ManagedModel``),
 TWIG_CONDITIONING (``twig_core.text.Conditioning``), and ComfyUI's own LATENT
-(``{"samples": [B,32,H/32,W/32]}``, model-space) and IMAGE (``[B,H,W,3]`` float 0..1).
+(``{"samples": [B,32,H/32,W/32]}``, model-space) and IMAGE (``[B,H,W,3]`` float 0..1). ``native`` turns the
+Twig types into ComfyUI's own MODEL, CONDITIONING, VAE and SIGMAS for core samplers and VAE nodes.
 """
 
 from .conditioning import TwigTextEncode
@@ -43,6 +44,11 @@ from .tipo import TwigTIPO  # noqa: E402
 
 NODE_CLASS_MAPPINGS["TwigTIPO"] = TwigTIPO
 NODE_DISPLAY_NAME_MAPPINGS["TwigTIPO"] = "Twig TIPO Prompt Expansion"
+
+from .native import NODES as _NATIVE  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update({k: cls for k, (cls, _) in _NATIVE.items()})
+NODE_DISPLAY_NAME_MAPPINGS.update({k: title for k, (_, title) in _NATIVE.items()})
 
 from .tokens import register_routes  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""Small numeric helpers shared by the transformer and the autoencoder."""
+"""Small numeric helpers shared by the transformer and the autoencoder, and the default operations namespace
+(``Linear``, ``Conv2d``, ``weights``) the transformer builds its layers from."""
 
 from __future__ import annotations
 
@@ -85,6 +86,13 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
 def nchw(x: torch.Tensor) -> torch.Tensor:
     """[B,H,W,C] -> [B,C,H,W] view (channels-last when x is contiguous)."""
     return x.permute(0, 3, 1, 2)
+
+
+def weights(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's (weight, bias) for code that computes with them directly instead of calling the layer (fused
+    q/k/v slices, the Mix-FFN's three convolutions). Here: the stored tensors, cast later by ``dense`` one slice
+    at a time. A host's operations namespace gives its own, so its layers cast (and stream) their weights."""
+    return layer.weight, layer.bias
 
 
 class Linear(nn.Linear):

@@ -9,6 +9,10 @@ Reads top to bottom like the Sana paper:
         modulated LN -> Mix-FFN: 1x1 expand + SiLU, 3x3 depthwise, GLU, 1x1 project (gated) ]
   modulated LN (raw temb) -> Linear -> unpatchify -> velocity (noise - x0)
 
+Layers come from an operations namespace (``twig_core.ops`` by default; a host may pass its own with ``Linear``,
+``Conv2d`` and ``weights(layer, x)``, e.g. layers that cast or stream their weights on use). Parameters read
+outside layers (modulation tables, norm weights) are brought to the activations' device and dtype where used.
+
 Parameter names follow the original NVlabs checkpoints (``blocks.3.attn.qkv.weight`` ...), so an original
 checkpoint is loaded without renaming; other formats are mapped onto these names by ``twig_core.loader``.
 """
@@ -24,7 +28,8 @@ from torch import nn
 
 from .config import TransformerConfig
 from .errors import TwigError
-from .ops import Conv2d, Linear, dense, glu_conv_ffn
+from . import ops
+from .ops import dense, glu_conv_ffn
 
 
 class RMSNorm(nn.Module):
@@ -37,7 +42,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x * self.weight.float()).to(dtype)
+        return (x * self.weight.to(x.device, torch.float32)).to(dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -75,19 +80,20 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: boo
 class LinearAttention(nn.Module):
     """ReLU linear attention: out = (v k^T) q / (sum(k) . q + eps), accumulated in fp32."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, operations=ops):
         super().__init__()
         d = cfg.width
         self.heads = cfg.heads
-        self.qkv = Linear(d, 3 * d, bias=cfg.qkv_bias)
-        self.proj = Linear(d, d)
+        self.qkv = operations.Linear(d, 3 * d, bias=cfg.qkv_bias)
+        self.proj = operations.Linear(d, d)
+        self._weights = operations.weights
         self.q_norm = RMSNorm(d) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         inplace = not torch.is_grad_enabled()
-        wq, bq = self.qkv.weight, self.qkv.bias
+        wq, bq = self._weights(self.qkv, x)
         # q, k and v as three products (each its own contiguous tensor; a third of the weight cast at a time)
         q, k, v = (dense(x, wq[i * d:(i + 1) * d], None if bq is None else bq[i * d:(i + 1) * d]) for i in range(3))
         if self.q_norm is not None:
@@ -115,13 +121,13 @@ class LinearAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Softmax attention from image tokens to caption tokens, masked by the caption's attention mask."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, operations=ops):
         super().__init__()
         d = cfg.width
         self.heads = cfg.cross_heads
-        self.q_linear = Linear(d, d)
-        self.kv_linear = Linear(d, 2 * d)
-        self.proj = Linear(d, d)
+        self.q_linear = operations.Linear(d, d)
+        self.kv_linear = operations.Linear(d, 2 * d)
+        self.proj = operations.Linear(d, d)
         self.q_norm = RMSNorm(d) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d) if cfg.qk_norm else None
 
@@ -156,41 +162,43 @@ class MixFFN(nn.Module):
     only the depthwise 3x3 needs the spatial layout.
     """
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, operations=ops):
         super().__init__()
         d, hidden = cfg.width, cfg.mlp_hidden
-        self.inverted_conv = _ConvHolder(d, 2 * hidden, 1, bias=True)
-        self.depth_conv = _ConvHolder(2 * hidden, 2 * hidden, 3, bias=True, groups=2 * hidden)
-        self.point_conv = _ConvHolder(hidden, d, 1, bias=False)
+        self.inverted_conv = _ConvHolder(operations, d, 2 * hidden, 1, bias=True)
+        self.depth_conv = _ConvHolder(operations, 2 * hidden, 2 * hidden, 3, bias=True, groups=2 * hidden)
+        self.point_conv = _ConvHolder(operations, hidden, d, 1, bias=False)
+        self._weights = operations.weights
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         b, n, d = x.shape
-        up, dw, down = self.inverted_conv.conv, self.depth_conv.conv, self.point_conv.conv
-        y = glu_conv_ffn(x.reshape(b, *hw, d), up.weight, up.bias, dw.weight, dw.bias, down.weight)
+        (up_w, up_b), (dw_w, dw_b), (down_w, _) = (
+            self._weights(h.conv, x) for h in (self.inverted_conv, self.depth_conv, self.point_conv))
+        y = glu_conv_ffn(x.reshape(b, *hw, d), up_w, up_b, dw_w, dw_b, down_w)
         return y.view(b, n, -1)
 
 
 class _ConvHolder(nn.Module):
     """Holds a conv under the name ``conv`` so parameter names match the original checkpoints."""
 
-    def __init__(self, cin: int, cout: int, k: int, bias: bool, groups: int = 1):
+    def __init__(self, operations, cin: int, cout: int, k: int, bias: bool, groups: int = 1):
         super().__init__()
-        self.conv = Conv2d(cin, cout, k, padding=k // 2, bias=bias, groups=groups)
+        self.conv = operations.Conv2d(cin, cout, k, padding=k // 2, bias=bias, groups=groups)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, operations=ops):
         super().__init__()
         d = cfg.width
         self.eps = cfg.norm_eps
-        self.attn = LinearAttention(cfg)
-        self.cross_attn = CrossAttention(cfg)
-        self.mlp = MixFFN(cfg)
+        self.attn = LinearAttention(cfg, operations)
+        self.cross_attn = CrossAttention(cfg, operations)
+        self.mlp = MixFFN(cfg, operations)
         self.scale_shift_table = nn.Parameter(torch.randn(6, d) / d**0.5)
 
     def forward(self, x, t6, kv, bias, hw):
         b, n, d = x.shape
-        table = self.scale_shift_table.to(t6.dtype)
+        table = self.scale_shift_table.to(t6.device, t6.dtype)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = (table[None] + t6.view(b, 6, d)).chunk(6, dim=1)
         # sampling: the same arithmetic, updating the token tensor (owned by TwigTransformer.forward) in place
         ip = not torch.is_grad_enabled() and x.dtype == t6.dtype
@@ -203,53 +211,53 @@ class Block(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, d: int):
+    def __init__(self, d: int, operations=ops):
         super().__init__()
-        self.mlp = nn.Sequential(Linear(256, d), nn.SiLU(), Linear(d, d))
+        self.mlp = nn.Sequential(operations.Linear(256, d), nn.SiLU(), operations.Linear(d, d))
 
     def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.mlp(timestep_embedding(t).to(dtype))
 
 
 class CaptionProjection(nn.Module):
-    def __init__(self, cin: int, d: int):
+    def __init__(self, cin: int, d: int, operations=ops):
         super().__init__()
-        self.fc1 = Linear(cin, d)
-        self.fc2 = Linear(d, d)
+        self.fc1 = operations.Linear(cin, d)
+        self.fc2 = operations.Linear(d, d)
 
     def forward(self, y):
         return self.fc2(F.gelu(self.fc1(y), approximate="tanh"))
 
 
 class CaptionEmbedder(nn.Module):
-    def __init__(self, cin: int, d: int):
+    def __init__(self, cin: int, d: int, operations=ops):
         super().__init__()
-        self.y_proj = CaptionProjection(cin, d)
+        self.y_proj = CaptionProjection(cin, d, operations)
 
     def forward(self, y):
         return self.y_proj(y)
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, operations=ops):
         super().__init__()
         p = cfg.patch_size
-        self.proj = Conv2d(cfg.in_channels, cfg.width, p, stride=p)
+        self.proj = operations.Conv2d(cfg.in_channels, cfg.width, p, stride=p)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # [b, n, d], token-major
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, operations=ops):
         super().__init__()
         d = cfg.width
         self.eps = cfg.norm_eps
-        self.linear = Linear(d, cfg.patch_size**2 * cfg.out_channels)
+        self.linear = operations.Linear(d, cfg.patch_size**2 * cfg.out_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, d) / d**0.5)
 
     def forward(self, x, temb):
-        shift, scale = (self.scale_shift_table.to(temb.dtype)[None] + temb[:, None]).chunk(2, dim=1)
+        shift, scale = (self.scale_shift_table.to(temb.device, temb.dtype)[None] + temb[:, None]).chunk(2, dim=1)
         x = modulate(F.layer_norm(x, (x.shape[-1],), eps=self.eps), shift, scale)
         return self.linear(x.to(temb.dtype))
 
@@ -271,20 +279,24 @@ class CaptionCache:
 
 
 class TwigTransformer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, compute_dtype: torch.dtype | None = None):
+    def __init__(self, cfg: TransformerConfig, compute_dtype: torch.dtype | None = None, operations=ops):
         super().__init__()
+        missing = [n for n in ("Linear", "Conv2d", "weights") if not hasattr(operations, n)]
+        if missing:
+            raise TwigError(f"operations namespace {getattr(operations, '__name__', operations)!r} lacks "
+                            f"{', '.join(missing)} (see twig_core.ops for what the transformer needs)")
         self.config = cfg
         # None: compute in the weights' dtype. Otherwise weights may stay stored in fp16/bf16 (half the
         # memory) while every layer computes in this dtype, casting its own weights as it runs.
         self.compute_dtype = compute_dtype
         d = cfg.width
-        self.x_embedder = PatchEmbed(cfg)
-        self.t_embedder = TimestepEmbedder(d)
-        self.t_block = nn.Sequential(nn.SiLU(), Linear(d, 6 * d))
-        self.y_embedder = CaptionEmbedder(cfg.caption_channels, d)
+        self.x_embedder = PatchEmbed(cfg, operations)
+        self.t_embedder = TimestepEmbedder(d, operations)
+        self.t_block = nn.Sequential(nn.SiLU(), operations.Linear(d, 6 * d))
+        self.y_embedder = CaptionEmbedder(cfg.caption_channels, d, operations)
         self.attention_y_norm = RMSNorm(d, eps=1e-5)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.final_layer = FinalLayer(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, operations) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg, operations)
 
     @property
     def dtype(self) -> torch.dtype:

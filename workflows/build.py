@@ -3,6 +3,8 @@
     workflows/<name>.json       UI workflow: drag it onto ComfyUI (or Workflow > Open); ComfyUI also lists these
                                 in its template browser under this pack
     workflows/api/<name>.json   the same graph in API form, for ``POST /prompt``
+    workflows/<name>.jpg        the template browser's thumbnail (ComfyUI's frontend asks for <name>.jpg), made from
+                                the preview below
     workflows/<name>.png        a preview carrying both (PNG text chunks "workflow" and "prompt", as ComfyUI
                                 writes them), so dropping the picture loads the graph too
 
@@ -514,8 +516,62 @@ def wf_demo_img2img() -> Workflow:
     return wf
 
 
+NATIVE_NOTE = (
+    "**Core ComfyUI nodes with Twig** — the Twig loaders feed *Twig → native MODEL*, *Twig Text Encode (native "
+    "CONDITIONING)* and *Twig → native VAE*, and ComfyUI's own **KSampler** and **VAE Decode** do the rest, so "
+    "model patches, other samplers and packs built on core nodes work with Twig too. Runs as is on the embedded "
+    "demo model (nothing to download); swap the three loaders' choices for the real weights.\n\n"
+    "Use Twig Empty Latent (a core Empty Latent Image has the wrong channels and size), and keep native and Twig "
+    "latents apart: core VAE Encode/Decode work on ComfyUI's raw latents, the Twig VAE nodes on scaled ones."
+)
+NATIVE_NEEDS = "nothing (the demo model is inside the pack; the preview is a drawing: core nodes run only in ComfyUI)"
+
+
+def native_parts(wf: Workflow, prompt: str, y: int = -280):
+    m, te, v = demo_loaders(wf)
+    nm = wf.add("TwigToNativeModel", (380, 380), model=m[0])
+    nv = wf.add("TwigToNativeVAE", (380, 480), vae=v[0])
+    enc = wf.add("TwigTextEncodeNative", (380, y), size=(420, 290), text_encoder=te[0], positive=prompt, negative="")
+    lat = wf.add("TwigEmptyLatent", (380, 580), aspect_ratio=SQUARE, model=m[0])
+    return nm, nv, enc, lat, te
+
+
+def wf_demo_native() -> Workflow:
+    wf = Workflow("demo_native_text_to_image", "Demo model through core KSampler and VAE Decode",
+                  "the demo model as a native MODEL/CONDITIONING/VAE: core KSampler (euler, simple) and core VAE "
+                  "Decode (128²)", NATIVE_NEEDS)
+    wf.note((-520, -280), (480, 300), "Twig in core nodes", NATIVE_NOTE)
+    nm, nv, enc, lat, _ = native_parts(wf, DEMO_EN)
+    s = wf.add("KSampler", (840, -280), size=(320, 470), model=nm[0], positive=enc[0], negative=enc[1],
+               latent_image=lat[0], seed=10, steps=20, cfg=4.5, sampler_name="euler", scheduler="simple")
+    d = wf.add("VAEDecode", (1200, -280), samples=s[0], vae=nv[0])
+    wf.add("SaveImage", (1560, -280), size=(300, 320), images=d[0], filename_prefix="twig_native")
+    return wf
+
+
+def wf_demo_native_img2img() -> Workflow:
+    wf = Workflow("demo_native_image_to_image", "Demo model: image to image through core nodes",
+                  "core KSampler draws a scene, core VAE Encode and a second KSampler (denoise 0.7) redraw it from "
+                  "an edited prompt", NATIVE_NEEDS)
+    wf.note((-520, -280), (480, 300), "Twig in core nodes", NATIVE_NOTE)
+    nm, nv, enc, lat, te = native_parts(wf, DEMO_EN)
+    edit = wf.add("TwigTextEncodeNative", (380, 50), size=(420, 290), title="Twig Text Encode (native, edit)",
+                  text_encoder=te[0], positive=DEMO_EDIT, negative="")
+    s1 = wf.add("KSampler", (840, -280), size=(320, 470), model=nm[0], positive=enc[0], negative=enc[1],
+                latent_image=lat[0], seed=10, steps=20, cfg=4.5, sampler_name="euler", scheduler="simple")
+    d1 = wf.add("VAEDecode", (840, 230), samples=s1[0], vae=nv[0])
+    wf.add("SaveImage", (840, 330), size=(300, 320), title="First picture", images=d1[0], filename_prefix="twig_native_first")
+    e = wf.add("VAEEncode", (1200, -280), pixels=d1[0], vae=nv[0])
+    s2 = wf.add("KSampler", (1200, -180), size=(320, 470), title="KSampler (denoise 0.7)", model=nm[0],
+                positive=edit[0], negative=edit[1], latent_image=e[0], seed=12, steps=20, cfg=4.5,
+                sampler_name="euler", scheduler="simple", denoise=0.7)
+    d2 = wf.add("VAEDecode", (1200, 330), samples=s2[0], vae=nv[0])
+    wf.add("SaveImage", (1560, -280), size=(300, 320), title="Edited", images=d2[0], filename_prefix="twig_native_edited")
+    return wf
+
+
 BUILDERS = (wf_text_to_image, wf_chinese_long, wf_tipo, wf_face_refine, wf_image_to_image, wf_large, wf_demo,
-            wf_demo_img2img)
+            wf_demo_img2img, wf_demo_native, wf_demo_native_img2img)
 
 
 def workflows() -> list[Workflow]:
@@ -547,6 +603,36 @@ def save_png(image, path: Path, wf: Workflow) -> None:
     buf = io.BytesIO()
     image.save(buf, "PNG", pnginfo=info, optimize=True)
     path.write_bytes(buf.getvalue())
+
+
+THUMB_SIZE = 512  # longest side of a template thumbnail, px
+
+
+def save_thumbnail(png: Path) -> Path:
+    """``<name>.jpg`` beside the preview: what the template browser shows for the workflow."""
+    from PIL import Image
+
+    jpg = png.with_suffix(".jpg")
+    with Image.open(png) as im:
+        im = im.convert("RGB")
+        im.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        im.save(jpg, "JPEG", quality=85, optimize=True)
+    return jpg
+
+
+def thumbnail_problem(png: Path) -> str | None:
+    """Why ``<name>.jpg`` is not the thumbnail of the preview ``png`` (missing, not a JPEG, other proportions)."""
+    from PIL import Image
+
+    jpg = png.with_suffix(".jpg")
+    if not jpg.is_file():
+        return f"{jpg.relative_to(ROOT)} (template thumbnail) is missing"
+    with Image.open(jpg) as im, Image.open(png) as full:
+        want = full.copy()
+        want.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        if im.format != "JPEG" or im.size != want.size:
+            return f"{jpg.relative_to(ROOT)} is not the {want.size} JPEG thumbnail of {png.name}"
+    return None
 
 
 def render_demo(wf: Workflow):
@@ -743,6 +829,9 @@ def check(wfs) -> list[str]:
         chunks = png_chunks(png)
         if json.loads(chunks.get("workflow", "null")) != wf.ui() or json.loads(chunks.get("prompt", "null")) != wf.api():
             problems.append(f"{png.relative_to(ROOT)} carries an older graph")
+        thumb = thumbnail_problem(png)
+        if thumb:
+            problems.append(thumb)
     known = {f"{wf.name}.json" for wf in wfs}
     for extra in sorted(p.name for p in list(HERE.glob("*.json")) + list(API_DIR.glob("*.json")) if p.name not in known):
         problems.append(f"workflows/{extra} is not made by workflows/build.py")
@@ -774,13 +863,15 @@ def main(argv=None) -> int:
         png = HERE / f"{wf.name}.png"
         stale = not png.is_file() or "workflow" not in png_chunks(png) or json.loads(png_chunks(png)["workflow"]) != wf.ui()
         if not (a.previews or stale):
+            if thumbnail_problem(png):
+                print(f"wrote {save_thumbnail(png).relative_to(ROOT)} (thumbnail)")
             continue
         if wf.demo and demo is not None:
             image, kind = render_demo(wf), "render on the demo model"
         else:
             image, kind = render_diagram(wf), "diagram"
         save_png(image, png, wf)
-        print(f"wrote {png.relative_to(ROOT)} ({kind})")
+        print(f"wrote {png.relative_to(ROOT)} ({kind}) and {save_thumbnail(png).relative_to(ROOT)}")
     return 0
 
 

@@ -147,6 +147,33 @@ SPECS = {
         }},
         "output": ("IMAGE",), "output_name": ("IMAGE",), "output_node": False,
     },
+    "KSampler": {
+        "display_name": "KSampler",
+        "input": {"required": {
+            "model": ("MODEL", {}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFF_FFFF_FFFF_FFFF, "control_after_generate": True}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
+            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
+            # the first few of ComfyUI's lists (the workflows use these; a test checks values against them)
+            "sampler_name": (["euler", "euler_ancestral", "heun", "dpmpp_2m", "res_multistep"], {}),
+            "scheduler": (["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal"], {}),
+            "positive": ("CONDITIONING", {}),
+            "negative": ("CONDITIONING", {}),
+            "latent_image": ("LATENT", {}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }},
+        "output": ("LATENT",), "output_name": ("LATENT",), "output_node": False,
+    },
+    "VAEDecode": {
+        "display_name": "VAE Decode",
+        "input": {"required": {"samples": ("LATENT", {}), "vae": ("VAE", {})}},
+        "output": ("IMAGE",), "output_name": ("IMAGE",), "output_node": False,
+    },
+    "VAEEncode": {
+        "display_name": "VAE Encode",
+        "input": {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}},
+        "output": ("LATENT",), "output_name": ("LATENT",), "output_node": False,
+    },
     "PreviewAny": {
         "display_name": "Preview Any",
         "input": {"required": {"source": ("*", {})}},

@@ -7,8 +7,11 @@
 # The script links this repository into COMFY_DIR/custom_nodes/twig, writes tiny random models into
 # COMFY_DIR/models/{diffusion_models,text_encoders,vae}, starts `main.py --cpu` on a free local port,
 # runs client.py's checks against it (import, /object_info, text-to-image, inpaint, interrupt, /free), then
-# browser_check.py in headless Chromium if one is installed (nodes render, token report shows), then every
-# example workflow (workflows_check.py: API forms run, UI forms loaded in the frontend), and stops it.
+# browser_check.py in headless Chromium if one is installed (nodes render, token report shows), then
+# the native path (native_check.py: core samplers and VAE nodes on the native outputs give Twig Sampler's
+# result), then every example workflow (workflows_check.py: API forms run, UI forms loaded in the frontend), and
+# stops it.
+# On exit it removes what it put into COMFY_DIR (the custom_nodes/twig link and the twigcheck_* models).
 # Nothing of ComfyUI is copied into this repository. Where torchvision cannot be imported (no build for
 # this torch), a stand-in carrying the few names imported at start-up is put on PYTHONPATH for this run only.
 set -euo pipefail
@@ -19,12 +22,17 @@ PY="${COMFY_PYTHON:-python3}"
 CLIENT="$REPO/tests/comfy_host/client.py"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/twig-comfy-check.XXXXXX")"
 SERVER_PID=""
+LINK=""
+CHECK_PREFIX="twigcheck"  # client.py's PREFIX: every model the check writes starts with it
 
 cleanup() {
     if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill "$SERVER_PID" 2>/dev/null || true
         wait "$SERVER_PID" 2>/dev/null || true
     fi
+    # what this run put into COMFY_DIR: the link (only if it is ours) and the tiny models
+    if [ -n "${LINK:-}" ] && [ -L "$LINK" ] && [ "$(readlink "$LINK")" = "$REPO" ]; then rm -f "$LINK"; fi
+    rm -rf "$COMFY_DIR"/models/*/"${CHECK_PREFIX}"_*
     echo "[check] ComfyUI log and outputs kept in $WORK"
 }
 trap cleanup EXIT
@@ -35,6 +43,7 @@ if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
     echo "[check] $LINK exists and is not a link; move it away first" >&2
     exit 2
 fi
+mkdir -p "$COMFY_DIR/custom_nodes"
 ln -sfn "$REPO" "$LINK"
 
 # 2. tiny models in ComfyUI's model folders
@@ -71,8 +80,9 @@ if [ $rc -eq 0 ]; then
     (cd "$REPO/tests/comfy_host" && "$PY" browser_check.py --url "http://127.0.0.1:$PORT" --out "$WORK")
     rc=$?
 fi
-# 7. every example workflow: API forms POSTed and run, UI forms loaded and converted in the frontend
+# 7. the native path, then every example workflow: API forms POSTed and run, UI forms loaded and converted in the frontend
 if [ $rc -eq 0 ]; then
+    "$PY" "$REPO/tests/comfy_host/native_check.py" --url "http://127.0.0.1:$PORT" --output "$WORK/output" && \
     "$PY" "$REPO/tests/comfy_host/workflows_check.py" check --url "http://127.0.0.1:$PORT" --output "$WORK/output" && \
     (cd "$REPO/tests/comfy_host" && "$PY" workflows_check.py browser --url "http://127.0.0.1:$PORT" --out "$WORK")
     rc=$?

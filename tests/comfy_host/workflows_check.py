@@ -44,7 +44,8 @@ TIPO_NAME = f"{C.PREFIX}_tipo/"
 PACK = "twig"  # the folder name run_check.sh links the pack under
 TINY = {"model": C.NAMES["model"], "text_encoder": C.NAMES["text_encoder"], "vae": C.NAMES["vae"], "tipo": TIPO_NAME}
 TINY_OVERRIDES = {"TwigTIPO": {"max_new_tokens": 48}}
-EXPECTED_SIZE = {"demo_text_to_image": (128, 128), "demo_image_to_image": (128, 128), "large_2048_tiled": (2048, 2048),
+EXPECTED_SIZE = {"demo_native_text_to_image": (128, 128), "demo_native_image_to_image": (128, 128),
+                 "demo_text_to_image": (128, 128), "demo_image_to_image": (128, 128), "large_2048_tiled": (2048, 2048),
                  "image_to_image": (768, 768), "text_to_image": (1024, 1024)}
 
 
@@ -83,6 +84,9 @@ def check_templates(url: str) -> None:
     status, body = C.get(f"{url}/api/workflow_templates/{PACK}/demo_text_to_image.json")
     C.expect(status == 200 and json.loads(body) == load("demo_text_to_image", api=False),
              "template demo_text_to_image.json served as committed")
+    thumbs = [n for n in names() if C.get(f"{url}/api/workflow_templates/{PACK}/{n}.jpg")[1][:3] == b"\xff\xd8\xff"]
+    C.expect(thumbs == names(), f"template thumbnails (<workflow>.jpg, what the template browser loads) served for "
+                                f"{len(thumbs)} of {len(names())} workflows")
 
 
 def check_token_route(url: str) -> None:
