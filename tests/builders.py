@@ -325,3 +325,29 @@ def save_tiny_tipo_folder(path: str | os.PathLike, seed: int = 0):
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+# ---- inputs and node calls the tests share
+
+
+def transformer_inputs(cfg, b=2, h=8, w=6, n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cfg.in_channels, h, w, generator=g)
+    ctx = torch.randn(b, n, cfg.caption_channels, generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[0, 7:] = 0  # first prompt padded after 7 tokens
+    t = torch.tensor([999.0, 123.5])[:b]
+    return x, t, ctx, mask
+
+
+def empty_latent(w=128, h=96, batch=1):
+    from nodes.latent import TwigEmptyLatent
+
+    return TwigEmptyLatent().generate("custom", w, h, batch)[0]
+
+
+def run_sampler(parts, conds, latent, seed=1, steps=3, cfg=4.5, sampler="flow_dpmpp_2m", denoise=1.0):
+    from nodes.sampling import TwigSampler
+
+    model = parts[0]
+    return TwigSampler().sample(model, conds[0], conds[1], latent, seed, steps, cfg, sampler, 3.0, denoise)[0]

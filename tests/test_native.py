@@ -6,7 +6,9 @@ import types
 import pytest
 import torch
 
-from tests.test_transformer import TINY, inputs
+from tests.builders import empty_latent as empty
+from tests.builders import run_sampler, transformer_inputs
+from tests.test_transformer import TINY
 from twig_core import ops
 from twig_core.errors import TwigError
 from twig_core.transformer import TwigTransformer
@@ -57,7 +59,7 @@ def test_host_operations_build_every_layer_and_cast_every_weight_read():
     assert layers and all(isinstance(m, (host_ops.Linear, host_ops.Conv2d)) for m in layers)
     assert not any(type(m) in (ops.Linear, ops.Conv2d) for m in ours.modules())
 
-    x, t, ctx, mask = inputs(cfg)
+    x, t, ctx, mask = transformer_inputs(cfg)
     with torch.no_grad():
         want, got = ref(x, t, ctx, mask), ours(x, t, ctx, mask)
     # per block: q/k/v (1) + the Mix-FFN's three convolutions (3) go through ``weights``
@@ -82,9 +84,6 @@ def test_incomplete_operations_namespace_is_named():
 # --------------------------------------------------------------------------------------------------
 # Native nodes, outside ComfyUI: what does not need comfy.* (the model itself is checked in the real host by
 # tests/comfy_host/native_check.py)
-
-from tests.test_nodes import conds, empty, models_dir, parts, run_sampler  # noqa: E402,F401  (fixtures)
-
 
 def test_native_conditioning_carries_states_and_mask_padded_to_one_length(conds):
     from nodes.native import to_native

@@ -19,8 +19,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.builders import write_model_folders
+from tests.builders import empty_latent as empty
+from tests.builders import run_sampler
 from twig_core import dcae_exec
+from twig_core import loader  # noqa: F401  (a loader that fails to import fails the run, it is never skipped)
 from twig_core.dcae import DCAE
 from twig_core.text import Conditioning
 from twig_core.transformer import TwigTransformer
@@ -34,48 +36,6 @@ from nodes.loaders import TwigModelLoader, TwigTextEncoderLoader, TwigUnloadMode
 from nodes.sampling import TwigSampler
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def need_loader():
-    import twig_core.loader  # noqa: F401  (a loader that fails to import fails the run, it is never skipped)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_model_folders(root, "tiny")
-    old = os.environ.get("TWIG_MODELS_DIR")
-    os.environ["TWIG_MODELS_DIR"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("TWIG_MODELS_DIR", None)
-    else:
-        os.environ["TWIG_MODELS_DIR"] = old
-
-
-@pytest.fixture(scope="module")
-def parts(models_dir):
-    need_loader()
-    (model,) = TwigModelLoader().load("tiny_twig.safetensors", "fp32")
-    (te,) = TwigTextEncoderLoader().load("tiny_gemma/", 300, "cpu", "fp32")
-    (vae,) = TwigVAELoader().load("tiny_dcae.safetensors", "fp32")
-    return model, te, vae
-
-
-@pytest.fixture(scope="module")
-def conds(parts):
-    _, te, _ = parts
-    out = TwigTextEncode().encode(te, "一只可爱的小猫在窗台上睡觉, a cat on a sunny windowsill", "blurry, low quality")
-    return out["result"][0], out["result"][1]
-
-
-def empty(w=128, h=96, batch=1):
-    return TwigEmptyLatent().generate("custom", w, h, batch)[0]
-
-
-def run_sampler(parts, conds, latent, seed=1, steps=3, cfg=4.5, sampler="flow_dpmpp_2m", denoise=1.0):
-    model = parts[0]
-    return TwigSampler().sample(model, conds[0], conds[1], latent, seed, steps, cfg, sampler, 3.0, denoise)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,7 +125,6 @@ def test_loader_lists_files_and_diffusers_folders(models_dir):
 @pytest.fixture(scope="module")
 def pipeline_folder(models_dir):
     """A diffusers Sana pipeline folder (transformer/, vae/, text_encoder/, tokenizer/) in diffusion_models."""
-    need_loader()
     diffusers = pytest.importorskip("diffusers")
     from tests.builders import build_tiny_gemma2, build_tiny_gemma_tokenizer
     from tests.builders import TINY_DCAE, TINY_TRANSFORMER
@@ -248,7 +207,6 @@ def test_missing_model_names_the_folder(models_dir):
 
 
 def test_wrong_file_is_reported_with_its_name(models_dir):
-    need_loader()
     bad = models_dir / "vae" / "not_a_vae.safetensors"
     save_file({"foo": torch.zeros(3)}, str(bad))
     try:
@@ -476,7 +434,6 @@ def test_vae_reads_its_encoder_on_first_encode_and_the_host_counts_it(models_dir
     """The DC-AE holds its decoder only until something encodes. The host's model manager (a stand-in that
     measures a model as comfy.model_management.module_size does, from its state_dict) sees the decoder
     only while decoding, and the whole model once the Encode node has read the encoder."""
-    need_loader()
     from twig_core import loader
 
     cpu = torch.device("cpu")

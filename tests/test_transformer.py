@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+
+from tests.builders import transformer_inputs
 from diffusers import SanaTransformer2DModel
 
 from twig_core.config import SANA_1600M, SANA_600M, TransformerConfig
@@ -31,16 +33,6 @@ def ours_from(model, cfg):
     return ours
 
 
-def inputs(cfg, b=2, h=8, w=6, n=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, cfg.in_channels, h, w, generator=g)
-    ctx = torch.randn(b, n, cfg.caption_channels, generator=g)
-    mask = torch.ones(b, n, dtype=torch.long)
-    mask[0, 7:] = 0  # first prompt padded after 7 tokens
-    t = torch.tensor([999.0, 123.5])[:b]
-    return x, t, ctx, mask
-
-
 TINY = TransformerConfig(in_channels=8, out_channels=8, width=64, depth=2, heads=4, cross_heads=2,
                          caption_channels=48, sample_size=8)
 
@@ -59,7 +51,7 @@ TINY = TransformerConfig(in_channels=8, out_channels=8, width=64, depth=2, heads
 def test_tiny_parity(cfg):
     ref = diffusers_model(cfg)
     ours = ours_from(ref, cfg)
-    x, t, ctx, mask = inputs(cfg)
+    x, t, ctx, mask = transformer_inputs(cfg)
     with torch.no_grad():
         want = ref(x, ctx, t, encoder_attention_mask=mask).sample
         got = ours(x, t, ctx, mask)
@@ -70,7 +62,7 @@ def test_tiny_parity(cfg):
 def test_caption_cache_equals_direct_call():
     ref = diffusers_model(TINY)
     ours = ours_from(ref, TINY)
-    x, t, ctx, mask = inputs(TINY)
+    x, t, ctx, mask = transformer_inputs(TINY)
     with torch.no_grad():
         direct = ours(x, t, ctx, mask)
         cache = ours.encode_caption(ctx, mask)
@@ -88,7 +80,7 @@ def test_full_width_layer_parity():
     cfg = SANA_1600M.replace(depth=1)
     ref = diffusers_model(cfg)
     ours = ours_from(ref, cfg)
-    x, t, ctx, mask = inputs(cfg, h=8, w=8, n=10)  # 128 token rows: the oneDNN route of ``dense``
+    x, t, ctx, mask = transformer_inputs(cfg, h=8, w=8, n=10)  # 128 token rows: the oneDNN route of ``dense``
     with torch.no_grad():
         want = ref(x, ctx, t, encoder_attention_mask=mask).sample
         got = ours(x, t, ctx, mask)
@@ -115,7 +107,7 @@ def test_presets_have_the_published_sizes():
 
 def test_bad_inputs_raise_clear_errors():
     model = TwigTransformer(TINY).eval()
-    x, t, ctx, mask = inputs(TINY)
+    x, t, ctx, mask = transformer_inputs(TINY)
     with pytest.raises(TwigError, match="channels"):
         model(x[:, :3], t, ctx, mask)
     with pytest.raises(TwigError, match="caption embeddings"):
@@ -136,7 +128,7 @@ def test_sampling_and_training_paths_agree_with_diffusers(monkeypatch, route):
     cfg = TINY.replace(qk_norm=False)
     ref = diffusers_model(cfg)
     ours = ours_from(ref, cfg)
-    x, t, ctx, mask = inputs(cfg)
+    x, t, ctx, mask = transformer_inputs(cfg)
     with torch.no_grad():
         want = ref(x, ctx, t, encoder_attention_mask=mask).sample
         sampled = ours(x, t, ctx, mask)
