@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import sys
 import types
 from pathlib import Path
@@ -434,8 +433,6 @@ def test_vae_reads_its_encoder_on_first_encode_and_the_host_counts_it(models_dir
     """The DC-AE holds its decoder only until something encodes. The host's model manager (a stand-in that
     measures a model as comfy.model_management.module_size does, from its state_dict) sees the decoder
     only while decoding, and the whole model once the Encode node has read the encoder."""
-    from twig_core import loader
-
     cpu = torch.device("cpu")
     mm = types.ModuleType("comfy.model_management")
     mm.current_loaded_models = []

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from tests.builders import tiny_dcae
-from tests.builders import DEMO_PROMPTS, tiny_native_transformer, write_tiny_pipeline
+from tests.builders import DEMO_PROMPTS, tiny_native_transformer
 from twig_core.errors import TwigError
 from twig_core.catalog import DEMO_NAME
 from twig_webui.engine import (FROM_MODEL, Engine, Interrupted, Settings, nearest_choice, native_size,
@@ -28,8 +28,8 @@ PROMPT = DEMO_PROMPTS[0]
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    return write_tiny_pipeline(tmp_path_factory.mktemp("twig") / "tiny_pipeline")
+def pipeline(tiny_pipeline) -> Path:
+    return tiny_pipeline
 
 
 def _engine(tmp_path, pipeline, **kw) -> Engine:
