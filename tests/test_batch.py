@@ -224,3 +224,22 @@ def test_a_malformed_row_is_reported_by_line_and_the_rest_still_run(tmp_path):
     assert r.returncode == 1
     assert "p.jsonl line 2: not valid JSON" in r.stderr and "p.jsonl line 3: field 'steps'" in r.stderr
     assert sorted(_pngs(out)) == ["00000.png", "00003.png"]
+
+
+def test_eval_scores_rows_that_carry_a_demo_scene(tmp_path):
+    from training.evaluate import CATEGORIES, batch_rows
+    from training.scenes import generate_records
+
+    _, held = generate_records(0, 2)
+    rows = batch_rows(held)
+    assert [r["name"] for r in rows] == [f"{held[0]['id']}_en", f"{held[0]['id']}_zh", f"{held[1]['id']}_en",
+                                         f"{held[1]['id']}_zh"]
+    prompts = _write_jsonl(tmp_path / "heldout.jsonl", rows + [{"prompt": "no scene here"}])
+    r = _run(_batch_cmd(prompts, tmp_path / "out", "--eval"))
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.strip().splitlines()
+    assert table[0].split() == ["category", "en", "n", "zh", "n"]
+    scored = {line.split()[0]: line.split()[1:] for line in table[1:]}
+    assert set(scored) == set(CATEGORIES)
+    assert scored["color"][1] == "2" and scored["color"][3] == "2"  # two scenes per language; the plain row is not scored
+    assert all(0 <= float(v) <= 1 for row in scored.values() for v in row[0::2] if v != "-")
