@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="output folder (resumable: complete images are kept)")
     _generation_options(b)
     b.add_argument("--count", type=int, default=1, help="images per row unless the row says")
-    b.add_argument("--eval", action="store_true", help="score the images of rows that carry a demo 'scene'")
+    b.add_argument("--eval", action="store_true", help="score rows that carry a demo scene (python -m training.score)")
     return p
 
 
@@ -141,7 +141,7 @@ def _batch(a: argparse.Namespace) -> int:
             print(f"{len(jobs)} images in {a.out} ({counts['drawn']} drawn by rank 0, "
                   f"{counts['skipped']} already there)", file=sys.stderr)
             if a.eval:
-                print(batch.evaluate(jobs, a.out))
+                print(batch.evaluate(a.prompts, a.out))
     finally:
         batch.leave_world(world)
     return 1 if bad else 0

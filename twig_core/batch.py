@@ -421,37 +421,18 @@ def drawer(parts, *, max_length: int = 300, tile_size="auto", model_name: str = 
 # ---- scoring --------------------------------------------------------------------------------------------------
 
 
-def _language(text: str) -> str:
-    return "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in text) else "en"
+def evaluate(prompts: str | os.PathLike, out: str | os.PathLike) -> str:
+    """Score what a batch drew with the demo model's pixel evaluator (``python -m training.score``, a program of
+    the repository's training recipe, which the engine never imports): a table per prompt language."""
+    import subprocess
+    import sys
 
-
-def evaluate(jobs: list[Job], out: str | os.PathLike) -> str:
-    """Score the images of rows that carry a demo ``scene`` with the demo evaluator (position, colour, count,
-    shape, background from pixels); a table per prompt language."""
-    try:
-        from training import evaluate as ev
-    except ImportError as e:
-        raise TwigError("--eval needs the repository's training package (run from the repository folder): "
-                        f"{e}") from None
-    from PIL import Image
-
-    results: dict[str, list] = {}
-    for job in jobs:
-        path = Path(out) / job.file
-        if job.scene is None or not path.is_file():
-            continue
-        with Image.open(path) as im:
-            res = ev.evaluate_image(job.scene, im.convert("RGB"), job.check_background)
-        results.setdefault(_language(job.prompt), []).append(res)
-    if not results:
-        return "nothing to score: no row of the prompt file carries a 'scene'"
-    langs = sorted(results)
-    table = {lang: ev.aggregate(results[lang]) for lang in langs}
-    lines = [f"{'category':<12}" + "".join(f"{lang:>8}{'n':>6}" for lang in langs)]
-    for cat in ev.CATEGORIES:
-        cells = []
-        for lang in langs:
-            acc, n = table[lang][cat]["accuracy"], table[lang][cat]["n"]
-            cells.append(f"{'-' if n == 0 else f'{acc:.3f}':>8}{n:>6}")
-        lines.append(f"{cat:<12}" + "".join(cells))
-    return "\n".join(lines)
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "training" / "score.py").is_file():
+        raise TwigError(f"--eval needs the repository's training/ folder beside twig_core/ ({root})")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "training.score", str(prompts), str(out)], cwd=root, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise TwigError(f"--eval: scoring failed: {done.stderr.strip()[-2000:]}")
+    return done.stdout.rstrip("\n")
