@@ -11,7 +11,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SRC="$(cd "${1:-$REPO/../shared/comfyui}" && pwd)"
-VENV="${2:-$REPO/.venv-comfy}"
+VENV="$(realpath -m "${2:-$REPO/.venv-comfy}")"  # absolute: the check runs ComfyUI from its own folder
 
 if [ "${COMFY_VENV_REBUILD:-0}" = 1 ] || [ ! -x "$VENV/bin/python" ]; then
     rm -rf "$VENV"
