@@ -1,5 +1,7 @@
 """The command line writes a PNG with its parameters, from user-style model files, and reports bad input."""
 
+import json
+
 from PIL import Image
 
 from tests.builders import write_model_folders
@@ -38,3 +40,24 @@ def test_bad_size_and_missing_file_are_reported(tmp_path, capsys):
     missing = [str(tmp_path / "nope.safetensors") if a.endswith(names["vae"]) else a for a in base]
     assert main(missing + ["--width", "64", "--height", "64"]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_long_prompt_truncation_is_reported_without_the_tokenizer_warning(tmp_path, capfd):
+    names = write_model_folders(tmp_path / "models")
+    m = tmp_path / "models"
+    # as in the demo model's tokenizer: transformers warns about any longer text it tokenizes untruncated
+    config = m / "text_encoders" / names["text_encoder"] / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "model_max_length": 300}))
+    long_prompt = " ".join(["a red circle on the left and a blue square on the right"] * 30)  # 810 tokens
+    base = ["generate", "--prompt", long_prompt, "--steps", "1", "--width", "64", "--height", "64",
+            "--transformer", str(m / "diffusion_models" / names["model"]),
+            "--text-encoder", str(m / "text_encoders" / names["text_encoder"]), "--vae", str(m / "vae" / names["vae"]),
+            "--out", str(tmp_path / "x.png")]
+    assert main(base + ["--max-length", "300"]) == 0
+    err = capfd.readouterr().err
+    assert "warning: prompt has " in err and "fit in 300;" in err and "dropped from the end" in err
+    assert "Token indices sequence length" not in err
+    assert main(base + ["--max-length", "1200"]) == 0
+    err = capfd.readouterr().err
+    assert "Token indices sequence length" not in err
+    assert "warning: prompt has" not in err

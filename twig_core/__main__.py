@@ -93,6 +93,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
         pic = Image.open(path)
         init = img.pil_to_model(pic.resize((width, height), Image.LANCZOS))
     total = a.steps if init is None else max(1, round(a.steps * a.denoise))
+    _warn_truncation(text_encoder, a.prompt, a.negative if a.cfg != 1.0 else None, a.max_length)
 
     started = time.perf_counter()
     with tqdm(total=total, desc="sampling", unit="step", file=sys.stderr) as bar:
@@ -135,6 +136,11 @@ def _batch(a: argparse.Namespace) -> int:
         draw = None
         if jobs:
             parts = _load(a, device)
+            if world.rank == 0:
+                for job in jobs:
+                    if job.k == 0:
+                        _warn_truncation(parts.text_encoder, job.prompt, job.negative if job.cfg != 1.0 else None,
+                                         a.max_length, f"{a.prompts} line {job.line}: ")
             draw = batch.drawer(parts, max_length=a.max_length, tile_size=_tile(a.tile))
         counts = batch.run(jobs, a.out, draw, world)
         if world.rank == 0:
@@ -145,6 +151,11 @@ def _batch(a: argparse.Namespace) -> int:
     finally:
         batch.leave_world(world)
     return 1 if bad else 0
+
+
+def _warn_truncation(text_encoder, prompt: str, negative: str | None, max_length: int, where: str = "") -> None:
+    for line in text_encoder.truncation_warnings(prompt, negative, max_length):
+        print(f"warning: {where}{line}", file=sys.stderr)
 
 
 def _tile(value: str):

@@ -373,17 +373,19 @@ class TextEncoder:
         return prompt.lower() if self.lowercase else prompt
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        # verbose=False: these counts tokenize the whole prompt on purpose; without it transformers warns that the
+        # sequence is "longer than the specified maximum sequence length" although encode() truncates it
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def _n_special(self) -> int:
-        return len(self.tokenizer("", add_special_tokens=True)["input_ids"])
+        return len(self.tokenizer("", add_special_tokens=True, verbose=False)["input_ids"])
 
     def _total_length(self, max_length: int, use_instruction: bool) -> int:
         """Padded length of the tokenized sequence before selection."""
         if not (use_instruction and self.instruction):
             return max_length
         # instruction tokens counted with <bos>, as Sana counts them
-        return len(self.tokenizer(self.instruction, add_special_tokens=True)["input_ids"]) + max_length - 2
+        return len(self.tokenizer(self.instruction, add_special_tokens=True, verbose=False)["input_ids"]) + max_length - 2
 
     def _report(self, text: str, max_length: int, use_instruction: bool) -> TokenReport:
         if use_instruction and self.instruction:
@@ -396,6 +398,21 @@ class TextEncoder:
         room = self._total_length(max_length, use_instruction) - self._n_special()
         dropped = max(0, len(full) - room)
         return TokenReport(prompt_tokens=own, kept_tokens=max(0, own - dropped))
+
+    def truncation_warnings(self, prompt: str, negative: str | None, max_length: int = SANA_MAX_LENGTH,
+                            setting: str = "--max-length") -> list[str]:
+        """One line per prompt (positive, then negative unless it is None) that ``max_length`` would cut, with
+        counts; ``setting`` names the knob that raises the budget."""
+        lines = []
+        for label, text, instruction in (("prompt", prompt, True), ("negative prompt", negative, False)):
+            if text is None:
+                continue
+            r = self.token_report(text, max_length, instruction)
+            if r.truncated:
+                lines.append(f"{label} has {r.prompt_tokens} tokens but only {r.kept_tokens} fit in {max_length}; "
+                             f"{r.dropped_tokens} dropped from the end — raise {setting} (up to {MAX_LENGTH_LIMIT}) "
+                             f"or shorten the prompt")
+        return lines
 
     def count_tokens(self, prompt: str, use_instruction: bool = True) -> int:
         """Tokens the prompt itself occupies, without ``<bos>`` and without the instruction.
