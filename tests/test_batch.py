@@ -100,11 +100,27 @@ def test_seeds_are_fixed_by_the_row_not_by_the_rows_around_it(tmp_path):
     ({"prompt": "x", "count": 0}, "count must be"),
     ({"prompt": "x", "name": "../escape"}, "not a plain file name"),
     ([1, 2], "must be a JSON object"),
+    ({"prompt": "x", "cfg": -1}, "cfg must be between 0 and 30"),
+    ({"prompt": "x", "cfg": 31}, "cfg must be between 0 and 30"),
+    ({"prompt": "x", "steps": 0}, "steps must be a whole number ≥ 1"),
+    ({"prompt": "x", "shift": 0}, "shift must be > 0"),
+    ({"prompt": "x", "width": 100}, "width must be a positive multiple of 32"),
 ])
 def test_malformed_rows_are_named_by_line(tmp_path, row, words):
     jobs, bad = batch.read_jobs(_write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, row]))
     assert [j.prompt for j in jobs] == ["fine"]
     assert len(bad) == 1 and bad[0].line == 2 and words in str(bad[0]), bad
+
+
+@pytest.mark.parametrize("defaults, words", [
+    (batch.Defaults(cfg=-1.0), "cfg must be between 0 and 30"),
+    (batch.Defaults(steps=0), "steps must be"),
+    (batch.Defaults(shift=-3.0), "shift must be > 0"),
+    (batch.Defaults(height=70), "height must be"),
+])
+def test_out_of_range_defaults_are_refused_before_reading(tmp_path, defaults, words):
+    with pytest.raises(TwigError, match=words):
+        batch.read_jobs(_write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}]), defaults)
 
 
 def test_two_rows_writing_one_file_refuse_the_later_row(tmp_path):

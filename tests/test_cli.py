@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from tests.builders import write_model_folders
@@ -61,3 +62,22 @@ def test_long_prompt_truncation_is_reported_without_the_tokenizer_warning(tmp_pa
     err = capfd.readouterr().err
     assert "Token indices sequence length" not in err
     assert "warning: prompt has" not in err
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--cfg", "-1"], "cfg must be between 0 and 30, got -1.0"),
+    (["--cfg", "nan"], "cfg must be between 0 and 30"),
+    (["--steps", "0"], "steps must be a whole number ≥ 1"),
+    (["--shift", "0"], "shift must be > 0"),
+    (["--image", "in.png", "--denoise", "1.5"], "denoise must be in (0, 1]"),
+    (["--max-length", "5000"], "max_length must be between 2 and 1200"),
+])
+def test_out_of_range_settings_are_refused_before_loading(tmp_path, capsys, option, words):
+    # no model is given: the settings are refused before the demo model would load
+    assert main(["generate", "--prompt", "x", "--transformer", str(tmp_path / "absent"), *option]) == 2
+    assert words in capsys.readouterr().err
+    (tmp_path / "p.txt").write_text("a cat\n")
+    if option[0] not in ("--image",):
+        assert main(["batch", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
+                     "--transformer", str(tmp_path / "absent"), *option]) == 2
+        assert words in capsys.readouterr().err

@@ -81,6 +81,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     from . import image as img
     from .pipeline import generate
 
+    _check(a, denoise=a.denoise if a.image else None)
     parts = _load(a)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
     native = transformer.config.sample_size * 32
@@ -119,6 +120,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
 def _batch(a: argparse.Namespace) -> int:
     from . import batch
 
+    _check(a)
     defaults = batch.Defaults(negative=a.negative, seed=a.seed, width=a.width, height=a.height, steps=a.steps,
                               cfg=a.cfg, sampler=a.sampler, shift=a.shift, count=a.count)
     jobs, bad = batch.read_jobs(a.prompts, defaults)
@@ -151,6 +153,15 @@ def _batch(a: argparse.Namespace) -> int:
     finally:
         batch.leave_world(world)
     return 1 if bad else 0
+
+
+def _check(a: argparse.Namespace, denoise: float | None = None) -> None:
+    """The nodes' ranges for the options, before any model loads."""
+    from .sampling import check_settings
+    from .text import check_max_length
+
+    check_settings(steps=a.steps, cfg=a.cfg, denoise=denoise, shift=a.shift, width=a.width, height=a.height)
+    check_max_length(a.max_length)
 
 
 def _warn_truncation(text_encoder, prompt: str, negative: str | None, max_length: int, where: str = "") -> None:

@@ -165,7 +165,14 @@ def _records(path: Path, text: str) -> list[tuple[int, dict | BadRow]]:
 
 
 def read_jobs(path: str | os.PathLike, defaults: Defaults = Defaults()) -> tuple[list[Job], list[BadRow]]:
-    """Every image the prompt file asks for, in order, and the rows that could not be read."""
+    """Every image the prompt file asks for, in order, and the rows that could not be read.
+
+    Settings outside the nodes' ranges (:func:`twig_core.sampling.check_settings`) make a row bad; in ``defaults``
+    they raise TwigError before the file is read."""
+    from .sampling import check_settings
+
+    check_settings(steps=defaults.steps, cfg=defaults.cfg, shift=defaults.shift, width=defaults.width,
+                   height=defaults.height)
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -195,9 +202,12 @@ def read_jobs(path: str | os.PathLike, defaults: Defaults = Defaults()) -> tuple
             stem = values.get("name") or f"{row:05d}"
             if any(c in stem for c in "/\\\0") or stem in (".", ".."):
                 raise TwigError(f"{where}: name {stem!r} is not a plain file name")
-            for key in ("steps",):
-                if values.get(key, 1) < 1:
-                    raise TwigError(f"{where}: {key} must be ≥ 1")
+            try:
+                check_settings(steps=values.get("steps", defaults.steps), cfg=values.get("cfg", defaults.cfg),
+                               shift=values.get("shift", defaults.shift), width=values.get("width", defaults.width),
+                               height=values.get("height", defaults.height))
+            except TwigError as e:
+                raise TwigError(f"{where}: {e}") from None
             for k in range(count):
                 jobs.append(Job(
                     index=len(jobs), row=row, line=line, k=k,

@@ -23,6 +23,29 @@ Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 Callback = Callable[[dict], None]
 
 
+CFG_MAX = 30.0  # the nodes' cfg widget range is 0 … CFG_MAX
+
+
+def check_settings(*, steps=None, cfg=None, denoise=None, shift=None, width=None, height=None) -> None:
+    """Raise TwigError when a sampling setting is outside the range the nodes offer; ``None`` skips a setting.
+
+    The one check every front end runs (command line, batch rows and defaults, WebUI tab), so a value the
+    nodes refuse is refused everywhere: steps ≥ 1, cfg 0 … 30, denoise in (0, 1], shift > 0, width and height
+    positive multiples of 32."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise TwigError(f"steps must be a whole number ≥ 1, got {steps!r}")
+    if cfg is not None and not (isinstance(cfg, (int, float)) and 0.0 <= cfg <= CFG_MAX):
+        raise TwigError(f"cfg must be between 0 and {CFG_MAX:g}, got {cfg!r}")
+    if denoise is not None and not (isinstance(denoise, (int, float)) and 0.0 < denoise <= 1.0):
+        raise TwigError(f"denoise must be in (0, 1], got {denoise!r}")
+    if shift is not None and not (isinstance(shift, (int, float)) and 0.0 < shift < math.inf):
+        raise TwigError(f"shift must be > 0, got {shift!r}")
+    if width is not None or height is not None:
+        from .resolution import check_size
+
+        check_size(64 if width is None else width, 64 if height is None else height)
+
+
 def shift_sigma(sigma, shift: float):
     """Resolution shift of the flow schedule: s*sigma / (1 + (s-1)*sigma)."""
     return shift * sigma / (1 + (shift - 1) * sigma)

@@ -342,6 +342,7 @@ class Engine:
 
         from twig_core.pipeline import generate
         from twig_core.resolution import check_size
+        from twig_core.sampling import check_settings
 
         started = time.perf_counter()
         prompt = (s.prompt or "").strip()
@@ -352,6 +353,7 @@ class Engine:
         steps, batch = int(s.steps), int(s.batch_size)
         if steps < 1 or batch < 1:
             raise TwigError("steps and batch size must be at least 1")
+        check_settings(steps=steps, cfg=float(s.cfg))
         self.check()
         parts = self.load(s, progress)
         self.check()
