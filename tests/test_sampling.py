@@ -109,3 +109,34 @@ def test_nan_latent_is_reported_not_returned():
 
     with pytest.raises(TwigError, match="NaN"):
         sampling.sample_flow_euler(broken, torch.zeros(1, 4, 2, 2), sampling.flow_sigmas(3, 3.0, "flow_euler"))
+
+
+class _NaNModel:
+    """A transformer stand-in computing in ``dtype`` whose prediction is NaN."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def encode_caption(self, embeds, mask):
+        return None
+
+    def __call__(self, x, t, caption):
+        return torch.full_like(x, float("nan"))
+
+
+@pytest.mark.parametrize("dtype, says, never", [
+    (torch.float16, "fp16 overflow — try bf16 or fp32", None),
+    (torch.bfloat16, "try fp32", "fp16 overflow"),
+    (torch.float32, "not overflow: the model or its inputs produced non-finite values — check the weights file",
+     "fp16"),
+])
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
+def test_nan_hint_fits_the_compute_dtype(dtype, says, never, sampler):
+    cond = type("Cond", (), {"embeds": torch.zeros(1, 2, 4), "mask": torch.ones(1, 2, dtype=torch.long)})()
+    denoise = sampling.make_denoiser(_NaNModel(dtype), cond, cfg=1.0)
+    with pytest.raises(TwigError, match="step 1") as e:
+        sampling.get_sampler(sampler).function(denoise, torch.zeros(1, 4, 2, 2), sampling.flow_sigmas(3, 3.0, sampler))
+    assert says in str(e.value)
+    assert never is None or never not in str(e.value)

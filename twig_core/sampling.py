@@ -78,12 +78,23 @@ def flow_euler_schedule(total: int, shift: float) -> torch.Tensor:
     return torch.linspace(1.0, shift_sigma(0.001, shift), total, dtype=torch.float64)
 
 
-def _check(x: torch.Tensor, i: int) -> None:
+def nonfinite_hint(dtype: torch.dtype | None) -> str:
+    """What a NaN/inf in a run computing in ``dtype`` most likely means, and what to try."""
+    if dtype == torch.float16:
+        return "this usually means fp16 overflow — try bf16 or fp32 compute, or check the model file"
+    if dtype == torch.bfloat16:
+        return "bf16 rarely overflows, but it can — try fp32 compute, or check the model file"
+    if dtype is not None and dtype.is_floating_point and torch.finfo(dtype).bits >= 32:
+        return (f"the run computes in {str(dtype).removeprefix('torch.')}, so this is not overflow: the model or its "
+                "inputs produced non-finite values — check the weights file (a damaged or wrong-model checkpoint) "
+                "and the input image or latent")
+    return "if the model computes in fp16 try bf16 or fp32, else check the weights file"
+
+
+def _check(x: torch.Tensor, i: int, denoise=None) -> None:
     if not torch.isfinite(x).all():
-        raise TwigError(
-            f"the latent became NaN/inf at step {i + 1}; this usually means fp16 overflow — "
-            "try bf16 or fp32 compute, or check the model file"
-        )
+        dtype = getattr(denoise, "compute_dtype", None)
+        raise TwigError(f"the latent became NaN/inf at step {i + 1}; {nonfinite_hint(dtype)}")
 
 
 @torch.no_grad()
@@ -94,7 +105,7 @@ def sample_flow_euler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, 
         x0 = denoise(x, s)
         v = (x - x0) / s
         x = x + (s_next - s) * v
-        _check(x, i)
+        _check(x, i, denoise)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "denoised": x0})
     return x
@@ -125,7 +136,7 @@ def sample_flow_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
                 d = x0 + (0.5 / r) * (x0 - prev_x0)
             x = (s_next / s) * x - coef * d
         prev_x0, lam_prev = x0, lam
-        _check(x, i)
+        _check(x, i, denoise)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "denoised": x0})
     return x
@@ -198,6 +209,8 @@ def make_denoiser(
         if inpaint is not None:
             x0 = x0 * m + orig * (1 - m)
         return x0
+
+    denoise.compute_dtype = model.dtype  # for the NaN message: which overflow (if any) to suspect
 
     return denoise
 
