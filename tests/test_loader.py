@@ -829,6 +829,24 @@ def test_code_running_pickle_is_refused(tmp_path, how):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pytorch_file_named_safetensors_loads_by_its_bytes(tmp_path, zip_format):
+    sd = nvlabs_sd(ours())
+    save_file(sd, tmp_path / "real.safetensors")
+    renamed = tmp_path / "renamed.safetensors"
+    torch.save(sd, renamed, _use_new_zipfile_serialization=zip_format)
+    want = loader.load_transformer(tmp_path / "real.safetensors").state_dict()
+    got = loader.load_transformer(renamed).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # the renamed file still goes through the safe reader: a code-running pickle is refused, naming the file
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": sd, "extra": _Evil(str(marker))}, tmp_path / "evil.safetensors",
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(TwigError, match=r"evil\.safetensors.*refused"):
+        loader.load_transformer(tmp_path / "evil.safetensors")
+    assert not marker.exists()
+
+
 def test_truncated_and_corrupt_files(tmp_path):
     sd = nvlabs_sd(ours())
     save_file(sd, tmp_path / "ok.safetensors")

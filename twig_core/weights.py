@@ -158,15 +158,21 @@ class TorchFile(Weights):
 
         self.path = self.label = path
         try:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
-            except pickle.UnpicklingError:
-                raise
-            except Exception:
-                if not zip_format:
+            if path.endswith(".safetensors"):
+                # a PyTorch file named .safetensors: torch.load picks the safetensors reader by the name and fails
+                # with "header too large", so it gets the bytes through a file object (read, not memory-mapped)
+                with open(path, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+            else:
+                try:
+                    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
+                except pickle.UnpicklingError:
                     raise
-                # some platforms/filesystems cannot memory-map; a truly broken file fails again below
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                except Exception:
+                    if not zip_format:
+                        raise
+                    # some platforms/filesystems cannot memory-map; a truly broken file fails again below
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             m = re.search(r"Unsupported (?:global|operand)[^.]*|Unsupported class[^.]*", str(e))
             why = m.group(0).strip() if m else "it is not a plain tensor checkpoint"
