@@ -939,3 +939,26 @@ def test_broken_shards(tmp_path):
     with pytest.raises(TwigError, match=r"index\.json.*transformer_blocks\.9\.attn1\.to_q\.weight"):
         loader.load_transformer(folder)
 
+
+
+def test_load_parts_says_what_the_transformer_path_really_is(tmp_path):
+    import shutil
+
+    from tests.builders import write_tiny_pipeline
+
+    root = write_tiny_pipeline(tmp_path / "pipe")
+    for part, words in (("vae", "DC-AE autoencoder (VAE), not a Sana/Twig transformer; give it as the VAE"),
+                        ("text_encoder", "Gemma-2 text encoder, not a Sana/Twig transformer; give it as the text")):
+        for others in ((), (root, root)):  # alone (as the command line's --transformer) or with the other parts
+            with pytest.raises(TwigError) as e:
+                loader.load_parts(root / part, *others)
+            assert str(root / part) in str(e.value) and words in str(e.value)
+            assert "holds no text encoder" not in str(e.value)
+    # a folder with a config.json and no weights
+    for part, words in (("vae", "not a Sana/Twig transformer"), ("transformer", "no weights found")):
+        only = tmp_path / f"{part}_config_only"
+        only.mkdir()
+        shutil.copy(root / part / "config.json", only / "config.json")
+        with pytest.raises(TwigError) as e:
+            loader.load_parts(only)
+        assert str(only) in str(e.value) and words in str(e.value) and "holds no text encoder" not in str(e.value)

@@ -14,6 +14,7 @@ entry that the command line, the ComfyUI nodes and the WebUI tab use.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from .devices import WEIGHT_DTYPE_CHOICES, resolve_dtype, weight_dtype_kwargs  #
 from .devices import text_dtype as _text_dtype
 from .errors import TwigError
 from .gemma import gemma2_config_from_shapes, load_text_encoder
-from .layout import classify, detect
+from .layout import KIND_NAMES, classify, component_folder, detect, pick_weight_set
 from .networks import load_transformer, load_vae
 from .tokenizer import load_tokenizer, tokenizer_from_spiece
 from .weights import PrefixedWeights, SafetensorsFile, TorchFile, UnionWeights, Weights, open_weights
@@ -66,7 +67,15 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
     if transformer is None:
         raise TwigError("no transformer given (a checkpoint file, a diffusers folder or a pipeline folder)")
     dtype = resolve_dtype(dtype, device)
-    whole = detect(transformer) == "pipeline"
+    kind = detect(transformer)
+    if kind not in ("pipeline", "transformer"):
+        # checked before the missing parts: a VAE given as the transformer is not "a transformer without a VAE"
+        raise TwigError(f"{transformer}: this is a {KIND_NAMES[kind]}, not a Sana/Twig transformer; give it as the "
+                        f"{'VAE' if kind == 'vae' else 'text encoder'}, and as the transformer a Sana checkpoint "
+                        "file, a diffusers transformer folder or a pipeline folder")
+    if kind == "transformer" and os.path.isdir(transformer):
+        pick_weight_set(component_folder(os.fspath(transformer), kind), None, None)  # a config.json and no weights
+    whole = kind == "pipeline"
     text_encoder = text_encoder if text_encoder is not None else (transformer if whole else None)
     vae = vae if vae is not None else (transformer if whole else None)
     if text_encoder is None:
