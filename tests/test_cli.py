@@ -81,3 +81,38 @@ def test_out_of_range_settings_are_refused_before_loading(tmp_path, capsys, opti
         assert main(["batch", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"),
                      "--transformer", str(tmp_path / "absent"), *option]) == 2
         assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("package, words", [("twig_core", "{generate,batch}"), ("twig_webui", "--models-dir")])
+def test_package_folder_runs_as_a_script_from_any_folder(tmp_path, package, words):
+    """``python /path/to/pack/twig_core --help`` from elsewhere: no package and no pack root on sys.path."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for target in (root / package, root / package / "__main__.py"):
+        done = subprocess.run([sys.executable, str(target), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert words in done.stdout
+
+
+def test_webui_folder_runs_as_a_script_from_any_folder(tmp_path):
+    """``python /path/to/pack/twig_webui`` gets past its own imports (gradio stubbed: the first use of it stops)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stub = tmp_path / "stub" / "gradio"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("def __getattr__(name):\n    raise SystemExit(f'stub gradio: {name}')\n")
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(tmp_path / "stub")}
+    done = subprocess.run([sys.executable, str(root / "twig_webui"), "--models-dir", str(tmp_path / "models"),
+                           "--outdir", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "stub gradio: " in done.stderr and "Error" not in done.stderr, done.stderr
