@@ -7,20 +7,12 @@ The same gradio UI as the WebUI tab, served on localhost. Models are picked from
 
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:
-    # run as a script (``python /path/to/pack/twig_webui ...``): there is no package for the relative imports below,
-    # and this folder, not the pack's, is first on sys.path; put the pack root there and run the package's module
-    import os as _os
-    import sys as _sys
+if __name__ == "__main__" and not __package__:  # run as a script, ``python /path/to/pack/twig_webui ...``
+    import os as _os, runpy as _runpy, sys as _sys  # noqa: E401  (the pack root replaces this folder on sys.path)
 
-    _here = _os.path.dirname(_os.path.abspath(__file__))
-    if _sys.path and _os.path.abspath(_sys.path[0] or ".") == _here:
-        _sys.path[0] = _os.path.dirname(_here)
-    else:
-        _sys.path.insert(0, _os.path.dirname(_here))
-    from twig_webui.__main__ import main as _main
-
-    _sys.exit(_main())
+    _sys.path[0] = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _runpy.run_module("twig_webui", run_name="__main__", alter_sys=True)
+    raise SystemExit
 
 import argparse
 import logging
