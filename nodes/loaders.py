@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from twig_core import loader
 from twig_core.devices import DTYPE_CHOICES, WEIGHT_DTYPE_CHOICES, weight_dtype_kwargs
+from twig_core.errors import TwigError
 from twig_core.text import MAX_LENGTH_LIMIT, SANA_MAX_LENGTH
 
 from . import host
@@ -26,6 +27,17 @@ def _choices(kinds, pipeline_kinds=()):
 def resolve(name, kinds, pipeline_kinds=()) -> str:
     """Full path for a loader choice: the embedded demo, or a file/folder in the model folders."""
     return host.resolve_model(name, kinds, pipeline_kinds)
+
+
+def validate(name, kinds, pipeline_kinds=()):
+    """A loader's check of its file choice when a prompt is queued (ComfyUI calls VALIDATE_INPUTS instead of its
+    bare "Value not in list"): True, or which folder the file belongs in (e.g. a shared workflow whose weights are
+    not installed yet)."""
+    try:
+        resolve(name, kinds, pipeline_kinds)
+    except TwigError as e:
+        return f"{e}; put it there and refresh (R), or pick another"
+    return True
 
 
 DTYPE_INPUT = list(DTYPE_CHOICES)
@@ -62,6 +74,10 @@ class TwigModelLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, model_name):
+        return validate(model_name, MODEL_FOLDERS)
+
     @node_errors("Twig Model Loader")
     def load(self, model_name, dtype="auto", weight_dtype="same"):
         path = resolve(model_name, MODEL_FOLDERS)
@@ -95,6 +111,10 @@ class TwigTextEncoderLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, text_encoder_name):
+        return validate(text_encoder_name, TEXT_FOLDERS, MODEL_FOLDERS)
+
     @node_errors("Twig Text Encoder Loader")
     def load(self, text_encoder_name, max_tokens=SANA_MAX_LENGTH, device="default", dtype="auto"):
         path = resolve(text_encoder_name, TEXT_FOLDERS, MODEL_FOLDERS)
@@ -126,6 +146,10 @@ class TwigVAELoader:
     RETURN_NAMES = ("vae",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, vae_model):
+        return validate(vae_model, VAE_FOLDERS, MODEL_FOLDERS)
 
     @node_errors("Twig VAE Loader")
     def load(self, vae_model, dtype="auto", weight_dtype="same"):

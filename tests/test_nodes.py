@@ -205,6 +205,21 @@ def test_missing_model_names_the_folder(models_dir):
         TwigVAELoader().load("../diffusion_models/tiny_twig.safetensors", "auto")
 
 
+def test_queued_workflow_with_missing_weights_names_their_folder(models_dir):
+    """ComfyUI calls VALIDATE_INPUTS instead of its bare 'Value not in list' check for these inputs."""
+    import inspect
+
+    for node, name, folder in ((TwigModelLoader, "twig_v0_alpha.pth", "models/diffusion_models"),
+                               (TwigTextEncoderLoader, "gemma-2-2b-it/", "models/text_encoders"),
+                               (TwigVAELoader, "dc-ae-f32c32-sana-1.0-diffusers/", "models/vae")):
+        arg = list(inspect.signature(node.VALIDATE_INPUTS).parameters)
+        assert arg == [next(iter(node.INPUT_TYPES()["required"]))]  # the combo input's own name
+        message = node.VALIDATE_INPUTS(name)
+        assert isinstance(message, str) and name in message and folder in message, message
+    assert TwigModelLoader.VALIDATE_INPUTS("tiny_twig.safetensors") is True
+    assert TwigVAELoader.VALIDATE_INPUTS("tiny_dcae.safetensors") is True
+
+
 def test_wrong_file_is_reported_with_its_name(models_dir):
     bad = models_dir / "vae" / "not_a_vae.safetensors"
     save_file({"foo": torch.zeros(3)}, str(bad))

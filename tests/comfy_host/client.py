@@ -279,6 +279,17 @@ def check_t2i(url: str, output_dir: str, seed: int, what: str, watch: bool = Fal
         expect(im.size == (256, 192) and im.mode == "RGB", f"{what}: image is 256x192 RGB")
 
 
+def check_missing_weights(url: str) -> None:
+    """A shared workflow whose weights are not installed: /prompt refuses it naming the folder of each file."""
+    prompt = t2i_prompt()
+    prompt["1"]["inputs"]["model_name"] = "twig_v0_alpha.pth"
+    prompt["3"]["inputs"]["vae_model"] = "dc-ae-f32c32-sana-1.0-diffusers/"
+    status, body = post_json(url + "/prompt", {"prompt": prompt, "client_id": CLIENT_ID})
+    text = json.dumps(body)
+    expect(status == 400 and "twig_v0_alpha.pth" in text and "models/diffusion_models" in text
+           and "models/vae" in text, f"a graph naming missing weights is refused with their folders ({status})")
+
+
 def check_interrupt(url: str) -> None:
     pid = queue_prompt(url, long_run_prompt())
     t0 = time.time()
@@ -404,6 +415,7 @@ def main() -> int:
         wait_for_server(a.url, a.pid)
         check_import(a.log)
         check_object_info(a.url)
+        check_missing_weights(a.url)
         check_t2i(a.url, a.output, seed=0, what="text-to-image", watch=True)
         first = sorted(f for f in os.listdir(a.output) if f.startswith("twig_check_") and f.endswith(".png"))[0]
         run_to_image(a.url, a.output, inpaint_prompt(first), "image-to-image inpaint (right half masked)")
