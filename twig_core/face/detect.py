@@ -34,6 +34,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from ..errors import TwigError
+from .masks import convex_hull, polygon_mask
 
 MEDIAPIPE_PIN = "mediapipe==0.10.21"
 MEDIAPIPE_HINT = f"pip install {MEDIAPIPE_PIN} (Python 3.12 or older)"
@@ -783,38 +784,3 @@ def detect_faces(image, detector: Detector | str, confidence: float = 0.3, tiles
         return detector.detect(img, confidence, tiles, turns)
     found, several = _single_passes(detector, img, confidence, tiles, turns)
     return merge_detections(found) if several else found
-
-
-# --------------------------------------------------------------------------------------------------
-# Small geometry helpers (no OpenCV needed)
-
-
-def convex_hull(points: np.ndarray) -> np.ndarray:
-    """Convex hull (Andrew's monotone chain) of [N,2] points, counter-clockwise, as [M,2]."""
-    pts = sorted(set(map(tuple, np.asarray(points, dtype=np.float64).tolist())))
-    if len(pts) <= 2:
-        return np.array(pts, dtype=np.float64)
-
-    def cross(o, a, b):
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-    lower, upper = [], []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    for p in reversed(pts):
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
-
-
-def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
-    """bool [H,W] mask of a filled polygon."""
-    from PIL import Image, ImageDraw
-
-    im = Image.new("L", (width, height), 0)
-    if len(polygon) >= 3:
-        ImageDraw.Draw(im).polygon([tuple(p) for p in polygon.tolist()], fill=255, outline=255)
-    return np.asarray(im) > 127

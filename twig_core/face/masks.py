@@ -1,9 +1,10 @@
-"""Mask operations and crop planning for face refine (plain torch, no OpenCV).
+"""Mask operations and crop planning for face refine (torch, and PIL for polygons; no OpenCV).
 
 Masks are float tensors [H,W] in 0..1 (1 = face). ``grow`` dilates (px > 0) or erodes (px < 0) with a square
 kernel, as ADetailer's erosion/dilation does; ``feather`` blurs with a Gaussian truncated at ``px`` pixels,
 so a feathered mask is exactly zero farther than ``px`` from the grown mask: that is the boundary beyond
-which the paste leaves pixels untouched.
+which the paste leaves pixels untouched. ``convex_hull``/``polygon_mask`` turn face-mesh landmarks into a bool
+mask for the detectors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -164,3 +166,38 @@ def resize_mask(m: torch.Tensor, height: int, width: int) -> torch.Tensor:
     out = F.interpolate(m.float()[None, None], size=(height, width), mode="bilinear", align_corners=False,
                         antialias=shrink)
     return out[0, 0].clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Polygon masks (a face mesh hull), with no OpenCV
+
+
+def convex_hull(points: np.ndarray) -> np.ndarray:
+    """Convex hull (Andrew's monotone chain) of [N,2] points, counter-clockwise, as [M,2]."""
+    pts = sorted(set(map(tuple, np.asarray(points, dtype=np.float64).tolist())))
+    if len(pts) <= 2:
+        return np.array(pts, dtype=np.float64)
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    lower, upper = [], []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in reversed(pts):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
+
+
+def polygon_mask(polygon: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool [H,W] mask of a filled polygon."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("L", (width, height), 0)
+    if len(polygon) >= 3:
+        ImageDraw.Draw(im).polygon([tuple(p) for p in polygon.tolist()], fill=255, outline=255)
+    return np.asarray(im) > 127
