@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 
 from .assign import assign, check_keys, dominant_dtype, named_errors
+from .devices import resolve_dtype
 from .errors import TwigError
 from .layout import (component_folder, config_kind, config_name, network_weights, open_set, pick_weight_set,
                      read_json, weight_sets)
@@ -115,7 +116,6 @@ def load_text_encoder(
     on CUDA, fp32 elsewhere (Gemma-2 overflows in fp16). ``expected_width``: the transformer's caption
     width; a different hidden size is a TwigError. Other keyword arguments go to ``TextEncoder``.
     """
-    from .devices import resolve_dtype
     from .text import TextEncoder, folder_settings
 
     device = torch.device(device)

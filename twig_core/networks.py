@@ -22,9 +22,11 @@ import torch
 from . import keymap
 from .assign import assign, check_keys, dominant_dtype, named_errors
 from .config import TransformerConfig
+from .devices import resolve_dtype
 from .errors import TwigError
 from .layout import open_source
 from .weights import PrefixedWeights, UnionWeights, Weights
+
 
 def load_transformer(
     path,
@@ -48,7 +50,6 @@ def load_transformer(
     the full-precision one. ``config`` replaces inference entirely; ``overrides`` set single config fields
     (e.g. ``cross_heads=``).
     """
-    from .devices import resolve_dtype
     from .transformer import TwigTransformer
 
     dtype = resolve_dtype(dtype, device)
@@ -164,7 +165,6 @@ def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str
     The file must stay in place meanwhile (a TwigError naming it otherwise). False reads everything now.
     """
     from .dcae import DCAE, DCAEConfig
-    from .devices import resolve_dtype
 
     requested = dtype = resolve_dtype(dtype, device)
     compute_dtype = resolve_dtype(compute_dtype, device)
