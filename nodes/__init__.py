@@ -45,10 +45,11 @@ from .tipo import TwigTIPO  # noqa: E402
 NODE_CLASS_MAPPINGS["TwigTIPO"] = TwigTIPO
 NODE_DISPLAY_NAME_MAPPINGS["TwigTIPO"] = "Twig TIPO Prompt Expansion"
 
-from .native import NODES as _NATIVE  # noqa: E402
+from .native import NODES as _NATIVE, register_samplers  # noqa: E402
 
 NODE_CLASS_MAPPINGS.update({k: cls for k, (cls, _) in _NATIVE.items()})
 NODE_DISPLAY_NAME_MAPPINGS.update({k: title for k, (_, title) in _NATIVE.items()})
+register_samplers()  # Twig's samplers and schedules in core KSampler's lists, when running inside ComfyUI
 
 from .tokens import register_routes  # noqa: E402
 

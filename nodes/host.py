@@ -142,19 +142,55 @@ def devices(role: str, choice: str = "default") -> tuple[torch.device, torch.dev
     return ld, od
 
 
-def pick_dtype(choice: str, device: torch.device, role: str) -> torch.dtype:
+_UNET_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def pick_dtype(choice: str, device: torch.device, role: str, params: int = 0) -> torch.dtype:
     """The dtype for a loader's dtype choice (twig_core.devices.DTYPE_CHOICES); "auto" asks ComfyUI's model
-    manager for the transformer and the VAE, else twig_core.devices decides."""
+    manager for the transformer (its weight dtype for a model of ``params`` parameters: on a card too small for
+    them it picks a narrower one) and the VAE, else twig_core.devices decides."""
     mm = model_management()
     if choice == "auto" and mm is not None:
         try:
             if role == "diffusion" and hasattr(mm, "unet_dtype"):
-                return mm.unet_dtype(device, supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+                return mm.unet_dtype(device, model_params=int(params), supported_dtypes=_UNET_DTYPES)
             if role == "vae" and hasattr(mm, "vae_dtype"):
                 return mm.vae_dtype(device, allowed_dtypes=[torch.bfloat16, torch.float32])
         except Exception:
             pass
     return twig_devices.resolve_dtype(choice, device, role)
+
+
+def parameter_count(path: str) -> int:
+    """The transformer's parameter count in the file or folder ``path``, from tensor shapes only (nothing read);
+    0 where it cannot be told (the loader then reports what is wrong with the file)."""
+    from twig_core.layout import open_source
+
+    try:
+        return sum(t.numel() for t in open_source(path, "transformer").weights.meta_dict().values())
+    except Exception:
+        return 0
+
+
+def transformer_dtypes(choice: str, weight_choice: str, device: torch.device, path: str) -> tuple[torch.dtype, dict]:
+    """(dtype, ``load_transformer`` dtype arguments) for the Model Loader's dtype and weight_dtype choices.
+
+    "auto" inside ComfyUI holds the weights in ComfyUI's dtype for a model of this file's size (``unet_dtype``)
+    and computes in ComfyUI's manual-cast choice for it (``unet_manual_cast``), as ComfyUI does for its own
+    models: e.g. fp16 weights computing in fp32 on a GPU without fast fp16, or fp8 weights (--fp8_e4m3fn-unet)
+    computing in bf16. An explicit weight_dtype keeps its meaning (twig_core.devices.weight_dtype_kwargs)."""
+    mm = model_management()
+    inside = choice == "auto" and mm is not None
+    dtype = pick_dtype(choice, device, "diffusion", parameter_count(path) if inside else 0)
+    kwargs = twig_devices.weight_dtype_kwargs(weight_choice, dtype, device)
+    if inside and weight_choice in (None, "same") and hasattr(mm, "unet_manual_cast"):
+        try:
+            compute = mm.unet_manual_cast(dtype, device, _UNET_DTYPES)
+        except Exception:
+            compute = None
+        if compute is not None and compute != dtype:
+            kwargs["compute_dtype"] = compute
+    return dtype, kwargs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,6 +297,7 @@ class ManagedModel:
         self._obj = None
         self._patcher = None
         self._patched_bytes = 0  # the module's resident size when the patcher was made
+        self._warned = False  # said that ComfyUI left the weights off the load device
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -272,18 +309,30 @@ class ManagedModel:
         return self._obj is not None
 
     def peek(self):
-        """The twig_core object without moving it (loading it from disk if needed)."""
+        """The twig_core object without moving it (loading it from disk if needed). Inside ComfyUI the
+        transformer is rebuilt over the same weights with ComfyUI's cast layers, so it can be streamed."""
         with self._lock:
             if self._obj is None:
                 mm = model_management()
                 # inside ComfyUI weights wait on the offload device until ComfyUI moves them
                 first = self.offload_device if mm is not None else self.load_device
-                self._obj = self._load_fn(first)
+                obj = self._load_fn(first)
+                if mm is not None and self.kind == "transformer":
+                    from .native import for_host
+
+                    obj = for_host(obj)
+                self._obj = obj
                 self._patcher = None
             return self._obj
 
-    def get(self):
-        """The twig_core object on its load device (registered with ComfyUI's model manager there)."""
+    def get(self, memory_required: int = 0):
+        """The twig_core object ready to run on its load device (registered with ComfyUI's model manager).
+
+        ``memory_required``: bytes the coming run needs beyond the weights (``twig_core.memory``); ComfyUI frees
+        that much (unloading other models, or keeping part of a streamable model's weights off the device).
+        A transformer built from ComfyUI's cast layers may be loaded partially (--lowvram, --novram, or too
+        little free memory) and computes on the load device, its other weights streamed in per layer; the other
+        networks are loaded whole, or run where ComfyUI left them, with a warning."""
         with self._lock:
             obj = self.peek()
             module = self._module_of(obj)
@@ -300,10 +349,25 @@ class ManagedModel:
                     holder = _holder_class(self.kind)(module, _param_device(module))
                     self._patcher = mp.ModelPatcher(holder, load_device=self.load_device, offload_device=self.offload_device)
                     self._patched_bytes = size
-                mm.load_models_gpu([self._patcher], force_full_load=True)
+                streams = streams_weights(module)
+                mm.load_models_gpu([self._patcher], memory_required=int(memory_required), force_full_load=not streams)
+                self._placed(module, streams)
             elif _param_device(module) != self.load_device:
                 module.to(self.load_device)
             return obj
+
+    def _placed(self, module: torch.nn.Module, streams: bool) -> None:
+        """After ComfyUI placed the weights: a streamable model computes on the load device whatever part of
+        its weights stayed behind; any other model runs where its weights are, said once if that is not the
+        load device (ComfyUI in --novram keeps models it cannot stream off the GPU)."""
+        if streams:
+            module.compute_device = self.load_device
+            return
+        where = _param_device(module)
+        if where != self.load_device and not self._warned:
+            self._warned = True
+            log.warning("[Twig] ComfyUI kept the %s %s on %s, not %s (--novram, or too little free memory): it runs "
+                        "there, slower", self.kind.replace("_", " "), self.name, where, self.load_device)
 
     def offload(self) -> None:
         """Move the weights to the offload device (frees VRAM, keeps RAM)."""
@@ -350,6 +414,24 @@ def _holder_class(kind: str) -> type:
     if name not in _HOLDER_CLASSES:
         _HOLDER_CLASSES[name] = type(name, (_Holder,), {"__module__": __name__})
     return _HOLDER_CLASSES[name]
+
+
+def vae_memory_required(vae, latent_shape, tile_size: int = 0, encode: bool = False) -> int:
+    """Bytes a DC-AE decode (or ``encode``) of one latent of ``latent_shape`` [B,C,h,w] needs beyond the weights,
+    in tiles of ``tile_size`` pixels (0: dcae_exec's automatic choice), for ``ManagedModel.get``."""
+    from twig_core import dcae_exec, memory
+
+    h, w = latent_shape[-2:]
+    f = vae.spatial_factor
+    tile = tile_size // f if tile_size else dcae_exec.auto_tile_size(h, w)
+    stages = vae.config.encoder_block_out_channels if encode else vae.config.decoder_block_out_channels
+    return memory.vae_bytes((1, *latent_shape[1:]), vae.dtype.itemsize, stages[0], f, tile)
+
+
+def streams_weights(module: torch.nn.Module) -> bool:
+    """True for a model built from ComfyUI's cast layers (``nodes.native.NativeTwigTransformer``): ComfyUI may
+    keep part of its weights off the device, and it says itself where it computes (``compute_device``)."""
+    return hasattr(module, "compute_device")
 
 
 def resident_bytes(module: torch.nn.Module) -> int:

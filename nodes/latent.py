@@ -120,7 +120,7 @@ class TwigVAEDecode:
     @node_errors("Twig VAE Decode")
     def decode(self, samples, vae, tile_size=0):
         latent = _latent_samples(samples)
-        model = vae.get()
+        model = vae.get(memory_required=host.vae_memory_required(vae.peek(), latent.shape, tile_size))
         out = []
         for i in range(latent.shape[0]):
             host.check_interrupt()
@@ -146,7 +146,10 @@ class TwigVAEEncode:
             got = tuple(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__
             raise TwigError(f"pixels must be an IMAGE [batch, height, width, 3], got {got}")
         vae.peek().load_encoder()  # read on first encode, before the host places the model and counts its memory
-        model = vae.get()
+        dcae = vae.peek()
+        shape = (1, dcae.config.latent_channels, pixels.shape[1] // dcae.spatial_factor, pixels.shape[2] // dcae.spatial_factor)
+        need = host.vae_memory_required(dcae, shape, tile_size, encode=True)
+        model = vae.get(memory_required=need)
         pixels = center_crop(pixels, model.spatial_factor)
         out = []
         for i in range(pixels.shape[0]):

@@ -82,8 +82,7 @@ class TwigModelLoader:
     def load(self, model_name, dtype="auto", weight_dtype="same"):
         path = resolve(model_name, MODEL_FOLDERS)
         load_dev, offload_dev = host.devices("diffusion")
-        dt = host.pick_dtype(dtype, load_dev, "diffusion")
-        kwargs = weight_dtype_kwargs(weight_dtype, dt, load_dev)
+        dt, kwargs = host.transformer_dtypes(dtype, weight_dtype, load_dev, path)
         model = host.cached_model(
             "transformer", path, dt, load_dev, offload_dev,
             lambda device: loader.load_transformer(path, device=device, **kwargs).eval().requires_grad_(False),

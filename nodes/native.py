@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
+import sys
 import types
 
 import torch
 
-from twig_core.sampling import SAMPLERS, _stack, flow_sigmas
+from twig_core import memory
+from twig_core.sampling import SAMPLERS, _stack, flow_sigmas, get_sampler
 from twig_core.transformer import TwigTransformer
 
 from .common import CATEGORY, MODEL, VAE, NodeError, node_errors
@@ -35,6 +38,8 @@ from .latent import TwigVAEDecode, TwigVAEEncode
 NATIVE_CATEGORY = f"{CATEGORY}/native"
 DEFAULT_SHIFT = 3.0
 CHECKED_WITH = "ComfyUI 0.3.64"
+
+log = logging.getLogger("twig")
 
 
 def comfy_name(module: str, *names: str):
@@ -69,10 +74,24 @@ def native_operations():
                                  Conv2d=manual_cast.Conv2d, weights=weights)
 
 
+INTEGER_TIMESTEPS = "twig_integer_timesteps"  # transformer option: feed floor(sigma*1000), as Twig's DPM-Solver does
+
+
 class NativeTwigTransformer(TwigTransformer):
-    """The transformer with the call signature BaseModel uses: (x, timesteps, context=, attention_mask=, ...)."""
+    """The transformer with the call signature BaseModel uses: (x, timesteps, context=, attention_mask=, ...), and
+    the device ComfyUI computes it on once its model manager placed it (``compute_device``): with ComfyUI's cast
+    layers part of the weights may stay on the offload device (--lowvram, --novram) and stream in per layer, so
+    the weights' own device says nothing about where the Twig sampler should send its inputs."""
+
+    compute_device: torch.device | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute_device or super().device
 
     def forward(self, x, timesteps, context=None, attention_mask=None, control=None, transformer_options=None, **kwargs):
+        if (transformer_options or {}).get(INTEGER_TIMESTEPS):
+            timesteps = torch.floor(timesteps)
         return super().forward(x, timesteps, context, attention_mask)
 
 
@@ -82,6 +101,14 @@ def rebuild_for_host(transformer: TwigTransformer, operations) -> NativeTwigTran
         native = NativeTwigTransformer(transformer.config, transformer.compute_dtype, operations=operations)
     native.load_state_dict(transformer.state_dict(), strict=True, assign=True)
     return native.eval().requires_grad_(False)
+
+
+def for_host(transformer: TwigTransformer) -> TwigTransformer:
+    """Inside ComfyUI (its ``comfy.ops`` loaded): the transformer rebuilt over the same weights with ComfyUI's
+    manual-cast layers, so its model manager can load it partially and stream the rest; elsewhere unchanged."""
+    if sys.modules.get("comfy.ops") is None:
+        return transformer
+    return rebuild_for_host(transformer, native_operations())
 
 
 def model_shift(path: str) -> float:
@@ -121,6 +148,12 @@ def native_model(transformer: TwigTransformer, shift: float, scale: float, load_
 
     class TwigNativeModel(base_model):
         """Twig inside ComfyUI's sampling: x, sigma*1000 and the caption states plus their attention mask."""
+
+        def memory_required(self, input_shape, cond_shapes=None, **kwargs):
+            """What ComfyUI frees before sampling and how it batches conds: twig_core.memory's estimate of one
+            transformer call on ``input_shape`` (which already counts both CFG halves)."""
+            dtype = self.manual_cast_dtype or self.get_dtype()
+            return memory.step_bytes(self.diffusion_model.config, input_shape, dtype.itemsize, cfg=False)
 
         def extra_conds(self, **kwargs):
             out = super().extra_conds(**kwargs)
@@ -299,6 +332,88 @@ class TwigFlowSigmas:
     @node_errors("Twig Flow Sigmas")
     def sigmas(self, steps, schedule, shift, denoise):
         return (flow_sigmas(int(steps), float(shift), schedule, float(denoise)).float(),)
+
+
+# --------------------------------------------------------------------------------------------------
+# Twig's samplers and schedules in core KSampler / KSamplerSelect
+
+
+def comfy_sampler_name(name: str) -> str:
+    """The name a Twig sampler (twig_core.sampling.SAMPLER_TABLE) and its schedule have in ComfyUI's lists."""
+    return f"twig_{name}"
+
+
+def k_sampler_function(name: str):
+    """Twig's sampler ``name`` as the k-diffusion style function comfy.samplers.KSAMPLER runs:
+    ``f(model, x, sigmas, extra_args, callback, disable)``, over ComfyUI's denoiser ``model(x, sigma, **extra)``.
+
+    What makes it Twig Sampler's and not only the same update rule: the model sees floor(sigma*1000) where the
+    Twig sampler feeds integer timesteps (DPM-Solver++, through a transformer option the native model reads), and
+    an empty latent (text to image) starts from the noise itself, as Twig Sampler and diffusers' DPM-Solver do,
+    where ComfyUI would scale it by sigmas[0] (below 1 in the DPM-Solver schedule)."""
+    sampler = get_sampler(name)
+
+    def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra = dict(extra_args or {})
+        if sampler.integer_timesteps:
+            options = dict(extra.get("model_options") or {})
+            options["transformer_options"] = {**options.get("transformer_options", {}), INTEGER_TIMESTEPS: True}
+            extra["model_options"] = options
+        latent, noise = getattr(model, "latent_image", None), getattr(model, "noise", None)
+        if latent is not None and noise is not None and extra.get("denoise_mask") is None and not latent.any():
+            x = noise.to(x)
+        ones = x.new_ones([x.shape[0]])
+        return sampler.function(lambda xt, sigma: model(xt, sigma * ones, **extra), x, sigmas, callback)
+
+    run.__name__ = f"sample_{comfy_sampler_name(name)}"
+    return run
+
+
+def twig_scheduler(name: str):
+    """Twig's schedule for sampler ``name`` as a ComfyUI scheduler: (model_sampling, steps) -> sigmas, shifted by
+    the model's shift (ModelSamplingSD3/AuraFlow change it), float32 ending in 0."""
+
+    def schedule(model_sampling, steps):
+        return flow_sigmas(int(steps), float(getattr(model_sampling, "shift", DEFAULT_SHIFT)), name).float()
+
+    return schedule
+
+
+def register_samplers(samplers=None, k_diffusion=None) -> list[str]:
+    """Adds each Twig sampler to ComfyUI's sampler list (KSampler, KSamplerAdvanced, KSamplerSelect) and its
+    schedule to the scheduler list (KSampler, BasicScheduler), under ``twig_<name>``: core KSampler with sampler
+    and scheduler twig_flow_dpmpp_2m is Twig Sampler's flow_dpmpp_2m. ComfyUI keeps these as module-level
+    registries (``KSAMPLER_NAMES``/``SAMPLER_NAMES``, ``SCHEDULER_HANDLERS``/``SCHEDULER_NAMES``, checked in 0.3.64
+    and current sources); where one is missing nothing is added there and the log says so (Twig Flow Sigmas +
+    SamplerCustom is the way then). Returns the names added; calling again adds nothing."""
+    samplers = samplers or sys.modules.get("comfy.samplers")
+    k_diffusion = k_diffusion or sys.modules.get("comfy.k_diffusion.sampling")
+    if samplers is None or k_diffusion is None:
+        return []
+    added = []
+    lists = [getattr(samplers, n, None) for n in ("KSAMPLER_NAMES", "SAMPLER_NAMES")]
+    handlers, scheduler_names = getattr(samplers, "SCHEDULER_HANDLERS", None), getattr(samplers, "SCHEDULER_NAMES", None)
+    handler_class = getattr(samplers, "SchedulerHandler", None)
+    has_samplers = all(isinstance(names, list) for names in lists)
+    has_schedulers = isinstance(handlers, dict) and isinstance(scheduler_names, list) and handler_class is not None
+    for name in SAMPLERS:
+        key = comfy_sampler_name(name)
+        if has_samplers:
+            setattr(k_diffusion, f"sample_{key}", k_sampler_function(name))
+            if key not in lists[0]:
+                added.append(f"sampler {key}")
+            for names in lists:
+                if key not in names:
+                    names.append(key)
+        if has_schedulers:
+            handlers.setdefault(key, handler_class(twig_scheduler(name)))
+            if key not in scheduler_names:
+                scheduler_names.append(key)
+                added.append(f"scheduler {key}")
+    if not (has_samplers and has_schedulers):
+        log.warning("[Twig] this ComfyUI keeps no %s list the Twig pack knows (checked with %s): use Twig Flow Sigmas "
+                    "with SamplerCustom", "sampler" if not has_samplers else "scheduler", CHECKED_WITH)
+    return added
 
 
 NODES = {

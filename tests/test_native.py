@@ -1,6 +1,9 @@
 """The transformer's operations namespace (what a host's own layer classes plug into), and the native ComfyUI
 glue (nodes/native.py) where it can be checked without ComfyUI installed."""
 
+import importlib
+import os
+import sys
 import types
 
 import pytest
@@ -143,3 +146,284 @@ def test_missing_comfy_names_are_reported_by_name():
         comfy_name("comfy.no_such_module", "X")
     with pytest.raises(NodeError, match=r"torch\.no_such_name"):
         comfy_name("torch", "no_such_name")
+
+
+# --------------------------------------------------------------------------------------------------
+# Inside ComfyUI's own model management and samplers: the real ComfyUI tree CI lays out beside the repository
+# (0.3.64, see tests/comfy_host/ci.sh), imported on the CPU. A "GPU" for placement checks is the meta device:
+# weights ComfyUI loads there lose their values, so those tests check where tensors are and which device every
+# operation runs on, never values; the parity tests run on the CPU with real values.
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMFY_ROOTS = [os.environ.get("TWIG_COMFYUI"), os.path.join(REPO, "..", "shared", "comfyui"),
+               os.path.join(REPO, "..", "..", "shared", "comfyui")]
+COMFY_MODULES = ("comfy.model_management", "comfy.model_patcher", "comfy.ops", "comfy.model_base", "comfy.samplers",
+                 "comfy.sample", "comfy.sampler_helpers", "comfy.latent_formats", "comfy.supported_models_base",
+                 "comfy.conds", "comfy.utils", "comfy.k_diffusion.sampling")
+
+
+@pytest.fixture(scope="module")
+def comfy_modules(tmp_path_factory):
+    """ComfyUI's modules imported once (CPU mode; stand-ins for torchvision and torchsde where missing, as the
+    real-host check does), then taken out of sys.modules again: a test gets them only through ``comfy``."""
+    root = next((os.path.abspath(p) for p in COMFY_ROOTS
+                 if p and os.path.isfile(os.path.join(p, "comfy", "model_management.py"))), None)
+    if root is None:
+        pytest.skip("no ComfyUI source tree beside the repository (set TWIG_COMFYUI)")
+    sys.path.insert(0, os.path.join(REPO, "tests", "comfy_host"))
+    try:
+        from client import write_torchvision_stub
+    finally:
+        sys.path.pop(0)
+    before, path = dict(sys.modules), list(sys.path)
+    stubs = write_torchvision_stub(str(tmp_path_factory.mktemp("stubs")))
+    sys.path[:0] = [p for p in (root, stubs) if p]
+    for k in [k for k in sys.modules if k == "comfy" or k.startswith("comfy.")]:
+        del sys.modules[k]  # another test's stand-ins
+    try:
+        try:
+            import torchsde  # noqa: F401
+        except ImportError:  # only ComfyUI's SDE samplers use it
+            sys.modules["torchsde"] = types.ModuleType("torchsde")
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True  # this torch has no CUDA
+        for name in COMFY_MODULES:
+            importlib.import_module(name)
+        # ComfyUI's own modules only: with folder_paths the loaders would look in ComfyUI's model folders
+        loaded = {k: v for k, v in sys.modules.items() if before.get(k) is not v and k != "folder_paths"}
+    finally:
+        for k in [k for k in sys.modules if before.get(k) is not sys.modules[k]]:
+            del sys.modules[k]
+        sys.modules.update(before)
+        sys.path[:] = path
+    return root, loaded
+
+
+@pytest.fixture
+def comfy(comfy_modules, monkeypatch):
+    """ComfyUI's modules in sys.modules for one test (so nodes.host finds them as it does inside ComfyUI), with a
+    fresh list of loaded models."""
+    root, loaded = comfy_modules
+    for name, module in loaded.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.syspath_prepend(root)
+    mm = loaded["comfy.model_management"]
+    monkeypatch.setattr(mm, "current_loaded_models", [])
+    return loaded
+
+
+def fake_gpu(monkeypatch, mm, state: str, free: int):
+    """ComfyUI in --lowvram ("LOW_VRAM") or --novram ("NO_VRAM") with ``free`` bytes free on the fake GPU and no
+    reserves of its own (so what it keeps free is exactly what the caller asks for)."""
+    monkeypatch.setattr(mm, "vram_state", getattr(mm.VRAMState, state))
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: (free, free) if torch_free_too else free)
+    monkeypatch.setattr(mm, "minimum_inference_memory", lambda: 0)
+    monkeypatch.setattr(mm, "extra_reserved_memory", lambda: 0)
+    monkeypatch.setattr(mm, "MIN_WEIGHT_MEMORY_RATIO", 0.0)
+    return torch.device("meta")
+
+
+class DeviceLedger(torch.overrides.TorchFunctionMode):
+    """Every torch operation's tensor arguments: an operation that mixes a CPU tensor (not a 0-d scalar) with one on
+    ``device`` is recorded; moving and casting calls (``to``, ``copy_`` ...) are how weights get there, and pass."""
+
+    MOVES = {"to", "copy_", "_to_copy", "empty_like", "cuda", "type", "__get__", "__set__"}
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.mixed, self.calls = torch.device(device), [], 0
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name not in self.MOVES:
+            self.calls += 1
+            flat = [a for a in list(args) + list(kwargs.values()) for a in (a if isinstance(a, (list, tuple)) else [a])]
+            devices = {t.device.type for t in flat if torch.is_tensor(t) and t.ndim > 0}
+            if len(devices) > 1:
+                self.mixed.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def big_managed_transformer(load_device):
+    """A ManagedModel over a random transformer larger than the 128 MiB ComfyUI always grants a partially loaded
+    model (fp32, ~57M parameters), its weights on the CPU."""
+    from nodes import host
+    from twig_core.config import TransformerConfig
+
+    cfg = TransformerConfig(width=1024, depth=3, heads=32, cross_heads=8, caption_channels=256)
+    torch.manual_seed(0)
+    model = TwigTransformer(cfg).eval().requires_grad_(False)
+    return host.ManagedModel("transformer", "big_twig.safetensors", lambda dev: model, load_device,
+                             torch.device("cpu"), torch.float32), cfg
+
+
+def placement(transformer):
+    """(cast-layer weights on the load device, those left on the CPU)."""
+    layers = [m for m in transformer.modules() if hasattr(m, "comfy_cast_weights")]
+    on = sum(1 for m in layers if m.weight.device.type != "cpu")
+    return on, len(layers) - on
+
+
+def run_on(transformer, device, cfg):
+    x, t, ctx, _ = (a.to(device) for a in transformer_inputs(cfg))
+    ledger = DeviceLedger(device)
+    with torch.no_grad(), ledger:
+        out = transformer(x, t, ctx)  # no mask: checking one reads a value, which the meta device has not
+    return out, ledger
+
+
+def test_lowvram_loads_the_transformer_partially_by_the_estimate_and_computes_on_the_gpu(comfy, monkeypatch):
+    """--lowvram: the transformer is built from ComfyUI's cast layers, so ComfyUI loads what fits beside the
+    memory estimate and leaves the rest to stream; the Twig sampler then computes on the load device (where a
+    plain module registered with force_full_load used to be loaded whole, or left on the CPU)."""
+    from twig_core import memory
+
+    mm = comfy["comfy.model_management"]
+    gpu = fake_gpu(monkeypatch, mm, "LOW_VRAM", free=1 << 30)
+    calls = []
+    real_load = mm.load_models_gpu
+
+    def spy(models, memory_required=0, force_full_load=False, **kw):
+        calls.append((memory_required, force_full_load))
+        return real_load(models, memory_required=memory_required, force_full_load=force_full_load, **kw)
+
+    monkeypatch.setattr(mm, "load_models_gpu", spy)
+
+    # a small run: nothing to keep free beyond the weights, so ComfyUI loads every layer
+    managed, cfg = big_managed_transformer(gpu)
+    small = memory.step_bytes(cfg, (1, 32, 8, 8), 4)
+    transformer = managed.get(memory_required=small)
+    assert calls[-1] == (small, False)
+    on, off = placement(transformer)
+    assert off == 0 and on > 0 and transformer.device == gpu
+
+    # a 4096² CFG run needs more than the free gigabyte minus the weights: ComfyUI keeps layers off the device
+    managed, cfg = big_managed_transformer(gpu)
+    large = memory.step_bytes(cfg, (1, 32, 128, 128), 4)
+    assert large > (1 << 30) - 128 * 2**20
+    transformer = managed.get(memory_required=large)
+    assert calls[-1] == (large, False)
+    on, off = placement(transformer)
+    assert on > 0 and off > 0, "partially loaded"
+    assert transformer.final_layer.linear.weight.device.type in ("cpu", "meta") and transformer.device == gpu
+    out, ledger = run_on(transformer, gpu, cfg)
+    assert out.device == gpu and ledger.calls > 50 and not ledger.mixed, ledger.mixed
+
+
+def test_novram_streams_every_layer_and_still_computes_on_the_gpu(comfy, monkeypatch):
+    """--novram: ComfyUI loads nothing of the transformer up front; every cast layer streams its weight to the GPU
+    when it runs, and the sampler's inputs go there too (they used to stay with the weights, on the CPU)."""
+    mm = comfy["comfy.model_management"]
+    gpu = fake_gpu(monkeypatch, mm, "NO_VRAM", free=8 << 30)
+    managed, cfg = big_managed_transformer(gpu)
+    transformer = managed.get()
+    on, off = placement(transformer)
+    assert on == 0 and off > 0 and transformer.device == gpu
+    out, ledger = run_on(transformer, gpu, cfg)
+    assert out.device == gpu and not ledger.mixed, ledger.mixed
+
+
+def test_a_network_comfy_cannot_stream_runs_where_comfy_left_it_and_says_so(comfy, monkeypatch, models_dir, caplog):
+    from nodes import host
+    from twig_core import loader
+
+    mm = comfy["comfy.model_management"]
+    gpu = fake_gpu(monkeypatch, mm, "NO_VRAM", free=8 << 30)
+    path = str(models_dir / "vae" / "tiny_dcae.safetensors")
+    vae = host.ManagedModel("vae", path, lambda dev: loader.load_vae(path, device=dev), gpu, torch.device("cpu"),
+                            torch.float32)
+    with caplog.at_level("WARNING", logger="twig"):
+        dcae = vae.get(memory_required=123)
+    assert next(dcae.parameters()).device.type == "cpu"
+    assert "kept the vae tiny_dcae.safetensors on cpu" in caplog.text
+
+
+def test_twig_sampler_inside_comfy_runs_comfys_cast_layers_with_the_step_estimate(comfy, monkeypatch, parts, conds):
+    """Inside ComfyUI the Twig Sampler's transformer is the one rebuilt from ComfyUI's manual-cast layers, is
+    registered without force_full_load and with twig_core.memory's estimate for this latent, and gives the same
+    latent as outside ComfyUI (plain torch layers) on the same weights."""
+    from nodes import host
+    from nodes.native import NativeTwigTransformer
+    from nodes.sampling import TwigSampler
+    from twig_core import memory
+
+    mm = comfy["comfy.model_management"]
+    calls = []
+    real_load = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, memory_required=0, force_full_load=False, **kw: (
+        calls.append((memory_required, force_full_load)),
+        real_load(models, memory_required=memory_required, force_full_load=force_full_load, **kw))[1])
+    plain = parts[0]
+    cpu = torch.device("cpu")
+    managed = host.ManagedModel("transformer", plain.path, plain._load_fn, cpu, cpu, torch.float32)
+    latent = empty(w=128, h=96, batch=2)
+    pos, neg = conds
+    got = TwigSampler().sample(managed, pos, neg, latent, 5, 3, 4.5, "flow_dpmpp_2m", 3.0, 1.0)[0]["samples"]
+    transformer = managed.peek()
+    assert isinstance(transformer, NativeTwigTransformer) and transformer.device == cpu
+    assert all(hasattr(m, "comfy_cast_weights") for m in transformer.modules() if isinstance(m, torch.nn.Linear))
+    tokens = max(pos.embeds.shape[1], neg.embeds.shape[1])
+    assert calls == [(memory.step_bytes(transformer.config, (2, transformer.config.in_channels, 3, 4), 4,
+                                        caption_tokens=tokens), False)]
+    want = run_sampler(parts, conds, latent, seed=5, steps=3)["samples"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["flow_dpmpp_2m", "flow_euler"])
+def test_twig_samplers_and_schedules_in_comfy_lists_match_twig_sampler(comfy, parts, conds, name):
+    """Twig's samplers registered with ComfyUI: SamplerCustom's way (the KSAMPLER with Twig Flow Sigmas) and core
+    KSampler's way (sampler and scheduler twig_<name>, 20 steps) give Twig Sampler's latent on the same weights,
+    seed and CFG 4.5, up to fp32 rounding (ComfyUI mixes guidance on x0, Twig on the velocity)."""
+    from nodes.native import (TwigFlowSigmas, _dcae_scale, comfy_sampler_name, native_model, register_samplers,
+                              to_native)
+    from twig_core.sampling import noise_like
+
+    samplers, sample = comfy["comfy.samplers"], comfy["comfy.sample"]
+    register_samplers(samplers, comfy["comfy.k_diffusion.sampling"])
+    key = comfy_sampler_name(name)
+    assert key in samplers.KSampler.SAMPLERS and key in samplers.KSAMPLER_NAMES
+    assert key in samplers.KSampler.SCHEDULERS and register_samplers(samplers, comfy["comfy.k_diffusion.sampling"]) == []
+    cpu = torch.device("cpu")
+    transformer = parts[0].peek()
+    patcher = native_model(transformer, 3.0, _dcae_scale(), cpu, cpu)
+    positive, negative = to_native(*conds)
+    latent = empty(w=128, h=96)
+    seed, steps, cfg = 7, 20, 4.5
+    want = run_sampler(parts, conds, latent, seed=seed, steps=steps, cfg=cfg, sampler=name)["samples"]
+    noise = noise_like(latent["samples"].shape, seed)
+    zeros = torch.zeros_like(noise)
+
+    (sigmas,) = TwigFlowSigmas().sigmas(steps, name, 3.0, 1.0)
+    custom = sample.sample_custom(patcher, noise, cfg, samplers.sampler_object(key), sigmas, positive, negative,
+                                  zeros, disable_pbar=True, seed=seed)
+    ksampler = sample.sample(patcher, noise, steps, cfg, key, key, positive, negative, zeros, denoise=1.0,
+                             disable_pbar=True, seed=seed)
+    # ComfyUI's latents are the raw ones. Measured 1.4e-6 on latents up to ~3; starting from sigmas[0] * noise as
+    # ComfyUI would gives 1e-3, feeding unfloored timesteps to the DPM-Solver 1e-2
+    scale = _dcae_scale()
+    torch.testing.assert_close(custom * scale, want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(ksampler * scale, want, rtol=0, atol=1e-4)
+
+
+def test_model_loader_auto_dtype_asks_comfy_for_this_model_size_and_its_compute_dtype(comfy, monkeypatch, models_dir):
+    """"auto" inside ComfyUI: the weight dtype from unet_dtype for this file's parameter count (not 0, which
+    turns off ComfyUI's narrower storage on small cards) and the compute dtype from unet_manual_cast: here a card
+    with neither fast fp16 nor bf16 (Pascal-like) keeps fp16 weights and computes in fp32."""
+    from nodes.loaders import TwigModelLoader
+
+    mm = comfy["comfy.model_management"]
+    seen = {}
+
+    def unet_dtype(device=None, model_params=0, supported_dtypes=(), weight_dtype=None):
+        seen["params"] = model_params
+        return torch.float16
+
+    monkeypatch.setattr(mm, "unet_dtype", unet_dtype)
+    monkeypatch.setattr(mm, "should_use_fp16", lambda *a, **k: False)
+    monkeypatch.setattr(mm, "should_use_bf16", lambda *a, **k: False)
+    (model,) = TwigModelLoader().load("tiny_twig.safetensors", "auto")
+    transformer = model.peek()
+    assert seen["params"] == sum(p.numel() for p in transformer.parameters())
+    assert transformer.weight_dtype == torch.float16 and transformer.dtype == torch.float32

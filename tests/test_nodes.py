@@ -185,7 +185,7 @@ def test_model_loader_weight_dtype_keeps_half_weights(parts, conds):
     with torch.no_grad():
         for p in ref.parameters():
             p.copy_(p.half().float())
-    ref_parts = (SimpleNamespace(get=lambda: ref, peek=lambda: ref, load_device=torch.device("cpu")),) + parts[1:]
+    ref_parts = (SimpleNamespace(get=lambda **_: ref, peek=lambda: ref, load_device=torch.device("cpu")),) + parts[1:]
     got = run_sampler((lean,) + parts[1:], conds, empty(64, 64))
     assert torch.equal(got["samples"], run_sampler(ref_parts, conds, empty(64, 64))["samples"])
     with pytest.raises(NodeError, match="weight_dtype 'fp8'"):
@@ -468,7 +468,7 @@ def test_vae_reads_its_encoder_on_first_encode_and_the_host_counts_it(models_dir
         def model_unload(self):
             pass
 
-    def load_models_gpu(patchers, force_full_load=False):
+    def load_models_gpu(patchers, memory_required=0, force_full_load=False):
         for p in patchers:
             if not any(m.model is p for m in mm.current_loaded_models):
                 mm.current_loaded_models.append(LoadedModel(p))
