@@ -95,7 +95,7 @@ def test_node_dtype_choice_asks_comfyui_only_for_auto(monkeypatch):
 
     for role in ("diffusion", "vae", "text", "tipo"):
         assert host.pick_dtype("auto", torch.device("cpu"), role) == devices.resolve_dtype("auto", "cpu", role)
-    mm = types.SimpleNamespace(unet_dtype=lambda device, supported_dtypes: torch.float16,
+    mm = types.SimpleNamespace(unet_dtype=lambda device, supported_dtypes, model_params=0: torch.float16,
                                vae_dtype=lambda device, allowed_dtypes: torch.bfloat16)
     monkeypatch.setattr(host, "model_management", lambda: mm)
     assert host.pick_dtype("auto", torch.device("cpu"), "diffusion") == torch.float16

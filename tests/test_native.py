@@ -166,6 +166,8 @@ COMFY_MODULES = ("comfy.model_management", "comfy.model_patcher", "comfy.ops", "
 def comfy_modules(tmp_path_factory):
     """ComfyUI's modules imported once (CPU mode; stand-ins for torchvision and torchsde where missing, as the
     real-host check does), then taken out of sys.modules again: a test gets them only through ``comfy``."""
+    import nodes.native  # noqa: F401 - the pack's nodes package, before ComfyUI's nodes.py is on the path
+
     root = next((os.path.abspath(p) for p in COMFY_ROOTS
                  if p and os.path.isfile(os.path.join(p, "comfy", "model_management.py"))), None)
     if root is None:
@@ -427,3 +429,37 @@ def test_model_loader_auto_dtype_asks_comfy_for_this_model_size_and_its_compute_
     transformer = model.peek()
     assert seen["params"] == sum(p.numel() for p in transformer.parameters())
     assert transformer.weight_dtype == torch.float16 and transformer.dtype == torch.float32
+
+
+def allocation_peak(fn) -> int:
+    """Peak bytes live at once (beyond what existed before) while ``fn`` runs on the CPU, from the profiler's
+    allocation events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.cpu_memory_usage) for e in prof.events()
+                    if e.cpu_memory_usage and not e.cpu_children)
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("width,heads,hw", [(256, 8, (32, 32)), (512, 16, (16, 24))])
+def test_step_memory_estimate_covers_a_measured_transformer_call(width, heads, hw):
+    """twig_core.memory.step_bytes (what ComfyUI is asked to keep free) is at least what one CFG call really
+    allocates, measured by torch's profiler on the CPU, and not more than twice that."""
+    from twig_core import memory
+    from twig_core.config import TransformerConfig
+
+    cfg = TransformerConfig(width=width, depth=2, heads=heads, cross_heads=4, caption_channels=64)
+    torch.manual_seed(0)
+    model = TwigTransformer(cfg).eval()
+    x, t, ctx = torch.randn(2, 32, *hw), torch.tensor([500.0, 500.0]), torch.randn(2, 30, 64)
+    with torch.no_grad():
+        cache = model.encode_caption(ctx)
+        peak = allocation_peak(lambda: model(x, t, cache))
+    estimate = memory.step_bytes(cfg, (1, 32, *hw), 4, cfg=True, caption_tokens=30)
+    assert peak <= estimate <= 2 * peak, (peak, estimate)

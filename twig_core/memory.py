@@ -24,7 +24,7 @@ def step_bytes(config, latent_shape, itemsize: int, cfg: bool = True, caption_to
     p = config.patch_size
     tokens = b * (2 if cfg else 1) * (h // p) * (w // p)
     d, chunk = config.width, min(config.mlp_hidden, FFN_CHUNK)
-    per_token = 4 * 4 * d + itemsize * (4 * d + 3 * chunk + config.cross_heads * caption_tokens)
+    per_token = 4 * 4 * d + itemsize * (8 * d + 3 * chunk + config.cross_heads * caption_tokens)
     return int(tokens * per_token)
 
 
