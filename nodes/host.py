@@ -8,8 +8,11 @@ plain torch and a local model folder (``$TWIG_MODELS_DIR``, else ``<pack>/models
 Memory: a loaded model is a :class:`ManagedModel`. Inside ComfyUI it is registered with ComfyUI's model
 manager through a ``ModelPatcher``, so it is moved to the GPU with ``load_models_gpu`` right before use,
 moved off when another model needs the room, and unloaded by ComfyUI's "Unload models" / "Free model and
-node cache" actions like any built-in model. Loaded models are shared per (file, dtype, device) through a
-weak cache: the weights live as long as a node output refers to them, so when ComfyUI drops its node cache
+node cache" actions like any built-in model. The transformer is rebuilt there from ComfyUI's cast layers
+(``nodes.native.for_host``) and registered without ``force_full_load``, with the memory its latent needs
+(``twig_core.memory``), so --lowvram / --novram or a full GPU load part of it and stream the rest while it computes
+on the load device; the DC-AE and Gemma-2 are loaded whole. Loaded models are shared per (file, dtype, device)
+through a weak cache: the weights live as long as a node output refers to them, so when ComfyUI drops its node cache
 the RAM is returned too.
 """
 

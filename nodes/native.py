@@ -9,6 +9,8 @@ on them take Twig like any core model.
 - CONDITIONING: Gemma-2 states with Sana's instruction prefix and the loader's 300-1200 token budget, carrying the
   attention mask, which the native model applies exactly as the Twig sampler does.
 - VAE: the DC-AE behind the core VAE node methods, through the Twig VAE nodes' decode/encode (tiling, OOM fallback).
+- SIGMAS, samplers and schedulers: Twig's schedules as a node for SamplerCustom, and Twig Sampler's samplers and
+  schedules added to core KSampler's lists (``twig_<name>``), giving Twig Sampler's result for the same seed.
 
 Native latents follow ComfyUI's convention (the VAE's raw latent; the model scales it by the latent format), Twig
 latents are model-space: use Twig Empty Latent for either (zeros), but do not feed a Twig VAE Encode latent to a

@@ -1,5 +1,6 @@
-"""The transformer's operations namespace (what a host's own layer classes plug into), and the native ComfyUI
-glue (nodes/native.py) where it can be checked without ComfyUI installed."""
+"""The transformer's operations namespace (what a host's own layer classes plug into), and the ComfyUI glue
+(nodes/native.py, nodes/host.py): without ComfyUI, then inside the real ComfyUI tree's model management and
+samplers (imported on the CPU): low-VRAM placement, memory estimates, dtypes, and Twig's samplers in core lists."""
 
 import importlib
 import os

@@ -13,6 +13,8 @@ Compared (demo model, 128², flow shift 3.0), as max |difference| of the model-s
     change of about 3 in a single model call) or a wrong timestep gives
   core KSampler (euler, simple, 1 step, CFG 4.5) vs Twig Sampler flow_euler, 1 step: below CFG_TOLERANCE (measured
     3.8e-6; the two schedules agree at one step, over more steps ComfyUI's "simple" spacing differs from Twig's)
+  core KSampler (sampler and scheduler twig_flow_dpmpp_2m, which the pack adds to core's lists, 4 steps, CFG 4.5)
+    vs Twig Sampler flow_dpmpp_2m, 4 steps: below CFG_TOLERANCE
 Decoded images are compared in 8-bit PNGs (core VAE Decode vs Twig VAE Decode within 3/255, tiled vs untiled 2/255).
 """
 
@@ -32,7 +34,7 @@ CFG_TOLERANCE = 1e-3
 SEED, CFG = 21, 4.5
 
 
-LATENTS = ("twig", "custom", "twig_c1", "custom_c1", "ks", "twig1", "reenc")
+LATENTS = ("twig", "custom", "twig_c1", "custom_c1", "ks", "twig1", "ks_dpm", "twig_dpm", "reenc")
 
 
 def graph(steps: int) -> dict:
@@ -72,6 +74,13 @@ def graph(steps: int) -> dict:
         "twig1": {"class_type": "TwigSampler", "inputs": {
             "model": ["m", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
             "steps": 1, "cfg": CFG, "sampler": "flow_euler", "shift": 3.0, "denoise": 1.0}},
+        "ks_dpm": {"class_type": "KSampler", "inputs": {
+            "model": ["nm", 0], "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "twig_flow_dpmpp_2m",
+            "scheduler": "twig_flow_dpmpp_2m", "positive": ["nenc", 0], "negative": ["nenc", 1],
+            "latent_image": ["lat", 0], "denoise": 1.0}},
+        "twig_dpm": {"class_type": "TwigSampler", "inputs": {
+            "model": ["m", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
+            "steps": steps, "cfg": CFG, "sampler": "flow_dpmpp_2m", "shift": 3.0, "denoise": 1.0}},
         # the core VAE nodes on the native VAE: decode, tiled decode, encode
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["custom", 0], "vae": ["nv", 0]}},
         "dect": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["custom", 0], "vae": ["nv", 0], "tile_size": 64,
@@ -112,16 +121,19 @@ def check(url: str, output_dir: str, steps: int = 4) -> None:
     d_c1 = (lat["custom_c1"] * SCALE - lat["twig_c1"]).abs().max().item()
     d_custom = (lat["custom"] * SCALE - lat["twig"]).abs().max().item()
     d_ks = (lat["ks"] * SCALE - lat["twig1"]).abs().max().item()
+    d_dpm = (lat["ks_dpm"] * SCALE - lat["twig_dpm"]).abs().max().item()
     scale = lat["twig"].abs().max().item()
     C.log(f"native vs Twig Sampler, model-space latents (fp32, |latent| up to {scale:.2f}), max |difference|: "
           f"SamplerCustom + Twig Flow Sigmas {steps} steps: CFG 1 {d_c1:.2e}, CFG {CFG} {d_custom:.2e}; "
-          f"KSampler euler/simple 1 step CFG {CFG}: {d_ks:.2e}")
+          f"KSampler euler/simple 1 step CFG {CFG}: {d_ks:.2e}; KSampler twig_flow_dpmpp_2m {steps} steps: {d_dpm:.2e}")
     C.expect(d_c1 < EXACT_TOLERANCE, f"SamplerCustom (euler, Twig Flow Sigmas, CFG 1) matches Twig Sampler "
                                      f"flow_euler: {d_c1:.2e} < {EXACT_TOLERANCE}")
     C.expect(d_custom < CFG_TOLERANCE, f"SamplerCustom (euler, Twig Flow Sigmas, CFG {CFG}) matches Twig Sampler "
                                        f"flow_euler: {d_custom:.2e} < {CFG_TOLERANCE}")
     C.expect(d_ks < CFG_TOLERANCE, f"KSampler (euler, simple) matches Twig Sampler flow_euler at 1 step: "
                                    f"{d_ks:.2e} < {CFG_TOLERANCE}")
+    C.expect(d_dpm < CFG_TOLERANCE, f"KSampler (twig_flow_dpmpp_2m sampler and scheduler) matches Twig Sampler "
+                                    f"flow_dpmpp_2m: {d_dpm:.2e} < {CFG_TOLERANCE}")
     d_img = (img["dec"] - img["twigdec"]).abs().max().item()
     C.expect(d_img <= 3 / 255, f"core VAE Decode of the native latent matches Twig VAE Decode of Twig's: {d_img * 255:.1f}/255")
     d_tiled = (img["dect"] - img["dec"]).abs().max().item()
