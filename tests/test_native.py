@@ -384,6 +384,7 @@ def test_twig_samplers_and_schedules_in_comfy_lists_match_twig_sampler(comfy, pa
     seed and CFG 4.5, up to fp32 rounding (ComfyUI mixes guidance on x0, Twig on the velocity)."""
     from nodes.native import (TwigFlowSigmas, _dcae_scale, comfy_sampler_name, native_model, register_samplers,
                               to_native)
+    from twig_core import memory
     from twig_core.sampling import noise_like
 
     samplers, sample = comfy["comfy.samplers"], comfy["comfy.sample"]
@@ -394,6 +395,9 @@ def test_twig_samplers_and_schedules_in_comfy_lists_match_twig_sampler(comfy, pa
     cpu = torch.device("cpu")
     transformer = parts[0].peek()
     patcher = native_model(transformer, 3.0, _dcae_scale(), cpu, cpu)
+    # what ComfyUI frees before sampling (both CFG halves in one batch): twig_core.memory's estimate
+    shape = (2, transformer.config.in_channels, 3, 4)
+    assert patcher.model.memory_required(shape) == memory.step_bytes(transformer.config, shape, 4, cfg=False)
     positive, negative = to_native(*conds)
     latent = empty(w=128, h=96)
     seed, steps, cfg = 7, 20, 4.5

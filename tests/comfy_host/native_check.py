@@ -14,7 +14,7 @@ Compared (demo model, 128², flow shift 3.0), as max |difference| of the model-s
   core KSampler (euler, simple, 1 step, CFG 4.5) vs Twig Sampler flow_euler, 1 step: below CFG_TOLERANCE (measured
     3.8e-6; the two schedules agree at one step, over more steps ComfyUI's "simple" spacing differs from Twig's)
   core KSampler (sampler and scheduler twig_flow_dpmpp_2m, which the pack adds to core's lists, 4 steps, CFG 4.5)
-    vs Twig Sampler flow_dpmpp_2m, 4 steps: below CFG_TOLERANCE
+    vs Twig Sampler flow_dpmpp_2m, 4 steps: below CFG_TOLERANCE (measured 1.1e-5)
 Decoded images are compared in 8-bit PNGs (core VAE Decode vs Twig VAE Decode within 3/255, tiled vs untiled 2/255).
 """
 
