@@ -471,3 +471,18 @@ def test_step_memory_estimate_covers_a_measured_transformer_call(width, heads, h
         peak = allocation_peak(lambda: model(x, t, cache))
     estimate = memory.step_bytes(cfg, (1, 32, *hw), 4, cfg=True, caption_tokens=30)
     assert peak <= estimate <= 2 * peak, (peak, estimate)
+
+
+def test_vae_memory_estimate_follows_the_decode_plan(parts):
+    """The DC-AE estimate a decode node passes (host.vae_memory_required): untiled up to 1024² as dcae_exec's
+    automatic choice decodes, per tile (with its overlap) above, per tile for an explicit tile size, in the
+    VAE's compute dtype; an encode counts the encoder's full-resolution width."""
+    from nodes import host
+    from twig_core import memory
+
+    vae = parts[2].peek()
+    f, c_dec, c_enc = vae.spatial_factor, vae.config.decoder_block_out_channels[0], vae.config.encoder_block_out_channels[0]
+    assert host.vae_memory_required(vae, (1, 32, 32, 32)) == 1024 * 1024 * c_dec * 4 * 5
+    assert host.vae_memory_required(vae, (1, 32, 64, 64)) == memory.vae_bytes((1, 32, 40, 40), 4, c_dec, f)
+    assert host.vae_memory_required(vae, (1, 32, 64, 64), tile_size=8 * f) == memory.vae_bytes((1, 32, 10, 10), 4, c_dec, f)
+    assert host.vae_memory_required(vae, (1, 32, 4, 4), encode=True) == memory.vae_bytes((1, 32, 4, 4), 4, c_enc, f)

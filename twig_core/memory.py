@@ -30,8 +30,11 @@ def step_bytes(config, latent_shape, itemsize: int, cfg: bool = True, caption_to
 
 def vae_bytes(latent_shape, itemsize: int, channels: int, spatial_factor: int = 32, tile: int | None = None) -> int:
     """Activations of a DC-AE decode (or encode) of a latent [B,C,h,w] in tiles of ``tile`` latent px (None:
-    untiled), computing in a dtype of ``itemsize`` bytes; ``channels`` is the full-resolution stage's width."""
+    untiled), computing in a dtype of ``itemsize`` bytes; ``channels`` is the full-resolution stage's width. A
+    tile counts with a quarter tile more on each axis (dcae_exec's default overlap, which also covers the halo
+    of its exact tiles)."""
     b, _, h, w = latent_shape
-    th, tw = (min(h, tile), min(w, tile)) if tile else (h, w)
+    grown = tile + tile // 4 if tile else None
+    th, tw = (min(h, grown), min(w, grown)) if tile else (h, w)
     pixels = th * spatial_factor * tw * spatial_factor
     return int(b * pixels * channels * itemsize * _VAE_LIVE)
