@@ -385,8 +385,8 @@ def register_samplers(samplers=None, k_diffusion=None) -> list[str]:
     """Adds each Twig sampler to ComfyUI's sampler list (KSampler, KSamplerAdvanced, KSamplerSelect) and its
     schedule to the scheduler list (KSampler, BasicScheduler), under ``twig_<name>``: core KSampler with sampler
     and scheduler twig_flow_dpmpp_2m is Twig Sampler's flow_dpmpp_2m. ComfyUI keeps these as module-level
-    registries (``KSAMPLER_NAMES``/``SAMPLER_NAMES``, ``SCHEDULER_HANDLERS``/``SCHEDULER_NAMES``, checked in 0.3.64
-    and current sources); where one is missing nothing is added there and the log says so (Twig Flow Sigmas +
+    registries (``KSAMPLER_NAMES``/``SAMPLER_NAMES``, ``SCHEDULER_HANDLERS``/``SCHEDULER_NAMES``, checked with
+    0.3.64); where one is missing nothing is added there and the log says so (Twig Flow Sigmas +
     SamplerCustom is the way then). Returns the names added; calling again adds nothing."""
     samplers = samplers or sys.modules.get("comfy.samplers")
     k_diffusion = k_diffusion or sys.modules.get("comfy.k_diffusion.sampling")
