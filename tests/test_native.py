@@ -486,3 +486,18 @@ def test_vae_memory_estimate_follows_the_decode_plan(parts):
     assert host.vae_memory_required(vae, (1, 32, 64, 64)) == memory.vae_bytes((1, 32, 40, 40), 4, c_dec, f)
     assert host.vae_memory_required(vae, (1, 32, 64, 64), tile_size=8 * f) == memory.vae_bytes((1, 32, 10, 10), 4, c_dec, f)
     assert host.vae_memory_required(vae, (1, 32, 4, 4), encode=True) == memory.vae_bytes((1, 32, 4, 4), 4, c_enc, f)
+
+
+def test_a_comfy_without_scheduler_registry_gets_the_samplers_and_a_pointer_to_flow_sigmas(caplog):
+    """An older or newer ComfyUI without ``SCHEDULER_HANDLERS``: the samplers are still added, no scheduler is,
+    and the log names the way that always works (Twig Flow Sigmas with SamplerCustom)."""
+    from nodes.native import register_samplers
+
+    samplers = types.SimpleNamespace(KSAMPLER_NAMES=["euler"], SAMPLER_NAMES=["euler", "ddim"], SCHEDULER_NAMES=["simple"])
+    k_diffusion = types.SimpleNamespace()
+    with caplog.at_level("WARNING", logger="twig"):
+        added = register_samplers(samplers, k_diffusion)
+    assert added == ["sampler twig_flow_dpmpp_2m", "sampler twig_flow_euler"]
+    assert samplers.SAMPLER_NAMES[-2:] == ["twig_flow_dpmpp_2m", "twig_flow_euler"] and samplers.SCHEDULER_NAMES == ["simple"]
+    assert callable(k_diffusion.sample_twig_flow_dpmpp_2m)
+    assert "no scheduler list" in caplog.text and "Twig Flow Sigmas" in caplog.text
