@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dcae_exec, sampling
+from .devices import Residency
 from .errors import TwigError
 from .resolution import check_size
 
@@ -108,23 +109,27 @@ def generate(
     mask: torch.Tensor | None = None,
     tile_size: int | str | None = "auto",
     callback: Callable[[dict], None] | None = None,
+    residency: Residency | None = None,
 ) -> torch.Tensor:
     """Prompt -> images [B,3,H,W] in [-1,1]. ``image`` ([B,3,H,W] in [-1,1]) switches to image to image.
 
     ``tile_size``: VAE tiles in latent pixels; "auto" tiles only images larger than 1024², None never tiles
-    (see dcae_exec: out of memory, the VAE retries with smaller tiles).
+    (see dcae_exec: out of memory, the VAE retries with smaller tiles). ``residency`` (``Parts.residency``)
+    puts each network on the device before it runs; with offloading, only that one.
     """
-    cond = text_encoder.encode([prompt], max_length=max_length, use_instruction=True)
-    uncond = text_encoder.encode([negative], max_length=max_length, use_instruction=False) if cfg != 1.0 else None
+    use = (residency or Residency()).use
+    encoder = use(text_encoder)
+    cond = encoder.encode([prompt], max_length=max_length, use_instruction=True)
+    uncond = encoder.encode([negative], max_length=max_length, use_instruction=False) if cfg != 1.0 else None
     init = None
     if image is not None:
         check_size(image.shape[-1], image.shape[-2])
         with torch.no_grad():
-            init = dcae_exec.encode(vae, image.float(), tile_size=tile_size)[0].float().cpu()
+            init = dcae_exec.encode(use(vae), image.float(), tile_size=tile_size)[0].float().cpu()
     latents = sample_latents(
-        transformer, cond, uncond, width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg,
+        use(transformer), cond, uncond, width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg,
         seed=seed, sampler=sampler, shift=shift, init_latent=init, denoise=denoise if init is not None else 1.0,
         mask=mask, callback=callback,
     )
     with torch.no_grad():
-        return dcae_exec.decode(vae, latents, tile_size=tile_size)[0].float().cpu()
+        return dcae_exec.decode(use(vae), latents, tile_size=tile_size)[0].float().cpu()
