@@ -243,7 +243,7 @@ def decode(vae, latent: torch.Tensor, strategy: str = "auto", tile_size: TileSiz
         # fp16 activations overflowed (a black or speckled image): the layers compute in their input's dtype,
         # so the same weights run again in fp32
         log.warning("[Twig] %s overflowed in fp16; decoding again in fp32", label)
-        z = z.float()
+        z = channels_last(latent.to(p.device, torch.float32))
         x, run = _run(attempt, tile, max(h, w), z.device.type, retry, label, is_oom, free_memory)
         run.widened = True
     return x.to(latent.device, latent.dtype).contiguous(), run
