@@ -196,6 +196,53 @@ def test_command_line_offloads(monkeypatch, pipeline_folder, tmp_path):
         assert on_device == {name}, (name, on_device)
 
 
+def test_tab_offloads_through_tipo_generation_and_face_refine(monkeypatch, pipeline_folder, tmp_path):
+    from tests.builders import save_tiny_tipo_folder
+    from twig_core.face import detect as fdetect
+    from twig_core.tipo import TipoModel
+    from twig_webui.engine import Catalog, Engine, Settings
+    from twig_webui.host import Host
+
+    class OneFace(fdetect.Detector):
+        name = "one-face"
+
+        def detect(self, image, confidence=0.3):
+            return [fdetect.Detection((16.0, 16.0, 48.0, 48.0), 0.9)]
+
+    monkeypatch.setattr(fdetect, "get_detector", lambda spec, device=None: OneFace())
+    monkeypatch.setattr(Catalog, "face_detectors", lambda self: {"one-face": "one-face"})
+    monkeypatch.setattr(loader, "wants_offload", lambda choice, device: True)  # as on a small CUDA card
+    ledger = DeviceLedger(monkeypatch)
+    real_tipo = TipoModel.from_pretrained.__func__
+
+    def tipo_from_pretrained(cls, *args, **kwargs):
+        tipo = real_tipo(cls, *args, **kwargs)
+        ledger.modules[id(tipo.model)] = "tipo"
+        ledger.where["tipo"] = "device" if torch.device(kwargs["device"]) == RUN_DEVICE else "home"
+        return tipo
+
+    monkeypatch.setattr(TipoModel, "from_pretrained", classmethod(tipo_from_pretrained))
+    real_load = Engine.load
+
+    def load(self, *args, **kwargs):
+        parts = real_load(self, *args, **kwargs)
+        ledger.watch(monkeypatch, parts)
+        return parts
+
+    monkeypatch.setattr(Engine, "load", load)
+    save_tiny_tipo_folder(tmp_path / "models" / "LLM" / "tiny-tipo")
+    engine = Engine(Host(tmp_path / "models", tmp_path / "out", device="cpu:0", extra_models=[str(pipeline_folder)]))
+    r = engine.run(Settings(prompt="1girl, red hair", steps=1, seed=5, size="64x64", model=str(pipeline_folder),
+                            tipo=True, tipo_model="tiny-tipo/", tipo_length="very_short", tipo_max_tokens=8,
+                            face=True, face_detector="one-face", face_denoise=0.5))
+    assert "face refine: 1 face(s) with one-face" in r.notes
+    names = [n for n, _ in ledger.stages]
+    # prompt and negative, then again for the face; TIPO (loaded on the device) left it when Gemma-2 came
+    assert names.count("text_encoder") == 4 and names[-1] == "vae" and ledger.where["tipo"] == "home"
+    for name, on_device in ledger.stages:
+        assert on_device == {name}, (name, on_device)
+
+
 def test_offload_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     memory = {"total": 8 * 2**30}

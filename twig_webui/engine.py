@@ -362,7 +362,7 @@ class Engine:
 
         if s.tipo:
             user_prompt = prompt
-            prompt, tipo_notes = self._expand(s, prompt, width, height, seed, progress)
+            prompt, tipo_notes = self._expand(s, parts, prompt, width, height, seed, progress)
             notes += tipo_notes
             extra["tipo"] = {"user_prompt": user_prompt, "model": s.tipo_model}
         self.check()
@@ -392,11 +392,12 @@ class Engine:
             infotext = im.text.get("parameters", "")
         return Result(paths, infotext, seed, prompt, width, height, notes, time.perf_counter() - started)
 
-    def _expand(self, s: Settings, prompt: str, width: int, height: int, seed: int, progress: Progress):
+    def _expand(self, s: Settings, parts, prompt: str, width: int, height: int, seed: int, progress: Progress):
         from twig_core.tipo import Sampling, expand, load_tag_lists, tag_list_folders
 
         progress(0.02, "TIPO: loading")
         tipo, path = self._tipo_model(s.tipo_model, self.host.device())
+        tipo = parts.residency.use(tipo)  # with offloading, it leaves the device when Gemma-2 comes
         tags, text = split_prompt(prompt)
         search = [path if os.path.isdir(path) else os.path.dirname(path)] + self.host.folders("llm")
         lists = load_tag_lists(tag_list_folders(search))
