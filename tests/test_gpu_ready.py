@@ -411,3 +411,53 @@ def test_tipo_draws_from_its_own_cpu_generator():
     assert rec.default_generator == []
     torch.manual_seed(99)
     assert tipo.generate("1girl, red hair", seed=7, sampling=Sampling(max_new_tokens=8)).text == a.text
+
+
+# ---- on a real device (bench/gpu_check.py sets TWIG_TEST_DEVICE=cuda or mps) -----------------------------------
+
+TEST_DEVICE = __import__("os").environ.get("TWIG_TEST_DEVICE")
+on_device = pytest.mark.skipif(not TEST_DEVICE, reason="set TWIG_TEST_DEVICE=cuda (or mps) to run on a device")
+
+
+def _half_for(device: str):
+    """The half dtype "auto" picks for the transformer on that device (None on the CPU)."""
+    dt = devices.resolve_dtype("auto", device, "diffusion")
+    return None if dt == F32 else dt
+
+
+@on_device
+@pytest.mark.parametrize("pos_embed", [False, True])
+def test_device_transformer_matches_the_cpu(pos_embed):
+    torch.manual_seed(0)
+    model = TwigTransformer(TINY_TRANSFORMER.replace(pos_embed=pos_embed)).eval()
+    x, t, ctx = torch.randn(2, 32, 6, 10), torch.tensor([500.0, 20.0]), torch.randn(2, 7, 64)
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+        dev = model.to(TEST_DEVICE)
+        out = dev(x.to(TEST_DEVICE), t.to(TEST_DEVICE), ctx.to(TEST_DEVICE)).cpu()
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+        half = _half_for(TEST_DEVICE)
+        if half is not None:
+            out = dev.to(half)(x.to(TEST_DEVICE), t.to(TEST_DEVICE), ctx.to(TEST_DEVICE, half)).float().cpu()
+            assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@on_device
+@pytest.mark.parametrize("strategy,tile", [("plain", None), ("tiles", 2), ("blended", 2)])
+def test_device_decode_matches_the_cpu(strategy, tile):
+    vae = tiny_dcae()
+    z = torch.randn(1, 32, 4, 4)
+    with torch.no_grad():
+        ref = dcae_exec.decode(vae, z, strategy=strategy, tile_size=tile)[0]
+        out = dcae_exec.decode(vae.to(TEST_DEVICE), z.to(TEST_DEVICE), strategy=strategy, tile_size=tile)[0].cpu()
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+@on_device
+def test_device_generate_with_offloading_matches_the_cpu(pipeline_folder):
+    args = dict(prompt="a red circle", width=64, height=64, steps=2, seed=3)
+    cpu = loader.load_parts(str(pipeline_folder), dtype="fp32")
+    ref = pipeline.generate(cpu.transformer, cpu.vae, cpu.text_encoder, **args)
+    parts = loader.load_parts(str(pipeline_folder), dtype="fp32", device=TEST_DEVICE, offload="on")
+    out = pipeline.generate(parts.transformer, parts.vae, parts.text_encoder, residency=parts.residency, **args)
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
