@@ -461,3 +461,12 @@ def test_device_generate_with_offloading_matches_the_cpu(pipeline_folder):
     parts = loader.load_parts(str(pipeline_folder), dtype="fp32", device=TEST_DEVICE, offload="on")
     out = pipeline.generate(parts.transformer, parts.vae, parts.text_encoder, residency=parts.residency, **args)
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+
+
+def test_gpu_check_says_so_on_a_machine_without_a_gpu(monkeypatch, capsys):
+    from bench.gpu_check import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert main([]) == 0
+    assert "no CUDA or MPS device" in capsys.readouterr().out
