@@ -63,6 +63,34 @@ def test_a_sampling_step_stays_on_the_device(dtype):
         assert ledger.float64 == [] and ledger.syncs == []
 
 
+@pytest.mark.parametrize("sampler", ["flow_dpmpp_2m", "flow_euler"])
+def test_the_sampling_loop_stays_on_the_device(monkeypatch, sampler):
+    """Whole sampling loops with CFG and an inpainting mask: the steps, the guidance, the sampler's updates and
+    its NaN check run on the device with nothing read back (the check's flags are read once, after the loop)."""
+    from twig_core import sampling
+
+    torch.manual_seed(0)
+    model = TwigTransformer(TINY_TRANSFORMER.replace(pos_embed=True)).eval()
+    cond = types.SimpleNamespace(embeds=torch.randn(1, 7, 64), mask=torch.ones(1, 7, dtype=torch.long))
+    uncond = types.SimpleNamespace(embeds=torch.randn(1, 7, 64), mask=torch.tensor([[1] * 3 + [0] * 4]))
+    with torch.no_grad():  # once per run, before the steps: prepared on the CPU
+        emb, mask = sampling._stack([sampling._expand(c, 2) for c in (uncond, cond)])
+        cache = _on_meta(model.encode_caption(emb, mask))
+    model = model.to("meta")
+    monkeypatch.setattr(model, "encode_caption", lambda *a, **k: cache)
+    finished = []
+    monkeypatch.setattr(sampling._FiniteCheck, "finish", lambda self: finished.append(len(self.flags)))
+    shape = (2, 32, 4, 6)
+    orig, noise = torch.randn(shape, device="meta"), torch.randn(shape, device="meta")
+    m = torch.rand(2, 1, 4, 6, device="meta")
+    denoiser = sampling.make_denoiser(model, cond, uncond, 4.5, inpaint=(orig, noise, m))
+    sigmas = sampling.flow_sigmas(4, 3.0, sampler, 1.0)
+    with torch.no_grad(), OpLedger("meta") as ledger:
+        x = sampling.sample(denoiser, noise, sigmas, sampler, callback=lambda state: None)
+    assert x.device.type == "meta" and finished == [4]
+    assert ledger.float64 == [] and ledger.syncs == []
+
+
 @pytest.mark.parametrize("strategy,tile", [("plain", None), ("tiles", 2), ("blended", 2), ("banded", None),
                                            ("streamed", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -470,3 +498,12 @@ def test_gpu_check_says_so_on_a_machine_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert main([]) == 0
     assert "no CUDA or MPS device" in capsys.readouterr().out
+
+
+def test_the_device_nan_check_names_the_first_bad_step():
+    from twig_core import sampling
+
+    check = sampling._FiniteCheck(types.SimpleNamespace(compute_dtype=F16))
+    check.flags = [torch.tensor(True), torch.tensor(False), torch.tensor(False)]  # as left on a device
+    with pytest.raises(devices.TwigError, match="NaN/inf at step 2; .*fp16"):
+        check.finish()

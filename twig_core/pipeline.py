@@ -49,7 +49,8 @@ def sample_latents(
     mask: torch.Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
-    """Sample model-space latents [B,C,h,w] (float32, CPU).
+    """Sample model-space latents [B,C,h,w] (float32, CPU). The noise is drawn on the CPU (the same seed gives
+    the same image on any device); the steps then run on the transformer's device.
 
     Text to image: give width/height (pixels, multiples of 32) and batch_size. Image to image: give
     ``init_latent`` and ``denoise`` < 1. Inpaint: also give ``mask`` (1 = regenerate); latents outside the
@@ -74,18 +75,21 @@ def sample_latents(
         shape = tuple(init_latent.shape)
         if denoise == 0:
             return init_latent.clone()
-    noise = sampling.noise_like(shape, seed)
+    device = transformer.device
+    noise = sampling.noise_like(shape, seed).to(device)
+    if init_latent is not None:
+        init_latent = init_latent.to(device)
     sigmas = sampling.flow_sigmas(steps, shift, sampler, denoise)
     inpaint = None
     if mask is not None:
-        m = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, -1, -1)
+        m = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, -1, -1).to(device)
         inpaint = (init_latent, noise, m)
     integer = sampling.get_sampler(sampler).integer_timesteps
     denoiser = sampling.make_denoiser(transformer, cond, uncond, cfg, integer_timesteps=integer, inpaint=inpaint)
     x = sampling.sample(denoiser, noise, sigmas, sampler, init=init_latent if denoise < 1.0 else None, callback=callback)
     if inpaint is not None:
         x = x * inpaint[2] + init_latent * (1 - inpaint[2])
-    return x
+    return x.cpu()
 
 
 def generate(
