@@ -289,13 +289,14 @@ def test_offload_choice(monkeypatch):
 
 # card -> (CUDA compute capability or None, MPS available)
 MACHINES = {"ampere": ((8, 6), False), "hopper": ((9, 0), False), "turing": ((7, 5), False),
-            "volta": ((7, 0), False), "pascal": ((6, 1), False), "mac": (None, True), "cpu": (None, False)}
+            "volta": ((7, 0), False), "pascal": ((6, 1), False), "mac": (None, 14), "mac13": (None, 13),
+            "cpu": (None, False)}
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # machine -> auto device, then auto dtype of (diffusion, vae, text, tipo)
 WANT = {"ampere": ("cuda", (BF16, BF16, BF16, BF16)), "hopper": ("cuda", (BF16, BF16, BF16, BF16)),
         "turing": ("cuda", (F16, F32, F32, F16)), "volta": ("cuda", (F16, F32, F32, F16)),
-        "pascal": ("cuda", (F16, F32, F32, F16)), "mac": ("mps", (F16, F32, F32, F16)),
-        "cpu": ("cpu", (F32, F32, F32, F32))}
+        "pascal": ("cuda", (F16, F32, F32, F16)), "mac": ("mps", (F16, F32, BF16, F16)),
+        "mac13": ("mps", (F16, F32, F32, F16)), "cpu": ("cpu", (F32, F32, F32, F32))}
 
 
 def mock_machine(monkeypatch, name):
@@ -304,7 +305,8 @@ def mock_machine(monkeypatch, name):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     # current torch counts emulated bf16 as supported on every CUDA card: the rule must not ask it
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: capability is not None)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: bool(mps))
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: (mps or 0) >= major)
 
 
 @pytest.mark.parametrize("machine", sorted(MACHINES))
@@ -318,7 +320,7 @@ def test_auto_device_and_dtypes_per_machine(monkeypatch, machine):
     assert devices.text_dtype(F16, device) == (BF16 if dtypes[2] == BF16 else F32)
 
 
-@pytest.mark.parametrize("machine", ["turing", "mac"])
+@pytest.mark.parametrize("machine", ["turing", "mac13"])
 def test_load_parts_keeps_the_vae_in_fp32_without_bf16(monkeypatch, machine):
     """load_parts resolves "auto" per network for the run device: half-precision transformer, fp32 DC-AE and
     Gemma-2 (loaded into CPU memory with offloading, so nothing needs the mocked device)."""
@@ -344,7 +346,7 @@ def test_text_encoder_without_a_dtype_follows_the_rule(monkeypatch, tmp_path):
     monkeypatch.setattr(gemma, "resolve_dtype", lambda *a, **k: asked.append((a, k)) or real(*a, **k))
     write_tiny_pipeline(tmp_path / "p")
     te = gemma.load_text_encoder(tmp_path / "p", dtype=None, device="cpu")
-    assert te.dtype == F32 and asked and asked[0][1].get("role", asked[0][0][2:3] and asked[0][0][2]) == "text"
+    assert te.dtype == F32 and asked == [(("auto", torch.device("cpu")), {"role": "text"})]
 
 
 def test_cache_clearing_and_out_of_memory_on_cuda_and_mps(monkeypatch):

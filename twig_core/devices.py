@@ -58,6 +58,12 @@ def cuda_bf16(device=None) -> bool:
     return tuple(torch.cuda.get_device_capability(dev)) >= (8, 0)
 
 
+def mps_bf16() -> bool:
+    """Whether MPS computes bf16 (macOS 14 and up)."""
+    check = getattr(getattr(torch.backends, "mps", None), "is_macos_or_newer", None)
+    return mps_available() and check is not None and bool(check(14, 0))
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """An out-of-memory error of any device: CUDA's ``OutOfMemoryError``, or the RuntimeError that MPS (and
     older torch) raise with "out of memory" in the message."""
@@ -75,10 +81,12 @@ def clear_cache() -> None:
 
 
 def text_dtype(dtype: torch.dtype | None, device) -> torch.dtype | None:
-    """Gemma-2 overflows in fp16: bf16 (a CUDA device with bf16) or fp32 instead; other dtypes pass."""
+    """Gemma-2 overflows in fp16: bf16 (a CUDA GPU with native bf16, MPS on macOS 14+) or fp32 instead; other
+    dtypes pass."""
     if dtype == torch.float16:
         dev = torch.device(device)
-        return torch.bfloat16 if dev.type == "cuda" and cuda_bf16(dev) else torch.float32
+        native = cuda_bf16(dev) if dev.type == "cuda" else dev.type == "mps" and mps_bf16()
+        return torch.bfloat16 if native else torch.float32
     return dtype
 
 
@@ -86,7 +94,8 @@ def resolve_dtype(choice, device="cpu", role: str | None = None) -> torch.dtype 
     """Map a user choice ("auto", "fp16", "bf16", "fp32", a torch.dtype or None) to a dtype.
 
     "auto" on CUDA: bf16 where the GPU computes it natively (:func:`cuda_bf16`), else fp16 (fp32 for the VAE,
-    whose activations overflow fp16); on MPS fp16 for the transformer and TIPO; fp32 elsewhere. For ``role`` "text" it is never fp16 (:func:`text_dtype`). None stays None (keep
+    whose activations overflow fp16); on MPS fp16 for the transformer and TIPO, bf16 for Gemma-2 from macOS 14;
+    fp32 elsewhere. For ``role`` "text" it is never fp16 (:func:`text_dtype`). None stays None (keep
     the stored dtype).
     """
     if choice is None or isinstance(choice, torch.dtype):
@@ -101,7 +110,7 @@ def resolve_dtype(choice, device="cpu", role: str | None = None) -> torch.dtype 
         if key == "auto":
             dev = torch.device(device)
             if role == "text":
-                return text_dtype(resolve_dtype("auto", dev), dev)
+                return text_dtype(torch.float16 if dev.type == "mps" else resolve_dtype("auto", dev), dev)
             if dev.type == "cuda":
                 if cuda_bf16(dev):
                     return torch.bfloat16
