@@ -381,6 +381,36 @@ def test_fp16_decode_that_overflows_runs_again_in_fp32():
     torch.testing.assert_close(out, ref)
 
 
+def test_generate_and_face_refine_decode_through_the_out_of_memory_fallback(monkeypatch, pipeline_folder):
+    """The command line, the tab and batch decode through pipeline.generate, face refine through its refiner:
+    both reach dcae_exec.decode's retry with smaller tiles when the untiled decode runs out of memory."""
+    from twig_core.face import refine as frefine
+    from twig_core.face.refine import FaceJob
+
+    untiled = []
+    real = dict(dcae_exec.DECODE_STRATEGIES)
+
+    def short_of_memory(name):
+        def run(vae, z, r):
+            if r.tile_size is None:
+                untiled.append(name)
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real[name](vae, z, r)
+        return run
+
+    for name in real:
+        monkeypatch.setitem(dcae_exec.DECODE_STRATEGIES, name, short_of_memory(name))
+    parts = loader.load_parts(str(pipeline_folder), dtype="fp32")
+    out = pipeline.generate(parts.transformer, parts.vae, parts.text_encoder, "a red circle", width=256, height=256,
+                            steps=1, tile_size=None)  # 8x8 latent px: retried with tiles of 4
+    assert out.shape == (1, 3, 256, 256) and len(untiled) == 1
+    cond = parts.text_encoder.encode(["a face"])
+    refiner = frefine.TwigRefiner(parts.transformer, parts.vae, cond, steps=1, denoise=0.5)
+    crop = torch.rand(1, 256, 256, 3)
+    face = refiner(crop, torch.ones(1, 256, 256), FaceJob(0, 0, 0, None, None))
+    assert face.shape == crop.shape and len(untiled) == 2
+
+
 def test_small_map_attention_forms_kq_in_fp32():
     """The N <= d path (tiny maps) in fp16 with values whose k.q products pass fp16's range: same result as
     the float64 formula."""
