@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     rows = []
     if not a.skip_tests:
         t0 = time.perf_counter()
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_ready.py"],
-                             cwd=ROOT, env={**os.environ, "TWIG_TEST_DEVICE": device.type})
+        test = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_ready.py"]
+        rc = subprocess.call(test, cwd=ROOT, env={**os.environ, "TWIG_TEST_DEVICE": device.type})
         rows.append(("parity tests on the device", "pass" if rc == 0 else f"FAIL (pytest rc {rc})",
                      f"{time.perf_counter() - t0:.1f}", ""))
     folder = a.dir or tempfile.mkdtemp(prefix="twig_gpu_check_")

@@ -217,8 +217,8 @@ def test_command_line_offloads(monkeypatch, pipeline_folder, tmp_path):
         return parts
 
     monkeypatch.setattr(loader, "load_parts", load_parts)
-    main(["generate", "--prompt", "a red circle", "--transformer", str(pipeline_folder), "--device", "cpu:0", "--offload", "on",
-          "--steps", "1", "--width", "64", "--height", "64", "--out", str(tmp_path / "x.png")])
+    main(["generate", "--prompt", "a red circle", "--transformer", str(pipeline_folder), "--device", "cpu:0",
+          "--offload", "on", "--steps", "1", "--width", "64", "--height", "64", "--out", str(tmp_path / "x.png")])
     assert (tmp_path / "x.png").is_file() and ledger.stages
     for name, on_device in ledger.stages:
         assert on_device == {name}, (name, on_device)

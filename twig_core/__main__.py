@@ -59,7 +59,8 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-dtype", default="same", choices=WEIGHT_DTYPE_CHOICES,
                    help="the transformer's weights in memory: same as --dtype, as stored in the file, or fp16/bf16 "
                         "(half the memory of fp32 while computing in --dtype)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps … (default: cuda, else mps, when available)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, mps … (default: cuda, else mps, when available)")
     g.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES,
                    help="keep only the running network on the GPU (Gemma-2, then the transformer, then the VAE); "
                         "auto: on CUDA cards under 14 GiB")

@@ -113,8 +113,9 @@ def load_text_encoder(
     or a single file (ComfyUI style: weights, optionally under a prefix such as ``model.``, plus a
     ``spiece_model`` uint8 tensor with the sentencepiece tokenizer). ``tokenizer_path`` (a tokenizer folder,
     tokenizer.json or tokenizer.model) overrides the tokenizer found with the weights. ``dtype`` None: "auto"
-    for the text encoder (bf16 where the GPU computes it natively, else fp32: Gemma-2 overflows in fp16). ``expected_width``: the transformer's caption
-    width; a different hidden size is a TwigError. Other keyword arguments go to ``TextEncoder``.
+    for the text encoder (bf16 where the device computes it natively, else fp32: Gemma-2 overflows in fp16).
+    ``expected_width``: the transformer's caption width; a different hidden size is a TwigError. Other keyword
+    arguments go to ``TextEncoder``.
     """
     from .text import TextEncoder, folder_settings
 
