@@ -113,6 +113,9 @@ def test_sin_cos_positions_match_the_float64_table_and_are_built_once():
     a = model._positions(6, 10, torch.device("cpu"))
     assert a is model._positions(6, 10, torch.device("cpu")) and sincos_pos_embed.cache_info().misses == 1
     assert a.dtype == torch.float32 and a.shape == (60, 64)
+    model.to("cpu")  # a move (offloading) drops the device copy; the CPU table stays cached
+    assert "_held_positions" not in model.__dict__
+    assert torch.equal(model._positions(6, 10, torch.device("cpu")), a) and sincos_pos_embed.cache_info().misses == 1
     # reference: numpy's float64 sin/cos of the same stretched grid (diffusers' get_2d_sincos_pos_embed layout)
     import numpy as np
 

@@ -314,6 +314,12 @@ class TwigTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.final_layer.linear.weight.device
 
+    def _apply(self, fn, *args, **kwargs):
+        # moved or cast (.to, .half ...): drop the device copy of the positions, not to hold memory where the
+        # model no longer is (offloading); the next step copies the CPU table again
+        self.__dict__.pop("_held_positions", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def _positions(self, gh: int, gw: int, device: torch.device) -> torch.Tensor:
         """The sin-cos positions of a gh x gw grid on ``device``, kept for the next step (the last grid only)."""
         cfg, key = self.config, (gh, gw, device)
