@@ -542,3 +542,13 @@ def test_the_device_nan_check_names_the_first_bad_step():
     check.flags = [torch.tensor(True), torch.tensor(False), torch.tensor(False)]  # as left on a device
     with pytest.raises(devices.TwigError, match="NaN/inf at step 2; .*fp16"):
         check.finish()
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_gpu_check_run_row(pipeline_folder, offload):
+    """One row of the check's table, run on the CPU with the tiny pipeline (the device path is the same)."""
+    from bench.gpu_check import _run
+
+    p = str(pipeline_folder)
+    seconds, peak, note = _run({"text": p, "vae": p}, p, torch.device("cpu"), 64, 1, offload)
+    assert seconds > 0 and note == "float32/float32/float32"
