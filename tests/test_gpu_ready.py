@@ -414,6 +414,20 @@ def test_generate_and_face_refine_decode_through_the_out_of_memory_fallback(monk
     assert face.shape == crop.shape and len(untiled) == 2
 
 
+def test_decode_divides_by_the_scaling_factor_before_casting(monkeypatch):
+    """The decode node (nodes/latent.py), the CLI and the tab hand model-space latents to dcae_exec.decode,
+    which unscales in fp32 and only then casts to the VAE's compute dtype (one rounding, not two)."""
+    seen = []
+    monkeypatch.setitem(dcae_exec.DECODE_STRATEGIES, "banded", lambda vae, z, run: seen.append(z) or
+                        torch.zeros(z.shape[0], 3, z.shape[2] * 32, z.shape[3] * 32, dtype=z.dtype))
+    vae = tiny_dcae().half()
+    latent = torch.randn(1, 32, 2, 2) * 3
+    with torch.no_grad():
+        dcae_exec.decode(vae, latent)
+    assert torch.equal(seen[0], (latent / vae.scaling_factor).half())
+    assert not torch.equal(seen[0], latent.half() / vae.scaling_factor)
+
+
 def test_small_map_attention_forms_kq_in_fp32():
     """The N <= d path (tiny maps) in fp16 with values whose k.q products pass fp16's range: same result as
     the float64 formula."""
