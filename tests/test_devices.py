@@ -27,7 +27,7 @@ def test_resolve_dtype():
 
 @pytest.mark.parametrize("bf16", [True, False])
 def test_auto_dtype_per_network(monkeypatch, bf16):
-    monkeypatch.setattr(devices, "cuda_bf16", lambda: bf16)
+    monkeypatch.setattr(devices, "cuda_bf16", lambda *_: bf16)
     half = torch.bfloat16 if bf16 else torch.float16
     want = {  # role: (cuda, mps, cpu)
         None: (half, torch.float32, torch.float32),
@@ -45,10 +45,10 @@ def test_auto_dtype_per_network(monkeypatch, bf16):
 
 
 def test_text_encoder_never_runs_in_fp16(monkeypatch):
-    monkeypatch.setattr(devices, "cuda_bf16", lambda: True)
+    monkeypatch.setattr(devices, "cuda_bf16", lambda *_: True)
     assert devices.text_dtype(torch.float16, "cuda") == torch.bfloat16
     assert devices.text_dtype(torch.float16, "cpu") == torch.float32
-    monkeypatch.setattr(devices, "cuda_bf16", lambda: False)
+    monkeypatch.setattr(devices, "cuda_bf16", lambda *_: False)
     assert devices.text_dtype(torch.float16, "cuda") == torch.float32
     for dt in (torch.float32, torch.bfloat16, None):
         assert devices.text_dtype(dt, "cuda") is dt

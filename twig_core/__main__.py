@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .catalog import DEMO_NAME, demo_dir, demo_location
-from .devices import DTYPE_CHOICES, WEIGHT_DTYPE_CHOICES
+from .devices import DTYPE_CHOICES, OFFLOAD_CHOICES, WEIGHT_DTYPE_CHOICES
 from .errors import TwigError
 from .sampling import SAMPLERS
 
@@ -59,17 +59,20 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-dtype", default="same", choices=WEIGHT_DTYPE_CHOICES,
                    help="the transformer's weights in memory: same as --dtype, as stored in the file, or fp16/bf16 "
                         "(half the memory of fp32 while computing in --dtype)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, mps … (default: cuda, else mps, when available)")
+    g.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES,
+                   help="keep only the running network on the GPU (Gemma-2, then the transformer, then the VAE); "
+                        "auto: on CUDA cards under 14 GiB")
     g.add_argument("--tile", default="auto", help="VAE tile size in latent pixels, 'auto' or 'none'")
 
 
 def _load(a: argparse.Namespace, device: str | None = None):
     """The three networks the options name (the embedded demo model by default), loaded once."""
     from . import loader
-    from .devices import pick_device, resolve_dtype
+    from .devices import pick_device
 
     device = pick_device(device or a.device)
-    dtype = resolve_dtype(a.dtype, device)
     transformer_path = a.transformer
     if transformer_path is None:
         transformer_path = demo_dir()
@@ -77,8 +80,8 @@ def _load(a: argparse.Namespace, device: str | None = None):
             raise TwigError(f"no --transformer given and the embedded demo model is missing "
                             f"({demo_location()})")
         print(f"using {DEMO_NAME} ({transformer_path}); it knows simple coloured shapes", file=sys.stderr)
-    return loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device,
-                             weight_dtype=a.weight_dtype)
+    return loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=a.dtype, device=device,
+                             weight_dtype=a.weight_dtype, offload=a.offload)
 
 
 def _generate(a: argparse.Namespace) -> list[Path]:
@@ -109,7 +112,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
             transformer, vae, text_encoder, a.prompt, a.negative, width=width, height=height, batch_size=a.batch,
             steps=a.steps, cfg=a.cfg, seed=a.seed, sampler=a.sampler, shift=a.shift, max_length=a.max_length,
             image=init, denoise=a.denoise if init is not None else 1.0, tile_size=_tile(a.tile),
-            callback=lambda info: bar.update(1),
+            callback=lambda info: bar.update(1), residency=parts.residency,
         )
     print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     out = Path(a.out)

@@ -420,7 +420,7 @@ def drawer(parts, *, max_length: int = 300, tile_size="auto", model_name: str = 
         pixels = generate(parts.transformer, parts.vae, parts.text_encoder, job.prompt, job.negative, width=width,
                           height=height, batch_size=1, steps=job.steps, cfg=job.cfg, seed=job.seed,
                           sampler=job.sampler, shift=job.shift, max_length=max_length, tile_size=tile_size,
-                          callback=on_step)
+                          callback=on_step, residency=parts.residency)
         info = img.png_info(job.prompt, job.negative, job.steps, job.cfg, job.seed, job.sampler, width, height,
                             model=model_name)
         return img.model_to_pil(pixels)[0], info

@@ -416,11 +416,11 @@ class MultiscaleLinearAttention(nn.Module):
 
     def _quadratic(self, qkv: torch.Tensor) -> torch.Tensor:
         # Same quantity via the N x N score matrix; cheaper when N <= d (tiny feature maps).
-        q, k, v = qkv.unbind(2)
-        q, k = F.relu(q), F.relu(k)
-        scores = (k.transpose(-1, -2) @ q).float()  # [B, h, N_keys, N_queries]
+        # In fp32 like the linear path: k^T q sums d products of unbounded ReLU activations, past fp16's range.
+        q, k, v = (t.float() for t in qkv.unbind(2))
+        scores = F.relu(k).transpose(-1, -2) @ F.relu(q)  # [B, h, N_keys, N_queries]
         scores = scores / (scores.sum(dim=2, keepdim=True) + self.eps)
-        return v @ scores.to(v.dtype)
+        return (v @ scores).to(qkv.dtype)
 
 
 class GLUMBConv(nn.Module):

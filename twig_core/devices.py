@@ -1,8 +1,10 @@
 """Devices, dtypes and seeds for every front end (command line, ComfyUI nodes, WebUI tab).
 
 The names users pick ("auto", "fp16", "bf16", "fp32"; weight dtypes "same", "stored", "fp16", "bf16"), what
-"auto" means for each network, the Gemma-2 fp16 rule, the keyword arguments a weight-dtype choice gives the
-loader, and the seed range. Host-specific choices (ComfyUI's model manager) are layered on top by the host glue.
+"auto" means for each device and network (bf16 only where the GPU computes it natively), the Gemma-2 fp16 rule,
+the keyword arguments a weight-dtype choice gives the loader, the seed range, and the device housekeeping every
+front end shares (recognising out-of-memory errors, returning cached memory). Host-specific choices (ComfyUI's
+model manager) are layered on top by the host glue.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ _HALF_WITHOUT_BF16 = (None, "diffusion", "tipo")
 _HALF_ON_MPS = ("diffusion", "tipo")
 
 
+def mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def default_device() -> torch.device:
-    """CUDA when available, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available, else Apple's MPS when available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if mps_available() else "cpu")
 
 
 def pick_device(choice: str | torch.device | None = "auto") -> torch.device:
@@ -39,22 +48,54 @@ def pick_device(choice: str | torch.device | None = "auto") -> torch.device:
         raise TwigError(f"unknown device {choice!r}; use auto, cpu, cuda, cuda:1, ...") from e
 
 
-def cuda_bf16() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+def cuda_bf16(device=None) -> bool:
+    """Whether the CUDA GPU computes bf16 natively (compute capability 8.0 and up: Ampere, Ada, Hopper, ...).
+    ``torch.cuda.is_bf16_supported()`` also counts emulated bf16 (Turing, Volta, Pascal), which runs slower than
+    fp16 there, so it is not asked."""
+    if not torch.cuda.is_available():
+        return False
+    dev = None if device is None or torch.device(device).index is None else torch.device(device)
+    return tuple(torch.cuda.get_device_capability(dev)) >= (8, 0)
+
+
+def mps_bf16() -> bool:
+    """Whether MPS computes bf16 (macOS 14 and up)."""
+    check = getattr(getattr(torch.backends, "mps", None), "is_macos_or_newer", None)
+    return mps_available() and check is not None and bool(check(14, 0))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An out-of-memory error of any device: CUDA's ``OutOfMemoryError``, or the RuntimeError that MPS (and
+    older torch) raise with "out of memory" in the message."""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def clear_cache() -> None:
+    """Return the memory cached by torch's allocator on CUDA and on MPS (no-op on the CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if mps_available() and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
 
 
 def text_dtype(dtype: torch.dtype | None, device) -> torch.dtype | None:
-    """Gemma-2 overflows in fp16: bf16 (a CUDA device with bf16) or fp32 instead; other dtypes pass."""
+    """Gemma-2 overflows in fp16: bf16 (a CUDA GPU with native bf16, MPS on macOS 14+) or fp32 instead; other
+    dtypes pass."""
     if dtype == torch.float16:
-        return torch.bfloat16 if torch.device(device).type == "cuda" and cuda_bf16() else torch.float32
+        dev = torch.device(device)
+        native = cuda_bf16(dev) if dev.type == "cuda" else dev.type == "mps" and mps_bf16()
+        return torch.bfloat16 if native else torch.float32
     return dtype
 
 
 def resolve_dtype(choice, device="cpu", role: str | None = None) -> torch.dtype | None:
     """Map a user choice ("auto", "fp16", "bf16", "fp32", a torch.dtype or None) to a dtype.
 
-    "auto" on CUDA: bf16 where the GPU has it, else fp16 (fp32 for the VAE); on MPS fp16 for the transformer
-    and TIPO; fp32 elsewhere. For ``role`` "text" it is never fp16 (:func:`text_dtype`). None stays None (keep
+    "auto" on CUDA: bf16 where the GPU computes it natively (:func:`cuda_bf16`), else fp16 (fp32 for the VAE,
+    whose activations overflow fp16); on MPS fp16 for the transformer and TIPO, bf16 for Gemma-2 from macOS 14;
+    fp32 elsewhere. For ``role`` "text" it is never fp16 (:func:`text_dtype`). None stays None (keep
     the stored dtype).
     """
     if choice is None or isinstance(choice, torch.dtype):
@@ -69,9 +110,9 @@ def resolve_dtype(choice, device="cpu", role: str | None = None) -> torch.dtype 
         if key == "auto":
             dev = torch.device(device)
             if role == "text":
-                return text_dtype(resolve_dtype("auto", dev), dev)
+                return text_dtype(torch.float16 if dev.type == "mps" else resolve_dtype("auto", dev), dev)
             if dev.type == "cuda":
-                if cuda_bf16():
+                if cuda_bf16(dev):
                     return torch.bfloat16
                 return torch.float16 if role in _HALF_WITHOUT_BF16 else torch.float32
             if dev.type == "mps" and role in _HALF_ON_MPS:
@@ -91,3 +132,47 @@ def weight_dtype_kwargs(weight_dtype, dtype, device="cpu") -> dict:
     compute = dtype or (torch.float32 if torch.device(device).type == "cpu" else None)
     return {"dtype": None if weight_dtype == "stored" else resolve_dtype(weight_dtype, device),
             "compute_dtype": compute}
+
+
+# ---- where the networks live between uses ----------------------------------------------------------------------
+
+OFFLOAD_CHOICES = ("auto", "on", "off")
+# "auto" offloads on CUDA cards with less memory than this: Gemma-2, the 1600M transformer and DC-AE hold about
+# 9 GB in bf16, which does not fit beside a 1024² step's activations on 6-12 GB cards.
+OFFLOAD_BELOW_BYTES = 14 * 2**30
+
+
+def wants_offload(choice, device) -> bool:
+    """Whether a run on ``device`` keeps only the running network there: "on"/True, "off"/False/None, or
+    "auto": a CUDA device with less than OFFLOAD_BELOW_BYTES (never the CPU, nor MPS, whose memory is the
+    CPU's)."""
+    if choice in (True, "on"):
+        return True
+    if choice in (False, None, "off"):
+        return False
+    if choice != "auto":
+        raise TwigError(f"offload {choice!r}: choose one of {', '.join(OFFLOAD_CHOICES)}")
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_properties(dev.index or 0).total_memory < OFFLOAD_BELOW_BYTES
+
+
+class Residency:
+    """Which networks sit on the run ``device``. With ``offload`` only the one in use: ``use(network)`` moves
+    it there and the one used before back to CPU memory (Gemma-2 leaves before sampling, the transformer
+    before decoding). Without, ``use`` returns each network where it was loaded."""
+
+    def __init__(self, device="cpu", offload: bool = False):
+        self.device = torch.device(device)
+        self.offload = bool(offload)
+        self._held = None  # the network moved to the device last
+
+    def use(self, network):
+        if not self.offload or network is None:
+            return network
+        if self._held is not None and self._held is not network:
+            self._held.to("cpu")
+            clear_cache()
+        self._held = network
+        return network.to(self.device)

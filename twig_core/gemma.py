@@ -112,16 +112,15 @@ def load_text_encoder(
     ``path``: a Hugging Face Gemma-2 folder, a diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``),
     or a single file (ComfyUI style: weights, optionally under a prefix such as ``model.``, plus a
     ``spiece_model`` uint8 tensor with the sentencepiece tokenizer). ``tokenizer_path`` (a tokenizer folder,
-    tokenizer.json or tokenizer.model) overrides the tokenizer found with the weights. ``dtype`` None: bf16
-    on CUDA, fp32 elsewhere (Gemma-2 overflows in fp16). ``expected_width``: the transformer's caption
-    width; a different hidden size is a TwigError. Other keyword arguments go to ``TextEncoder``.
+    tokenizer.json or tokenizer.model) overrides the tokenizer found with the weights. ``dtype`` None: "auto"
+    for the text encoder (bf16 where the device computes it natively, else fp32: Gemma-2 overflows in fp16).
+    ``expected_width``: the transformer's caption width; a different hidden size is a TwigError. Other keyword
+    arguments go to ``TextEncoder``.
     """
     from .text import TextEncoder, folder_settings
 
     device = torch.device(device)
-    dtype = resolve_dtype(dtype, device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_dtype("auto" if dtype is None else dtype, device, role="text")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise TwigError(f"not found: {path}")

@@ -15,10 +15,10 @@ entry that the command line, the ComfyUI nodes and the WebUI tab use.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .devices import WEIGHT_DTYPE_CHOICES, resolve_dtype, weight_dtype_kwargs  # noqa: F401 (re-exported)
+from .devices import WEIGHT_DTYPE_CHOICES, Residency, resolve_dtype, wants_offload, weight_dtype_kwargs  # noqa: F401
 from .devices import text_dtype as _text_dtype
 from .errors import TwigError
 from .gemma import gemma2_config_from_shapes, load_text_encoder
@@ -53,20 +53,26 @@ __all__ = [
 
 @dataclass
 class Parts:
-    """The three networks of a text-to-image run."""
+    """The three networks of a text-to-image run, and where they run (``residency.use(network)`` before each
+    use puts it on the device; see devices.Residency)."""
 
     transformer: Any
     text_encoder: Any
     vae: Any
+    residency: Residency = field(default_factory=Residency)
 
 
-def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu", weight_dtype=None) -> Parts:
+def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu", weight_dtype=None,
+               offload=False) -> Parts:
     """Load the three networks. ``transformer`` may be a pipeline folder (or an all-in-one file), in which
-    case a missing ``text_encoder``/``vae`` is taken from it. ``weight_dtype`` keeps the transformer's and the
-    VAE's weights in that dtype ("stored": as in the file) while they compute in ``dtype``."""
+    case a missing ``text_encoder``/``vae`` is taken from it. ``dtype`` is resolved per network for ``device``
+    ("auto": see devices.resolve_dtype). ``weight_dtype`` keeps the transformer's and the VAE's weights in
+    that dtype ("stored": as in the file) while they compute in ``dtype``. ``offload`` (devices.wants_offload:
+    "auto", "on", "off"): the networks load into CPU memory and each goes to ``device`` only while it runs."""
     if transformer is None:
         raise TwigError("no transformer given (a checkpoint file, a diffusers folder or a pipeline folder)")
-    dtype = resolve_dtype(dtype, device)
+    residency = Residency(device, wants_offload(offload, device))
+    dtypes = {role: resolve_dtype(dtype, device, role) for role in ("diffusion", "vae", "text")}
     kind = detect(transformer)
     if kind not in ("pipeline", "transformer"):
         # checked before the missing parts: a VAE given as the transformer is not "a transformer without a VAE"
@@ -82,16 +88,16 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
         raise TwigError(f"{transformer}: holds no text encoder; give a Gemma-2 folder or file")
     if vae is None:
         raise TwigError(f"{transformer}: holds no VAE; give a DC-AE file or folder")
-    kwargs = weight_dtype_kwargs(weight_dtype, dtype, device)
-    model = load_transformer(transformer, device=device, **kwargs)
-    te = load_text_encoder(text_encoder, dtype=_text_dtype(dtype, device), device=device,
+    home = "cpu" if residency.offload else device
+    model = load_transformer(transformer, device=home, **weight_dtype_kwargs(weight_dtype, dtypes["diffusion"], device))
+    te = load_text_encoder(text_encoder, dtype=_text_dtype(dtypes["text"], device), device=home,
                            expected_width=model.config.caption_channels)
-    ae = load_vae(vae, device=device, **kwargs)
-    return Parts(model, te, ae)
+    ae = load_vae(vae, device=home, **weight_dtype_kwargs(weight_dtype, dtypes["vae"], device))
+    return Parts(model, te, ae, residency)
 
 
-def load_pipeline(path, dtype=None, device="cpu") -> Parts:
+def load_pipeline(path, dtype=None, device="cpu", offload=False) -> Parts:
     """A whole diffusers pipeline folder (or all-in-one file) as one thing."""
     if detect(path) != "pipeline":
         raise TwigError(f"{path}: not a pipeline folder (no model_index.json or transformer/ + vae/ subfolders)")
-    return load_parts(path, dtype=dtype, device=device)
+    return load_parts(path, dtype=dtype, device=device, offload=offload)

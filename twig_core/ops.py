@@ -72,9 +72,15 @@ def glu_conv_ffn(x: torch.Tensor, up_w: torch.Tensor, up_b: torch.Tensor | None,
     return out
 
 
+# Devices kept on contiguous NCHW: channels-last convolutions have had silent errors on Apple's MPS backend.
+NCHW_DEVICES = frozenset({"mps"})
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """[B,C,H,W] stored pixel-major (NHWC). Convolutions keep this layout, and per-pixel channel work
-    (1x1 products, channel norms) then reads contiguous rows."""
+    (1x1 products, channel norms) then reads contiguous rows. On NCHW_DEVICES: plain contiguous NCHW."""
+    if x.device.type in NCHW_DEVICES:
+        return x.contiguous()
     return x.contiguous(memory_format=torch.channels_last)
 
 

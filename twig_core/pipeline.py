@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dcae_exec, sampling
+from .devices import Residency
 from .errors import TwigError
 from .resolution import check_size
 
@@ -48,7 +49,8 @@ def sample_latents(
     mask: torch.Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> torch.Tensor:
-    """Sample model-space latents [B,C,h,w] (float32, CPU).
+    """Sample model-space latents [B,C,h,w] (float32, CPU). The noise is drawn on the CPU (the same seed gives
+    the same image on any device); the steps then run on the transformer's device.
 
     Text to image: give width/height (pixels, multiples of 32) and batch_size. Image to image: give
     ``init_latent`` and ``denoise`` < 1. Inpaint: also give ``mask`` (1 = regenerate); latents outside the
@@ -73,18 +75,21 @@ def sample_latents(
         shape = tuple(init_latent.shape)
         if denoise == 0:
             return init_latent.clone()
-    noise = sampling.noise_like(shape, seed)
+    device = transformer.device
+    noise = sampling.noise_like(shape, seed).to(device)
+    if init_latent is not None:
+        init_latent = init_latent.to(device)
     sigmas = sampling.flow_sigmas(steps, shift, sampler, denoise)
     inpaint = None
     if mask is not None:
-        m = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, -1, -1)
+        m = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, -1, -1).to(device)
         inpaint = (init_latent, noise, m)
     integer = sampling.get_sampler(sampler).integer_timesteps
     denoiser = sampling.make_denoiser(transformer, cond, uncond, cfg, integer_timesteps=integer, inpaint=inpaint)
     x = sampling.sample(denoiser, noise, sigmas, sampler, init=init_latent if denoise < 1.0 else None, callback=callback)
     if inpaint is not None:
         x = x * inpaint[2] + init_latent * (1 - inpaint[2])
-    return x
+    return x.cpu()
 
 
 def generate(
@@ -108,23 +113,27 @@ def generate(
     mask: torch.Tensor | None = None,
     tile_size: int | str | None = "auto",
     callback: Callable[[dict], None] | None = None,
+    residency: Residency | None = None,
 ) -> torch.Tensor:
     """Prompt -> images [B,3,H,W] in [-1,1]. ``image`` ([B,3,H,W] in [-1,1]) switches to image to image.
 
     ``tile_size``: VAE tiles in latent pixels; "auto" tiles only images larger than 1024², None never tiles
-    (see dcae_exec: out of memory, the VAE retries with smaller tiles).
+    (see dcae_exec: out of memory, the VAE retries with smaller tiles). ``residency`` (``Parts.residency``)
+    puts each network on the device before it runs; with offloading, only that one.
     """
-    cond = text_encoder.encode([prompt], max_length=max_length, use_instruction=True)
-    uncond = text_encoder.encode([negative], max_length=max_length, use_instruction=False) if cfg != 1.0 else None
+    use = (residency or Residency()).use
+    encoder = use(text_encoder)
+    cond = encoder.encode([prompt], max_length=max_length, use_instruction=True)
+    uncond = encoder.encode([negative], max_length=max_length, use_instruction=False) if cfg != 1.0 else None
     init = None
     if image is not None:
         check_size(image.shape[-1], image.shape[-2])
         with torch.no_grad():
-            init = dcae_exec.encode(vae, image.float(), tile_size=tile_size)[0].float().cpu()
+            init = dcae_exec.encode(use(vae), image.float(), tile_size=tile_size)[0].float().cpu()
     latents = sample_latents(
-        transformer, cond, uncond, width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg,
+        use(transformer), cond, uncond, width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg,
         seed=seed, sampler=sampler, shift=shift, init_latent=init, denoise=denoise if init is not None else 1.0,
         mask=mask, callback=callback,
     )
     with torch.no_grad():
-        return dcae_exec.decode(vae, latents, tile_size=tile_size)[0].float().cpu()
+        return dcae_exec.decode(use(vae), latents, tile_size=tile_size)[0].float().cpu()

@@ -91,23 +91,43 @@ def nonfinite_hint(dtype: torch.dtype | None) -> str:
     return "if the model computes in fp16 try bf16 or fp32, else check the weights file"
 
 
-def _check(x: torch.Tensor, i: int, denoise=None) -> None:
-    if not torch.isfinite(x).all():
-        dtype = getattr(denoise, "compute_dtype", None)
+class _FiniteCheck:
+    """The NaN/inf check of the latent after each step: on the CPU at once; on a GPU each step's flag stays on
+    the device and all are read when sampling ends, so no step waits for the host."""
+
+    def __init__(self, denoise):
+        self.denoise, self.flags = denoise, []
+
+    def __call__(self, x: torch.Tensor, i: int) -> None:
+        if x.device.type != "cpu":
+            self.flags.append(torch.isfinite(x).all())
+        elif not torch.isfinite(x).all():
+            self.fail(i)
+
+    def finish(self) -> None:
+        if self.flags:
+            ok = torch.stack(self.flags).cpu()
+            if not ok.all():
+                self.fail(int((~ok).nonzero()[0, 0]))
+
+    def fail(self, i: int):
+        dtype = getattr(self.denoise, "compute_dtype", None)
         raise TwigError(f"the latent became NaN/inf at step {i + 1}; {nonfinite_hint(dtype)}")
 
 
 @torch.no_grad()
 def sample_flow_euler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None):
     """First-order Euler steps along the flow: x <- x + (sigma_next - sigma) * v."""
+    check = _FiniteCheck(denoise)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         x0 = denoise(x, s)
         v = (x - x0) / s
         x = x + (s_next - s) * v
-        _check(x, i, denoise)
+        check(x, i)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "denoised": x0})
+    check.finish()
     return x
 
 
@@ -119,6 +139,7 @@ def sample_flow_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
     """
     prev_x0 = None
     lam_prev = None
+    check = _FiniteCheck(denoise)
     for i in range(len(sigmas) - 1):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         x0 = denoise(x, s)
@@ -136,9 +157,10 @@ def sample_flow_dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tenso
                 d = x0 + (0.5 / r) * (x0 - prev_x0)
             x = (s_next / s) * x - coef * d
         prev_x0, lam_prev = x0, lam
-        _check(x, i, denoise)
+        check(x, i)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": s, "denoised": x0})
+    check.finish()
     return x
 
 

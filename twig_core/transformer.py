@@ -19,6 +19,7 @@ checkpoint is loaded without renaming; other formats are mapped onto these names
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -53,13 +54,15 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def sincos_pos_embed(width: int, h: int, w: int, base_size: int, scale: float, device=None) -> torch.Tensor:
-    """2-D sin-cos positions [h*w, width]; coordinates are stretched so any grid spans the base grid."""
+@functools.lru_cache(maxsize=4)
+def sincos_pos_embed(width: int, h: int, w: int, base_size: int, scale: float) -> torch.Tensor:
+    """2-D sin-cos positions [h*w, width] in fp32 on the CPU; coordinates are stretched so any grid spans the
+    base grid. Computed in float64 on the CPU (MPS has no float64) once per grid size."""
     quarter = width // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
 
     def axis(n: int) -> torch.Tensor:
-        pos = torch.arange(n, dtype=torch.float64, device=device) / (n / base_size) / scale
+        pos = torch.arange(n, dtype=torch.float64) / (n / base_size) / scale
         out = pos[:, None] * omega[None]
         return torch.cat([out.sin(), out.cos()], dim=-1)  # [n, width/2]
 
@@ -311,6 +314,21 @@ class TwigTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.final_layer.linear.weight.device
 
+    def _apply(self, fn, *args, **kwargs):
+        # moved or cast (.to, .half ...): drop the device copy of the positions, not to hold memory where the
+        # model no longer is (offloading); the next step copies the CPU table again
+        self.__dict__.pop("_held_positions", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def _positions(self, gh: int, gw: int, device: torch.device) -> torch.Tensor:
+        """The sin-cos positions of a gh x gw grid on ``device``, kept for the next step (the last grid only)."""
+        cfg, key = self.config, (gh, gw, device)
+        held = self.__dict__.get("_held_positions")
+        if held is None or held[0] != key:
+            pos = sincos_pos_embed(cfg.width, gh, gw, cfg.pos_base_size, cfg.pos_interpolation_scale)
+            held = self.__dict__["_held_positions"] = (key, pos.to(device))
+        return held[1]
+
     def encode_caption(self, context: torch.Tensor, mask: torch.Tensor | None = None,
                        keep_kv: bool | None = None) -> CaptionCache:
         """Project the text-encoder states and precompute every block's cross-attention keys and values
@@ -367,8 +385,7 @@ class TwigTransformer(nn.Module):
         dtype = self.dtype
         tokens = self.x_embedder(x.to(dtype))
         if cfg.pos_embed:
-            pos = sincos_pos_embed(cfg.width, gh, gw, cfg.pos_base_size, cfg.pos_interpolation_scale, x.device)
-            tokens = (tokens.float() + pos[None]).to(dtype)
+            tokens = (tokens.float() + self._positions(gh, gw, x.device)[None]).to(dtype)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         temb = self.t_embedder(t, dtype)
         t6 = self.t_block(temb)

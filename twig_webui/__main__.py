@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default=None, help="where images are saved (default: ./outputs/twig-images)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: localhost only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda, else mps, when available)")
     return p
 
 

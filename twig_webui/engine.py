@@ -227,14 +227,10 @@ def check_transformers() -> None:
 
 
 def _free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
+    from twig_core.devices import clear_cache
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
+    gc.collect()
+    clear_cache()
 
 
 def _next_number(folder: str) -> int:
@@ -292,16 +288,13 @@ class Engine:
 
     def load(self, s: Settings, progress: Progress | None = None):
         from twig_core import loader
-        from twig_core.devices import resolve_dtype
-
         check_transformers()
 
         model = self.catalog.resolve("model", s.model or self.default_model())
         te = self.catalog.resolve("text_encoder", s.text_encoder) if s.text_encoder != FROM_MODEL else None
         vae = self.catalog.resolve("vae", s.vae) if s.vae != FROM_MODEL else None
         device = self.host.device()
-        dtype = resolve_dtype(s.dtype, device)
-        key = (model, te or None, vae or None, dtype, str(device))
+        key = (model, te or None, vae or None, s.dtype, str(device))
         if key != self._parts_key:
             if progress:
                 progress(0.0, f"loading {os.path.basename(model.rstrip('/'))}")
@@ -309,7 +302,8 @@ class Engine:
             _free_memory()
             self.host.free_host_models()
             try:
-                self._parts = loader.load_parts(model, te or None, vae or None, dtype=dtype, device=device)
+                self._parts = loader.load_parts(model, te or None, vae or None, dtype=s.dtype, device=device,
+                                                offload="auto")
             except TwigError as e:
                 if "holds no" in str(e):
                     where = self.host.folder_hint("text_encoder" if "text encoder" in str(e) else "vae")
@@ -368,7 +362,7 @@ class Engine:
 
         if s.tipo:
             user_prompt = prompt
-            prompt, tipo_notes = self._expand(s, prompt, width, height, seed, progress)
+            prompt, tipo_notes = self._expand(s, parts, prompt, width, height, seed, progress)
             notes += tipo_notes
             extra["tipo"] = {"user_prompt": user_prompt, "model": s.tipo_model}
         self.check()
@@ -382,7 +376,7 @@ class Engine:
         images = generate(
             parts.transformer, parts.vae, parts.text_encoder, prompt, s.negative or "", width=width, height=height,
             batch_size=batch, steps=steps, cfg=float(s.cfg), seed=seed, sampler=s.sampler,
-            max_length=int(s.max_length), callback=on_step,
+            max_length=int(s.max_length), callback=on_step, residency=parts.residency,
         )
         self.check()
         pixels = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous()  # [B,H,W,3] 0..1
@@ -398,11 +392,12 @@ class Engine:
             infotext = im.text.get("parameters", "")
         return Result(paths, infotext, seed, prompt, width, height, notes, time.perf_counter() - started)
 
-    def _expand(self, s: Settings, prompt: str, width: int, height: int, seed: int, progress: Progress):
+    def _expand(self, s: Settings, parts, prompt: str, width: int, height: int, seed: int, progress: Progress):
         from twig_core.tipo import Sampling, expand, load_tag_lists, tag_list_folders
 
         progress(0.02, "TIPO: loading")
         tipo, path = self._tipo_model(s.tipo_model, self.host.device())
+        tipo = parts.residency.use(tipo)  # with offloading, it leaves the device when Gemma-2 comes
         tags, text = split_prompt(prompt)
         search = [path if os.path.isdir(path) else os.path.dirname(path)] + self.host.folders("llm")
         lists = load_tag_lists(tag_list_folders(search))
@@ -441,7 +436,8 @@ class Engine:
         count = sum(len(f) for f in found)
         if not count:
             return pixels, f"face refine: no face found ({det.name})"
-        te = parts.text_encoder
+        use = parts.residency.use
+        te = use(parts.text_encoder)
         with torch.no_grad():
             cond = te.encode([prompt], max_length=int(s.max_length), use_instruction=True)
             uncond = te.encode([s.negative or ""], max_length=int(s.max_length), use_instruction=False) \
@@ -453,7 +449,7 @@ class Engine:
             done = job.number * steps + int(state["i"]) + 1
             progress(0.87 + 0.1 * done / (steps * count), f"face {job.number + 1}/{count}: step {int(state['i']) + 1}")
 
-        refiner = frefine.TwigRefiner(parts.transformer, parts.vae, cond, uncond, steps=steps, cfg=float(s.cfg),
+        refiner = frefine.TwigRefiner(lambda: use(parts.transformer), lambda: use(parts.vae), cond, uncond, steps=steps, cfg=float(s.cfg),
                                       seed=seed, denoise=float(s.face_denoise), sampler=s.sampler, callback=on_step)
         result = frefine.refine_faces(pixels, found, refiner, multiple=refiner.multiple,
                                       on_face=lambda job: self.check())

@@ -142,7 +142,9 @@ def build_ui(engine: Engine | None = None, *, theme=None):
                 return gr.update(), gr.update(), _status(f"Error: {e}", "error"), last_seed_v
             except Exception as e:  # noqa: BLE001 - shown in the tab, with the traceback in the console
                 log.error("[Twig] generation failed:\n%s", traceback.format_exc())
-                if type(e).__name__ == "OutOfMemoryError":
+                from twig_core.devices import is_out_of_memory
+
+                if is_out_of_memory(e):  # CUDA's OutOfMemoryError, MPS's RuntimeError
                     engine.unload()
                     msg = "out of GPU memory: try a smaller size or batch, or bf16/fp16 precision"
                 else:

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ..dcae import TileSize
+from ..devices import clear_cache, is_out_of_memory
 from ..errors import TwigError
 from ..ops import channels_last
 from .kernels import CPU_BAND, Run, forward
@@ -150,12 +151,6 @@ def _overlap(what: str, overlap: Optional[int], tile: Optional[int]) -> Optional
 # ---- out-of-memory retry --------------------------------------------------------------------------------------
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
 def free_after_oom(exc: BaseException) -> None:
     """Drop the tensors held by the failed call's frames, then return cached GPU memory."""
     try:
@@ -163,8 +158,7 @@ def free_after_oom(exc: BaseException) -> None:
     except Exception:  # noqa: BLE001
         pass
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    clear_cache()
 
 
 def fallback_tiles(first: int, floor: int) -> list[int]:
@@ -223,7 +217,8 @@ def decode(vae, latent: torch.Tensor, strategy: str = "auto", tile_size: TileSiz
     used by blended tiles only (default a quarter tile). ``band``: the row-band budget (elements per batch
     item) of the banded and streamed strategies, default CPU_BAND. ``retry``: on running out of memory, retry
     with halved tiles down to 4 latent px on CPU, 8 elsewhere (``label`` names the work in the warning;
-    ``is_oom``/``free_memory`` let a host recognise its own out-of-memory errors and free its caches)."""
+    ``is_oom``/``free_memory`` let a host recognise its own out-of-memory errors and free its caches). A
+    decode computing in fp16 whose output is not finite runs again in fp32 (``Run.widened``)."""
     _check_latent(vae, latent)
     if not raw:
         latent = latent / vae.scaling_factor
@@ -244,6 +239,13 @@ def decode(vae, latent: torch.Tensor, strategy: str = "auto", tile_size: TileSiz
         return DECODE_STRATEGIES[name](vae, z, run), run
 
     x, run = _run(attempt, tile, max(h, w), z.device.type, retry, label, is_oom, free_memory)
+    if z.dtype == torch.float16 and not bool(torch.isfinite(x).all()):
+        # fp16 activations overflowed (a black or speckled image): the layers compute in their input's dtype,
+        # so the same weights run again in fp32
+        log.warning("[Twig] %s overflowed in fp16; decoding again in fp32", label)
+        z = channels_last(latent.to(p.device, torch.float32))
+        x, run = _run(attempt, tile, max(h, w), z.device.type, retry, label, is_oom, free_memory)
+        run.widened = True
     return x.to(latent.device, latent.dtype).contiguous(), run
 
 

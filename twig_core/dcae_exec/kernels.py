@@ -52,7 +52,8 @@ class Run:
     ``strategy``: the name it ran (see dcae_exec.DECODE_STRATEGIES / ENCODE_STRATEGIES); ``tile_size`` and
     ``overlap`` in latent pixels (None: untiled / not blended); ``band``: the row-band budget (elements per
     batch item) of the layers run in bands, None when none were; ``retries``: the tile sizes tried after
-    running out of memory, in order. ``device`` and ``inplace`` (no autograd) select the kernels;
+    running out of memory, in order; ``widened``: an fp16 decode overflowed and ran again in fp32. ``device``
+    and ``inplace`` (no autograd) select the kernels;
     ``kernels`` maps the name of each special kernel that ran ("attention bands", "resblock bands", "resblock
     stream", "upsample bands", "upsample stream", "winograd 3x3", "direct 3x3": the streamed ResBlock convs)
     to the band heights (rows) it ran on, None where not known."""
@@ -64,6 +65,7 @@ class Run:
     overlap: int | None = None
     band: int | None = None
     retries: list = field(default_factory=list)
+    widened: bool = False
     kernels: dict = field(default_factory=dict)
 
     @property

@@ -15,6 +15,8 @@ All but blended tiles give the untiled result up to summation order.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -292,12 +294,19 @@ def _resblock_stream(m: ResBlock, bands, h: int, run: Run):
             acts, a_first = acts[:, :, keep - a_first:], keep
 
 
+@functools.lru_cache(maxsize=64)
+def _role_rows(rows: int, head_dim: int, roles: tuple) -> torch.Tensor:
+    """The fused q/k/v projection rows that belong to ``roles`` (0: q, 1: k, 2: v), built once on the CPU: no
+    data-dependent op (``isin``, ``nonzero``) on the model's device, where it would wait for the device."""
+    role = torch.arange(rows) // head_dim % 3
+    return torch.nonzero(torch.isin(role, torch.tensor(roles))).flatten()
+
+
 def _qkv(attn: MultiscaleLinearAttention, x: torch.Tensor, roles: tuple) -> torch.Tensor:
     """attn.qkv(x), only the channels that the heads read in ``roles`` (0: q, 1: k, 2: v): the fused projection
     rows of those roles, then each multiscale aggregate over just those channels (whole 1x1 groups)."""
     w = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
-    role = torch.arange(w.shape[0], device=w.device) // attn.head_dim % 3
-    idx = torch.nonzero(torch.isin(role, torch.tensor(roles, device=w.device))).flatten()
+    idx = _role_rows(w.shape[0], attn.head_dim, tuple(roles)).to(w.device, non_blocking=True)
     qkv = _pointwise(x, w[idx])
     aggs = []
     for agg in attn.to_qkv_multiscale:

@@ -8,8 +8,8 @@ Accepted layouts (nothing is downloaded, no code from the folder is run):
 - a single ``.safetensors`` file with ``config.json`` and the tokenizer in a folder of the same name beside
   it (``TIPO-500M.safetensors`` + ``TIPO-500M/``) or in the file's own folder.
 
-Sampling is seeded: the same request, seed, settings, device and dtype give the same text. The seed is set
-inside a forked RNG state, so the caller's random streams are left as they were.
+Sampling is seeded from a CPU generator of its own: the same request, seed and settings draw the same way on
+any device (the text is the same where the logits are), and the caller's random streams are left as they were.
 """
 
 from __future__ import annotations
@@ -182,19 +182,17 @@ class TipoModel:
         ``step_callback(n)`` is called after each new token with the number written so far (raise from it
         to stop).
         """
-        from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
         s = (sampling or Sampling()).check()
         enc = self.tokenizer(prompt, return_tensors="pt")
         ids = enc["input_ids"].to(self.device)
         mask = enc.get("attention_mask")
         mask = mask.to(self.device) if mask is not None else torch.ones_like(ids)
-        greedy = s.temperature == 0
-        opts = dict(do_sample=not greedy, max_new_tokens=int(s.max_new_tokens),
+        # always greedy search: with a temperature, over logits that _cpu_sampler turns into a seeded draw
+        opts = dict(do_sample=False, max_new_tokens=int(s.max_new_tokens),
                     min_new_tokens=min(2, int(s.max_new_tokens)), repetition_penalty=float(s.repetition_penalty))
-        if not greedy:
-            opts.update(temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k),
-                        min_p=float(s.min_p) if s.min_p > 0 else None)
+        processors = [] if s.temperature == 0 else [_cpu_sampler(s, int(seed))]
         if self.eos_token_id is not None:
             opts["eos_token_id"] = self.eos_token_id
             if getattr(self.model.generation_config, "pad_token_id", None) is None:
@@ -210,9 +208,8 @@ class TipoModel:
                     return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
             criteria = StoppingCriteriaList([_Callback()])
-        with _seeded(int(seed), self.device):
-            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                      stopping_criteria=criteria)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                  stopping_criteria=criteria, logits_processor=LogitsProcessorList(processors))
         new = out[0, ids.shape[1]:]
         return Generation(self._continue(prompt, ids[0], new), int(ids.shape[1]), int(new.shape[0]))
 
@@ -226,18 +223,30 @@ class TipoModel:
         return prompt + tail
 
 
-class _seeded:
-    """Seed torch's generators for one call and restore the previous state afterwards."""
+def _cpu_sampler(s: Sampling, seed: int):
+    """A logits processor that makes greedy search draw a sample: it applies the sampling filters (transformers'
+    own warpers, in the order its sampling uses), draws the next token from the filtered distribution with a
+    CPU generator seeded with ``seed`` (as transformers' sampling draws, after ``torch.manual_seed``, on a CPU)
+    and leaves only that token possible. The same seed draws the same way on any device; the device's generator
+    and the caller's random streams are never used."""
+    from transformers import (LogitsProcessor, MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
 
-    def __init__(self, seed: int, device: torch.device):
-        self.seed = seed % 2**32
-        self.cuda = [device.index or 0] if device.type == "cuda" else []
-        self.fork = torch.random.fork_rng(devices=self.cuda)
+    warpers = [TemperatureLogitsWarper(float(s.temperature))]
+    if s.top_k:
+        warpers.append(TopKLogitsWarper(int(s.top_k)))
+    if s.top_p < 1:
+        warpers.append(TopPLogitsWarper(float(s.top_p)))
+    if s.min_p > 0:
+        warpers.append(MinPLogitsWarper(float(s.min_p)))
+    generator = torch.Generator().manual_seed(seed % 2**32)
 
-    def __enter__(self):
-        self.fork.__enter__()
-        torch.manual_seed(self.seed)
-        return self
+    class CpuDraw(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for w in warpers:
+                scores = w(input_ids, scores)
+            probs = torch.softmax(scores.float(), dim=-1).cpu()
+            pick = torch.multinomial(probs, 1, generator=generator).to(scores.device)
+            return torch.full_like(scores, -float("inf")).scatter_(1, pick, 0.0)
 
-    def __exit__(self, *exc):
-        return self.fork.__exit__(*exc)
+    return CpuDraw()
