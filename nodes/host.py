@@ -217,12 +217,7 @@ def is_interrupt(exc: BaseException) -> bool:
 def is_oom(exc: BaseException) -> bool:
     mm = model_management()
     cls = getattr(mm, "OOM_EXCEPTION", None) if mm is not None else None
-    if cls is not None and isinstance(exc, cls):
-        return True
-    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
-    return (oom is not None and isinstance(exc, oom)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-    )
+    return (cls is not None and isinstance(exc, cls)) or twig_devices.is_out_of_memory(exc)
 
 
 def soft_empty_cache() -> None:
@@ -230,8 +225,8 @@ def soft_empty_cache() -> None:
     fn = getattr(mm, "soft_empty_cache", None) if mm is not None else None
     if fn is not None:
         fn()
-    elif torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    else:
+        twig_devices.clear_cache()
 
 
 def free_after_failure(exc: BaseException) -> None:
