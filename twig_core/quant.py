@@ -252,7 +252,7 @@ def attach(module: nn.Module, leaf: str, q: QTensor, wide_dtype: torch.dtype, de
     """Put quantized ``q`` in ``module.<leaf>``: kept quantized when it is the weight of a Linear, Conv2d or
     Embedding (row blocks must not straddle the Embedding's rows), else widened to ``wide_dtype`` now."""
     kinds = (nn.Linear, nn.Conv2d, nn.Embedding)
-    rows_ok = not isinstance(module, nn.Embedding) or q.raw.reshape(q.shape[0], -1).shape[0] == q.shape[0]
+    rows_ok = not isinstance(module, nn.Embedding) or q.shape[-1] % BLOCKS[q.qtype][0] == 0
     if leaf != "weight" or not isinstance(module, kinds) or q.qtype in FLOAT_TYPES or not rows_ok:
         t = q.dequantize(wide_dtype).to(device)
         if leaf in module._parameters:
@@ -271,9 +271,9 @@ def attach(module: nn.Module, leaf: str, q: QTensor, wide_dtype: torch.dtype, de
 
 
 def quant_summary(model: nn.Module) -> str:
-    """'Q8_0 ×140, F16 rest' style description of how a model's weights are stored ('' if none quantized)."""
+    """'Q8_0 x140, Q4_K x20' style count of a model's quantized (and fp8) layers; '' when there are none."""
     counts: dict[str, int] = {}
-    for m in model.modules():
+    for m in model.modules() if isinstance(model, nn.Module) else ():
         if isinstance(m, QuantizedLayer):
             counts[m.qtype] = counts.get(m.qtype, 0) + 1
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
