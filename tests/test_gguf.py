@@ -274,3 +274,23 @@ def test_bad_gguf_files_get_named_errors(tiny_checkpoint, tmp_path, monkeypatch)
     with pytest.raises(TwigError, match=r"t.gguf: GGUF files need the optional 'gguf' package: pip install -r "
                                         r"requirements-gguf.txt"):
         load_transformer(good)
+
+
+def test_host_rebuild_keeps_quantized_layers(tiny_checkpoint, tmp_path):
+    """The native ComfyUI MODEL rebuilds the transformer with the host's layer classes: quantized layers keep
+    their blocks (shared, not copied) and the output is the quantized model's."""
+    from nodes.native import rebuild_for_host
+    from tests.test_native import recording_ops
+
+    model, src = tiny_checkpoint
+    convert(src, tmp_path / "t.gguf", "q4_0")
+    loaded = load_transformer(tmp_path / "t.gguf", dtype=torch.float32)
+    operations, calls = recording_ops()
+    native = rebuild_for_host(loaded, operations)
+    layer = native.blocks[0].mlp.point_conv.conv
+    assert isinstance(layer, quant.QuantizedLayer) and isinstance(layer, operations.Conv2d)
+    assert layer.qweight.data_ptr() == loaded.blocks[0].mlp.point_conv.conv.qweight.data_ptr()
+    x, t, ctx, mask = transformer_inputs(model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(native(x, t, ctx, mask), loaded(x, t, ctx, mask))
+    assert calls["weights"] > 0

@@ -217,6 +217,10 @@ class QuantizedLayer:
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.qweight, self.qtype, self.qshape, dtype, getattr(self, "qscale", None))
 
+    def stored(self) -> QTensor:
+        """The weight as stored (shared, not copied), e.g. to give it to another layer."""
+        return QTensor(self.qweight, self.qtype, self.qshape, getattr(self, "qscale", None))
+
     @property
     def weight(self) -> torch.Tensor:
         return self.dequantized(self.wide_dtype)
