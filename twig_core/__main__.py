@@ -82,8 +82,14 @@ def _load(a: argparse.Namespace, device: str | None = None):
             raise TwigError(f"no --transformer given and the embedded demo model is missing "
                             f"({demo_location()})")
         print(f"using {DEMO_NAME} ({transformer_path}); it knows simple coloured shapes", file=sys.stderr)
-    return loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device,
-                             weight_dtype=a.weight_dtype)
+    parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=dtype, device=device,
+                              weight_dtype=a.weight_dtype)
+    from .quant import quant_summary
+
+    for what, model in (("transformer", parts.transformer), ("text encoder", parts.text_encoder.model)):
+        if quant_summary(model):
+            print(f"{what} weights: {quant_summary(model)}", file=sys.stderr)
+    return parts
 
 
 def _generate(a: argparse.Namespace) -> list[Path]:
