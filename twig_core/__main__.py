@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="a transformer or Gemma-2 checkpoint to GGUF (quantized) or fp8 safetensors")
     c.add_argument("src", help="any checkpoint file or folder the loader reads")
     c.add_argument("out", help="output .gguf (or .safetensors for --type fp8)")
-    c.add_argument("--type", required=True, choices=["q8_0", "q5_0", "q4_0", "q5_k_m", "q4_k_m", "f16", "bf16", "fp8"])
+    c.add_argument("--type", required=True, choices=["q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "f16", "bf16", "fp8"])
     return p
 
 

@@ -1,12 +1,17 @@
 """The converter behind ``python -m twig_core convert IN OUT --type ...``: any transformer or Gemma-2 the loader
 reads (NVlabs .pth, diffusers folders, single files, GGUF, fp8) into a GGUF file or an fp8 safetensors file.
 
-GGUF (``q8_0``, ``q5_0``, ``q4_0``, ``f16``, ``bf16``; ``q4_k_m``/``q5_k_m`` are refused: the ``gguf`` package
-has no K-quant quantizer, so make those from an f16 file with llama.cpp's ``llama-quantize``; Twig reads
-them). What stays wide, as the GGUF community does for DiTs (``gguf_io.pick_type``): every 1-D tensor (norms,
+GGUF (``q8_0``, ``q6_k``, ``q5_k_m``, ``q5_0``, ``q4_k_m``, ``q4_0``, ``f16``, ``bf16``): BF16, Q8_0, Q5_0 and Q4_0
+blocks come from the ``gguf`` package's quantizer; it has none for K-quants, so Q4_K/Q5_K/Q6_K blocks come from
+``twig_core.quant.quantize_k`` (round-to-nearest; llama.cpp's ``llama-quantize`` searches scales and is a
+little more accurate). The ``_m`` mixes follow llama.cpp's idea: Q4_K (Q5_K) everywhere, Q6_K for the tensors
+that matter most (``MORE_BITS``: Gemma's attn_v, ffn_down and token embedding; the transformer's Mix-FFN
+output convolution). What stays wide, as the GGUF community does for DiTs (``gguf_io.pick_type``): every 1-D tensor (norms,
 biases) and every tensor of at most 1024 values in F32, the transformer's modulation tables
 (``scale_shift_table``) in F32, rows a block does not divide (the 3x3 depthwise convolutions) in F16.
-1x1 convolution weights are stored as matrices with their 4-D shape in ``comfy.gguf.orig_shape.<name>``.
+1x1 convolution weights are stored as matrices with their 4-D shape in ``comfy.gguf.orig_shape.<name>``;
+for K-quants, a matrix whose rows 256 does not divide (Sana's width 2240, Mix-FFN 5600) is stored as rows of
+256 with its shape there too (ComfyUI-GGUF's convention; the loader widens whole layers, so rows may straddle).
 Metadata: ``general.architecture`` "sana" plus ``twig.diffusers_config`` (the transformer's config as JSON),
 or "gemma2" with llama.cpp's names, hyper-parameters and tokenizer (``tokenizer.ggml.*``: pieces, scores
 ranked like the BPE merges, types), so the file needs nothing beside it.
@@ -27,8 +32,10 @@ from . import keymap
 from .errors import TwigError
 from .gguf_io import ARCHITECTURES, CONFIG_KEY, encode, pick_type, write_gguf
 
-TYPES = {"q8_0": "Q8_0", "q5_0": "Q5_0", "q4_0": "Q4_0", "q5_k_m": "Q5_K", "q4_k_m": "Q4_K", "f16": "F16",
-         "bf16": "BF16", "fp8": "fp8"}
+TYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_0": "Q5_0", "q4_k_m": "Q4_K", "q4_0": "Q4_0",
+         "f16": "F16", "bf16": "BF16", "fp8": "fp8"}
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+MORE_BITS = ("attn_v.", "ffn_down.", "token_embd.", "mlp.point_conv.")  # Q6_K in the _k_m mixes
 WIDE = {"transformer": ("scale_shift_table",), "text_encoder": ()}
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 
@@ -51,7 +58,13 @@ def _gguf_tensors(items, qtype: str, wide, orig_shapes: dict):
         if t.dim() == 4 and shape[2:] == (1, 1):  # a 1x1 convolution: a matrix, its shape in the metadata
             orig_shapes[name] = shape
             t = t.reshape(shape[0], shape[1])
-        kind = pick_type(name, tuple(t.shape), qtype, wide)
+        mixed = qtype in ("Q4_K", "Q5_K") and any(part in name for part in MORE_BITS)
+        want = "Q6_K" if mixed else qtype
+        if want in K_TYPES and t.dim() == 2 and t.shape[-1] % 256 and t.numel() % 256 == 0:
+            # rows a K-quant block does not divide (Sana's 2240, 5600): rows of 256, the shape in the metadata
+            orig_shapes[name] = shape
+            t = t.reshape(-1, 256)
+        kind = pick_type(name, tuple(t.shape), want, wide)
         data, raw = encode(t, kind)
         yield name, data, raw
 
@@ -116,8 +129,6 @@ def convert(src, out, type_name: str, device="cpu") -> str:
     if type_name not in TYPES:
         raise TwigError(f"--type {type_name!r}: use one of {', '.join(TYPES)}")
     qtype = TYPES[type_name]
-    if qtype in ("Q4_K", "Q5_K"):
-        encode(torch.zeros(1, 256), qtype)  # the TwigError saying why and what to do instead
     src, out = os.fspath(src), os.fspath(out)
     kind = detect(src)
     if kind == "pipeline":

@@ -128,8 +128,11 @@ def pick_type(name: str, shape, qtype: str, wide: tuple[str, ...] = ()) -> str:
 
 def encode(tensor: torch.Tensor, qtype: str):
     """(numpy data, raw GGML type) for ``gguf``'s writer: float types as arrays, the rest as blocks made by
-    the package's quantizer (Q8_0, Q4_0/1, Q5_0/1; it has none for K-quants: TwigError)."""
+    the package's quantizer (BF16, Q8_0, Q4_0/1, Q5_0/1); it has none for K-quants, which come from
+    ``twig_core.quant.quantize_k`` (Q4_K, Q5_K, Q6_K)."""
     import numpy as np
+
+    from .quant import quantize_k
 
     gguf = require_gguf("writing GGUF")
     t = tensor.detach().to("cpu", torch.float32).contiguous()
@@ -138,11 +141,12 @@ def encode(tensor: torch.Tensor, qtype: str):
     if qtype == "F16":
         return t.to(torch.float16).numpy(), None
     kind = gguf.GGMLQuantizationType[qtype]
+    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
+        return quantize_k(t.reshape(-1, t.shape[-1]), qtype).numpy(), kind
     try:
         return np.asarray(gguf.quants.quantize(t.numpy(), kind)), kind
     except NotImplementedError:
-        raise TwigError(f"the gguf package cannot quantize to {qtype}; write q8_0, q5_0, q4_0 or f16 here and "
-                        "make K-quants from that file with llama.cpp's llama-quantize") from None
+        raise TwigError(f"the gguf package cannot quantize to {qtype}") from None
 
 
 def write_gguf(path: str, arch: str, tensors, metadata: dict | None = None, orig_shapes: dict | None = None):

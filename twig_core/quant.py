@@ -149,6 +149,68 @@ def dequantize(raw: torch.Tensor, qtype: str, shape, dtype: torch.dtype = torch.
     return values.reshape(shape).to(dtype)
 
 
+def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
+
+
+def _k_affine(sub: torch.Tensor, levels: int):
+    """Eight 32-value sub-blocks per block [n, 8, 32] as d·sc·q − dmin·m with 6-bit sc, m: (q, d, dmin, sc, m)."""
+    lo = sub.amin(-1).clamp(max=0)
+    scale = (sub.amax(-1) - lo) / levels
+    d = scale.amax(-1, keepdim=True) / 63
+    dmin = (-lo).amax(-1, keepdim=True) / 63
+    d, dmin = d.half().float(), dmin.half().float()
+    sc = torch.where(d > 0, scale / d.clamp_min(1e-30), 0).round().clamp(0, 63)
+    mn = torch.where(dmin > 0, -lo / dmin.clamp_min(1e-30), 0).round().clamp(0, 63)
+    step = (d * sc)[..., None]
+    q = torch.where(step > 0, (sub + (dmin * mn)[..., None]) / step.clamp_min(1e-30), 0).round().clamp(0, levels)
+    return q.to(torch.uint8), d, dmin, sc.to(torch.uint8), mn.to(torch.uint8)
+
+
+def _k_scale_bytes(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+    """Eight 6-bit scales and mins -> the 12 bytes ``_k_scales`` reads."""
+    a = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    m = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    md = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    return torch.cat([a, m, md], 1)
+
+
+def _k_nibble_bytes(q: torch.Tensor) -> torch.Tensor:
+    """[n, 8, 32] values of 4 bits -> 128 bytes (sub-blocks 2c and 2c+1 share bytes 32c..32c+31)."""
+    q = q.reshape(-1, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+
+
+def quantize_k(x: torch.Tensor, qtype: str) -> torch.Tensor:
+    """A float matrix (rows a multiple of 256 values) as Q4_K, Q5_K or Q6_K blocks, uint8 [rows, bytes]: plain
+    round-to-nearest with each sub-block's own range (no search for the best scales, as llama.cpp does)."""
+    rows = x.shape[0]
+    v = x.detach().to("cpu", torch.float32).reshape(-1, 256)
+    if qtype in ("Q4_K", "Q5_K"):
+        q, d, dmin, sc, mn = _k_affine(v.reshape(-1, 8, 32), 15 if qtype == "Q4_K" else 31)
+        parts = [_fp16_bytes(d), _fp16_bytes(dmin), _k_scale_bytes(sc, mn)]
+        if qtype == "Q5_K":
+            bits = (q >> 4) << torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)
+            parts.append(bits.sum(1, dtype=torch.uint8))
+        parts.append(_k_nibble_bytes(q & 0x0F))
+    elif qtype == "Q6_K":
+        sub = v.reshape(-1, 16, 16)
+        scale = sub.abs().amax(-1) / 31
+        d = (scale.amax(-1, keepdim=True) / 127).half().float()
+        sc = torch.where(d > 0, scale / d.clamp_min(1e-30), 0).round().clamp(-128, 127)
+        step = (d * sc)[..., None]
+        q = (torch.where(step != 0, sub / torch.where(step != 0, step, 1), 0).round() + 32).clamp(0, 63)
+        q = q.to(torch.uint8).reshape(-1, 256)
+        low = (q & 0x0F).reshape(-1, 2, 2, 64)
+        high = (q >> 4).reshape(-1, 2, 4, 32)
+        ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(-1, 128)
+        qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(-1, 64)
+        parts = [ql, qh, sc.to(torch.int8).view(torch.uint8), _fp16_bytes(d)]
+    else:
+        raise TwigError(f"no K-quant quantizer for {qtype}")
+    return torch.cat(parts, 1).reshape(rows, -1)
+
+
 class QTensor:
     """A quantized weight: ``raw`` blocks (uint8 [rows, bytes per row]), the GGML type name, the logical
     shape. Enough of a tensor's interface for the loaders (``shape``, ``to(device)``, ``torch.cat`` along
