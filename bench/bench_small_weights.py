@@ -1,13 +1,13 @@
 """Small weights: peak memory, load time and one transformer step per storage type, full-size architecture.
 
 Writes a random 1600M transformer (NVlabs names, fp16 ``.safetensors``) into a temporary folder, converts it
-with ``python -m twig_core convert`` to each ``--types`` entry (GGUF q8_0 / q5_0 / q4_0 / f16 / bf16, fp8
+with ``python -m twig_core convert`` to each ``--types`` entry (GGUF q8_0 / q6_k / q5_k_m / q4_k_m / q4_0 / f16, fp8
 safetensors), then, per file, in a fresh subprocess: loads it, runs ``--steps`` CFG steps (batch 2) at
 ``--size`` pixels (1024 -> 1024 latent tokens, 512 -> 256), and reports peak resident memory (VmHWM), file size,
 load and step seconds, and the relative error of the step's output against the fp16-stored model computing
 in the same dtype (the ``stored`` row, the speed anchor). Numbers go to bench/RESULTS.md.
 
-    python bench/bench_small_weights.py [--size 512] [--types q8_0,q4_0,fp8] [--dtype fp32|bf16] [--dir DIR]
+    python bench/bench_small_weights.py [--size 512] [--types q8_0,q4_k_m,fp8] [--dtype fp32|bf16] [--dir DIR]
 
 ``--depth N`` builds fewer blocks (a quick check that the script runs; not a benchmark).
 """
@@ -76,7 +76,7 @@ def child(path: str, size: int, steps: int, dtype_name: str, out: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--types", default="q8_0,q5_0,q4_0,fp8")
+    ap.add_argument("--types", default="q8_0,q4_k_m,q4_0,fp8")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--depth", type=int, default=20)
