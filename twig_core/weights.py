@@ -263,7 +263,7 @@ class PrefixedWeights(Weights):
 
 
 def open_weights(path: str | os.PathLike) -> Weights:
-    """Open one weight file, whatever its extension says: safetensors, PyTorch zip or legacy pickle."""
+    """Open one weight file, whatever its extension says: safetensors, PyTorch zip, legacy pickle or GGUF."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise TwigError(f"weight file not found: {path}")
@@ -271,16 +271,16 @@ def open_weights(path: str | os.PathLike) -> Weights:
         raise TwigError(f"{path}: the file is empty")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04":
-        return TorchFile(path, zip_format=True)
     if head[:4] == b"GGUF":
         from .gguf_io import open_gguf
 
         return open_gguf(path)
-    if len(head) >= 9 and head[8:9] == b"{":
-        from .quant import fp8_view
+    from .quant import fp8_view  # float8 weights stay narrow in their layers, whatever the container
 
+    if head[:4] == b"PK\x03\x04":
+        return fp8_view(TorchFile(path, zip_format=True))
+    if len(head) >= 9 and head[8:9] == b"{":
         return fp8_view(SafetensorsFile(path))
     if head[:1] == b"\x80":  # a pickle stream: the legacy (pre-zip) torch.save format
-        return TorchFile(path, zip_format=False)
+        return fp8_view(TorchFile(path, zip_format=False))
     raise TwigError(f"{path}: not a safetensors or PyTorch checkpoint (unrecognised first bytes {head[:8]!r})")
