@@ -402,3 +402,27 @@ def test_gemma_k_quant_mix_keeps_the_embedding_quantized(tmp_path):
         r = model(**batch).last_hidden_state
         g = te.model(**batch).last_hidden_state
     assert ((g - r).norm() / r.norm()).item() < 0.20
+
+
+def test_fp8_gemma_single_file_keeps_layers_and_embedding_fp8(tiny_gemma, tmp_path):
+    """A Gemma-2 single file with float8 matrices (as fp8 text-encoder files come) and a tokenizer folder beside it:
+    the layers and the embedding keep float8 and compute as the fp8-rounded weights widened up front would."""
+    folder, ref = tiny_gemma
+    sd = {}
+    for k, v in ref.model.state_dict().items():
+        sd["model." + k] = v.to(torch.float8_e4m3fn) if v.dim() == 2 else v
+    (tmp_path / "te").mkdir()
+    save_file(sd, str(tmp_path / "te" / "gemma_fp8.safetensors"))
+    ref.tokenizer.save_pretrained(tmp_path / "te" / "tokenizer")
+    te = load_text_encoder(tmp_path / "te" / "gemma_fp8.safetensors")
+    assert te.model.embed_tokens.qweight.dtype == torch.float8_e4m3fn
+    assert te.model.layers[0].mlp.down_proj.qweight.dtype == torch.float8_e4m3fn
+    widened = __import__("copy").deepcopy(ref.model)
+    with torch.no_grad():
+        for p in widened.parameters():
+            if p.dim() == 2:
+                p.copy_(p.to(torch.float8_e4m3fn).float())
+    batch = ref.tokenizer(TINY_CORPUS[:3], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(te.model(**batch).last_hidden_state, widened(**batch).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
