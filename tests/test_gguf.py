@@ -426,3 +426,22 @@ def test_fp8_gemma_single_file_keeps_layers_and_embedding_fp8(tiny_gemma, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(te.model(**batch).last_hidden_state, widened(**batch).last_hidden_state,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_tab_lists_and_runs_a_gguf_transformer(tmp_path):
+    """The tab's pickers list .gguf files by what they hold and a run says how the weights are stored."""
+    from tests.builders import write_model_folders
+    from twig_webui.engine import Engine, Settings
+    from twig_webui.host import Host
+
+    names = write_model_folders(tmp_path / "models")
+    dm = tmp_path / "models" / "diffusion_models"
+    convert(dm / names["model"], dm / "twig_q8.gguf", "q8_0")
+    convert(tmp_path / "models" / "text_encoders" / names["text_encoder"],
+            tmp_path / "models" / "text_encoders" / "gemma_q8.gguf", "q8_0")
+    engine = Engine(Host(tmp_path / "models", tmp_path / "out", device="cpu"))
+    assert "twig_q8.gguf" in engine.catalog.models() and "gemma_q8.gguf" in engine.catalog.text_encoders()
+    assert "gemma_q8.gguf" not in engine.catalog.models()
+    r = engine.run(Settings(prompt="a blue square", steps=1, seed=1, model="twig_q8.gguf", text_encoder="gemma_q8.gguf",
+                            vae=names["vae"], size="64x64"))
+    assert any(n.startswith("weights: transformer Q8_0") and "text encoder Q8_0" in n for n in r.notes)
