@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tests.builders import (TINY_CORPUS, TINY_TRANSFORMER, save_tiny_gemma2_folder, tiny_transformer,
                             transformer_inputs)
 from twig_core import keymap, quant
-from twig_core.convert import convert
+from twig_core.convert import convert, dense_state
 from twig_core.errors import TwigError
 from twig_core.loader import detect, load_text_encoder, load_transformer
 
@@ -66,7 +66,7 @@ def _file_tensors(path):
 
 def _weights_of(model):
     """name -> the weight each layer computes with (quantized layers widened), fp32."""
-    return {name: t.float() for name, t in __import__("twig_core.convert", fromlist=["x"]).dense_state(model)}
+    return {name: t.float() for name, t in dense_state(model)}
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ import torch
 from . import keymap
 from .errors import TwigError
 from .gguf_io import ARCHITECTURES, CONFIG_KEY, encode, pick_type, write_gguf
+from .quant import QuantizedLayer
 
 TYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_0": "Q5_0", "q4_k_m": "Q4_K", "q4_0": "Q4_0",
          "f16": "F16", "bf16": "BF16", "fp8": "fp8"}
@@ -40,16 +41,28 @@ WIDE = {"transformer": ("scale_shift_table",), "text_encoder": ()}
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 
 
+def dense_names(model: torch.nn.Module) -> list[str]:
+    """The weight names of a loaded model as in its checkpoint (a quantized layer's blocks are its weight)."""
+    names = []
+    for name in model.state_dict():
+        mod_name, _, leaf = name.rpartition(".")
+        if leaf != "qscale":
+            names.append(f"{mod_name}.weight" if leaf == "qweight" else name)
+    return names
+
+
+def dense_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """One weight of a loaded model, a quantized layer's widened to fp32 (only when asked for)."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if isinstance(mod, QuantizedLayer) and leaf == "weight":
+        return mod.dequantized(torch.float32)
+    return mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]
+
+
 def dense_state(model: torch.nn.Module):
     """(name, tensor) for every weight of a loaded model, quantized layers widened to fp32 one at a time."""
-    for name, t in model.state_dict().items():
-        mod_name, _, leaf = name.rpartition(".")
-        if leaf == "qscale":
-            continue
-        if leaf == "qweight":
-            yield f"{mod_name}.weight", model.get_submodule(mod_name).dequantized(torch.float32)
-        else:
-            yield name, t
+    return ((name, dense_tensor(model, name)) for name in dense_names(model))
 
 
 def _gguf_tensors(items, qtype: str, wide, orig_shapes: dict):
@@ -148,9 +161,8 @@ def convert(src, out, type_name: str, device="cpu") -> str:
         encoder = load_text_encoder(src, device=device)
         model = encoder.model
         meta = _gemma_metadata(encoder)
-        names = keymap.rename_keys([n for n, _ in dense_state(model)], keymap.GEMMA_GGUF_KEYS, "from_ours")
-        state = dict(dense_state(model))
-        items = ((new, state[old] + keymap.GEMMA_GGUF_NORM_OFFSET if old.endswith("norm.weight") else state[old])
+        names = keymap.rename_keys(dense_names(model), keymap.GEMMA_GGUF_KEYS, "from_ours")
+        items = ((new, dense_tensor(model, old) + (keymap.GEMMA_GGUF_NORM_OFFSET if old.endswith("norm.weight") else 0))
                  for new, old in names.items())
     orig_shapes: dict = {}
     tensors = list(_gguf_tensors(items, qtype, WIDE[kind], orig_shapes))

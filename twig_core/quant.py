@@ -15,7 +15,8 @@ nibbles (low nibbles are elements 0..15, high 16..31), value (q - 8)·d; Q4_1 = 
 Q5_0/Q5_1 add a 32-bit mask of fifth bits (bit j for element j), offset 16 for Q5_0; K-quants cover 256
 values: Q4_K/Q5_K = d, dmin, 12 bytes of eight 6-bit scales and mins, (Q5_K: 32 bytes of fifth bits,) 128
 bytes of nibbles, value d·sc·q − dmin·m; Q6_K = 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8
-scales, d, value d·sc·(q − 32).
+scales, d, value d·sc·(q − 32). :func:`quantize_k` writes Q4_K/Q5_K/Q6_K blocks (the ``gguf`` package's
+quantizer has none), for the converter.
 """
 
 from __future__ import annotations
@@ -375,9 +376,12 @@ class Fp8Weights(Weights):
 
     @property
     def embedded_config(self):
+        """The transformer config our converter writes into fp8 files' metadata, if any."""
         import json
 
-        text = (getattr(self.base, "metadata", None) or {}).get("twig.diffusers_config")
+        from .gguf_io import CONFIG_KEY
+
+        text = (getattr(self.base, "metadata", None) or {}).get(CONFIG_KEY)
         return json.loads(text) if text else None
 
     def __iter__(self):
