@@ -57,7 +57,7 @@ def dense_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
     mod = model.get_submodule(mod_name) if mod_name else model
     if isinstance(mod, QuantizedLayer) and leaf == "weight":
         return mod.dequantized(torch.float32)
-    return mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]
+    return (mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]).detach()
 
 
 def dense_state(model: torch.nn.Module):
