@@ -75,36 +75,35 @@ def _k_low(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _q8_0(b):
-    return _f16(b, 0) * b[:, 2:].contiguous().view(torch.int8).float()
+    return b[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(b, 0))
 
 
 def _q4_0(b):
-    return _f16(b, 0) * (_nibbles(b[:, 2:]).float() - 8)
+    return _nibbles(b[:, 2:]).float().sub_(8).mul_(_f16(b, 0))
 
 
 def _q4_1(b):
-    return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
+    return _nibbles(b[:, 4:]).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q5_0(b):
-    return _f16(b, 0) * ((_nibbles(b[:, 6:]) | (_bits32(b, 2) << 4)).float() - 16)
+    return (_nibbles(b[:, 6:]) | (_bits32(b, 2) << 4)).float().sub_(16).mul_(_f16(b, 0))
 
 
 def _q5_1(b):
-    return _f16(b, 0) * (_nibbles(b[:, 8:]) | (_bits32(b, 4) << 4)).float() + _f16(b, 2)
+    return (_nibbles(b[:, 8:]) | (_bits32(b, 4) << 4)).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
 def _q4_k(b):
     sc, mn = _k_scales(b[:, 4:16])
-    q = _k_low(b[:, 16:]).float()
-    return (_f16(b, 0) * sc)[..., None] * q - (_f16(b, 2) * mn)[..., None]
+    return _k_low(b[:, 16:]).float().mul_((_f16(b, 0) * sc)[..., None]).sub_((_f16(b, 2) * mn)[..., None])
 
 
 def _q5_k(b):
     sc, mn = _k_scales(b[:, 4:16])
     qh = b[:, 16:48].reshape(-1, 1, 32) >> torch.arange(8, dtype=torch.uint8, device=b.device).reshape(1, 8, 1)
     q = (_k_low(b[:, 48:]) | ((qh & 1) << 4)).float()
-    return (_f16(b, 0) * sc)[..., None] * q - (_f16(b, 2) * mn)[..., None]
+    return q.mul_((_f16(b, 0) * sc)[..., None]).sub_((_f16(b, 2) * mn)[..., None])
 
 
 def _q6_k(b):
@@ -112,9 +111,9 @@ def _q6_k(b):
     low = ((b[:, :128].reshape(-1, 2, 1, 64) >> shifts) & 0x0F).reshape(-1, 8, 32)
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device).reshape(1, 1, 4, 1)
     high = ((b[:, 128:192].reshape(-1, 2, 1, 32) >> shifts) & 0x03).reshape(-1, 8, 32)
-    q = ((low | (high << 4)).float() - 32).reshape(-1, 16, 16)
+    q = (low | (high << 4)).float().sub_(32).reshape(-1, 16, 16)
     scales = b[:, 192:208].contiguous().view(torch.int8).float()
-    return (_f16(b, 208) * scales)[..., None] * q
+    return q.mul_((_f16(b, 208) * scales)[..., None])
 
 
 _KERNELS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k,
