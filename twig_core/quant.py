@@ -153,17 +153,26 @@ def _fp16_bytes(v: torch.Tensor) -> torch.Tensor:
     return v.to(torch.float16).reshape(-1, 1).view(torch.uint8)
 
 
-def _k_affine(sub: torch.Tensor, levels: int):
-    """Eight 32-value sub-blocks per block [n, 8, 32] as d·sc·q − dmin·m with 6-bit sc, m: (q, d, dmin, sc, m)."""
+def _k_affine(sub: torch.Tensor, levels: int, refine: int = 2):
+    """Eight 32-value sub-blocks per block [n, 8, 32] as d·sc·q − dmin·m with 6-bit sc, m: (q, d, dmin, sc, m).
+    Starts from each sub-block's range, then ``refine`` times fits scale and min to the chosen q by least squares
+    and quantizes again."""
     lo = sub.amin(-1).clamp(max=0)
-    scale = (sub.amax(-1) - lo) / levels
-    d = scale.amax(-1, keepdim=True) / 63
-    dmin = (-lo).amax(-1, keepdim=True) / 63
-    d, dmin = d.half().float(), dmin.half().float()
-    sc = torch.where(d > 0, scale / d.clamp_min(1e-30), 0).round().clamp(0, 63)
-    mn = torch.where(dmin > 0, -lo / dmin.clamp_min(1e-30), 0).round().clamp(0, 63)
-    step = (d * sc)[..., None]
-    q = torch.where(step > 0, (sub + (dmin * mn)[..., None]) / step.clamp_min(1e-30), 0).round().clamp(0, levels)
+    scale, mins = (sub.amax(-1) - lo) / levels, -lo
+    for r in range(refine + 1):
+        d = (scale.amax(-1, keepdim=True) / 63).half().float()
+        dmin = (mins.amax(-1, keepdim=True) / 63).half().float()
+        sc = torch.where(d > 0, scale / d.clamp_min(1e-30), 0).round().clamp(0, 63)
+        mn = torch.where(dmin > 0, mins / dmin.clamp_min(1e-30), 0).round().clamp(0, 63)
+        step = (d * sc)[..., None]
+        q = torch.where(step > 0, (sub + (dmin * mn)[..., None]) / step.clamp_min(1e-30), 0).round().clamp(0, levels)
+        if r == refine:
+            break
+        n, sq, sx = sub.shape[-1], q.sum(-1), sub.sum(-1)
+        det = n * (q * q).sum(-1) - sq * sq
+        fit = torch.where(det > 0, (n * (q * sub).sum(-1) - sq * sx) / det.clamp_min(1e-30), scale)
+        scale = fit.clamp_min(0)
+        mins = torch.where(det > 0, (scale * sq - sx) / n, mins).clamp_min(0)
     return q.to(torch.uint8), d, dmin, sc.to(torch.uint8), mn.to(torch.uint8)
 
 
