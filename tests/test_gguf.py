@@ -445,3 +445,20 @@ def test_tab_lists_and_runs_a_gguf_transformer(tmp_path):
     r = engine.run(Settings(prompt="a blue square", steps=1, seed=1, model="twig_q8.gguf", text_encoder="gemma_q8.gguf",
                             vae=names["vae"], size="64x64"))
     assert any(n.startswith("weights: transformer Q8_0") and "text encoder Q8_0" in n for n in r.notes)
+
+
+def test_gguf_tensors_are_views_that_never_write_back(tiny_checkpoint, tmp_path):
+    """F16 weights load as views of the mapped file (no copy); writing to one (a host patching weights in place)
+    changes that model only, never the file."""
+    _, src = tiny_checkpoint
+    out = tmp_path / "t.gguf"
+    convert(src, out, "f16")
+    before = out.read_bytes()
+    a = load_transformer(out)
+    w = a.blocks[0].attn.qkv.weight
+    assert w.dtype == torch.float16
+    first = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1)
+    assert out.read_bytes() == before
+    assert torch.equal(load_transformer(out).blocks[0].attn.qkv.weight, first)

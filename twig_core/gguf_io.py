@@ -1,9 +1,10 @@
 """GGUF files, read and written with the ``gguf`` package (an optional dependency: requirements-gguf.txt).
 
-Reading: :class:`GGUFFile` is a ``twig_core.weights.Weights`` over a memory-mapped GGUF file. F32/F16/BF16
-tensors read as torch tensors; quantized ones as ``twig_core.quant.QTensor`` (raw blocks left in the file's
-pages until a layer takes them). Shapes: GGUF lists dimensions innermost first; the torch shape is the
-reverse, or ComfyUI-GGUF's ``comfy.gguf.orig_shape.<name>`` array when the writer flattened the tensor.
+Reading: :class:`GGUFFile` is a ``twig_core.weights.Weights`` over a GGUF file mapped copy-on-write.
+F32/F16/BF16 tensors read as torch tensors, quantized ones as ``twig_core.quant.QTensor``; both are views of
+the file's pages (nothing is copied unless a dtype change asks for it; a write never reaches the file).
+Shapes: GGUF lists dimensions innermost first; the torch shape is the reverse, or ComfyUI-GGUF's
+``comfy.gguf.orig_shape.<name>`` array when the writer flattened the tensor.
 ``general.architecture`` says what the file holds: "sana" (ours; ComfyUI-GGUF files carry their own names,
 e.g. "flux", and such a file is refused naming it), "gemma2" (llama.cpp's Gemma-2 layout, see
 ``twig_core.keymap.GEMMA_GGUF_KEYS``), or none (stable-diffusion.cpp style: the keys decide).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 
 import torch
 
@@ -46,7 +46,7 @@ class GGUFFile(Weights):
         gguf = require_gguf(path)
         self.path = self.label = path
         try:
-            self._reader = gguf.GGUFReader(path)
+            self._reader = gguf.GGUFReader(path, "c")  # copy-on-write map: tensors are views, never written back
         except Exception as e:  # a short or damaged file fails inside the reader with assorted errors
             raise TwigError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
         self._entries = {}
@@ -89,11 +89,9 @@ class GGUFFile(Weights):
 
     def __getitem__(self, key):
         t, qtype, shape = self._entries[key]
-        with warnings.catch_warnings():  # the memory map is read-only; nothing writes to these views
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            raw = torch.from_numpy(t.data)
-        if qtype in FLOAT_TYPES:  # plain tensors are copied out of the map
-            return raw.reshape(-1).view(torch.uint8).view(FLOAT_TYPES[qtype]).reshape(shape).clone()
+        raw = torch.from_numpy(t.data)  # a view of the file's pages: loading holds about the file's size
+        if qtype in FLOAT_TYPES:
+            return raw.reshape(-1).view(torch.uint8).view(FLOAT_TYPES[qtype]).reshape(shape)
         return QTensor(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1), qtype, shape)
 
     def summary(self) -> str:
