@@ -17,8 +17,9 @@ or "gemma2" with llama.cpp's names, hyper-parameters and tokenizer (``tokenizer.
 ranked like the BPE merges, types), so the file needs nothing beside it.
 
 fp8 (``fp8``): matrices and 1x1 convolutions in float8_e4m3fn with one scale per output row
-(``X.scale_weight``, ComfyUI's ``scaled_fp8`` layout, with the ``scaled_fp8`` marker); everything else as in
-the source, in fp32. Transformer only.
+(``X.scale_weight``, ComfyUI's ``scaled_fp8`` layout, with the ``scaled_fp8`` marker); everything else in fp32.
+Gemma-2 goes out as ComfyUI's single text-encoder files do: ``model.``-prefixed names and the tokenizer as a
+``spiece_model`` tensor (a sentencepiece model built from the same pieces and scores as the GGUF metadata).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from . import keymap
 from .errors import TwigError
 from .gguf_io import ARCHITECTURES, CONFIG_KEY, encode, pick_type, write_gguf
 from .quant import QuantizedLayer
+from .tokenizer import spiece_from_pieces
 
 TYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_0": "Q5_0", "q4_k_m": "Q4_K", "q4_0": "Q4_0",
          "f16": "F16", "bf16": "BF16", "fp8": "fp8"}
@@ -152,14 +154,17 @@ def convert(src, out, type_name: str, device="cpu") -> str:
     if kind == "transformer":
         model = load_transformer(src, device=device)
         if qtype == "fp8":
-            return _write_fp8(model, out)
+            return _write_fp8(dense_state(model), out, {CONFIG_KEY: json.dumps(model.config.to_diffusers_config())})
         meta = {CONFIG_KEY: json.dumps(model.config.to_diffusers_config())}
         items = dense_state(model)
     else:
-        if qtype == "fp8":
-            raise TwigError("--type fp8 converts the transformer; for Gemma-2 use a GGUF type")
         encoder = load_text_encoder(src, device=device)
         model = encoder.model
+        if qtype == "fp8":  # ComfyUI's single-file layout: "model." names and the tokenizer as spiece_model
+            pieces = _pieces(tokenizer_metadata(encoder.tokenizer, model.config.vocab_size))
+            spiece = torch.frombuffer(bytearray(spiece_from_pieces(pieces)), dtype=torch.uint8)
+            items = [("model." + n, t) for n, t in dense_state(model)] + [("spiece_model", spiece)]
+            return _write_fp8(items, out, {})
         meta = _gemma_metadata(encoder)
         names = keymap.rename_keys(dense_names(model), keymap.GEMMA_GGUF_KEYS, "from_ours")
         items = ((new, dense_tensor(model, old) + (keymap.GEMMA_GGUF_NORM_OFFSET if old.endswith("norm.weight") else 0))
@@ -170,14 +175,21 @@ def convert(src, out, type_name: str, device="cpu") -> str:
     return f"{out}: {kind} as GGUF {qtype} ({os.path.getsize(out) / 2**20:.1f} MiB)"
 
 
-def _write_fp8(model, out: str) -> str:
+def _pieces(meta: dict) -> list[tuple[str, float, int]]:
+    return list(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]))
+
+
+def _write_fp8(items, out: str, metadata: dict) -> str:
     from safetensors.torch import save_file
 
     fp8 = getattr(torch, "float8_e4m3fn", None)
     if fp8 is None:
         raise TwigError("this torch has no float8_e4m3fn (torch >= 2.1 needed for fp8)")
     sd = {}
-    for name, t in dense_state(model):
+    for name, t in items:
+        if not t.is_floating_point():
+            sd[name] = t.contiguous()
+            continue
         t = t.detach().float().cpu()
         if name.endswith(".weight") and t.dim() in (2, 4) and t.shape[1:] in (t.shape[1:2], t.shape[1:2] + (1, 1)) \
                 and not any(w in name for w in WIDE["transformer"]) and t.numel() > 1024:
@@ -188,6 +200,6 @@ def _write_fp8(model, out: str) -> str:
             sd[name] = t.contiguous()
     sd["scaled_fp8"] = torch.zeros(0, dtype=fp8)
     tmp = out + ".part"
-    save_file(sd, tmp, metadata={CONFIG_KEY: json.dumps(model.config.to_diffusers_config())})
+    save_file(sd, tmp, metadata=metadata)
     os.replace(tmp, out)
-    return f"{out}: transformer as fp8 e4m3fn with per-row scales ({os.path.getsize(out) / 2**20:.1f} MiB)"
+    return f"{out}: fp8 e4m3fn with per-row scales ({os.path.getsize(out) / 2**20:.1f} MiB)"

@@ -80,6 +80,33 @@ def _parse_spiece(data: bytes):
     return pieces, trainer, norm
 
 
+def _put_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _put(num: int, value) -> bytes:
+    """One protobuf field: bytes (length-delimited), float (32-bit) or int (varint)."""
+    if isinstance(value, bytes):
+        return _put_varint(num << 3 | 2) + _put_varint(len(value)) + value
+    if isinstance(value, float):
+        return _put_varint(num << 3 | 5) + struct.pack("<f", value)
+    return _put_varint(num << 3) + _put_varint(int(value))
+
+
+def spiece_from_pieces(pieces: list[tuple[str, float, int]], byte_fallback: bool = True,
+                       dummy_prefix: bool = False) -> bytes:
+    """A sentencepiece BPE model (the bytes ``tokenizer_from_spiece`` reads, as ComfyUI's ``spiece_model``
+    tensors hold) from (piece, score, type) per id."""
+    out = b"".join(_put(1, _put(1, p.encode("utf-8")) + _put(2, float(sc)) + _put(3, t)) for p, sc, t in pieces)
+    out += _put(2, _put(3, 2) + _put(35, int(byte_fallback)))
+    return out + _put(3, _put(1, b"identity") + _put(3, int(dummy_prefix)) + _put(4, 0))
+
+
 def tokenizer_from_spiece(data: bytes, label: str = "sentencepiece model"):
     """A transformers fast tokenizer equivalent to a Gemma sentencepiece BPE model given as bytes.
 
