@@ -267,8 +267,8 @@ class ManagedModel:
     def __repr__(self) -> str:
         state = "loaded" if self._obj is not None else "released"
         stored = quant_summary(self._module_of(self._obj)) if self._obj is not None else ""  # e.g. "Q8_0 x140"
-        stored = f" (weights {stored})" if stored else ""
-        return f"<Twig {self.kind} {self.name} {str(self.dtype).replace('torch.', '')}{stored} on {self.load_device}, {state}>"
+        dtype = str(self.dtype).replace("torch.", "") + (f" (weights {stored})" if stored else "")
+        return f"<Twig {self.kind} {self.name} {dtype} on {self.load_device}, {state}>"
 
     @property
     def loaded(self) -> bool:

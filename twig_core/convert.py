@@ -3,11 +3,11 @@ reads (NVlabs .pth, diffusers folders, single files, GGUF, fp8) into a GGUF file
 
 GGUF (``q8_0``, ``q6_k``, ``q5_k_m``, ``q5_0``, ``q4_k_m``, ``q4_0``, ``f16``, ``bf16``): BF16, Q8_0, Q5_0 and Q4_0
 blocks come from the ``gguf`` package's quantizer; it has none for K-quants, so Q4_K/Q5_K/Q6_K blocks come from
-``twig_core.quant.quantize_k`` (round-to-nearest; llama.cpp's ``llama-quantize`` searches scales and is a
-little more accurate). The ``_m`` mixes follow llama.cpp's idea: Q4_K (Q5_K) everywhere, Q6_K for the tensors
+``twig_core.quant.quantize_k`` (each sub-block's scale and min fitted by least squares; llama.cpp's
+``llama-quantize`` searches more and is a little more accurate). The ``_m`` mixes follow llama.cpp's idea: Q4_K (Q5_K) everywhere, Q6_K for the tensors
 that matter most (``MORE_BITS``: Gemma's attn_v, ffn_down and token embedding; the transformer's Mix-FFN
-output convolution). What stays wide, as the GGUF community does for DiTs (``gguf_io.pick_type``): every 1-D tensor (norms,
-biases) and every tensor of at most 1024 values in F32, the transformer's modulation tables
+output convolution). What stays wide, as the GGUF community does for DiTs (``gguf_io.pick_type``): every
+1-D tensor (norms, biases) and every tensor of at most 1024 values in F32, the transformer's modulation tables
 (``scale_shift_table``) in F32, rows a block does not divide (the 3x3 depthwise convolutions) in F16.
 1x1 convolution weights are stored as matrices with their 4-D shape in ``comfy.gguf.orig_shape.<name>``;
 for K-quants, a matrix whose rows 256 does not divide (Sana's width 2240, Mix-FFN 5600) is stored as rows of

@@ -380,7 +380,8 @@ class Fp8Weights(Weights):
 
     def __init__(self, base, metas):
         self.base, self.label, self.path, self._metas = base, base.label, getattr(base, "path", None), metas
-        self._keys = dict.fromkeys(k for k in metas if not k.endswith(self._AUX) and k.rsplit(".", 1)[-1] != "scaled_fp8")
+        self._keys = dict.fromkeys(k for k in metas
+                                   if not k.endswith(self._AUX) and k.rsplit(".", 1)[-1] != "scaled_fp8")
 
     @property
     def embedded_config(self):
