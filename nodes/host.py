@@ -32,6 +32,7 @@ import torch
 from twig_core import catalog
 from twig_core import devices as twig_devices
 from twig_core.errors import TwigError
+from twig_core.quant import quant_summary
 
 log = logging.getLogger("twig")
 
@@ -300,7 +301,9 @@ class ManagedModel:
 
     def __repr__(self) -> str:
         state = "loaded" if self._obj is not None else "released"
-        return f"<Twig {self.kind} {self.name} {str(self.dtype).replace('torch.', '')} on {self.load_device}, {state}>"
+        stored = quant_summary(self._module_of(self._obj)) if self._obj is not None else ""  # e.g. "Q8_0 x140"
+        dtype = str(self.dtype).replace("torch.", "") + (f" (weights {stored})" if stored else "")
+        return f"<Twig {self.kind} {self.name} {dtype} on {self.load_device}, {state}>"
 
     @property
     def loaded(self) -> bool:

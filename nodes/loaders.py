@@ -12,7 +12,7 @@ from twig_core.text import MAX_LENGTH_LIMIT, SANA_MAX_LENGTH
 from . import host
 from .common import CATEGORY, MODEL, TEXT_ENCODER, VAE, node_errors
 
-MODEL_FOLDERS = ("diffusion_models", "checkpoints")
+MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints")  # unet: where GGUF users keep them
 TEXT_FOLDERS = ("text_encoders",)
 VAE_FOLDERS = ("vae",)
 
@@ -56,14 +56,14 @@ class TextEncoderRef:
 
 
 class TwigModelLoader:
-    DESCRIPTION = "Loads a Twig / Sana transformer (NVlabs .pth/.safetensors, ComfyUI single file or diffusers folder)."
+    DESCRIPTION = "Loads a Twig / Sana transformer (NVlabs .pth/.safetensors, ComfyUI single file, GGUF, fp8 or diffusers folder)."
 
     @classmethod
     def INPUT_TYPES(cls):
         names = _choices(MODEL_FOLDERS)
         return {
             "required": {
-                "model_name": (names, {"tooltip": "A file or diffusers folder in models/diffusion_models or models/checkpoints."}),
+                "model_name": (names, {"tooltip": "A file (.safetensors, .pth, .gguf) or diffusers folder in models/diffusion_models, models/unet or models/checkpoints."}),
                 "dtype": (DTYPE_INPUT, {"default": "auto", "tooltip": "Compute dtype (and weight dtype unless weight_dtype says otherwise). auto: ComfyUI's choice for this GPU (fp32 on CPU)."}),
             },
             "optional": {"weight_dtype": WEIGHT_DTYPE_INPUT},

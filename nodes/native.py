@@ -30,6 +30,7 @@ import types
 import torch
 
 from twig_core import memory
+from twig_core.quant import QuantizedLayer, attach
 from twig_core.sampling import SAMPLERS, _stack, flow_sigmas, get_sampler
 from twig_core.transformer import TwigTransformer
 
@@ -98,9 +99,13 @@ class NativeTwigTransformer(TwigTransformer):
 
 
 def rebuild_for_host(transformer: TwigTransformer, operations) -> NativeTwigTransformer:
-    """The same weights (shared, not copied) in a transformer whose layers come from ``operations``."""
+    """The same weights (shared, not copied) in a transformer whose layers come from ``operations``; layers
+    holding GGUF or fp8 weights keep them as stored (twig_core.quant)."""
     with torch.device("meta"):
         native = NativeTwigTransformer(transformer.config, transformer.compute_dtype, operations=operations)
+    for name, layer in transformer.named_modules():
+        if isinstance(layer, QuantizedLayer):
+            attach(native.get_submodule(name), "weight", layer.stored(), layer.wide_dtype, layer.qweight.device)
     native.load_state_dict(transformer.state_dict(), strict=True, assign=True)
     return native.eval().requires_grad_(False)
 

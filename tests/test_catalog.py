@@ -21,8 +21,8 @@ from twig_webui.host import Host
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """models/: a transformer file, a text encoder folder and a VAE file (write_model_folders), plus in
-    diffusion_models a pipeline folder, a diffusers transformer folder, a diffusers VAE folder, a GGUF file and
-    another model's checkpoint."""
+    diffusion_models a pipeline folder, a diffusers transformer folder, a diffusers VAE folder, a damaged GGUF
+    file and another model's checkpoint."""
     root = tmp_path_factory.mktemp("catalog") / "models"
     write_model_folders(root, "tiny")
     dm = root / "diffusion_models"
@@ -50,8 +50,8 @@ def test_kind_classifies_files_and_folders(models, tmp_path):
 def test_listing_names_folders_then_files(models):
     dm = str(models / "diffusion_models")
     names = list(catalog.listing([dm]))
-    assert names == ["tiny_diffusers_transformer/", "tiny_diffusers_vae/", "tiny_pipe/", "sd15.safetensors",
-                     "tiny_twig.safetensors"]  # no .gguf: the loader does not read it; no files inside folders
+    assert names == ["tiny_diffusers_transformer/", "tiny_diffusers_vae/", "tiny_pipe/", "other.gguf",
+                     "sd15.safetensors", "tiny_twig.safetensors"]  # no files inside folders
     classified = catalog.listing([dm], kinds=("transformer", "pipeline"))
     assert list(classified) == ["tiny_diffusers_transformer/", "tiny_pipe/", "tiny_twig.safetensors"]
     assert classified["tiny_pipe/"] == str(models / "diffusion_models" / "tiny_pipe")

@@ -83,7 +83,7 @@ def test_out_of_range_settings_are_refused_before_loading(tmp_path, capsys, opti
         assert words in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("package, words", [("twig_core", "{generate,batch}"), ("twig_webui", "--models-dir")])
+@pytest.mark.parametrize("package, words", [("twig_core", "{generate,batch,convert}"), ("twig_webui", "--models-dir")])
 def test_package_folder_runs_as_a_script_from_any_folder(tmp_path, package, words):
     """``python /path/to/pack/twig_core --help`` from elsewhere: no package and no pack root on sys.path."""
     import os

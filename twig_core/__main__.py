@@ -1,5 +1,6 @@
 """Command line: ``python -m twig_core generate --prompt "..." --out image.png`` for one image,
-``python -m twig_core batch PROMPTS --out DIR`` for a prompt file (also under ``torchrun``)."""
+``python -m twig_core batch PROMPTS --out DIR`` for a prompt file (also under ``torchrun``),
+``python -m twig_core convert IN OUT --type q8_0`` for smaller weights (GGUF or fp8; ``twig_core.convert``)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     _generation_options(b)
     b.add_argument("--count", type=int, default=1, help="images per row unless the row says")
     b.add_argument("--eval", action="store_true", help="score rows that carry a demo scene (python -m training.score)")
+    c = sub.add_parser("convert", help="a transformer or Gemma-2 checkpoint to GGUF (quantized) or fp8 safetensors")
+    c.add_argument("src", help="any checkpoint file or folder the loader reads")
+    c.add_argument("out", help="output .gguf (or .safetensors for --type fp8)")
+    c.add_argument("--type", required=True, choices=["q8_0", "q6_k", "q5_k_m", "q5_0", "q4_k_m", "q4_0", "f16", "bf16", "fp8"])
     return p
 
 
@@ -51,9 +56,9 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--sampler", default=SAMPLERS[0], choices=SAMPLERS)
     g.add_argument("--shift", type=float, default=3.0)
     g.add_argument("--max-length", type=int, default=300, help="prompt tokens kept (300 … 1200)")
-    g.add_argument("--transformer", help="transformer checkpoint (file or diffusers folder), or a pipeline folder "
+    g.add_argument("--transformer", help="transformer checkpoint (file, .gguf or diffusers folder), or a pipeline folder "
                    f"(default: the embedded demo model, {DEMO_NAME}; $TWIG_DEMO_DIR moves it)")
-    g.add_argument("--text-encoder", help="Gemma-2 folder or single file")
+    g.add_argument("--text-encoder", help="Gemma-2 folder or single file (.safetensors or .gguf)")
     g.add_argument("--vae", help="DC-AE file or folder")
     g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype")
     g.add_argument("--weight-dtype", default="same", choices=WEIGHT_DTYPE_CHOICES,
@@ -80,8 +85,14 @@ def _load(a: argparse.Namespace, device: str | None = None):
             raise TwigError(f"no --transformer given and the embedded demo model is missing "
                             f"({demo_location()})")
         print(f"using {DEMO_NAME} ({transformer_path}); it knows simple coloured shapes", file=sys.stderr)
-    return loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=a.dtype, device=device,
-                             weight_dtype=a.weight_dtype, offload=a.offload)
+    parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=a.dtype, device=device,
+                              weight_dtype=a.weight_dtype, offload=a.offload)
+    from .quant import quant_summary
+
+    for what, model in (("transformer", parts.transformer), ("text encoder", parts.text_encoder.model)):
+        if quant_summary(model):
+            print(f"{what} weights: {quant_summary(model)}", file=sys.stderr)
+    return parts
 
 
 def _generate(a: argparse.Namespace) -> list[Path]:
@@ -194,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             _generate(args)
         elif args.command == "batch":
             return _batch(args)
+        elif args.command == "convert":
+            from .convert import convert
+
+            print(convert(args.src, args.out, args.type))
         return 0
     except TwigError as e:
         print(f"error: {e}", file=sys.stderr)

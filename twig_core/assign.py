@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import TwigError
+from .quant import QTensor, attach
 from .weights import shortlist
 
 def check_keys(model: nn.Module, got: Mapping[str, torch.Tensor], label: str, what: str, hint: str = ""):
@@ -56,11 +57,14 @@ def assign(model: nn.Module, tensors, names, dtype: torch.dtype, device, label: 
             raise
         except Exception as e:  # e.g. an I/O error on a network drive
             raise TwigError(f"{label}: cannot read tensor {name!r}: {e}") from None
+        mod_name, _, leaf = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        if isinstance(t, QTensor):  # GGUF blocks or fp8: kept narrow in their layer
+            attach(mod, leaf, t, dtype, device)
+            continue
         if t.is_floating_point() and t.dtype != dtype:
             t = t.to(dtype)
         t = t.to(device)
-        mod_name, _, leaf = name.rpartition(".")
-        mod = model.get_submodule(mod_name) if mod_name else model
         if leaf in mod._parameters:
             mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
         else:

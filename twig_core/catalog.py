@@ -16,11 +16,12 @@ from pathlib import Path
 
 from .errors import TwigError
 
-# what twig_core.loader reads (it sniffs the format from the first bytes, so these are all safetensors or torch)
-MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
+# what twig_core.loader reads (it sniffs the format from the first bytes: safetensors, torch or GGUF)
+MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gguf")
 # what is classified (kind) by reading its keys: safetensors headers are small and Twig ships a .pth; a pickled
 # .ckpt/.pt/.bin beside them is most likely another model's checkpoint, which would have to be read whole
-CLASSIFIED_EXTENSIONS = (".safetensors", ".sft", ".pth")
+# (a GGUF's tensor directory is read without its data, like a safetensors header)
+CLASSIFIED_EXTENSIONS = (".safetensors", ".sft", ".pth", ".gguf")
 TIPO_EXTENSIONS = (".safetensors", ".sft")
 MAX_DEPTH = 4
 

@@ -2,8 +2,9 @@
 device and filled from the weights, with its tokenizer.
 
 Understood: Hugging Face folders (through ``TextEncoder.from_pretrained`` when the plain weight set is there),
-diffusers pipeline folders (``text_encoder/`` + ``tokenizer/``), and single files as ComfyUI ships them
-(weights, optionally prefixed, plus a ``spiece_model`` uint8 tensor holding the sentencepiece model).
+diffusers pipeline folders (``text_encoder/`` + ``tokenizer/``), single files as ComfyUI ships them
+(weights, optionally prefixed, plus a ``spiece_model`` uint8 tensor holding the sentencepiece model), and
+llama.cpp Gemma-2 GGUF files (hyper-parameters and tokenizer from their metadata, see ``twig_core.gguf_io``).
 """
 
 from __future__ import annotations
@@ -154,12 +155,32 @@ def load_text_encoder(
         weights = network_weights(base, "text_encoder")
         with named_errors(base.label):
             config = gemma2_config_from_shapes(weights.meta_dict(), base.label)
+        _gguf_hyperparameters(base, config)
         _check_width(config.hidden_size, expected_width, base.label)
         tokenizer = read_tokenizer(tokenizer_path) if tokenizer_path is not None else file_tokenizer(base)
         model = _gemma2_from_weights(weights, config, dtype, device, base.label)
         encoder = TextEncoder(model, tokenizer, **kwargs)
     _check_width(encoder.hidden_size, expected_width, path)
     return encoder
+
+
+# llama.cpp's Gemma-2 GGUF metadata (under "gemma2.") -> Gemma2Config fields
+_GGUF_HPARAMS = (("attention.head_count", "num_attention_heads"), ("attention.head_count_kv", "num_key_value_heads"),
+                 ("attention.key_length", "head_dim"), ("attention.layer_norm_rms_epsilon", "rms_norm_eps"),
+                 ("attention.sliding_window", "sliding_window"), ("attn_logit_softcapping", "attn_logit_softcapping"),
+                 ("final_logit_softcapping", "final_logit_softcapping"), ("context_length", "max_position_embeddings"))
+
+
+def _gguf_hyperparameters(weights, config) -> None:
+    """What a llama.cpp Gemma-2 GGUF states about the model replaces what the shapes suggested."""
+    field = getattr(weights, "field", None)
+    if field is None:
+        return
+    for key, attr in _GGUF_HPARAMS:
+        value = field(f"gemma2.{key}")
+        if value is not None:
+            setattr(config, attr, value)
+    config.query_pre_attn_scalar = config.head_dim
 
 
 def _check_width(hidden, expected: int | None, label: str):

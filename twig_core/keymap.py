@@ -77,6 +77,25 @@ TRANSFORMER_KEYS: tuple[Row, ...] = (
     Row("final_layer.scale_shift_table", "scale_shift_table"),
 )
 
+# Gemma-2 as llama.cpp writes it to GGUF (theirs) vs transformers' Gemma2Model (ours). llama.cpp stores the
+# RMSNorm weights as 1 + w (Gemma's norm scales by 1 + w); ``GEMMA_GGUF_NORM_OFFSET`` is that 1.
+GEMMA_GGUF_KEYS: tuple[Row, ...] = (
+    Row("embed_tokens.weight", "token_embd.weight"),
+    Row("norm.weight", "output_norm.weight"),
+    Row("layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    Row("layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    Row("layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    Row("layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    Row("layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    Row("layers.{i}.post_attention_layernorm.weight", "blk.{i}.post_attention_norm.weight"),
+    Row("layers.{i}.pre_feedforward_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    Row("layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    Row("layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    Row("layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+    Row("layers.{i}.post_feedforward_layernorm.weight", "blk.{i}.post_ffw_norm.weight"),
+)
+GEMMA_GGUF_NORM_OFFSET = 1.0
+
 # Tensors present in original checkpoints that inference does not use: the positional table (recomputed for
 # each resolution) and the learned null caption (only used for caption dropout in training).
 NVLABS_UNUSED = ("pos_embed", "y_embedder.y_embedding")
@@ -215,6 +234,20 @@ def rename(sd, table: tuple[Row, ...], direction: str) -> dict[str, torch.Tensor
     for key in sd:
         if key not in used and key not in out:
             out[key] = sd[key]
+    return out
+
+
+def rename_keys(keys, table: tuple[Row, ...], direction: str) -> dict[str, str]:
+    """new name -> old name for a table of one-to-one rows (no tensor is read); unknown keys keep theirs."""
+    out = {}
+    for key in keys:
+        for rx, read, write, _, _ in _rules(tuple(table), direction):
+            m = rx.match(key)
+            if m and len(read) == 1 and len(write) == 1:
+                out[_fill(write[0], m)] = key
+                break
+        else:
+            out[key] = key
     return out
 
 

@@ -189,9 +189,10 @@ def open_source(path, kind: str, variant=None, dtype=None) -> Source:
         weights = open_set(pick_weight_set(folder, variant, dtype))
     else:
         weights = open_weights(path)
+        config = getattr(weights, "embedded_config", None)  # a GGUF written by our converter carries it
         # a diffusers component file picked on its own: use the config.json beside it when it matches
         cfg_path = os.path.join(os.path.dirname(path), "config.json")
-        if os.path.isfile(cfg_path):
+        if config is None and os.path.isfile(cfg_path):
             try:
                 cfg = read_json(cfg_path)
             except TwigError:

@@ -97,8 +97,10 @@ def nchw(x: torch.Tensor) -> torch.Tensor:
 def weights(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer's (weight, bias) for code that computes with them directly instead of calling the layer (fused
     q/k/v slices, the Mix-FFN's three convolutions). Here: the stored tensors, cast later by ``dense`` one slice
-    at a time. A host's operations namespace gives its own, so its layers cast (and stream) their weights."""
-    return layer.weight, layer.bias
+    at a time. A layer keeping its weight quantized (``twig_core.quant``) gives it widened to x's dtype. A host's
+    operations namespace gives its own, so its layers cast (and stream) their weights."""
+    w = layer.dequantized(x.dtype) if hasattr(layer, "dequantized") else layer.weight
+    return w, layer.bias
 
 
 class Linear(nn.Linear):

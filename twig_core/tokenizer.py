@@ -80,6 +80,33 @@ def _parse_spiece(data: bytes):
     return pieces, trainer, norm
 
 
+def _put_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _put(num: int, value) -> bytes:
+    """One protobuf field: bytes (length-delimited), float (32-bit) or int (varint)."""
+    if isinstance(value, bytes):
+        return _put_varint(num << 3 | 2) + _put_varint(len(value)) + value
+    if isinstance(value, float):
+        return _put_varint(num << 3 | 5) + struct.pack("<f", value)
+    return _put_varint(num << 3) + _put_varint(int(value))
+
+
+def spiece_from_pieces(pieces: list[tuple[str, float, int]], byte_fallback: bool = True,
+                       dummy_prefix: bool = False) -> bytes:
+    """A sentencepiece BPE model (the bytes ``tokenizer_from_spiece`` reads, as ComfyUI's ``spiece_model``
+    tensors hold) from (piece, score, type) per id."""
+    out = b"".join(_put(1, _put(1, p.encode("utf-8")) + _put(2, float(sc)) + _put(3, t)) for p, sc, t in pieces)
+    out += _put(2, _put(3, 2) + _put(35, int(byte_fallback)))
+    return out + _put(3, _put(1, b"identity") + _put(3, int(dummy_prefix)) + _put(4, 0))
+
+
 def tokenizer_from_spiece(data: bytes, label: str = "sentencepiece model"):
     """A transformers fast tokenizer equivalent to a Gemma sentencepiece BPE model given as bytes.
 
@@ -87,9 +114,6 @@ def tokenizer_from_spiece(data: bytes, label: str = "sentencepiece model"):
     of a piece into two pieces, ranked by the merged piece's score); spaces become "▁", unknown bytes fall
     back to <0xNN> pieces, user-defined pieces are kept whole, and <bos> is prepended.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     try:
         pieces, trainer, norm = _parse_spiece(bytes(data))
     except (ValueError, IndexError, UnicodeDecodeError) as e:
@@ -101,6 +125,16 @@ def tokenizer_from_spiece(data: bytes, label: str = "sentencepiece model"):
     if norm.get(4, 1):
         raise TwigError(f"{label}: this sentencepiece model collapses whitespace (Gemma's does not); "
                         "pass a tokenizer folder")
+    return tokenizer_from_pieces(pieces, bool(trainer.get(35, 0)), bool(norm.get(3, 1)))
+
+
+def tokenizer_from_pieces(pieces: list[tuple[str, float, int]], byte_fallback: bool, dummy_prefix: bool):
+    """The fast tokenizer of a sentencepiece BPE vocabulary given as (piece, score, type) per id (types as in
+    sentencepiece: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), as a sentencepiece model
+    or a GGUF file's ``tokenizer.ggml.*`` metadata lists them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
     vocab: dict[str, int] = {}
     for i, (piece, _, _) in enumerate(pieces):
         vocab.setdefault(piece, i)
@@ -114,8 +148,8 @@ def tokenizer_from_spiece(data: bytes, label: str = "sentencepiece model"):
         merges += [(a, b) for _, _, a, b in local]
     unk = next((p for p, _, t in pieces if t == _SP_UNKNOWN), "<unk>")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
-                               byte_fallback=bool(trainer.get(35, 0))))
-    steps = [normalizers.Prepend("▁")] if norm.get(3, 1) else []
+                               byte_fallback=byte_fallback))
+    steps = [normalizers.Prepend("▁")] if dummy_prefix else []
     tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")]) if steps else \
         normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
@@ -183,8 +217,19 @@ def tokenizer_dir(path: str, folder: str) -> str | None:
 
 
 def file_tokenizer(weights: Weights):
-    """The tokenizer of a single-file text encoder: its ``spiece_model`` tensor, else a tokenizer folder,
-    tokenizer.json or tokenizer.model beside the file."""
+    """The tokenizer of a single-file text encoder: a GGUF file's ``tokenizer.ggml.*`` metadata, its
+    ``spiece_model`` tensor, else a tokenizer folder, tokenizer.json or tokenizer.model beside the file."""
+    field = getattr(weights, "field", None)
+    tokens = field("tokenizer.ggml.tokens") if field is not None else None
+    if tokens:
+        if field("tokenizer.ggml.model") not in ("llama", None):
+            raise TwigError(f"{weights.label}: tokenizer model {field('tokenizer.ggml.model')!r} is not "
+                            "sentencepiece BPE (Gemma's); pass a tokenizer folder")
+        scores = field("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        types = field("tokenizer.ggml.token_type") or [1] * len(tokens)
+        pieces = list(zip(tokens, (float(x) for x in scores), (int(x) for x in types)))
+        return tokenizer_from_pieces(pieces, any(t == _SP_BYTE for _, _, t in pieces),
+                                     bool(field("tokenizer.ggml.add_space_prefix", False)))
     spiece = [k for k in weights if k.split(".")[-1] == "spiece_model"]
     if spiece:
         return tokenizer_from_spiece(weights[spiece[0]].numpy().tobytes(), f"{weights.label} [{spiece[0]}]")

@@ -1,10 +1,11 @@
-"""Weight files read safely: a name -> tensor mapping over a safetensors or PyTorch file, or several of them.
+"""Weight files read safely: a name -> tensor mapping over a safetensors, PyTorch or GGUF file, or several.
 
 A file's type is sniffed from its first bytes, not its extension. ``.safetensors`` is read by a small reader
 (header validated against the file size, then one tensor at a time straight into its final buffer). PyTorch
 files go only through ``torch.load(weights_only=True)`` (memory-mapped when the file is a zip archive): a
 pickle that would construct anything but tensors and plain containers is refused with a TwigError naming the
-file, and nothing in it runs. ``meta(name)`` gives a tensor's shape and dtype without reading it.
+file, and nothing in it runs. GGUF files go to ``twig_core.gguf_io`` and float8 safetensors through
+``twig_core.quant.fp8_view`` (their weights stay narrow in memory). ``meta(name)`` gives a tensor's shape and dtype without reading it.
 """
 
 from __future__ import annotations
@@ -262,7 +263,7 @@ class PrefixedWeights(Weights):
 
 
 def open_weights(path: str | os.PathLike) -> Weights:
-    """Open one weight file, whatever its extension says: safetensors, PyTorch zip or legacy pickle."""
+    """Open one weight file, whatever its extension says: safetensors, PyTorch zip, legacy pickle or GGUF."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise TwigError(f"weight file not found: {path}")
@@ -270,12 +271,16 @@ def open_weights(path: str | os.PathLike) -> Weights:
         raise TwigError(f"{path}: the file is empty")
     with open(path, "rb") as f:
         head = f.read(16)
-    if head[:4] == b"PK\x03\x04":
-        return TorchFile(path, zip_format=True)
     if head[:4] == b"GGUF":
-        raise TwigError(f"{path}: GGUF files are not supported; use the .safetensors or .pth release")
+        from .gguf_io import open_gguf
+
+        return open_gguf(path)
+    from .quant import fp8_view  # float8 weights stay narrow in their layers, whatever the container
+
+    if head[:4] == b"PK\x03\x04":
+        return fp8_view(TorchFile(path, zip_format=True))
     if len(head) >= 9 and head[8:9] == b"{":
-        return SafetensorsFile(path)
+        return fp8_view(SafetensorsFile(path))
     if head[:1] == b"\x80":  # a pickle stream: the legacy (pre-zip) torch.save format
-        return TorchFile(path, zip_format=False)
+        return fp8_view(TorchFile(path, zip_format=False))
     raise TwigError(f"{path}: not a safetensors or PyTorch checkpoint (unrecognised first bytes {head[:8]!r})")

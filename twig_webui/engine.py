@@ -359,6 +359,13 @@ class Engine:
             raise TwigError(f"seed must be -1 (random) or 0 … {MAX_SEED}, got {seed}")
         notes: list[str] = []
         extra: dict = {}
+        from twig_core.quant import quant_summary
+
+        stored = [f"{what} {quant_summary(m)}" for what, m in (("transformer", parts.transformer),
+                                                             ("text encoder", parts.text_encoder.model))
+                  if quant_summary(m)]
+        if stored:  # GGUF / fp8 files: say how the weights are held
+            notes.append("weights: " + "; ".join(stored))
 
         if s.tipo:
             user_prompt = prompt

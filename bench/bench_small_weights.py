@@ -1,0 +1,126 @@
+"""Small weights: peak memory, load time and one transformer step per storage type, full-size architecture.
+
+Writes a random 1600M transformer (NVlabs names, fp16 ``.safetensors``) into a temporary folder, converts it
+with ``python -m twig_core convert`` to each ``--types`` entry (GGUF q8_0 / q6_k / q5_k_m / q4_k_m / q4_0 / f16, fp8
+safetensors), then, per file, in a fresh subprocess: loads it, runs ``--steps`` CFG steps (batch 2) at
+``--size`` pixels (1024 -> 1024 latent tokens, 512 -> 256), and reports peak resident memory (VmHWM), file size,
+load and step seconds, and the relative error of the step's output against the fp16-stored model computing
+in the same dtype (the ``stored`` row, the speed anchor). Numbers go to bench/RESULTS.md.
+
+    python bench/bench_small_weights.py [--size 512] [--types q8_0,q4_k_m,fp8] [--dtype fp32|bf16] [--dir DIR]
+
+``--depth N`` builds fewer blocks (a quick check that the script runs; not a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.common import peak_rss_mib  # noqa: E402
+
+
+def write_checkpoint(path: str, depth: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from twig_core.config import TransformerConfig
+    from twig_core.transformer import TwigTransformer
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = TwigTransformer(TransformerConfig(depth=depth))
+    sd = {}
+    for name, p in model.state_dict().items():
+        fan_in = p[0].numel() if p.dim() > 1 else 1
+        sd[name] = (torch.randn(p.shape) / max(1.0, fan_in) ** 0.5).half()
+    save_file(sd, path)
+
+
+def child(path: str, size: int, steps: int, dtype_name: str, out: str) -> None:
+    import torch
+
+    from twig_core.loader import load_transformer
+    from twig_core.quant import quant_summary
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    t0 = time.perf_counter()
+    model = load_transformer(path, compute_dtype=dtype)
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(1)
+    n = size // 32
+    x = torch.randn(2, 32, n, n, generator=g)
+    ctx = torch.randn(2, 300, 2304, generator=g)
+    mask = torch.ones(2, 300, dtype=torch.long)
+    t = torch.tensor([500.0, 500.0])
+    times = []
+    with torch.no_grad():
+        for _ in range(steps):
+            t1 = time.perf_counter()
+            y = model(x, t, ctx, mask)
+            times.append(time.perf_counter() - t1)
+    torch.save(y.float(), out)
+    print(json.dumps({"peak_mib": peak_rss_mib(), "load_s": load_s, "step_s": min(times),
+                      "stored": quant_summary(model) or str(model.weight_dtype)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--types", default="q8_0,q4_k_m,q4_0,fp8")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--depth", type=int, default=20)
+    ap.add_argument("--dir")
+    ap.add_argument("--child", nargs=2)
+    a = ap.parse_args()
+    if a.child:
+        return child(a.child[0], a.size, a.steps, a.dtype, a.child[1])
+    import torch
+
+    folder = a.dir or tempfile.mkdtemp(prefix="twig_small_")
+    try:
+        src = os.path.join(folder, "twig_fp16.safetensors")
+        if not os.path.exists(src):
+            write_checkpoint(src, a.depth)
+        files = {"stored": src}
+        for ty in a.types.split(","):
+            dst = os.path.join(folder, f"twig_{ty}." + ("safetensors" if ty == "fp8" else "gguf"))
+            if not os.path.exists(dst):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "twig_core", "convert", src, dst, "--type", ty], check=True,
+                               cwd=ROOT, capture_output=True)
+                print(f"convert {ty}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            files[ty] = dst
+        ref = None
+        print(f"| type ({a.dtype} compute, {a.size}², batch 2) | file MiB | peak RSS MiB | load s | step s | "
+              "step vs stored | rel. error vs stored |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for ty, path in files.items():
+            out = os.path.join(folder, f"y_{ty}.pt")
+            done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path, out,
+                                   "--size", str(a.size), "--steps", str(a.steps), "--dtype", a.dtype],
+                                  capture_output=True, text=True, check=True, cwd=ROOT)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            y = torch.load(out, weights_only=True)
+            if ref is None:
+                ref, base_step = y, r["step_s"]
+            err = float((y - ref).norm() / ref.norm())
+            print(f"| {ty} ({r['stored']}) | {os.path.getsize(path) / 2**20:.0f} | {r['peak_mib']:.0f} | "
+                  f"{r['load_s']:.1f} | {r['step_s']:.2f} | {r['step_s'] / base_step:.2f}x | {err:.4f} |")
+    finally:
+        if not a.dir:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The converter behind ``python -m twig_core convert IN OUT --type ...``: any transformer or Gemma-2 the loader
+reads (NVlabs .pth, diffusers folders, single files, GGUF, fp8) into a GGUF file or an fp8 safetensors file.
+
+GGUF (``q8_0``, ``q6_k``, ``q5_k_m``, ``q5_0``, ``q4_k_m``, ``q4_0``, ``f16``, ``bf16``): BF16, Q8_0, Q5_0 and Q4_0
+blocks come from the ``gguf`` package's quantizer; it has none for K-quants, so Q4_K/Q5_K/Q6_K blocks come from
+``twig_core.quant.quantize_k`` (each sub-block's scale and min fitted by least squares; llama.cpp's
+``llama-quantize`` searches more and is a little more accurate). The ``_m`` mixes follow llama.cpp's idea: Q4_K (Q5_K) everywhere, Q6_K for the tensors
+that matter most (``MORE_BITS``: Gemma's attn_v, ffn_down and token embedding; the transformer's Mix-FFN
+output convolution). What stays wide, as the GGUF community does for DiTs (``gguf_io.pick_type``): every
+1-D tensor (norms, biases) and every tensor of at most 1024 values in F32, the transformer's modulation tables
+(``scale_shift_table``) in F32, rows a block does not divide (the 3x3 depthwise convolutions) in F16.
+1x1 convolution weights are stored as matrices with their 4-D shape in ``comfy.gguf.orig_shape.<name>``;
+for K-quants, a matrix whose rows 256 does not divide (Sana's width 2240, Mix-FFN 5600) is stored as rows of
+256 with its shape there too (ComfyUI-GGUF's convention; the loader widens whole layers, so rows may straddle).
+Metadata: ``general.architecture`` "sana" plus ``twig.diffusers_config`` (the transformer's config as JSON),
+or "gemma2" with llama.cpp's names, hyper-parameters and tokenizer (``tokenizer.ggml.*``: pieces, scores
+ranked like the BPE merges, types), so the file needs nothing beside it.
+
+fp8 (``fp8``): matrices and 1x1 convolutions in float8_e4m3fn with one scale per output row
+(``X.scale_weight``, ComfyUI's ``scaled_fp8`` layout, with the ``scaled_fp8`` marker); everything else in fp32.
+Gemma-2 goes out as ComfyUI's single text-encoder files do: ``model.``-prefixed names and the tokenizer as a
+``spiece_model`` tensor (a sentencepiece model built from the same pieces and scores as the GGUF metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from . import keymap
+from .errors import TwigError
+from .gguf_io import ARCHITECTURES, CONFIG_KEY, encode, pick_type, write_gguf
+from .quant import QuantizedLayer
+from .tokenizer import spiece_from_pieces
+
+TYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_0": "Q5_0", "q4_k_m": "Q4_K", "q4_0": "Q4_0",
+         "f16": "F16", "bf16": "BF16", "fp8": "fp8"}
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+MORE_BITS = ("attn_v.", "ffn_down.", "token_embd.", "mlp.point_conv.")  # Q6_K in the _k_m mixes
+WIDE = {"transformer": ("scale_shift_table",), "text_encoder": ()}
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def dense_names(model: torch.nn.Module) -> list[str]:
+    """The weight names of a loaded model as in its checkpoint (a quantized layer's blocks are its weight)."""
+    names = []
+    for name in model.state_dict():
+        mod_name, _, leaf = name.rpartition(".")
+        if leaf != "qscale":
+            names.append(f"{mod_name}.weight" if leaf == "qweight" else name)
+    return names
+
+
+def dense_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """One weight of a loaded model, a quantized layer's widened to fp32 (only when asked for)."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if isinstance(mod, QuantizedLayer) and leaf == "weight":
+        return mod.dequantized(torch.float32)
+    return (mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]).detach()
+
+
+def dense_state(model: torch.nn.Module):
+    """(name, tensor) for every weight of a loaded model, quantized layers widened to fp32 one at a time."""
+    return ((name, dense_tensor(model, name)) for name in dense_names(model))
+
+
+def _gguf_tensors(items, qtype: str, wide, orig_shapes: dict):
+    for name, t in items:
+        shape = tuple(t.shape)
+        if t.dim() == 4 and shape[2:] == (1, 1):  # a 1x1 convolution: a matrix, its shape in the metadata
+            orig_shapes[name] = shape
+            t = t.reshape(shape[0], shape[1])
+        mixed = qtype in ("Q4_K", "Q5_K") and any(part in name for part in MORE_BITS)
+        want = "Q6_K" if mixed else qtype
+        if want in K_TYPES and t.dim() == 2 and t.shape[-1] % 256 and t.numel() % 256 == 0:
+            # rows a K-quant block does not divide (Sana's 2240, 5600): rows of 256, the shape in the metadata
+            orig_shapes[name] = shape
+            t = t.reshape(-1, 256)
+        kind = pick_type(name, tuple(t.shape), want, wide)
+        data, raw = encode(t, kind)
+        yield name, data, raw
+
+
+def _gemma_metadata(encoder) -> dict:
+    cfg = encoder.model.config
+    arch = ARCHITECTURES["text_encoder"]
+    meta = {
+        f"{arch}.context_length": int(cfg.max_position_embeddings),
+        f"{arch}.embedding_length": int(cfg.hidden_size),
+        f"{arch}.block_count": int(cfg.num_hidden_layers),
+        f"{arch}.feed_forward_length": int(cfg.intermediate_size),
+        f"{arch}.attention.head_count": int(cfg.num_attention_heads),
+        f"{arch}.attention.head_count_kv": int(cfg.num_key_value_heads),
+        f"{arch}.attention.key_length": int(cfg.head_dim),
+        f"{arch}.attention.value_length": int(cfg.head_dim),
+        f"{arch}.attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+        f"{arch}.attention.sliding_window": int(cfg.sliding_window or 0),
+        f"{arch}.attn_logit_softcapping": float(cfg.attn_logit_softcapping or 0.0),
+        f"{arch}.final_logit_softcapping": float(cfg.final_logit_softcapping or 0.0),
+    }
+    meta.update(tokenizer_metadata(encoder.tokenizer, cfg.vocab_size))
+    return meta
+
+
+def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
+    """llama.cpp's ``tokenizer.ggml.*`` keys for a Gemma-style BPE fast tokenizer: pieces by id, types
+    (control for special tokens, byte for <0xNN>, unknown for the unk token), scores minus the rank of the
+    merge that makes each piece (what sentencepiece BPE stores, and what ``tokenizer_from_pieces`` ranks by)."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = backend["model"].get("merges") or []
+    pieces = [f"[PAD{i}]" for i in range(vocab_size)]
+    for piece, i in tokenizer.get_vocab().items():
+        if i < vocab_size:
+            pieces[i] = piece
+    rank = {}
+    for r, m in enumerate(merges):
+        a, b = m if isinstance(m, list) else m.split(" ", 1)
+        rank.setdefault(a + b, r)
+    special = set(tokenizer.all_special_ids) | {t["id"] for t in backend.get("added_tokens", []) if t.get("special")}
+    unk = tokenizer.unk_token_id
+    types, scores = [], []
+    for i, p in enumerate(pieces):
+        byte = len(p) == 6 and p.startswith("<0x") and p.endswith(">")
+        types.append(2 if i == unk else 3 if i in special or p.startswith("[PAD") else 6 if byte else 1)
+        scores.append(-float(rank[p]) if p in rank else (0.0 if len(p) == 1 else -1e9))
+    out = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces, "tokenizer.ggml.scores": scores,
+           "tokenizer.ggml.token_type": types, "tokenizer.ggml.add_space_prefix": False,
+           "tokenizer.ggml.add_bos_token": True}
+    for key, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                     ("padding", tokenizer.pad_token_id), ("unknown", unk)):
+        if tid is not None:
+            out[f"tokenizer.ggml.{key}_token_id"] = int(tid)
+    return out
+
+
+def convert(src, out, type_name: str, device="cpu") -> str:
+    """Convert the transformer or Gemma-2 at ``src`` into ``out``; returns a one-line summary."""
+    from .layout import detect
+    from .loader import load_text_encoder, load_transformer
+
+    if type_name not in TYPES:
+        raise TwigError(f"--type {type_name!r}: use one of {', '.join(TYPES)}")
+    qtype = TYPES[type_name]
+    src, out = os.fspath(src), os.fspath(out)
+    kind = detect(src)
+    if kind == "pipeline":
+        raise TwigError(f"{src}: a whole pipeline; convert its transformer/ or text_encoder/ folder")
+    if kind not in WIDE:
+        raise TwigError(f"{src}: a DC-AE; only the transformer and Gemma-2 are converted (the VAE is small)")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if kind == "transformer":
+        model = load_transformer(src, device=device)
+        if qtype == "fp8":
+            return _write_fp8(dense_state(model), out, {CONFIG_KEY: json.dumps(model.config.to_diffusers_config())})
+        meta = {CONFIG_KEY: json.dumps(model.config.to_diffusers_config())}
+        items = dense_state(model)
+    else:
+        encoder = load_text_encoder(src, device=device)
+        model = encoder.model
+        if qtype == "fp8":  # ComfyUI's single-file layout: "model." names and the tokenizer as spiece_model
+            pieces = _pieces(tokenizer_metadata(encoder.tokenizer, model.config.vocab_size))
+            spiece = torch.frombuffer(bytearray(spiece_from_pieces(pieces)), dtype=torch.uint8)
+            items = [("model." + n, t) for n, t in dense_state(model)] + [("spiece_model", spiece)]
+            return _write_fp8(items, out, {})
+        meta = _gemma_metadata(encoder)
+        names = keymap.rename_keys(dense_names(model), keymap.GEMMA_GGUF_KEYS, "from_ours")
+        items = ((new, dense_tensor(model, old) + (keymap.GEMMA_GGUF_NORM_OFFSET if old.endswith("norm.weight") else 0))
+                 for new, old in names.items())
+    orig_shapes: dict = {}
+    tensors = list(_gguf_tensors(items, qtype, WIDE[kind], orig_shapes))
+    write_gguf(out, ARCHITECTURES[kind], tensors, meta, orig_shapes)
+    return f"{out}: {kind} as GGUF {qtype} ({os.path.getsize(out) / 2**20:.1f} MiB)"
+
+
+def _pieces(meta: dict) -> list[tuple[str, float, int]]:
+    return list(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]))
+
+
+def _write_fp8(items, out: str, metadata: dict) -> str:
+    from safetensors.torch import save_file
+
+    fp8 = getattr(torch, "float8_e4m3fn", None)
+    if fp8 is None:
+        raise TwigError("this torch has no float8_e4m3fn (torch >= 2.1 needed for fp8)")
+    sd = {}
+    for name, t in items:
+        if not t.is_floating_point():
+            sd[name] = t.contiguous()
+            continue
+        t = t.detach().float().cpu()
+        if name.endswith(".weight") and t.dim() in (2, 4) and t.shape[1:] in (t.shape[1:2], t.shape[1:2] + (1, 1)) \
+                and not any(w in name for w in WIDE["transformer"]) and t.numel() > 1024:
+            scale = t.reshape(t.shape[0], -1).abs().amax(1).clamp_min(1e-12) / FP8_MAX
+            sd[name] = (t / scale.reshape(-1, *[1] * (t.dim() - 1))).to(fp8)
+            sd[name[: -len("weight")] + "scale_weight"] = scale
+        else:
+            sd[name] = t.contiguous()
+    sd["scaled_fp8"] = torch.zeros(0, dtype=fp8)
+    tmp = out + ".part"
+    save_file(sd, tmp, metadata=metadata)
+    os.replace(tmp, out)
+    return f"{out}: fp8 e4m3fn with per-row scales ({os.path.getsize(out) / 2**20:.1f} MiB)"
