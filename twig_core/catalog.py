@@ -26,6 +26,8 @@ MAX_DEPTH = 4
 
 DEMO_NAME = "twig-demo (embedded)"
 DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+# LoRAs made for the demo model (``python -m training demo --stage lora``), listed beside a host's own LoRAs
+DEMO_LORA_DIR = Path(__file__).resolve().parent / "demo_loras"
 
 
 def demo_location() -> str:
