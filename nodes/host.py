@@ -29,6 +29,7 @@ import torch
 from twig_core import catalog
 from twig_core import devices as twig_devices
 from twig_core.errors import TwigError
+from twig_core.lora import remove_loras
 
 log = logging.getLogger("twig")
 
@@ -303,6 +304,8 @@ class ManagedModel:
                 mm.load_models_gpu([self._patcher], force_full_load=True)
             elif _param_device(module) != self.load_device:
                 module.to(self.load_device)
+            if self.kind == "transformer":  # a LoRA stack is only there for whoever set it (nodes.lora.LoraModel)
+                remove_loras(module)
             return obj
 
     def offload(self) -> None:

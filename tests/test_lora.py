@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +228,39 @@ def test_adapter_of_another_model_size_is_refused(tmp_path):
                                            ("C:/x/a.safetensors", ("C:/x/a.safetensors", 1.0))])
 def test_lora_argument(text, expected):
     assert tl.parse_lora_arg(text) == expected
+
+
+# the real ComfyUI tree and a Python with its requirements, where the CI's host check (tests/comfy_host/ci.sh)
+# finds them unless these variables say otherwise
+_REPO = Path(__file__).resolve().parents[1]
+COMFYUI = os.environ.get("TWIG_COMFYUI_DIR", str(_REPO.parent / "shared" / "comfyui"))
+COMFY_PYTHON = os.environ.get("TWIG_COMFY_PYTHON", str(_REPO / ".venv-comfy" / "bin" / "python"))
+
+
+def tiny_lora(path, rank=3, seed=0):
+    """A LoRA for tests/builders' tiny transformer, written by our trainer in the diffusers/PEFT layout."""
+    from tests.builders import tiny_transformer
+    from training.lora import apply_lora, peft_state_dict
+
+    model = tiny_transformer()
+    torch.manual_seed(seed)
+    params = apply_lora(model, rank=rank)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn_like(p) * 0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(peft_state_dict(model), path)
+    return path
+
+
+@pytest.mark.skipif(not (os.path.isdir(os.path.join(COMFYUI, "comfy")) and os.path.isfile(COMFY_PYTHON)),
+                    reason="no ComfyUI tree and Python to check against")
+def test_native_model_patches_match_runtime_adapters(tmp_path):
+    lora = tiny_lora(tmp_path / "l.safetensors")
+    done = subprocess.run([COMFY_PYTHON, str(Path(__file__).with_name("lora_native_check.py")), COMFYUI,
+                           str(tmp_path / "stub"), str(lora), "0.7"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-3000:]
+    assert line.startswith("rel_err="), line
+    err, changed, restored = (v.split("=")[1] for v in line.split())
+    assert float(err) < 1e-5 and float(changed) > 1e-2 and restored == "True", line

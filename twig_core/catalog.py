@@ -22,6 +22,7 @@ MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin")
 # .ckpt/.pt/.bin beside them is most likely another model's checkpoint, which would have to be read whole
 CLASSIFIED_EXTENSIONS = (".safetensors", ".sft", ".pth")
 TIPO_EXTENSIONS = (".safetensors", ".sft")
+LORA_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin")
 MAX_DEPTH = 4
 
 DEMO_NAME = "twig-demo (embedded)"
@@ -99,6 +100,11 @@ def listing(roots: Iterable[str], extensions: tuple[str, ...] = MODEL_EXTENSIONS
             if name not in out and is_pipeline_folder(path):
                 out[name] = path
     return out
+
+
+def lora_listing(roots: Iterable[str]) -> dict[str, str]:
+    """name -> path of the LoRA files in ``roots``, then those made for the demo model (:data:`DEMO_LORA_DIR`)."""
+    return listing([*roots, str(DEMO_LORA_DIR)], LORA_EXTENSIONS, folders=False)
 
 
 def find(name: str, roots: Iterable[str], pipeline_roots: Iterable[str] = ()) -> str | None:

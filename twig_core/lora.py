@@ -35,8 +35,6 @@ from .weights import open_weights, shortlist
 
 log = logging.getLogger("twig")
 
-LORA_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin", ".ckpt")
-
 # containers in front of the module names (stripped repeatedly, longest first)
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.",
              "lora_transformer_", "lora_unet_")
