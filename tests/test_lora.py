@@ -237,26 +237,12 @@ COMFYUI = os.environ.get("TWIG_COMFYUI_DIR", str(_REPO.parent / "shared" / "comf
 COMFY_PYTHON = os.environ.get("TWIG_COMFY_PYTHON", str(_REPO / ".venv-comfy" / "bin" / "python"))
 
 
-def tiny_lora(path, rank=3, seed=0):
-    """A LoRA for tests/builders' tiny transformer, written by our trainer in the diffusers/PEFT layout."""
-    from tests.builders import tiny_transformer
-    from training.lora import apply_lora, peft_state_dict
-
-    model = tiny_transformer()
-    torch.manual_seed(seed)
-    params = apply_lora(model, rank=rank)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn_like(p) * 0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(peft_state_dict(model), path)
-    return path
-
-
 @pytest.mark.skipif(not (os.path.isdir(os.path.join(COMFYUI, "comfy")) and os.path.isfile(COMFY_PYTHON)),
                     reason="no ComfyUI tree and Python to check against")
 def test_native_model_patches_match_runtime_adapters(tmp_path):
-    lora = tiny_lora(tmp_path / "l.safetensors")
+    from tests.builders import write_tiny_lora
+
+    lora = write_tiny_lora(tmp_path / "l.safetensors")
     done = subprocess.run([COMFY_PYTHON, str(Path(__file__).with_name("lora_native_check.py")), COMFYUI,
                            str(tmp_path / "stub"), str(lora), "0.7"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
