@@ -221,6 +221,26 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+# A1111's prompt syntax: <lora:NAME>, <lora:NAME:STRENGTH> (a third field, the text encoder's weight elsewhere, is
+# ignored: Twig's LoRAs change the transformer only); <lyco:...> alike
+_PROMPT_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """``"a cat <lora:pink:0.8>"`` -> (``"a cat"``, [("pink", 0.8)]): the prompt without its LoRA tags (for the text
+    encoder) and the LoRAs it names."""
+    found = []
+    for m in _PROMPT_TAG.finditer(prompt):
+        try:
+            strength = float(m[2]) if m[2] not in (None, "") else 1.0
+        except ValueError:
+            raise TwigError(f"prompt tag {m[0]}: the strength must be a number") from None
+        found.append((m[1].strip(), strength))
+    text = _PROMPT_TAG.sub(" ", prompt)
+    text = re.sub(r"\s*,(\s*,)+", ",", re.sub(r"[ \t]+", " ", text)).strip(" ,")
+    return text, found
+
+
 def adapters_of(model: nn.Module, lora: LoraFile, strength: float) -> list[tuple[nn.Module, Adapter]]:
     """One adapter per layer entry of ``lora``, checked against the model's weight shapes."""
     out = []
