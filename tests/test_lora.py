@@ -250,3 +250,31 @@ def test_native_model_patches_match_runtime_adapters(tmp_path):
     assert line.startswith("rel_err="), line
     err, changed, restored = (v.split("=")[1] for v in line.split())
     assert float(err) < 1e-5 and float(changed) > 1e-2 and restored == "True", line
+
+
+def test_lora_loader_node_stacks_and_never_changes_the_loaded_model(parts, conds, models_dir):
+    from nodes.common import NodeError
+    from nodes.lora import TwigLoraLoader, lora_names
+    from tests.builders import empty_latent, run_sampler, write_tiny_lora
+
+    write_tiny_lora(models_dir / "loras" / "tiny_a.safetensors", seed=1)
+    write_tiny_lora(models_dir / "loras" / "sub" / "tiny_b.safetensors", seed=2)
+    assert {"tiny_a.safetensors", "sub/tiny_b.safetensors", "twig_demo_pink.safetensors"} <= set(lora_names())
+    model = parts[0]
+    latent = empty_latent(64, 64)
+
+    def sample(m):
+        return run_sampler((m,), conds, latent)["samples"]
+
+    base = sample(model)
+    (one,) = TwigLoraLoader().load(model, "tiny_a.safetensors", 0.8)
+    (two,) = TwigLoraLoader().load(one, "sub/tiny_b.safetensors", -0.5)
+    (off,) = TwigLoraLoader().load(model, "tiny_a.safetensors", 0.0)
+    assert "tiny_a:0.8, tiny_b:-0.5" in repr(two)
+    with_one, with_two = sample(one), sample(two)
+    assert not torch.equal(with_one, base) and not torch.equal(with_two, with_one)
+    assert torch.equal(sample(model), base)  # the plain model, fetched again, has no LoRA left on it
+    assert torch.equal(sample(off), base)
+    assert torch.equal(sample(one), with_one)  # and the stack comes back with its node
+    with pytest.raises(NodeError, match="Twig LoRA Loader: LoRA 'nope.safetensors' not found"):
+        TwigLoraLoader().load(model, "nope.safetensors", 1.0)
