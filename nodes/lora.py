@@ -17,7 +17,7 @@ from . import host
 from .common import CATEGORY, MODEL, NodeError, node_errors
 
 LORA_FOLDER = "loras"
-_FILES: dict[tuple, LoraFile] = {}  # (path, size, mtime) -> the file read once
+_FILES: dict[str, tuple[tuple, LoraFile]] = {}  # path -> ((size, mtime), the file read once)
 
 
 def lora_names() -> list[str]:
@@ -30,11 +30,10 @@ def lora_file(name: str) -> LoraFile:
     if path is None:
         raise TwigError(f"LoRA '{name}' not found; put it in models/{LORA_FOLDER} and refresh (R)")
     st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _FILES:
-        _FILES.clear()  # only the newest versions of the files in use are kept
-        _FILES[key] = read_lora(path)
-    return _FILES[key]
+    stamp = (st.st_size, st.st_mtime_ns)
+    if path not in _FILES or _FILES[path][0] != stamp:  # a file changed on disk is read again
+        _FILES[path] = (stamp, read_lora(path))
+    return _FILES[path][1]
 
 
 class LoraModel:

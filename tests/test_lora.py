@@ -166,7 +166,7 @@ def test_kohya_file_from_the_same_weights_gives_the_same_result(base, tmp_path, 
 
 
 def test_our_trainer_writes_adapters_diffusers_loads(base, tmp_path):
-    from training.lora import apply_lora, merge_lora, peft_state_dict
+    from training.lora import apply_lora, lora_state_dict, merge_lora, peft_state_dict
 
     ours = ours_from(base, TINY)
     torch.manual_seed(0)
@@ -176,6 +176,7 @@ def test_our_trainer_writes_adapters_diffusers_loads(base, tmp_path):
             p.copy_(torch.randn_like(p) * 0.2)
     path = tmp_path / "trained.safetensors"
     save_file(peft_state_dict(ours), path)
+    trained = copy.deepcopy(ours)
     args = inputs()
     ref = run_diffusers(diffusers_with(base, [path], [1.0]), args)
     merge_lora(ours)
@@ -183,6 +184,21 @@ def test_our_trainer_writes_adapters_diffusers_loads(base, tmp_path):
     fresh = ours_from(base, TINY)  # and our loader reads what our trainer wrote
     tl.apply_loras(fresh, [(path, 1.0)])
     assert rel_err(run_ours(fresh, args), ref) < 1e-5
+    # the same adapters in the original (NVlabs = our) names, fused q/k/v included, PEFT-style under
+    # base_model.model., and in training.lora's own format, load to the same result
+    nvlabs = tmp_path / "nvlabs.safetensors"
+    ours_state = lora_state_dict(trained)
+    save_file({f"base_model.model.{k[:-len('.lora_down')]}.lora_A.weight": v for k, v in ours_state.items()
+               if k.endswith(".lora_down")} |
+              {f"base_model.model.{k[:-len('.lora_up')]}.lora_B.weight": v * ours_state[k[:-2] + "scale"]
+               for k, v in ours_state.items() if k.endswith(".lora_up")}, nvlabs)
+    own = tmp_path / "own.safetensors"
+    save_file(ours_state, own)
+    for f in (nvlabs, own):
+        again = ours_from(base, TINY)
+        tl.apply_loras(again, [(f, 1.0)])
+        assert "blocks.0.attn.qkv" in tl.read_lora(f).layers
+        assert rel_err(run_ours(again, args), ref) < 1e-5, f
 
 
 def test_foreign_and_unknown_files_are_refused_by_name(tmp_path):

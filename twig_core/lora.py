@@ -100,7 +100,9 @@ class Adapter:
     source: str
 
     def apply(self, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``w`` (never modified) with this adapter's change, as a new tensor in ``dtype``."""
+        """``w`` (never modified) with this adapter's change, as a new tensor in ``dtype``. Stacked adapters fold
+        in order, so a DoRA adapter normalises the weight it is handed (PEFT normalises the base weight alone:
+        the same when the DoRA LoRA is the only one on a layer, or comes first)."""
         out = w.to(dtype, copy=True)
         n = out.shape[0] // self.parts
         part = out[self.index * n:(self.index + 1) * n]
@@ -253,7 +255,8 @@ def adapters_of(model: nn.Module, lora: LoraFile, strength: float) -> list[tuple
         for index, parts, w in entries:
             rows = shape[0] // parts
             groups = w.down.shape[0] // max(1, w.up.shape[1])
-            if (w.up.shape[0] != rows or tuple(w.down.shape[1:]) != tuple(shape[1:]) or groups < 1
+            # down's input side may be [in] for a 1x1 convolution's [in, 1, 1] (files written from linear layers)
+            if (w.up.shape[0] != rows or w.down[0].numel() != shape[1:].numel() or groups < 1
                     or w.down.shape[0] != groups * w.up.shape[1]):
                 raise TwigError(f"{lora.path}: the adapter for '{name}' (down {tuple(w.down.shape)}, up "
                                 f"{tuple(w.up.shape)}) does not fit its weight {tuple(shape)}; is this LoRA for "
