@@ -294,3 +294,15 @@ def test_lora_loader_node_stacks_and_never_changes_the_loaded_model(parts, conds
     assert torch.equal(sample(one), with_one)  # and the stack comes back with its node
     with pytest.raises(NodeError, match="Twig LoRA Loader: LoRA 'nope.safetensors' not found"):
         TwigLoraLoader().load(model, "nope.safetensors", 1.0)
+
+
+def test_depthwise_conv_lora_is_refused_by_name(base, tmp_path):
+    """PEFT adapts the Mix-FFN's depthwise 3x3 convolution (rank a multiple of its groups) with a full convolution
+    in front of a grouped one, which is no change of the depthwise weight (PEFT refuses to merge it): refused
+    with the layer's name rather than applied wrongly."""
+    channels = base.transformer_blocks[0].ff.conv_depth.weight.shape[0]
+    a = write_lora(base, tmp_path / "depth.safetensors", seed=6, r=channels, alpha=channels // 2,
+                   targets=["conv_depth"])
+    assert list(tl.read_lora(a).layers) == ["blocks.0.mlp.depth_conv.conv", "blocks.1.mlp.depth_conv.conv"]
+    with pytest.raises(TwigError, match="depth.safetensors.*depthwise convolution 'blocks.0.mlp.depth_conv.conv'"):
+        tl.apply_loras(ours_from(base, TINY), [(a, 1.0)])

@@ -57,8 +57,7 @@ _OTHER_MODELS = (
 @dataclass
 class LoraWeights:
     """One layer's low-rank pair from a file: delta = scale * up @ down (DoRA: then renormalised per output
-    row to ``magnitude``). down [rank, in(, kh, kw)], up [out, rank(, 1, 1)] (a grouped convolution's up holds
-    rank / groups columns)."""
+    row to ``magnitude``). down [rank, in(, kh, kw)], up [out, rank(, 1, 1)]."""
 
     down: torch.Tensor
     up: torch.Tensor
@@ -66,12 +65,8 @@ class LoraWeights:
     magnitude: torch.Tensor | None = None
 
     def delta(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """scale * up @ down shaped like a weight of ``shape`` ([out, in/groups(, kh, kw)])."""
-        down, up = self.down.to(dtype), self.up.to(dtype)
-        groups = down.shape[0] // up.shape[1]
-        out = up.reshape(groups, up.shape[0] // groups, up.shape[1])
-        d = torch.bmm(out, down.reshape(groups, down.shape[0] // groups, -1))
-        return d.reshape(shape) * self.scale
+        """scale * up @ down shaped like a weight of ``shape`` ([out, in(, kh, kw)])."""
+        return (self.up.to(dtype).flatten(1) @ self.down.to(dtype).flatten(1)).reshape(shape) * self.scale
 
 
 @dataclass
@@ -252,12 +247,14 @@ def adapters_of(model: nn.Module, lora: LoraFile, strength: float) -> list[tuple
         except AttributeError:
             raise TwigError(f"{lora.path}: the model has no layer '{name}'") from None
         shape = layer.weight.shape
+        if getattr(layer, "groups", 1) > 1:  # PEFT's adapter there is a full convolution, not a weight change
+            raise TwigError(f"{lora.path}: it adapts the depthwise convolution '{name}', which no weight change "
+                            "can express (PEFT cannot merge it either); LoRAs on the other layers load")
         for index, parts, w in entries:
             rows = shape[0] // parts
-            groups = w.down.shape[0] // max(1, w.up.shape[1])
             # down's input side may be [in] for a 1x1 convolution's [in, 1, 1] (files written from linear layers)
-            if (w.up.shape[0] != rows or w.down[0].numel() != shape[1:].numel() or groups < 1
-                    or w.down.shape[0] != groups * w.up.shape[1]):
+            if (w.up.shape[0] != rows or w.down[0].numel() != shape[1:].numel()
+                    or w.up[0].numel() != w.down.shape[0]):
                 raise TwigError(f"{lora.path}: the adapter for '{name}' (down {tuple(w.down.shape)}, up "
                                 f"{tuple(w.up.shape)}) does not fit its weight {tuple(shape)}; is this LoRA for "
                                 f"another model size?")
