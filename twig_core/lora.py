@@ -49,9 +49,8 @@ _OTHER_MODELS = (
     ("Flux", ("single_transformer_blocks", "double_blocks", "single_blocks", "ff_context", "add_q_proj",
               "txt_mlp", "img_mlp")),
     ("SD3", ("joint_blocks", "context_block", "x_block")),
-    ("SDXL / SD 1.x", ("lora_te_", "lora_te1_", "lora_te2_", "down_blocks", "up_blocks", "mid_block",
-                       "input_blocks", "output_blocks", "text_model.encoder")),
-)
+    ("SDXL / SD 1.x", ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks")),
+)  # (text-encoder parts, "lora_te_...", are not a family: a Sana trainer may write them beside the transformer's)
 
 
 @dataclass
