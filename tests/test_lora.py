@@ -9,7 +9,6 @@ import copy
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
