@@ -305,3 +305,24 @@ def test_depthwise_conv_lora_is_refused_by_name(base, tmp_path):
     assert list(tl.read_lora(a).layers) == ["blocks.0.mlp.depth_conv.conv", "blocks.1.mlp.depth_conv.conv"]
     with pytest.raises(TwigError, match="depth.safetensors.*depthwise convolution 'blocks.0.mlp.depth_conv.conv'"):
         tl.apply_loras(ours_from(base, TINY), [(a, 1.0)])
+
+
+def test_half_stored_weights_keep_one_copy_and_compute_the_lora_in_full(base, tmp_path):
+    """fp16-stored weights computing in fp32: the LoRA is added to each layer's per-call fp32 copy, so the stored
+    tensors stay the same fp16 tensors (no second model, no rounding of the change to fp16)."""
+    a = write_lora(base, tmp_path / "a.safetensors", seed=7)
+    args = inputs()
+    full = ours_from(base, TINY)
+    tl.apply_loras(full, [(a, 0.8)])
+    ref = run_ours(full, args)
+    half = ours_from(base, TINY).half()
+    half.compute_dtype = torch.float32
+    stored = {k: (v.data_ptr(), v.clone()) for k, v in half.state_dict().items()}
+    plain = run_ours(half, args)
+    tl.apply_loras(half, [(a, 0.8)])
+    got = run_ours(half, args)
+    assert rel_err(got, ref) < 0.1 * rel_err(plain, ref)  # only the base's fp16 rounding is left
+    after = half.state_dict()
+    assert set(after) == set(stored)
+    assert all(v.dtype == torch.float16 and v.data_ptr() == stored[k][0] and torch.equal(v, stored[k][1])
+               for k, v in after.items())
