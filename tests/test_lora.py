@@ -326,3 +326,16 @@ def test_half_stored_weights_keep_one_copy_and_compute_the_lora_in_full(base, tm
     assert set(after) == set(stored)
     assert all(v.dtype == torch.float16 and v.data_ptr() == stored[k][0] and torch.equal(v, stored[k][1])
                for k, v in after.items())
+
+
+def test_lora_found_by_path_or_name(tmp_path):
+    from twig_core.catalog import DEMO_LORA_DIR, find_lora
+
+    demo = str(DEMO_LORA_DIR / "twig_demo_pink.safetensors")
+    assert find_lora("twig_demo_pink") == find_lora("twig_demo_pink.safetensors") == demo
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.safetensors").write_bytes(b"")
+    assert find_lora("sub/mine", [str(tmp_path)]) == str(tmp_path / "sub" / "mine.safetensors")
+    assert find_lora(str(tmp_path / "sub" / "mine.safetensors")) == str(tmp_path / "sub" / "mine.safetensors")
+    with pytest.raises(TwigError, match="LoRA nothing: no such file"):
+        find_lora("nothing", [str(tmp_path)])

@@ -62,8 +62,8 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda when available)")
     g.add_argument("--tile", default="auto", help="VAE tile size in latent pixels, 'auto' or 'none'")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="apply a LoRA (diffusers/PEFT, kohya or OneTrainer file) at a strength (default 1); "
-                        "repeatable, stacked in order")
+                   help="apply a LoRA (diffusers/PEFT, kohya or OneTrainer file; or a demo LoRA by name, e.g. "
+                        "twig_demo_pink) at a strength (default 1); repeatable, stacked in order")
 
 
 def _load(a: argparse.Namespace, device: str | None = None):
@@ -89,11 +89,12 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     from tqdm import tqdm
 
     from . import image as img
+    from .catalog import find_lora
     from .lora import apply_loras, parse_lora_arg
     from .pipeline import generate
 
     _check(a, denoise=a.denoise if a.image else None)
-    loras = [parse_lora_arg(x) for x in a.lora]
+    loras = [(find_lora(f), s) for f, s in map(parse_lora_arg, a.lora)]
     parts = _load(a)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
     loras = apply_loras(transformer, loras)

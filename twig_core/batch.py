@@ -424,7 +424,9 @@ def drawer(parts, *, max_length: int = 300, tile_size="auto", model_name: str = 
            on_step: Callable[[dict], None] | None = None, lora_root: str | os.PathLike | None = None
            ) -> Callable[[Job], tuple]:
     """``draw(job) -> (PIL image, pnginfo)`` over models loaded once (``loader.Parts``), one image a call. A job's
-    LoRAs are applied for its image (files read once; a relative path not found is looked for in ``lora_root``)."""
+    LoRAs are applied for its image (files read once; a name that is no file is looked for in ``lora_root`` and
+    among the demo LoRAs, ``catalog.find_lora``)."""
+    from . import catalog
     from . import image as img
     from .lora import apply_loras, read_lora
     from .pipeline import generate
@@ -434,12 +436,7 @@ def drawer(parts, *, max_length: int = 300, tile_size="auto", model_name: str = 
 
     def lora_file(name: str):
         if name not in files:
-            path = Path(name)
-            if not path.is_file() and lora_root is not None and (Path(lora_root) / path).is_file():
-                path = Path(lora_root) / path
-            if not path.is_file():
-                raise TwigError(f"LoRA {name}: no such file")
-            files[name] = read_lora(path)
+            files[name] = read_lora(catalog.find_lora(name, [] if lora_root is None else [str(lora_root)]))
         return files[name]
 
     def draw(job: Job):

@@ -107,6 +107,17 @@ def lora_listing(roots: Iterable[str]) -> dict[str, str]:
     return listing([*roots, str(DEMO_LORA_DIR)], LORA_EXTENSIONS, folders=False)
 
 
+def find_lora(name: str, roots: Iterable[str] = ()) -> str:
+    """A LoRA given as a path, or by its name (with or without extension) in ``roots`` and the demo LoRAs."""
+    if os.path.isfile(name):
+        return name
+    for listed, path in lora_listing(roots).items():
+        if name in (listed, os.path.splitext(listed)[0]):
+            return path
+    where = ", ".join([*roots, str(DEMO_LORA_DIR)])
+    raise TwigError(f"LoRA {name}: no such file (nor a LoRA of that name in {where})")
+
+
 def find(name: str, roots: Iterable[str], pipeline_roots: Iterable[str] = ()) -> str | None:
     """Full path of a listed ``name`` (:data:`DEMO_NAME`, or a file or folder in ``roots``, or a pipeline folder
     in ``pipeline_roots``), None if it is not there. Names never lead out of their folder."""
