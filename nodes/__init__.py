@@ -51,6 +51,11 @@ NODE_CLASS_MAPPINGS.update({k: cls for k, (cls, _) in _NATIVE.items()})
 NODE_DISPLAY_NAME_MAPPINGS.update({k: title for k, (_, title) in _NATIVE.items()})
 register_samplers()  # Twig's samplers and schedules in core KSampler's lists, when running inside ComfyUI
 
+from .lora import NODES as _LORA  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update({k: cls for k, (cls, _) in _LORA.items()})
+NODE_DISPLAY_NAME_MAPPINGS.update({k: title for k, (_, title) in _LORA.items()})
+
 from .tokens import register_routes  # noqa: E402
 
 register_routes()  # POST /twig/token_count for the live token count, when running inside ComfyUI

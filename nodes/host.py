@@ -33,6 +33,7 @@ from twig_core import catalog
 from twig_core import devices as twig_devices
 from twig_core.errors import TwigError
 from twig_core.quant import quant_summary
+from twig_core.lora import remove_loras
 
 log = logging.getLogger("twig")
 
@@ -355,6 +356,8 @@ class ManagedModel:
                 self._placed(module, streams)
             elif _param_device(module) != self.load_device:
                 module.to(self.load_device)
+            if self.kind == "transformer":  # a LoRA stack is only there for whoever set it (nodes.lora.LoraModel)
+                remove_loras(module)
             return obj
 
     def _placed(self, module: torch.nn.Module, streams: bool) -> None:

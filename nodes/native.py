@@ -197,8 +197,11 @@ class TwigToNativeModel:
         if not hasattr(model, "peek") or model.kind != "transformer":
             raise NodeError(f"Twig → native MODEL: model must come from Twig Model Loader, got {type(model).__name__}")
         transformer = model.peek()
-        return (native_model(transformer, model_shift(model.path), _dcae_scale(), model.load_device,
-                             model.offload_device),)
+        patcher = native_model(transformer, model_shift(model.path), _dcae_scale(), model.load_device,
+                               model.offload_device)
+        from .lora import patch_native  # a Twig LoRA Loader's stack becomes ComfyUI patches
+
+        return (patch_native(patcher, model.loras) if getattr(model, "loras", None) else patcher,)
 
 
 def _dcae_scale() -> float:

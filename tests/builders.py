@@ -235,6 +235,25 @@ def write_demo_pipeline(out: str | os.PathLike) -> Path:
     return write_tiny_pipeline(out, tokenizer=build_tiny_gemma_tokenizer(), dtype=torch.float16)
 
 
+def write_tiny_lora(path: str | os.PathLike, rank: int = 3, seed: int = 0) -> Path:
+    """A random LoRA for ``tiny_transformer`` (and the demo stand-in), written by our trainer in the
+    diffusers/PEFT layout."""
+    from safetensors.torch import save_file
+
+    from training.lora import apply_lora, peft_state_dict
+
+    model = tiny_transformer()
+    torch.manual_seed(seed)
+    params = apply_lora(model, rank=rank)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn_like(p) * 0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(peft_state_dict(model), path)
+    return path
+
+
 # --------------------------------------------------------------------------------------------------
 # TIPO: a byte-level BPE tokenizer trained on TIPO-format text and a random 2-layer ``LlamaForCausalLM`` nudged
 # to answer in tags.

@@ -116,3 +116,39 @@ def test_webui_folder_runs_as_a_script_from_any_folder(tmp_path):
                            "--outdir", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert "stub gradio: " in done.stderr and "Error" not in done.stderr, done.stderr
+
+
+def test_lora_option_and_batch_rows_apply_loras_and_record_them(tmp_path, capsys):
+    import torch
+
+    from tests.builders import write_tiny_lora
+
+    names = write_model_folders(tmp_path / "models")
+    m = tmp_path / "models"
+    a = write_tiny_lora(tmp_path / "loras" / "style_a.safetensors", seed=1)
+    write_tiny_lora(tmp_path / "loras" / "style_b.safetensors", seed=2)
+    models = ["--steps", "2", "--seed", "3", "--width", "64", "--height", "64",
+              "--transformer", str(m / "diffusion_models" / names["model"]),
+              "--text-encoder", str(m / "text_encoders" / names["text_encoder"]), "--vae", str(m / "vae" / names["vae"])]
+
+    def pixels(path):
+        return torch.tensor(list(Image.open(path).getdata()))
+
+    plain, styled = tmp_path / "plain.png", tmp_path / "styled.png"
+    assert main(["generate", "--prompt", "a red circle", *models, "--out", str(plain)]) == 0
+    assert main(["generate", "--prompt", "a red circle", *models, "--lora", f"{a}:0.7",
+                 "--lora", str(tmp_path / "loras" / "style_b.safetensors"), "--out", str(styled)]) == 0
+    assert "LoRA: style_a:0.7; style_b:1" in Image.open(styled).text["parameters"]
+    assert "LoRA" not in Image.open(plain).text["parameters"]
+    assert not torch.equal(pixels(plain), pixels(styled))
+    # batch rows: a row's loras (relative to the prompt file), the others as the command says (none here)
+    rows = tmp_path / "loras" / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "a red circle", "seed": 3, "name": "styled", "loras": ["style_a.safetensors:0.7", ["style_b.safetensors", 1]]})
+                    + "\n" + json.dumps({"prompt": "a red circle", "seed": 3, "name": "plain"}) + "\n", encoding="utf-8")
+    out = tmp_path / "batch"
+    assert main(["batch", str(rows), "--out", str(out), *models]) == 0
+    assert "LoRA: style_a:0.7; style_b:1" in Image.open(out / "styled.png").text["parameters"]
+    assert torch.equal(pixels(out / "styled.png"), pixels(styled))
+    assert torch.equal(pixels(out / "plain.png"), pixels(plain))
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["loras"] for r in manifest] == [[["style_a.safetensors", 0.7], ["style_b.safetensors", 1.0]], []]

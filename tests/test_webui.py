@@ -367,3 +367,24 @@ def test_install_script_outside_the_webui_does_nothing(tmp_path):
                        env={**os.environ, "PYTHONPATH": ""}, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "nothing to do" in r.stdout
+
+
+def test_lora_prompt_tags_apply_loras_from_the_lora_folder(tmp_path, pipeline):
+    """A1111's ``<lora:NAME:STRENGTH>``: read from the tab's LoRA folder, taken out of the prompt before encoding,
+    listed in the info text; the next prompt without it draws with the model as loaded."""
+    from tests.builders import write_tiny_lora
+
+    write_tiny_lora(tmp_path / "models" / "Lora" / "tiny_style.safetensors")
+    engine = _engine(tmp_path, pipeline)
+
+    def pixels(r):
+        return torch.tensor(list(Image.open(r.paths[0]).getdata()))
+
+    base = engine.run(Settings(prompt=PROMPT, steps=2, seed=4, model=str(pipeline)))
+    tagged = engine.run(Settings(prompt=f"{PROMPT} <lora:tiny_style:0.8>", steps=2, seed=4, model=str(pipeline)))
+    assert tagged.prompt == PROMPT and tagged.infotext.splitlines()[0] == PROMPT
+    assert "LoRA: tiny_style:0.8" in tagged.infotext and "LoRA: tiny_style:0.8" in tagged.notes
+    assert not torch.equal(pixels(tagged), pixels(base))
+    assert torch.equal(pixels(engine.run(Settings(prompt=PROMPT, steps=2, seed=4, model=str(pipeline)))), pixels(base))
+    with pytest.raises(TwigError, match="LoRA 'missing' not found"):
+        engine.run(Settings(prompt="x <lora:missing>", steps=1, model=str(pipeline)))

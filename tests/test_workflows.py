@@ -24,7 +24,7 @@ import torch
 import nodes
 from nodes import loaders, tokens
 from nodes.latent import TwigEmptyLatent
-from tests.builders import NATIVE
+from tests.builders import NATIVE, write_tiny_lora
 from twig_core import catalog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +53,7 @@ def model_env(tmp_path_factory, demo_standin):
         folder = root / sub / name.rstrip("/")
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
+    write_tiny_lora(root / "loras" / build.DEMO_LORA)  # listed before the demo LoRA, which fits the real demo only
     mp = pytest.MonkeyPatch()
     mp.setenv("TWIG_MODELS_DIR", str(root))
     mp.setenv("TWIG_DEMO_DIR", str(demo_standin))
@@ -568,3 +569,30 @@ def test_demo_workflow_draws_its_prompt_with_the_trained_demo_model(monkeypatch)
         # the shipped demo weights get colours right; position and count are not learned well enough yet
         # (README, "Embedded demo model"), so only colour is guarded here
         assert result["color"], (prefix, result)
+
+
+PINK = (255, 105, 180)
+
+
+def pink_pixels(image) -> int:
+    """Pixels whose nearest colour among the demo palette and pink is pink."""
+    from training.scenes import PALETTE
+
+    colours = torch.tensor([*PALETTE.values(), PINK], dtype=torch.float32)
+    rgb = image.reshape(-1, 3).float() * 255
+    return int((torch.cdist(rgb, colours).argmin(1) == len(colours) - 1).sum())
+
+
+@pytest.mark.skipif(not _packaged_demo(), reason="twig_core/demo_model (the trained demo model) is not in this checkout")
+def test_demo_lora_workflow_draws_pink_only_with_the_lora(monkeypatch, tmp_path):
+    """The demo model has no picture for "pink" / "粉色": the same seed draws pink pixels only with the demo LoRA
+    (trained here, ``python -m training demo --stage lora``), in both languages."""
+    monkeypatch.delenv("TWIG_DEMO_DIR", raising=False)
+    monkeypatch.setenv("TWIG_MODELS_DIR", str(tmp_path))  # the shipped demo LoRA, not a stand-in
+    _, api = load("demo_lora")
+    runner.SaveImage.saved = []
+    runner.execute(api, nodes.NODE_CLASS_MAPPINGS)
+    counts = {prefix: pink_pixels(images[0]) for prefix, images in runner.SaveImage.saved}
+    assert set(counts) == {f"twig_demo_{lang}_{kind}" for lang in ("en", "zh") for kind in ("base", "lora")}
+    for lang in ("en", "zh"):
+        assert counts[f"twig_demo_{lang}_base"] <= 20 and counts[f"twig_demo_{lang}_lora"] >= 300, counts

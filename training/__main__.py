@@ -10,6 +10,8 @@ Stages run in order and each resumes from what the previous run left in DIR:
   export   write the pipeline folder (default: twig_core/demo_model)
   eval     score held-out prompts with the pixel evaluator, English and Chinese
   prompts  write the held-out prompts as DIR/heldout_prompts.jsonl, for python -m twig_core batch --eval
+  lora     train the demo LoRA (a new colour word, pink / 粉色) on the exported model (DIR/lora/, written to
+           twig_core/demo_loras)
 ``--stage all`` runs everything that is not finished yet. Fixed seeds throughout.
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from twig_core.catalog import DEMO_DIR
+from twig_core.catalog import DEMO_DIR, DEMO_LORA_DIR
 
 from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
                       train_vae)
@@ -171,10 +173,16 @@ def stage_prompts(work: Path, a) -> None:
     log(f"{len(rows)} prompts in {out}")
 
 
+def stage_lora(work: Path, a) -> None:
+    from .lora_demo import DEMO_LORA_NAME, train_demo_lora
+
+    train_demo_lora(a.out, work / "lora", Path(a.lora_out or DEMO_LORA_DIR / DEMO_LORA_NAME), steps=a.lora_steps)
+
+
 # every stage, in the order ``--stage all`` runs them
 STAGES = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "decoder": stage_decoder,
           "text": stage_text, "dit": stage_dit, "export": stage_export, "eval": stage_eval,
-          "prompts": stage_prompts}
+          "prompts": stage_prompts, "lora": stage_lora}
 
 
 def main(argv=None) -> int:
@@ -200,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--pos-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="DiT with the sin-cos positional embedding (as Sana's 2K/4K models; default), or without "
                         "(as Sana 1600M 1024px); give the same choice to dit and export")
+    p.add_argument("--lora-steps", type=int, default=600)
+    p.add_argument("--lora-out", default=None, help="where the lora stage writes the adapter (default: "
+                   "twig_core/demo_loras/twig_demo_pink.safetensors)")
     p.add_argument("--eval-n", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-cfg", type=float, default=4.5)

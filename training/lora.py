@@ -123,3 +123,24 @@ def load_lora(model: nn.Module, state: dict[str, torch.Tensor], source: str = "L
             delta.up.copy_(up)
         params += _attach(m, name, delta)
     return params
+
+
+def peft_state_dict(model: nn.Module, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+    """The adapters in the diffusers/PEFT layout that ``SanaPipeline.load_lora_weights`` reads
+    (``transformer.<diffusers module>.lora_A.weight`` [rank, in(, 1, 1)] / ``lora_B.weight`` [out, rank(, 1, 1)]),
+    named through the transformer key table: an adapter on the fused ``attn.qkv`` (``cross_attn.kv_linear``) is
+    written as one per ``to_q``/``to_k``/``to_v`` sharing ``lora_A``, each with its slice of ``lora_B``. The scale
+    is folded into ``lora_B``, so the file needs no ``alpha`` (a reader's default alpha = rank is exact)."""
+    from twig_core.keymap import ours_to_diffusers
+
+    out = {}
+    for name, m, plist in _adapted(model):
+        delta = plist[0]
+        down, up = delta.down.detach(), (delta.scale * delta.up).detach()
+        if plist.original.ndim == 4:  # a 1x1 convolution: PEFT's adapter is two 1x1 convolutions
+            down, up = down[..., None, None], up[..., None, None]
+        for theirs, part in ours_to_diffusers({f"{name}.weight": up}).items():
+            module = theirs[: -len(".weight")]
+            out[f"{prefix}{module}.lora_A.weight"] = down.clone().contiguous()
+            out[f"{prefix}{module}.lora_B.weight"] = part.clone().contiguous()
+    return out

@@ -468,23 +468,24 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
     draw.polygon(poly, fill=fill)
 
 
-def _background_image(bg: Background, n: int) -> Image.Image:
-    img = Image.new("RGB", (n, n), PALETTE[bg.colors[0]])
+def _background_image(bg: Background, n: int, palette: dict = PALETTE) -> Image.Image:
+    img = Image.new("RGB", (n, n), palette[bg.colors[0]])
     if bg.split != "none":
         d = ImageDraw.Draw(img)
         if bg.split == "top_bottom":
-            d.rectangle([0, n // 2, n, n], fill=PALETTE[bg.colors[1]])
+            d.rectangle([0, n // 2, n, n], fill=palette[bg.colors[1]])
         else:
-            d.rectangle([n // 2, 0, n, n], fill=PALETTE[bg.colors[1]])
+            d.rectangle([n // 2, 0, n, n], fill=palette[bg.colors[1]])
     return img
 
 
-def render_scene(scene: Scene, size: int = 128, supersample: int = 4) -> np.ndarray:
-    """Render to uint8 [size, size, 3]. Antialiasing: draw at size*supersample, then box-downsample."""
+def render_scene(scene: Scene, size: int = 128, supersample: int = 4, palette: dict = PALETTE) -> np.ndarray:
+    """Render to uint8 [size, size, 3]. Antialiasing: draw at size*supersample, then box-downsample.
+    ``palette``: colour name -> RGB (another palette paints a colour name in other pixels)."""
     if size < 16:
         raise TwigError(f"render_scene: size must be >= 16, got {size}")
     n = size * max(1, int(supersample))
-    bg = _background_image(scene.background, n)
+    bg = _background_image(scene.background, n, palette)
     # Objects are drawn as an opaque layer over the background through a mask, so a ring hole shows the
     # background (also across a two-tone split).
     layer = Image.new("RGB", (n, n), (0, 0, 0))
@@ -493,7 +494,7 @@ def render_scene(scene: Scene, size: int = 128, supersample: int = 4) -> np.ndar
     for g in scene.groups:
         for inst in g.instances:
             cx, cy, r = inst.cx * n, inst.cy * n, inst.r * n
-            draw_shape(dl, g.shape, cx, cy, r, fill=PALETTE[g.color], hole_fill=None)
+            draw_shape(dl, g.shape, cx, cy, r, fill=palette[g.color], hole_fill=None)
             draw_shape(dm, g.shape, cx, cy, r, fill=255, hole_fill=0)
     img = Image.composite(layer, bg, mask)
     if n != size:

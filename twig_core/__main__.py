@@ -70,6 +70,9 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
                    help="keep only the running network on the GPU (Gemma-2, then the transformer, then the VAE); "
                         "auto: on CUDA cards under 14 GiB")
     g.add_argument("--tile", default="auto", help="VAE tile size in latent pixels, 'auto' or 'none'")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA (diffusers/PEFT, kohya or OneTrainer file; or a demo LoRA by name, e.g. "
+                        "twig_demo_pink) at a strength (default 1); repeatable, stacked in order")
 
 
 def _load(a: argparse.Namespace, device: str | None = None):
@@ -100,11 +103,15 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     from tqdm import tqdm
 
     from . import image as img
+    from .catalog import find_lora
+    from .lora import apply_loras, parse_lora_arg
     from .pipeline import generate
 
     _check(a, denoise=a.denoise if a.image else None)
+    loras = [(find_lora(f), s) for f, s in map(parse_lora_arg, a.lora)]
     parts = _load(a)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
+    loras = apply_loras(transformer, loras)
     native = transformer.config.sample_size * 32
     width, height = a.width or native, a.height or native
     init = None
@@ -132,7 +139,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     for i, pic in enumerate(img.model_to_pil(images)):
         path = out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         pic.save(path, pnginfo=img.png_info(a.prompt, a.negative, a.steps, a.cfg, a.seed, a.sampler, width, height,
-                                                   batch_index=i))
+                                                   batch_index=i, loras=loras))
         written.append(path)
         print(path)
     return written
@@ -140,10 +147,12 @@ def _generate(a: argparse.Namespace) -> list[Path]:
 
 def _batch(a: argparse.Namespace) -> int:
     from . import batch
+    from .lora import parse_lora_arg
 
     _check(a)
     defaults = batch.Defaults(negative=a.negative, seed=a.seed, width=a.width, height=a.height, steps=a.steps,
-                              cfg=a.cfg, sampler=a.sampler, shift=a.shift, count=a.count)
+                              cfg=a.cfg, sampler=a.sampler, shift=a.shift, count=a.count,
+                              loras=tuple(parse_lora_arg(x) for x in a.lora))
     jobs, bad = batch.read_jobs(a.prompts, defaults)
     world = batch.join_world(a.device)
     try:
@@ -164,7 +173,8 @@ def _batch(a: argparse.Namespace) -> int:
                     if job.k == 0:
                         _warn_truncation(parts.text_encoder, job.prompt, job.negative if job.cfg != 1.0 else None,
                                          a.max_length, f"{a.prompts} line {job.line}: ")
-            draw = batch.drawer(parts, max_length=a.max_length, tile_size=_tile(a.tile))
+            draw = batch.drawer(parts, max_length=a.max_length, tile_size=_tile(a.tile),
+                                lora_root=Path(a.prompts).parent)
         counts = batch.run(jobs, a.out, draw, world)
         if world.rank == 0:
             print(f"{len(jobs)} images in {a.out} ({counts['drawn']} drawn by rank 0, "

@@ -37,7 +37,8 @@ from typing import Any, Callable
 from .errors import TwigError
 
 FIELDS = {"prompt": str, "negative": str, "seed": int, "width": int, "height": int, "steps": int, "cfg": float,
-          "sampler": str, "shift": float, "count": int, "name": str, "scene": dict, "check_background": bool}
+          "sampler": str, "shift": float, "count": int, "name": str, "scene": dict, "check_background": bool,
+          "loras": str}
 MAX_COUNT = 10_000
 
 
@@ -53,6 +54,7 @@ class Defaults:
     sampler: str = "flow_dpmpp_2m"
     shift: float = 3.0
     count: int = 1
+    loras: tuple = ()  # (file, strength) pairs for rows that name none
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class Job:
     shift: float
     scene: dict | None = field(default=None, compare=False)
     check_background: bool = True
+    loras: tuple = ()  # (file, strength) pairs
 
     def params(self) -> dict:
         d = asdict(self)
@@ -100,6 +103,8 @@ def _coerce(name: str, value: Any, where: str):
         raise TwigError(f"{where}: unknown field {name!r} (known: {', '.join(FIELDS)})")
     if value is None or value == "":
         return None
+    if name == "loras" and isinstance(value, list):  # JSONL: ["a.safetensors:0.8", ["b.safetensors", 0.5]]
+        value = ", ".join(f"{v[0]}:{v[1]}" if isinstance(v, list) and len(v) == 2 else str(v) for v in value)
     ok = True
     try:
         if kind is bool:
@@ -164,6 +169,13 @@ def _records(path: Path, text: str) -> list[tuple[int, dict | BadRow]]:
     return out
 
 
+def _loras(text: str) -> tuple:
+    """A row's ``loras``: "FILE[:STRENGTH], ..." -> ((file, strength), ...)."""
+    from .lora import parse_lora_arg
+
+    return tuple(parse_lora_arg(part.strip()) for part in text.split(",") if part.strip())
+
+
 def read_jobs(path: str | os.PathLike, defaults: Defaults = Defaults()) -> tuple[list[Job], list[BadRow]]:
     """Every image the prompt file asks for, in order, and the rows that could not be read.
 
@@ -217,6 +229,7 @@ def read_jobs(path: str | os.PathLike, defaults: Defaults = Defaults()) -> tuple
                     steps=values.get("steps", defaults.steps), cfg=values.get("cfg", defaults.cfg),
                     sampler=values.get("sampler", defaults.sampler), shift=values.get("shift", defaults.shift),
                     scene=values.get("scene"), check_background=values.get("check_background", True),
+                    loras=_loras(values["loras"]) if "loras" in values else tuple(defaults.loras),
                 ))
         except TwigError as e:
             bad.append(BadRow(line, str(e).removeprefix(f"{where}: ")))
@@ -408,21 +421,33 @@ def write_manifest(out: Path, jobs: list[Job]) -> Path:
 
 
 def drawer(parts, *, max_length: int = 300, tile_size="auto", model_name: str = "Twig",
-           on_step: Callable[[dict], None] | None = None) -> Callable[[Job], tuple]:
-    """``draw(job) -> (PIL image, pnginfo)`` over models loaded once (``loader.Parts``), one image a call."""
+           on_step: Callable[[dict], None] | None = None, lora_root: str | os.PathLike | None = None
+           ) -> Callable[[Job], tuple]:
+    """``draw(job) -> (PIL image, pnginfo)`` over models loaded once (``loader.Parts``), one image a call. A job's
+    LoRAs are applied for its image (files read once; a name that is no file is looked for in ``lora_root`` and
+    among the demo LoRAs, ``catalog.find_lora``)."""
+    from . import catalog
     from . import image as img
+    from .lora import apply_loras, read_lora
     from .pipeline import generate
 
     native = parts.transformer.config.sample_size * 32
+    files: dict[str, Any] = {}
+
+    def lora_file(name: str):
+        if name not in files:
+            files[name] = read_lora(catalog.find_lora(name, [] if lora_root is None else [str(lora_root)]))
+        return files[name]
 
     def draw(job: Job):
         width, height = job.width or native, job.height or native
+        loras = apply_loras(parts.transformer, [(lora_file(f), s) for f, s in job.loras])
         pixels = generate(parts.transformer, parts.vae, parts.text_encoder, job.prompt, job.negative, width=width,
                           height=height, batch_size=1, steps=job.steps, cfg=job.cfg, seed=job.seed,
                           sampler=job.sampler, shift=job.shift, max_length=max_length, tile_size=tile_size,
                           callback=on_step, residency=parts.residency)
         info = img.png_info(job.prompt, job.negative, job.steps, job.cfg, job.seed, job.sampler, width, height,
-                            model=model_name)
+                            model=model_name, loras=loras)
         return img.model_to_pil(pixels)[0], info
 
     return draw

@@ -23,10 +23,13 @@ MODEL_EXTENSIONS = (".safetensors", ".sft", ".pth", ".pt", ".ckpt", ".bin", ".gg
 # (a GGUF's tensor directory is read without its data, like a safetensors header)
 CLASSIFIED_EXTENSIONS = (".safetensors", ".sft", ".pth", ".gguf")
 TIPO_EXTENSIONS = (".safetensors", ".sft")
+LORA_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin")
 MAX_DEPTH = 4
 
 DEMO_NAME = "twig-demo (embedded)"
 DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+# LoRAs made for the demo model (``python -m training demo --stage lora``), listed beside a host's own LoRAs
+DEMO_LORA_DIR = Path(__file__).resolve().parent / "demo_loras"
 
 
 def demo_location() -> str:
@@ -98,6 +101,22 @@ def listing(roots: Iterable[str], extensions: tuple[str, ...] = MODEL_EXTENSIONS
             if name not in out and is_pipeline_folder(path):
                 out[name] = path
     return out
+
+
+def lora_listing(roots: Iterable[str]) -> dict[str, str]:
+    """name -> path of the LoRA files in ``roots``, then those made for the demo model (:data:`DEMO_LORA_DIR`)."""
+    return listing([*roots, str(DEMO_LORA_DIR)], LORA_EXTENSIONS, folders=False)
+
+
+def find_lora(name: str, roots: Iterable[str] = ()) -> str:
+    """A LoRA given as a path, or by its name (with or without extension) in ``roots`` and the demo LoRAs."""
+    if os.path.isfile(name):
+        return name
+    for listed, path in lora_listing(roots).items():
+        if name in (listed, os.path.splitext(listed)[0]):
+            return path
+    where = ", ".join([*roots, str(DEMO_LORA_DIR)])
+    raise TwigError(f"LoRA {name}: no such file (nor a LoRA of that name in {where})")
 
 
 def find(name: str, roots: Iterable[str], pipeline_roots: Iterable[str] = ()) -> str | None:

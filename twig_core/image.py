@@ -32,14 +32,17 @@ def model_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def png_info(prompt: str, negative: str, steps: int, cfg: float, seed: int, sampler: str, width: int, height: int,
-             model: str = "Twig", batch_index: int = 0):
-    """PNG text chunk "parameters" in the WebUI's layout, so image browsers and "PNG Info" tabs read it."""
+             model: str = "Twig", batch_index: int = 0, loras=()):
+    """PNG text chunk "parameters" in the WebUI's layout, so image browsers and "PNG Info" tabs read it.
+    ``loras``: (name, strength) pairs applied, listed as ``LoRA: name:strength, ...``."""
     from PIL.PngImagePlugin import PngInfo
 
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
     extra = f", Batch pos: {batch_index}" if batch_index else ""
+    if loras:
+        extra += ", LoRA: " + "; ".join(f"{name}:{strength:g}" for name, strength in loras)
     lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {cfg}, Seed: {seed}, Size: {width}x{height}, "
                  f"Model: {model}{extra}")
     info = PngInfo()

@@ -259,6 +259,39 @@ dcae_ours_to_original = functools.partial(rename, table=DCAE_ORIGINAL_KEYS, dire
 
 
 # --------------------------------------------------------------------------------------------------
+# Layers by module name (LoRA files name layers, not tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_rules(table: tuple[Row, ...]):
+    """(pattern, our module template, part index, parts) for every module name a row's weight may have, ours and
+    theirs, with "." or "_" between the parts of a name (kohya-style files join them with "_")."""
+    rules = []
+    for row in table:
+        ours = row.ours[0]
+        if len(row.ours) > 1 or not ours.endswith((".{p}", ".weight")):
+            continue
+        strip = lambda name: name.rsplit(".", 1)[0]  # noqa: E731 - the module of a weight name
+        names = [(ours, 0, 1)] + [(t, j, len(row.theirs)) for j, t in enumerate(row.theirs)]
+        names += [(a, 0, 1) for a in row.aliases]
+        for name, index, parts in names:
+            rx = _pattern(strip(name)).pattern.replace(r"\.", "[._]")
+            rules.append((re.compile(rx), strip(ours), index, parts))
+    return tuple(rules)
+
+
+def locate(module: str, table: tuple[Row, ...] = TRANSFORMER_KEYS) -> tuple[str, int, int] | None:
+    """Where a layer named in any layout of ``table`` (ours, theirs, or either with "_" for ".") lives in our
+    model: (our module name, part index, parts), the part being the slice of a fused weight's output rows
+    (``to_k`` is part 1 of 3 of ``attn.qkv``); None when no row names it."""
+    for rx, ours, index, parts in _module_rules(tuple(table)):
+        m = rx.match(module)
+        if m:
+            return _fill(ours, m), index, parts
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Anchors: one key every checkpoint of a network holds, used to find the network (and any container
 # prefix in front of it) inside a file.
 

@@ -95,11 +95,14 @@ def nchw(x: torch.Tensor) -> torch.Tensor:
 
 
 def weights(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A layer's (weight, bias) for code that computes with them directly instead of calling the layer (fused
-    q/k/v slices, the Mix-FFN's three convolutions). Here: the stored tensors, cast later by ``dense`` one slice
-    at a time. A layer keeping its weight quantized (``twig_core.quant``) gives it widened to x's dtype. A host's
-    operations namespace gives its own, so its layers cast (and stream) their weights."""
+    """A layer's (weight, bias) for everything that computes with them (the layers' forward, fused q/k/v
+    slices, the Mix-FFN's three convolutions). Here: the stored tensors, cast later by ``dense`` one slice at a
+    time; a layer keeping its weight quantized (``twig_core.quant``) gives it widened to x's dtype; the layer's
+    runtime adapters (``layer.twig_adapters``, LoRA: ``twig_core.lora``) are folded over a per-call copy. A
+    host's operations namespace gives its own, so its layers cast (and stream) their weights."""
     w = layer.dequantized(x.dtype) if hasattr(layer, "dequantized") else layer.weight
+    for adapter in getattr(layer, "twig_adapters", None) or ():
+        w = adapter.apply(w, x.dtype)
     return w, layer.bias
 
 
@@ -107,7 +110,7 @@ class Linear(nn.Linear):
     """nn.Linear computing through ``dense``: in the input's dtype whatever its weights are stored in."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense(x, self.weight, self.bias)
+        return dense(x, *weights(self, x))
 
 
 class Conv2d(nn.Conv2d):
@@ -115,8 +118,8 @@ class Conv2d(nn.Conv2d):
     ``dense``), so fp16/bf16-stored weights can run in fp32 without a widened copy of the whole model."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.bias
-        return self._conv_forward(x, self.weight.to(x.dtype), None if b is None else b.to(x.dtype))
+        w, b = weights(self, x)
+        return self._conv_forward(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
 
 class BatchNorm2d(nn.BatchNorm2d):

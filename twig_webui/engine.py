@@ -103,6 +103,13 @@ class Catalog:
     def tipo_models(self) -> dict[str, str]:
         return catalog.listing(self.host.folders("llm"), catalog.TIPO_EXTENSIONS)
 
+    def loras(self) -> dict[str, str]:
+        """LoRA files by name, also by name without extension (what ``<lora:NAME:0.8>`` in a prompt gives)."""
+        out = catalog.lora_listing(self.host.folders("lora"))
+        for name, path in list(out.items()):
+            out.setdefault(os.path.splitext(name)[0], path)
+        return out
+
     def face_detectors(self) -> dict[str, str]:
         from twig_core.face import detect as fdetect
 
@@ -113,14 +120,14 @@ class Catalog:
 
     def resolve(self, role: str, name: str) -> str:
         table = {"model": self.models, "text_encoder": self.text_encoders, "vae": self.vaes,
-                 "tipo": self.tipo_models, "face": self.face_detectors}[role]()
+                 "tipo": self.tipo_models, "face": self.face_detectors, "lora": self.loras}[role]()
         if name in table:
             return table[name]
         if name and os.path.exists(name) and role == "model":
             return os.path.abspath(name)
         hint = self.host.folder_hint({"tipo": "llm"}.get(role, role))
         what = {"model": "Twig model", "text_encoder": "text encoder", "vae": "VAE", "tipo": "TIPO model",
-                "face": "face detector"}[role]
+                "face": "face detector", "lora": "LoRA"}[role]
         if not name:
             raise TwigError(f"no {what} selected; put one in {hint} and press Refresh")
         raise TwigError(f"{what} {name!r} not found (looked in {', '.join(self.host.folders(role if role != 'tipo' else 'llm'))}); "
@@ -334,14 +341,16 @@ class Engine:
     def _run(self, s: Settings, progress: Progress) -> Result:
         import torch
 
+        from twig_core.lora import apply_loras, split_lora_tags
         from twig_core.pipeline import generate
         from twig_core.resolution import check_size
         from twig_core.sampling import check_settings
 
         started = time.perf_counter()
-        prompt = (s.prompt or "").strip()
+        prompt, lora_tags = split_lora_tags((s.prompt or "").strip())
         if not prompt:
             raise TwigError("write a prompt first (English or Chinese)")
+        lora_files = [(self.catalog.resolve("lora", name), strength) for name, strength in lora_tags]
         if s.sampler not in SAMPLERS:
             raise TwigError(f"unknown sampler {s.sampler!r}; choose {', '.join(SAMPLERS)}")
         steps, batch = int(s.steps), int(s.batch_size)
@@ -366,6 +375,10 @@ class Engine:
                   if quant_summary(m)]
         if stored:  # GGUF / fp8 files: say how the weights are held
             notes.append("weights: " + "; ".join(stored))
+        loras = apply_loras(parts.transformer, lora_files)  # none: the model as loaded
+        if loras:
+            extra["loras"] = loras
+            notes.append("LoRA: " + ", ".join(f"{n}:{w:g}" for n, w in loras))
 
         if s.tipo:
             user_prompt = prompt
@@ -479,7 +492,7 @@ class Engine:
         paths = []
         for i, a in enumerate(arr):
             info = png_info(prompt, s.negative or "", int(s.steps), float(s.cfg), seed, s.sampler, width, height,
-                            model=label, batch_index=i)
+                            model=label, batch_index=i, loras=extra.get("loras", ()))
             if extra:
                 info.add_text("twig", json.dumps(extra, ensure_ascii=False))
             path = os.path.join(folder, f"{number + i:05d}-{seed}.png")

@@ -21,6 +21,7 @@ STANDALONE_FOLDERS = {
     "vae": ("VAE", "vae"),
     "llm": ("LLM",),
     "face": ("adetailer", "ultralytics/bbox", "ultralytics/segm"),
+    "lora": ("Lora", "loras"),  # the WebUI's LoRA folder (its --lora-dir too), for <lora:name:strength> in prompts
 }
 
 
@@ -104,7 +105,7 @@ class WebUIHost(Host):
     def folders(self, role: str) -> list[str]:
         base = self._models_path()
         out = [os.path.join(base, *sub.split("/")) for sub in STANDALONE_FOLDERS[role]]
-        extra = {"model": "ckpt_dir", "vae": "vae_dir", "text_encoder": "text_encoder_dir"}.get(role)
+        extra = {"model": "ckpt_dir", "vae": "vae_dir", "text_encoder": "text_encoder_dir", "lora": "lora_dir"}.get(role)
         if extra and self._cmd_dir(extra):
             out.append(self._cmd_dir(extra))
         seen, unique = set(), []

@@ -516,6 +516,39 @@ def wf_demo_img2img() -> Workflow:
     return wf
 
 
+LORA_NOTE = (
+    "**A LoRA trained here** — `twig_demo_pink` (in `twig_core/demo_loras`, listed with the files of "
+    "`models/loras`) teaches the demo model a colour it was never shown: *pink* / *粉色*. Without it the model has "
+    "no picture for the word and draws an empty background; with it, the same seed draws the pink object. Chain "
+    "more **Twig LoRA Loader**s to stack LoRAs; the strength (0 = off) changes nothing in the loaded model.\n\n"
+    "Remade by `python -m training demo --work DIR --stage lora`."
+)
+DEMO_PINK_EN, DEMO_PINK_ZH = "a pink circle", "一个粉色的圆"
+DEMO_LORA = "twig_demo_pink.safetensors"
+
+
+def wf_demo_lora() -> Workflow:
+    wf = Workflow("demo_lora", "Demo model with and without a LoRA",
+                  "the same seed without and with the demo LoRA that teaches the colour pink (English and Chinese)",
+                  "nothing (the demo model and its LoRA are inside the pack)", demo=True)
+    wf.note((-520, -280), (480, 300), "The demo LoRA", LORA_NOTE)
+    m, te, v = demo_loaders(wf)
+    lm = wf.add("TwigLoraLoader", (380, 380), model=m[0], lora_name=DEMO_LORA, strength=1.0)
+    lat = wf.add("TwigEmptyLatent", (380, 540), aspect_ratio=SQUARE, model=m[0])
+    encs = [wf.add("TwigTextEncode", (380, y), size=(420, 290), title=f"Twig Text Encode ({lang})",
+                   text_encoder=te[0], positive=text, negative="")
+            for y, lang, text in ((-280, "English", DEMO_PINK_EN), (50, "Chinese", DEMO_PINK_ZH))]
+    for row, (enc, lang) in enumerate(zip(encs, ("en", "zh"))):
+        for col, (model, label) in enumerate(((m, "without LoRA"), (lm, "with LoRA"))):
+            x, y = 840 + 360 * col, -280 + 360 * row
+            s = wf.add("TwigSampler", (x, y), title=f"Twig Sampler ({lang}, {label})", model=model[0],
+                       positive=enc[0], negative=enc[1], latent=lat[0], seed=5)
+            d = wf.add("TwigVAEDecode", (x, y + 250), samples=s[0], vae=v[0])
+            wf.add("SaveImage", (1600 + 340 * col, y), size=(300, 320), title=f"{lang}, {label}", images=d[0],
+                   filename_prefix=f"twig_demo_{lang}_{'lora' if col else 'base'}")
+    return wf
+
+
 NATIVE_NOTE = (
     "**Core ComfyUI nodes with Twig** — the Twig loaders feed *Twig → native MODEL*, *Twig Text Encode (native "
     "CONDITIONING)* and *Twig → native VAE*, and ComfyUI's own **KSampler** and **VAE Decode** do the rest, so "
@@ -571,7 +604,7 @@ def wf_demo_native_img2img() -> Workflow:
 
 
 BUILDERS = (wf_text_to_image, wf_chinese_long, wf_tipo, wf_face_refine, wf_image_to_image, wf_large, wf_demo,
-            wf_demo_img2img, wf_demo_native, wf_demo_native_img2img)
+            wf_demo_img2img, wf_demo_lora, wf_demo_native, wf_demo_native_img2img)
 
 
 def workflows() -> list[Workflow]:
