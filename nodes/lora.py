@@ -52,8 +52,8 @@ class LoraModel:
         stack = ", ".join(f"{f.name}:{s:g}" for f, s in self.loras)
         return f"{self.base!r} + LoRA {stack}"
 
-    def get(self):
-        transformer = self.base.get()  # a plain ManagedModel.get() clears any stack a previous node set
+    def get(self, memory_required: int = 0):
+        transformer = self.base.get(memory_required)  # a plain ManagedModel.get() clears any stack a previous node set
         apply_loras(transformer, self.loras)
         return transformer
 

@@ -30,6 +30,7 @@ import types
 import torch
 
 from twig_core import memory
+from twig_core import ops as twig_ops
 from twig_core.quant import QuantizedLayer, attach
 from twig_core.sampling import SAMPLERS, _stack, flow_sigmas, get_sampler
 from twig_core.transformer import TwigTransformer
@@ -65,16 +66,25 @@ def comfy_name(module: str, *names: str):
 
 def native_operations():
     """ComfyUI's manual-cast layers as an operations namespace for twig_core's transformer: every layer casts
-    (and, in low-VRAM mode, streams) its weight on use, including the weights the transformer reads directly."""
+    (and, in low-VRAM mode, streams) its weight on use, including the weights the transformer reads directly;
+    the Twig LoRA Loader's adapters (twig_core.lora) are folded over the cast weight, in the layers' own forward
+    too."""
     manual_cast = comfy_name("comfy.ops", "manual_cast")
     cast_bias_weight = comfy_name("comfy.ops", "cast_bias_weight")
 
     def weights(layer, x):
         out = cast_bias_weight(layer, x)  # (weight, bias), plus extras in some ComfyUI versions
-        return out[0], out[1]
+        return twig_ops.with_adapters(layer, out[0], x.dtype), out[1]
 
-    return types.SimpleNamespace(__name__="comfy.ops.manual_cast", Linear=manual_cast.Linear,
-                                 Conv2d=manual_cast.Conv2d, weights=weights)
+    class Linear(manual_cast.Linear):
+        def forward_comfy_cast_weights(self, input):
+            return torch.nn.functional.linear(input, *weights(self, input))
+
+    class Conv2d(manual_cast.Conv2d):
+        def forward_comfy_cast_weights(self, input):
+            return self._conv_forward(input, *weights(self, input))
+
+    return types.SimpleNamespace(__name__="comfy.ops.manual_cast", Linear=Linear, Conv2d=Conv2d, weights=weights)
 
 
 INTEGER_TIMESTEPS = "twig_integer_timesteps"  # transformer option: feed floor(sigma*1000), as Twig's DPM-Solver does

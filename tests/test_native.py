@@ -377,6 +377,36 @@ def test_twig_sampler_inside_comfy_runs_comfys_cast_layers_with_the_step_estimat
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def test_twig_lora_loader_inside_comfy_applies_through_comfys_cast_layers(comfy, parts, conds, tmp_path):
+    """Inside ComfyUI the transformer is rebuilt from ComfyUI's cast layers: a Twig LoRA Loader stack still lands
+    on every layer (their own forward and the weights read directly) and gives the latent the same stack gives on
+    plain torch layers; the plain model fetched again has no LoRA left."""
+    from nodes import host
+    from nodes.lora import LoraModel
+    from nodes.sampling import TwigSampler
+    from tests.builders import write_tiny_lora
+    from nodes.native import NativeTwigTransformer
+    from twig_core.lora import read_lora
+
+    files = [(read_lora(write_tiny_lora(tmp_path / f"l{i}.safetensors", seed=i)), s) for i, s in ((1, 0.8), (2, -0.5))]
+    plain = parts[0]
+    cpu = torch.device("cpu")
+    managed = host.ManagedModel("transformer", plain.path, plain._load_fn, cpu, cpu, torch.float32)
+    latent = empty(w=64, h=64)
+    pos, neg = conds
+
+    def sample(model):
+        return TwigSampler().sample(model, pos, neg, latent, 5, 3, 4.5, "flow_dpmpp_2m", 3.0, 1.0)[0]["samples"]
+
+    base = sample(managed)
+    got = sample(LoraModel(managed, files))
+    want = run_sampler((LoraModel(plain, files),), conds, latent, seed=5, steps=3)["samples"]
+    assert isinstance(managed.peek(), NativeTwigTransformer) and not isinstance(plain.peek(), NativeTwigTransformer)
+    assert not torch.equal(got, base)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(sample(managed), base)
+
+
 @pytest.mark.parametrize("name", ["flow_dpmpp_2m", "flow_euler"])
 def test_twig_samplers_and_schedules_in_comfy_lists_match_twig_sampler(comfy, parts, conds, name):
     """Twig's samplers registered with ComfyUI: SamplerCustom's way (the KSAMPLER with Twig Flow Sigmas) and core

@@ -63,9 +63,11 @@ class LoraWeights:
     scale: float
     magnitude: torch.Tensor | None = None
 
-    def delta(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """scale * up @ down shaped like a weight of ``shape`` ([out, in(, kh, kw)])."""
-        return (self.up.to(dtype).flatten(1) @ self.down.to(dtype).flatten(1)).reshape(shape) * self.scale
+    def delta(self, shape: torch.Size, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """scale * up @ down shaped like a weight of ``shape`` ([out, in(, kh, kw)]), on ``device`` (the weight's:
+        a host may hand over a weight it just moved to the GPU)."""
+        up, down = self.up.to(device, dtype).flatten(1), self.down.to(device, dtype).flatten(1)
+        return (up @ down).reshape(shape) * self.scale
 
 
 @dataclass
@@ -101,14 +103,14 @@ class Adapter:
         n = out.shape[0] // self.parts
         part = out[self.index * n:(self.index + 1) * n]
         calc = torch.promote_types(dtype, torch.float32)  # the delta is formed in at least fp32
-        delta = self.weights.delta(part.shape, calc) * self.strength
+        delta = self.weights.delta(part.shape, calc, part.device) * self.strength
         mag = self.weights.magnitude
         if mag is None:
             part.copy_(part.to(calc) + delta)
         else:  # DoRA (as PEFT): the norm of each output row of the changed weight is set to the magnitude
             merged = part.to(calc) + delta
             norm = merged.flatten(1).norm(dim=1)
-            part.copy_(merged * (mag.reshape(-1).to(calc) / norm).view(-1, *[1] * (merged.ndim - 1)))
+            part.copy_(merged * (mag.reshape(-1).to(part.device, calc) / norm).view(-1, *[1] * (merged.ndim - 1)))
         return out
 
 

@@ -101,9 +101,15 @@ def weights(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     runtime adapters (``layer.twig_adapters``, LoRA: ``twig_core.lora``) are folded over a per-call copy. A
     host's operations namespace gives its own, so its layers cast (and stream) their weights."""
     w = layer.dequantized(x.dtype) if hasattr(layer, "dequantized") else layer.weight
+    return with_adapters(layer, w, x.dtype), layer.bias
+
+
+def with_adapters(layer: nn.Module, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``w`` with ``layer.twig_adapters`` folded over it in order (``w`` itself when there are none). A host's
+    operations namespace calls this on the weight it cast, so LoRAs apply whichever layers carry them."""
     for adapter in getattr(layer, "twig_adapters", None) or ():
-        w = adapter.apply(w, x.dtype)
-    return w, layer.bias
+        w = adapter.apply(w, dtype)
+    return w
 
 
 class Linear(nn.Linear):
