@@ -171,6 +171,27 @@ CROSS_HEADS_BY_WIDTH = {2240: 20, 1152: 16}
 CROSS_HEAD_DIM_FALLBACK = (72, 112, 64, 32)
 
 
+def heads_from_config(cfg: dict, width: int, label: str) -> dict:
+    """The head counts a config.json states, in diffusers' keys (``num_attention_heads`` or
+    ``attention_head_dim``; ``num_cross_attention_heads`` or ``cross_attention_head_dim``), as
+    ``TransformerConfig`` fields for a model of ``width``; TwigError naming ``label`` when they do not fit."""
+    from .errors import TwigError
+
+    keys = {"heads": ("num_attention_heads", "attention_head_dim"),
+            "cross_heads": ("num_cross_attention_heads", "cross_attention_head_dim")}
+    out = {}
+    for field, (count, dim) in keys.items():
+        key = count if count in cfg else dim if dim in cfg else None
+        if key is None:
+            continue
+        value = cfg[key]
+        n = value if key == count else (width // value if isinstance(value, int) and value > 0 else None)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or width % n or (key == dim and n * value != width):
+            raise TwigError(f"{label}: {key} {value!r} does not fit the weights' width {width}")
+        out[field] = n
+    return out
+
+
 def cross_heads_for_width(width: int) -> int:
     if width in CROSS_HEADS_BY_WIDTH:
         return CROSS_HEADS_BY_WIDTH[width]
