@@ -794,6 +794,17 @@ def test_not_gemma2(tmp_path):
         loader.load_text_encoder(tmp_path / "llama.safetensors")
 
 
+def test_a_config_json_naming_no_model_says_what_is_missing(tmp_path):
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    words = r"gemma[/\\]config\.json: names no model \(no \"_class_name\", \"model_type\" or \"architectures\"\)"
+    with pytest.raises(TwigError, match=words + r", so it cannot be Gemma-2.*\"model_type\": \"gemma2\""):
+        loader.load_text_encoder(folder)
+    with pytest.raises(TwigError, match=words):
+        loader.detect(folder)
+
+
 # ---------------------------------------------------------------------------------------------------
 # A pipeline folder picked as one thing
 

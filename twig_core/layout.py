@@ -61,6 +61,15 @@ def config_name(cfg: dict) -> str:
     return cfg.get("_class_name") or cfg.get("model_type") or ",".join(cfg.get("architectures", []) or []) or "?"
 
 
+def wrong_config(folder: str, cfg: dict, wanted: str) -> TwigError:
+    """The error for a folder whose config.json names another model than ``wanted``, or none at all."""
+    if config_name(cfg) == "?":
+        return TwigError(f"{os.path.join(folder, 'config.json')}: names no model (no \"_class_name\", \"model_type\" "
+                         f"or \"architectures\"), so it cannot be {wanted}; a Gemma-2 config says \"model_type\": "
+                         f"\"gemma2\", a diffusers one its \"_class_name\"")
+    return TwigError(f"{folder}: {config_name(cfg)} is not {wanted}")
+
+
 _SHARD = re.compile(r"^(?P<stem>.+?)(?:\.(?P<v>[A-Za-z0-9_]+))?-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>safetensors|bin)$")
 
 
@@ -287,7 +296,7 @@ def detect(path) -> str:
             cfg = read_json(cfg_path)
             kind = config_kind(cfg)
             if kind is None:
-                raise TwigError(f"{path}: {config_name(cfg)} is not a Sana transformer, DC-AE or Gemma-2")
+                raise wrong_config(path, cfg, "a Sana transformer, DC-AE or Gemma-2")
             return kind
         weights = open_set(pick_weight_set(path, None, None))
     else:
