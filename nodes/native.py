@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from twig_core.sampling import SAMPLERS, _stack, flow_sigmas
+from twig_core.sampling import MAX_STEPS, SAMPLERS, _stack, flow_sigmas
 from twig_core.transformer import TwigTransformer
 
 from .common import CATEGORY, MODEL, VAE, NodeError, node_errors
@@ -285,7 +285,7 @@ class TwigFlowSigmas:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "steps": ("INT", {"default": 20, "min": 1, "max": 200}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
             "schedule": (list(SAMPLERS), {"default": "flow_euler", "tooltip": "Whose spacing: Sana's DPM-Solver++ or flow Euler."}),
             "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.1, "max": 20.0, "step": 0.1, "round": 0.01}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01}),

@@ -78,29 +78,31 @@ class TransformerConfig:
             out_ch = cfg.get("out_channels") or in_ch
             interp = cfg.get("interpolation_scale")
             qk = cfg.get("qk_norm")
-        except (KeyError, TypeError, ValueError) as e:
+            unsupported = []
+            if cross_heads * cross_dim != width or int(cfg.get("cross_attention_dim", width)) != width:
+                unsupported.append(f"cross-attention width {cross_heads}x{cross_dim} != model width {width}")
+            if cfg.get("guidance_embeds"):
+                unsupported.append("guidance embedding (Sana Sprint)")
+            if float(cfg.get("timestep_scale", 1.0)) != 1.0:
+                unsupported.append(f"timestep_scale {cfg['timestep_scale']}")
+            if cfg.get("norm_elementwise_affine"):
+                unsupported.append("affine block norms")
+            if qk not in (None, "rms_norm_across_heads"):
+                unsupported.append(f"qk_norm {qk!r}")
+            if unsupported:
+                raise TwigError(f"{label}: unsupported transformer features: {'; '.join(unsupported)}")
+            return cls(
+                in_channels=in_ch, out_channels=int(out_ch), width=width, depth=int(cfg.get("num_layers", 20)),
+                heads=heads, cross_heads=cross_heads, caption_channels=int(cfg.get("caption_channels", 2304)),
+                mlp_ratio=float(cfg.get("mlp_ratio", 2.5)), patch_size=int(cfg.get("patch_size", 1)),
+                qkv_bias=bool(cfg.get("attention_bias", False)), qk_norm=qk is not None, pos_embed=interp is not None,
+                pos_interpolation_scale=float(interp) if interp is not None else 1.0,
+                norm_eps=float(cfg.get("norm_eps", 1e-6)), sample_size=int(cfg.get("sample_size", 32)),
+            )
+        except TwigError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, ZeroDivisionError) as e:
             raise TwigError(f"{label}: config.json lacks or garbles {e}") from None
-        unsupported = []
-        if cross_heads * cross_dim != width or int(cfg.get("cross_attention_dim", width)) != width:
-            unsupported.append(f"cross-attention width {cross_heads}x{cross_dim} != model width {width}")
-        if cfg.get("guidance_embeds"):
-            unsupported.append("guidance embedding (Sana Sprint)")
-        if float(cfg.get("timestep_scale", 1.0)) != 1.0:
-            unsupported.append(f"timestep_scale {cfg['timestep_scale']}")
-        if cfg.get("norm_elementwise_affine"):
-            unsupported.append("affine block norms")
-        if qk not in (None, "rms_norm_across_heads"):
-            unsupported.append(f"qk_norm {qk!r}")
-        if unsupported:
-            raise TwigError(f"{label}: unsupported transformer features: {'; '.join(unsupported)}")
-        return cls(
-            in_channels=in_ch, out_channels=int(out_ch), width=width, depth=int(cfg.get("num_layers", 20)),
-            heads=heads, cross_heads=cross_heads, caption_channels=int(cfg.get("caption_channels", 2304)),
-            mlp_ratio=float(cfg.get("mlp_ratio", 2.5)), patch_size=int(cfg.get("patch_size", 1)),
-            qkv_bias=bool(cfg.get("attention_bias", False)), qk_norm=qk is not None, pos_embed=interp is not None,
-            pos_interpolation_scale=float(interp) if interp is not None else 1.0,
-            norm_eps=float(cfg.get("norm_eps", 1e-6)), sample_size=int(cfg.get("sample_size", 32)),
-        )
 
     @classmethod
     def from_state_dict(cls, sd, pos_embed: bool | None = None, **overrides) -> "TransformerConfig":

@@ -74,14 +74,14 @@ def load_transformer(
                 guess = True
     if guess:
         config = _heads_beside(path, config, overrides)
-    for field in ("heads", "cross_heads"):
-        n = getattr(config, field)
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or config.width % n:
-            raise TwigError(f"{label}: {field}={n!r} does not divide the model width {config.width}")
+    _check_fits(config, ours_meta, label)
     for name in keymap.NVLABS_UNUSED:
         ours_meta.pop(name, None)
-    with torch.device("meta"):
-        model = TwigTransformer(config, compute_dtype=compute_dtype)
+    try:
+        with torch.device("meta"):
+            model = TwigTransformer(config, compute_dtype=compute_dtype)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # a garbled config.json or override
+        raise TwigError(f"{label}: cannot build a transformer {_describe(config)}: {e}") from None
     hint = ""
     if any(k.startswith(("cfg_embedder", "logvar_linear", "time_embed.guidance")) for k in ours_meta):
         hint = " (guidance-embedded / Sana Sprint checkpoints are not supported)"
@@ -94,6 +94,21 @@ def load_transformer(
     else:
         assign(model, src.weights, names, dtype, device, label)
     return model.eval()
+
+
+def _check_fits(config: TransformerConfig, meta: dict, label: str) -> None:
+    """Refuse a config (config.json or overrides) that contradicts the weights before a model is built from it:
+    a garbled depth or width would otherwise build a model of any size."""
+    for field in ("heads", "cross_heads"):
+        n = getattr(config, field)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or config.width % n:
+            raise TwigError(f"{label}: {field}={n!r} does not divide the model width {config.width}")
+    has = {"depth": len({k.split(".")[1] for k in meta if k.startswith("blocks.")})}
+    if "x_embedder.proj.weight" in meta:
+        has["width"] = meta["x_embedder.proj.weight"].shape[0]
+    for field, n in has.items():
+        if getattr(config, field) != n:
+            raise TwigError(f"{label}: the config says {field} {getattr(config, field)!r}, the weights have {n}")
 
 
 def _heads_beside(path, config: TransformerConfig, overrides: dict) -> TransformerConfig:

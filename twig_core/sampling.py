@@ -26,18 +26,19 @@ Callback = Callable[[dict], None]
 
 
 CFG_MAX = 30.0  # the nodes' cfg widget range is 0 … CFG_MAX
+MAX_STEPS = 200  # and their steps widget range 1 … MAX_STEPS
 
 
 def check_settings(*, steps=None, cfg=None, denoise=None, shift=None, width=None, height=None, seed=None) -> None:
     """Raise TwigError when a sampling setting is outside the range the nodes offer; ``None`` skips a setting.
 
     The one check every front end runs (command line, batch rows and defaults, WebUI tab), so a value the
-    nodes refuse is refused everywhere: steps ≥ 1, cfg 0 … 30, denoise in (0, 1], shift > 0, width and height
+    nodes refuse is refused everywhere: steps 1 … 200, cfg 0 … 30, denoise in (0, 1], shift > 0, width and height
     positive multiples of 32, seed 0 … 2**64 - 1 (:func:`check_seed`)."""
     if seed is not None:
         check_seed(seed)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise TwigError(f"steps must be a whole number ≥ 1, got {steps!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
+        raise TwigError(f"steps must be a whole number 1 … {MAX_STEPS}, got {steps!r}")
     if cfg is not None and not (isinstance(cfg, (int, float)) and 0.0 <= cfg <= CFG_MAX):
         raise TwigError(f"cfg must be between 0 and {CFG_MAX:g}, got {cfg!r}")
     if denoise is not None and not (isinstance(denoise, (int, float)) and 0.0 < denoise <= 1.0):
@@ -60,12 +61,10 @@ def flow_sigmas(steps: int, shift: float = 3.0, sampler: str = "flow_dpmpp_2m", 
     (:data:`SAMPLER_TABLE`), shifted. ``denoise`` < 1 (img2img) runs the last ``steps`` steps of a schedule of
     round(steps/denoise) steps.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise TwigError(f"steps must be a whole number ≥ 1, got {steps!r}")
-    if not 0.0 < denoise <= 1.0:
-        raise TwigError(f"denoise must be in (0, 1], got {denoise!r}")
-    if shift <= 0:
-        raise TwigError(f"shift must be > 0, got {shift!r}")
+    check_settings(steps=steps, denoise=denoise, shift=shift)
+    if steps / denoise > 100 * MAX_STEPS:
+        raise TwigError(f"denoise {denoise!r} with {steps} steps asks for a schedule of more than "
+                        f"{100 * MAX_STEPS} steps; raise denoise")
     total = max(steps, int(round(steps / denoise)))
     base = get_sampler(sampler).schedule(total, shift)
     sigmas = torch.cat([shift_sigma(base, shift), torch.zeros(1, dtype=torch.float64)])
