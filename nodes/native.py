@@ -279,8 +279,8 @@ class TwigToNativeVAE:
 
 
 class TwigFlowSigmas:
-    DESCRIPTION = ("Twig's flow schedules as SIGMAS for core SamplerCustom: with sampler 'euler' and the same seed (below 2^32), "
-                   "schedule flow_euler gives what Twig Sampler's flow_euler gives.")
+    DESCRIPTION = ("Twig's flow schedules as SIGMAS for core SamplerCustom: with sampler 'euler' and the same seed "
+                   "(below 2^32), schedule flow_euler gives what Twig Sampler's flow_euler gives.")
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -120,3 +120,34 @@ def test_prompts_back_to_back_give_the_images_of_fresh_runs(tmp_path, monkeypatc
     assert torch.equal(switched, fresh(other, "c_gemma/", PROMPT, 5))
     assert torch.equal(first, fresh(names, names["text_encoder"], PROMPT, 5))
     assert not torch.equal(first, switched)  # the other text encoder did change the picture
+
+
+def test_face_detectors_run_back_to_back_give_the_same_faces():
+    """Each detector's session (OpenCV cascades, mediapipe graphs, YOLO, the ensemble) gives the same faces and
+    mask when run again after the others, as in a fresh process."""
+    import os
+    from pathlib import Path
+
+    import numpy as np
+
+    from nodes.face import TwigFaceDetect
+    from twig_core.face import detect as fdetect
+
+    data = pytest.importorskip("skimage.data", reason="scikit-image provides the test photograph")
+    from PIL import Image
+
+    photo = np.asarray(Image.open(Path(os.path.dirname(data.__file__)) / "astronaut.png").convert("RGB"))
+    image = torch.from_numpy(photo.copy())[None].float() / 255.0
+    ready = [n for n, why in fdetect.available_detectors().items() if why is None]
+    if not ready:
+        pytest.skip("no face detector installed")
+
+    def run(name):
+        out = TwigFaceDetect().detect(image, name, 0.3, "auto", 0, 0.0, 1.0, "left-right", 0)
+        faces, mask = out["result"][:2]
+        return [d.box for d in faces.detections[0]], [d.confidence for d in faces.detections[0]], mask
+
+    first = {name: run(name) for name in ready}
+    for name in reversed(ready):
+        boxes, scores, mask = run(name)
+        assert boxes == first[name][0] and scores == first[name][1] and torch.equal(mask, first[name][2]), name
