@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import pickle
 import struct
 from datetime import timedelta
 
@@ -51,7 +49,8 @@ class _Evil:
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(3, 4, generator=g), "b": torch.arange(5), "c": torch.zeros(0, 2, dtype=torch.float16)}
+    return {"a.weight": torch.randn(3, 4, generator=g), "b": torch.arange(5),
+            "c": torch.zeros(0, 2, dtype=torch.float16)}
 
 
 def _safetensors(tmp):
@@ -133,7 +132,8 @@ def test_mutated_weight_files_load_or_are_refused_naming_the_file(scratch, fmt):
     tmp.mkdir()
     base = FORMATS[fmt](tmp)
     hot = 8 + struct.unpack("<Q", base[:8])[0] if fmt == "safetensors" else len(base)
-    n = CASES["safetensors bytes"] if fmt == "safetensors" else CASES["pth zip" if "zip" in fmt else "legacy pickle"] // 2
+    family = "safetensors bytes" if fmt == "safetensors" else "pth zip" if "zip" in fmt else "legacy pickle"
+    n = CASES[family] if fmt == "safetensors" else CASES[family] // 2  # plain and malicious halves
     path = tmp / "fuzzed.safetensors"  # the name says safetensors whatever the bytes: readers sniff them
 
     @fuzz(n)
