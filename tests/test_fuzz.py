@@ -27,7 +27,7 @@ from twig_core.errors import TwigError
 from twig_core.weights import open_weights
 
 CASES = {"safetensors bytes": 600, "safetensors header": 600, "pth zip": 300, "legacy pickle": 300,
-         "diffusers folder": 300}
+         "diffusers folder": 300, "dc-ae config": 150}
 
 
 def fuzz(n: int):
@@ -337,5 +337,31 @@ def test_loader_file_choices_validate_or_name_the_folder(models_dir, name):
     def case(value):
         got = cls.VALIDATE_INPUTS(value)
         assert got is True or (isinstance(got, str) and value not in listed), (value, got)
+
+    case()
+
+
+def test_mutated_dcae_configs_load_or_are_refused_naming_the_folder(scratch):
+    from tests.builders import TINY_DCAE, tiny_dcae
+
+    root = scratch / "vfolder"
+    root.mkdir()
+    vae = tiny_dcae()
+    save_file(vae.state_dict(), str(root / "diffusion_pytorch_model.safetensors"))
+    config = json.loads(json.dumps({"_class_name": "AutoencoderDC", **TINY_DCAE.to_dict()}))
+    want = vae.decoder.state_dict()
+
+    @fuzz(CASES["dc-ae config"])
+    @given(st.data())
+    def case(data):
+        cfg = _edit(data.draw, config)
+        (root / "config.json").write_text(json.dumps(cfg))
+        try:
+            got = loader.load_vae(root)
+        except TwigError as e:
+            assert "vfolder" in str(e), f"TwigError without the folder: {e}"
+            return
+        if cfg == config:
+            assert all(torch.equal(got.decoder.state_dict()[k], want[k]) for k in want)
 
     case()

@@ -215,16 +215,26 @@ def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str
     compute_dtype = resolve_dtype(compute_dtype, device)
     src, original, ours_meta = _open_vae(path, variant, dtype)
     label = src.label
-    with named_errors(label):
-        if config is None:
-            if src.config is not None:
-                config = DCAEConfig.from_diffusers_config(src.config)
-                if overrides:
-                    config = config.replace(**overrides)
-            else:
-                config = DCAEConfig.from_state_dict(ours_meta, **overrides)
-    with torch.device("meta"):
-        model = DCAE(config, compute_dtype=compute_dtype)
+    try:
+        with named_errors(label):
+            if config is None:
+                if src.config is not None:
+                    config = DCAEConfig.from_diffusers_config(src.config)
+                    if overrides:
+                        config = config.replace(**overrides)
+                else:
+                    config = DCAEConfig.from_state_dict(ours_meta, **overrides)
+        # a garbled layer count would build a model of any size: each layer holds at least one tensor
+        layers = sum(config.encoder_layers_per_block) + sum(config.decoder_layers_per_block)
+        if layers > len(ours_meta):
+            raise TwigError(f"{label}: the config asks for {layers} layers; the weights hold {len(ours_meta)} tensors")
+        with torch.device("meta"):
+            model = DCAE(config, compute_dtype=compute_dtype)
+    except TwigError:
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError, ZeroDivisionError, IndexError,
+            RuntimeError) as e:  # a garbled config.json or override
+        raise TwigError(f"{label}: config.json lacks or garbles {type(e).__name__}: {e}") from None
     check_keys(model, ours_meta, label, "DC-AE")
     dtype = dtype or dominant_dtype(ours_meta)
     parts = ("encoder", "decoder")
