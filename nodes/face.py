@@ -13,7 +13,7 @@ from twig_core.devices import MAX_SEED
 from twig_core.errors import TwigError
 from twig_core.face import detect as fdetect
 from twig_core.face import refine as frefine
-from twig_core.sampling import SAMPLERS
+from twig_core.sampling import MAX_STEPS, SAMPLERS
 
 from . import host
 from .common import CATEGORY, CONDITIONING, MODEL, TEXT_ENCODER, VAE, NodeError, log, node_errors
@@ -260,7 +260,7 @@ class TwigFaceRefine:
                 "guide_size": ("INT", {"default": D["guide_size"], "min": 64, "max": 4096, "step": 32, "tooltip": "The crop is upscaled so the face is about this many pixels (never downscaled for it)."}),
                 "max_size": ("INT", {"default": D["max_size"], "min": 64, "max": 4096, "step": 32, "tooltip": "Upper limit for the crop's longer side after scaling."}),
                 "denoise": ("FLOAT", {"default": D["denoise"], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "How much of each face is re-drawn (ADetailer default 0.4)."}),
-                "steps": ("INT", {"default": D["steps"], "min": 1, "max": 200}),
+                "steps": ("INT", {"default": D["steps"], "min": 1, "max": MAX_STEPS}),
                 "cfg": ("FLOAT", {"default": D["cfg"], "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "Face n (counted across the batch from 0) uses seed + n."}),
                 "sampler": (list(SAMPLERS), {"default": SAMPLERS[0], "tooltip": SAMPLER_HELP}),

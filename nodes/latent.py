@@ -14,6 +14,7 @@ from .common import CATEGORY, MODEL, VAE, log, node_errors
 
 CUSTOM = "custom"
 MAX_SIZE = 8192
+MAX_BATCH = 64
 LATENT_CHANNELS = 32
 
 
@@ -57,7 +58,7 @@ class TwigEmptyLatent:
                 "aspect_ratio": (ASPECT_CHOICES, {"default": DEFAULT_ASPECT, "tooltip": "Sana's trained sizes (shown for 1024 px models; scaled to the model's base size when a model is connected), or custom."}),
                 "width": ("INT", {"default": 1024, "min": MULTIPLE, "max": MAX_SIZE, "step": MULTIPLE, "tooltip": "Used when aspect_ratio is custom (multiple of 32)."}),
                 "height": ("INT", {"default": 1024, "min": MULTIPLE, "max": MAX_SIZE, "step": MULTIPLE, "tooltip": "Used when aspect_ratio is custom (multiple of 32)."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": MAX_BATCH, "tooltip": "Images per run."}),
             },
             "optional": {
                 "model": (MODEL, {"tooltip": "Connect to scale the aspect-ratio sizes to this model's base resolution."}),
@@ -77,8 +78,8 @@ class TwigEmptyLatent:
             base = base_size_of(tr)
             channels = int(getattr(tr.config, "in_channels", LATENT_CHANNELS))
         w, h = pick_size(aspect_ratio, width, height, base)
-        if batch_size < 1:
-            raise TwigError(f"batch_size must be at least 1, got {batch_size}")
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise TwigError(f"batch_size must be 1 … {MAX_BATCH}, got {batch_size}")
         samples = torch.zeros(int(batch_size), channels, h // MULTIPLE, w // MULTIPLE)
         return ({"samples": samples}, w, h)
 

@@ -32,7 +32,7 @@ import torch
 from twig_core import memory
 from twig_core import ops as twig_ops
 from twig_core.quant import QuantizedLayer, attach
-from twig_core.sampling import SAMPLERS, _stack, flow_sigmas, get_sampler
+from twig_core.sampling import MAX_STEPS, SAMPLERS, _stack, flow_sigmas, get_sampler
 from twig_core.transformer import TwigTransformer
 
 from .common import CATEGORY, MODEL, VAE, NodeError, node_errors
@@ -332,13 +332,13 @@ class TwigToNativeVAE:
 
 
 class TwigFlowSigmas:
-    DESCRIPTION = ("Twig's flow schedules as SIGMAS for core SamplerCustom: with sampler 'euler' and the same seed, "
-                   "schedule flow_euler gives what Twig Sampler's flow_euler gives.")
+    DESCRIPTION = ("Twig's flow schedules as SIGMAS for core SamplerCustom: with sampler 'euler' and the same seed "
+                   "(below 2^32), schedule flow_euler gives what Twig Sampler's flow_euler gives.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "steps": ("INT", {"default": 20, "min": 1, "max": 200}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS}),
             "schedule": (list(SAMPLERS), {"default": "flow_euler", "tooltip": "Whose spacing: Sana's DPM-Solver++ or flow Euler."}),
             "shift": ("FLOAT", {"default": DEFAULT_SHIFT, "min": 0.1, "max": 20.0, "step": 0.1, "round": 0.01}),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01}),

@@ -7,7 +7,7 @@ import torch
 from twig_core import memory
 from twig_core.devices import MAX_SEED
 from twig_core.pipeline import sample_latents
-from twig_core.sampling import SAMPLER_TABLE, SAMPLERS
+from twig_core.sampling import MAX_STEPS, SAMPLER_TABLE, SAMPLERS
 
 from . import host
 from .common import CATEGORY, CONDITIONING, MODEL, NodeError, node_errors
@@ -36,7 +36,7 @@ class TwigSampler:
                 "negative": (CONDITIONING,),
                 "latent": ("LATENT", {"tooltip": "Twig Empty Latent for text to image, or Twig VAE Encode for image to image."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True, "tooltip": "Noise seed; the same seed gives the same image on any device."}),
-                "steps": ("INT", {"default": 20, "min": 1, "max": 200, "tooltip": "Solver steps (20 is Sana's default)."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": MAX_STEPS, "tooltip": "Solver steps (20 is Sana's default)."}),
                 "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01, "tooltip": "Guidance scale; 1.0 skips the negative prompt (twice as fast)."}),
                 "sampler": (list(SAMPLERS), {"default": SAMPLERS[0], "tooltip": SAMPLER_HELP}),
                 "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Flow schedule shift (Sana: 3.0; higher for larger images)."}),

@@ -102,9 +102,10 @@ def test_seeds_are_fixed_by_the_row_not_by_the_rows_around_it(tmp_path):
     ([1, 2], "must be a JSON object"),
     ({"prompt": "x", "cfg": -1}, "cfg must be between 0 and 30"),
     ({"prompt": "x", "cfg": 31}, "cfg must be between 0 and 30"),
-    ({"prompt": "x", "steps": 0}, "steps must be a whole number ≥ 1"),
+    ({"prompt": "x", "steps": 0}, "steps must be a whole number 1 … 200"),
     ({"prompt": "x", "shift": 0}, "shift must be > 0"),
     ({"prompt": "x", "width": 100}, "width must be a positive multiple of 32"),
+    ({"prompt": "x", "seed": -5}, "seed must be a whole number 0 …"),
 ])
 def test_malformed_rows_are_named_by_line(tmp_path, row, words):
     jobs, bad = batch.read_jobs(_write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, row]))
@@ -117,6 +118,7 @@ def test_malformed_rows_are_named_by_line(tmp_path, row, words):
     (batch.Defaults(steps=0), "steps must be"),
     (batch.Defaults(shift=-3.0), "shift must be > 0"),
     (batch.Defaults(height=70), "height must be"),
+    (batch.Defaults(seed=-1), "seed must be a whole number 0 …"),
 ])
 def test_out_of_range_defaults_are_refused_before_reading(tmp_path, defaults, words):
     with pytest.raises(TwigError, match=words):

@@ -67,10 +67,12 @@ def test_long_prompt_truncation_is_reported_without_the_tokenizer_warning(tmp_pa
 @pytest.mark.parametrize("option, words", [
     (["--cfg", "-1"], "cfg must be between 0 and 30, got -1.0"),
     (["--cfg", "nan"], "cfg must be between 0 and 30"),
-    (["--steps", "0"], "steps must be a whole number ≥ 1"),
+    (["--steps", "0"], "steps must be a whole number 1 … 200"),
     (["--shift", "0"], "shift must be > 0"),
     (["--image", "in.png", "--denoise", "1.5"], "denoise must be in (0, 1]"),
     (["--max-length", "5000"], "max_length must be between 2 and 1200"),
+    (["--seed", "-1"], "seed must be a whole number 0 … 18446744073709551615, got -1"),
+    (["--seed", str(2**64)], "seed must be a whole number 0 …"),
 ])
 def test_out_of_range_settings_are_refused_before_loading(tmp_path, capsys, option, words):
     # no model is given: the settings are refused before the demo model would load

@@ -228,6 +228,39 @@ def test_overrides_and_explicit_config(tmp_path):
     assert torch.equal(run(explicit), run(model))
 
 
+def test_head_counts_of_a_non_standard_width_come_from_a_config_beside_or_an_override(tmp_path):
+    """A 64-wide model with 4x16 linear heads (and 4x16 cross heads): the NVlabs file cannot say so, the width
+    rule guesses 2x32 and warns naming the file; a config.json beside it or heads= gives diffusers' output."""
+    import warnings
+
+    from diffusers import SanaTransformer2DModel
+
+    cfg = TINY.replace(heads=4, cross_heads=4)
+    model = ours(cfg)
+    ref = diffusers_twin(model)
+    path = tmp_path / "m.safetensors"
+    save_file(nvlabs_sd(model), path)
+    with pytest.warns(UserWarning, match=r"m\.safetensors: width 64 is not a published Sana size.*guessed 2 linear"):
+        guessed = loader.load_transformer(path)
+    assert rel_err(run(guessed), diffusers_run(ref, cfg)) > 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fixed = loader.load_transformer(path, heads=4, cross_heads=4)
+        (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "attention_head_dim": 16,
+                                                          "cross_attention_head_dim": 16}))
+        beside = loader.load_transformer(path)
+    for got in (fixed, beside):
+        assert (got.config.heads, got.config.cross_heads) == (4, 4)
+        assert rel_err(run(got), diffusers_run(ref, cfg)) <= 1e-4
+    assert isinstance(ref, SanaTransformer2DModel)
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 5}))
+    with pytest.raises(TwigError, match=r"config\.json: num_attention_heads 5 does not fit the weights' width 64"):
+        loader.load_transformer(path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(TwigError, match="heads=3 does not divide the model width 64"):
+        loader.load_transformer(path, heads=3)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Transformer: diffusers folders and diffusers' own converter
 
@@ -759,6 +792,17 @@ def test_not_gemma2(tmp_path):
     save_file({"model." + k: v.clone() for k, v in llama.state_dict().items()}, tmp_path / "llama.safetensors")
     with pytest.raises(TwigError, match=r"llama\.safetensors.*not Gemma-2"):
         loader.load_text_encoder(tmp_path / "llama.safetensors")
+
+
+def test_a_config_json_naming_no_model_says_what_is_missing(tmp_path):
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    words = r"gemma[/\\]config\.json: names no model \(no \"_class_name\", \"model_type\" or \"architectures\"\)"
+    with pytest.raises(TwigError, match=words + r", so it cannot be Gemma-2.*\"model_type\": \"gemma2\""):
+        loader.load_text_encoder(folder)
+    with pytest.raises(TwigError, match=words):
+        loader.detect(folder)
 
 
 # ---------------------------------------------------------------------------------------------------

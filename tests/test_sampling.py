@@ -94,6 +94,34 @@ def test_noise_is_deterministic_by_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_seeds_below_2_32_keep_the_torch_generator_noise():
+    # earlier versions (and ComfyUI's own noise) drew randn from a CPU generator seeded with the seed itself
+    for seed in (0, 42, 2**31, 2**32 - 1):
+        ref = torch.randn((1, 32, 4, 4), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(sampling.noise_like((1, 32, 4, 4), seed), ref)
+
+
+def test_every_64_bit_seed_gives_its_own_noise():
+    # torch's CPU generator keeps the low 32 bits: these seeds used to give the noise of seed 0, 2**32 - 1, 5
+    seeds = [0, 2**32, 2**33, 2**64 - 1, 2**32 - 1, (1 << 32) | 5, 5, (5 << 32) | 5, 2**63]
+    noises = [sampling.noise_like((1, 32, 4, 4), s) for s in seeds]
+    for i in range(len(seeds)):
+        for j in range(i):
+            assert not torch.allclose(noises[i], noises[j], atol=1e-3), (seeds[i], seeds[j])
+    assert torch.equal(sampling.noise_like((1, 32, 4, 4), 2**64 - 1), sampling.noise_like((1, 32, 4, 4), 2**64 - 1))
+    # still standard normal: mean 0, std 1 (lo == hi included)
+    for seed in (2**32, (7 << 32) | 7, 2**64 - 1):
+        x = sampling.noise_like((64, 32, 16, 16), seed)
+        assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01
+
+
+def test_seeds_out_of_range_are_refused_and_derived_seeds_wrap():
+    for bad in (-1, 2**64, 1.5, True, "3"):
+        with pytest.raises(TwigError, match="seed must be a whole number 0"):
+            sampling.noise_like((1, 32, 1, 1), bad)
+    assert sampling.offset_seed(2**64 - 1, 1) == 0 and sampling.offset_seed(7, 3) == 10
+
+
 def test_bad_arguments_raise():
     with pytest.raises(TwigError, match="steps"):
         sampling.flow_sigmas(0)

@@ -191,7 +191,8 @@ def _check(a: argparse.Namespace, denoise: float | None = None) -> None:
     from .sampling import check_settings
     from .text import check_max_length
 
-    check_settings(steps=a.steps, cfg=a.cfg, denoise=denoise, shift=a.shift, width=a.width, height=a.height)
+    check_settings(steps=a.steps, cfg=a.cfg, denoise=denoise, shift=a.shift, width=a.width, height=a.height,
+                   seed=a.seed)
     check_max_length(a.max_length)
 
 

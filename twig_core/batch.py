@@ -15,7 +15,7 @@ Overrides per row: ``negative``, ``seed``, ``width``, ``height``, ``steps``, ``c
 ``count`` (images of the row), ``name`` (file stem), ``scene`` (JSONL only: a demo scene record, scored by
 ``--eval``). A row's seed is its ``seed`` if given, else the base seed plus the row number (rows numbered from 0
 in file order, malformed rows included, so fixing one row never moves another's seed); image ``k`` of a row uses
-that seed plus ``k``.
+that seed plus ``k`` (derived seeds wrap at 2**64, :func:`twig_core.sampling.offset_seed`).
 
 Each image is written to a temporary name and renamed when complete, then recorded in the writing rank's
 manifest (``manifest.rank{r}.jsonl``, one JSON line per image: parameters, file, seconds, rank). A run finds
@@ -181,10 +181,10 @@ def read_jobs(path: str | os.PathLike, defaults: Defaults = Defaults()) -> tuple
 
     Settings outside the nodes' ranges (:func:`twig_core.sampling.check_settings`) make a row bad; in ``defaults``
     they raise TwigError before the file is read."""
-    from .sampling import check_settings
+    from .sampling import check_settings, offset_seed
 
     check_settings(steps=defaults.steps, cfg=defaults.cfg, shift=defaults.shift, width=defaults.width,
-                   height=defaults.height)
+                   height=defaults.height, seed=defaults.seed)
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -210,21 +210,21 @@ def read_jobs(path: str | os.PathLike, defaults: Defaults = Defaults()) -> tuple
             count = values.get("count", defaults.count)
             if not 1 <= count <= MAX_COUNT:
                 raise TwigError(f"{where}: count must be 1 … {MAX_COUNT}, got {count}")
-            seed = values.get("seed", defaults.seed + row)
+            seed = values.get("seed", offset_seed(defaults.seed, row))
             stem = values.get("name") or f"{row:05d}"
             if any(c in stem for c in "/\\\0") or stem in (".", ".."):
                 raise TwigError(f"{where}: name {stem!r} is not a plain file name")
             try:
                 check_settings(steps=values.get("steps", defaults.steps), cfg=values.get("cfg", defaults.cfg),
                                shift=values.get("shift", defaults.shift), width=values.get("width", defaults.width),
-                               height=values.get("height", defaults.height))
+                               height=values.get("height", defaults.height), seed=seed)
             except TwigError as e:
                 raise TwigError(f"{where}: {e}") from None
             for k in range(count):
                 jobs.append(Job(
                     index=len(jobs), row=row, line=line, k=k,
                     file=f"{stem}.png" if count == 1 else f"{stem}_{k:02d}.png",
-                    prompt=prompt, negative=values.get("negative", defaults.negative), seed=seed + k,
+                    prompt=prompt, negative=values.get("negative", defaults.negative), seed=offset_seed(seed, k),
                     width=values.get("width", defaults.width), height=values.get("height", defaults.height),
                     steps=values.get("steps", defaults.steps), cfg=values.get("cfg", defaults.cfg),
                     sampler=values.get("sampler", defaults.sampler), shift=values.get("shift", defaults.shift),

@@ -78,29 +78,31 @@ class TransformerConfig:
             out_ch = cfg.get("out_channels") or in_ch
             interp = cfg.get("interpolation_scale")
             qk = cfg.get("qk_norm")
-        except (KeyError, TypeError, ValueError) as e:
+            unsupported = []
+            if cross_heads * cross_dim != width or int(cfg.get("cross_attention_dim", width)) != width:
+                unsupported.append(f"cross-attention width {cross_heads}x{cross_dim} != model width {width}")
+            if cfg.get("guidance_embeds"):
+                unsupported.append("guidance embedding (Sana Sprint)")
+            if float(cfg.get("timestep_scale", 1.0)) != 1.0:
+                unsupported.append(f"timestep_scale {cfg['timestep_scale']}")
+            if cfg.get("norm_elementwise_affine"):
+                unsupported.append("affine block norms")
+            if qk not in (None, "rms_norm_across_heads"):
+                unsupported.append(f"qk_norm {qk!r}")
+            if unsupported:
+                raise TwigError(f"{label}: unsupported transformer features: {'; '.join(unsupported)}")
+            return cls(
+                in_channels=in_ch, out_channels=int(out_ch), width=width, depth=int(cfg.get("num_layers", 20)),
+                heads=heads, cross_heads=cross_heads, caption_channels=int(cfg.get("caption_channels", 2304)),
+                mlp_ratio=float(cfg.get("mlp_ratio", 2.5)), patch_size=int(cfg.get("patch_size", 1)),
+                qkv_bias=bool(cfg.get("attention_bias", False)), qk_norm=qk is not None, pos_embed=interp is not None,
+                pos_interpolation_scale=float(interp) if interp is not None else 1.0,
+                norm_eps=float(cfg.get("norm_eps", 1e-6)), sample_size=int(cfg.get("sample_size", 32)),
+            )
+        except TwigError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError, AttributeError, ZeroDivisionError) as e:
             raise TwigError(f"{label}: config.json lacks or garbles {e}") from None
-        unsupported = []
-        if cross_heads * cross_dim != width or int(cfg.get("cross_attention_dim", width)) != width:
-            unsupported.append(f"cross-attention width {cross_heads}x{cross_dim} != model width {width}")
-        if cfg.get("guidance_embeds"):
-            unsupported.append("guidance embedding (Sana Sprint)")
-        if float(cfg.get("timestep_scale", 1.0)) != 1.0:
-            unsupported.append(f"timestep_scale {cfg['timestep_scale']}")
-        if cfg.get("norm_elementwise_affine"):
-            unsupported.append("affine block norms")
-        if qk not in (None, "rms_norm_across_heads"):
-            unsupported.append(f"qk_norm {qk!r}")
-        if unsupported:
-            raise TwigError(f"{label}: unsupported transformer features: {'; '.join(unsupported)}")
-        return cls(
-            in_channels=in_ch, out_channels=int(out_ch), width=width, depth=int(cfg.get("num_layers", 20)),
-            heads=heads, cross_heads=cross_heads, caption_channels=int(cfg.get("caption_channels", 2304)),
-            mlp_ratio=float(cfg.get("mlp_ratio", 2.5)), patch_size=int(cfg.get("patch_size", 1)),
-            qkv_bias=bool(cfg.get("attention_bias", False)), qk_norm=qk is not None, pos_embed=interp is not None,
-            pos_interpolation_scale=float(interp) if interp is not None else 1.0,
-            norm_eps=float(cfg.get("norm_eps", 1e-6)), sample_size=int(cfg.get("sample_size", 32)),
-        )
 
     @classmethod
     def from_state_dict(cls, sd, pos_embed: bool | None = None, **overrides) -> "TransformerConfig":
@@ -169,6 +171,27 @@ class TransformerConfig:
 # Cross-attention heads of the released models, by width (NVlabs ``num_heads``); see from_state_dict.
 CROSS_HEADS_BY_WIDTH = {2240: 20, 1152: 16}
 CROSS_HEAD_DIM_FALLBACK = (72, 112, 64, 32)
+
+
+def heads_from_config(cfg: dict, width: int, label: str) -> dict:
+    """The head counts a config.json states, in diffusers' keys (``num_attention_heads`` or
+    ``attention_head_dim``; ``num_cross_attention_heads`` or ``cross_attention_head_dim``), as
+    ``TransformerConfig`` fields for a model of ``width``; TwigError naming ``label`` when they do not fit."""
+    from .errors import TwigError
+
+    keys = {"heads": ("num_attention_heads", "attention_head_dim"),
+            "cross_heads": ("num_cross_attention_heads", "cross_attention_head_dim")}
+    out = {}
+    for field, (count, dim) in keys.items():
+        key = count if count in cfg else dim if dim in cfg else None
+        if key is None:
+            continue
+        value = cfg[key]
+        n = value if key == count else (width // value if isinstance(value, int) and value > 0 else None)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or width % n or (key == dim and n * value != width):
+            raise TwigError(f"{label}: {key} {value!r} does not fit the weights' width {width}")
+        out[field] = n
+    return out
 
 
 def cross_heads_for_width(width: int) -> int:

@@ -17,7 +17,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
 WEIGHT_DTYPE_CHOICES = ("same", "stored", "fp16", "bf16")
 
-# Seeds are 64-bit, as in ComfyUI (twig_core.sampling.noise_like reads them modulo 2**64)
+# Seeds are 0 … 2**64 - 1, as in ComfyUI (twig_core.sampling.noise_like: the seed → noise mapping)
 MAX_SEED = 2**64 - 1
 
 # what "auto" gives each network ("role") on a GPU without bf16 and on Apple's MPS; None: the networks share one

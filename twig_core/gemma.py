@@ -19,8 +19,8 @@ import torch
 from .assign import assign, check_keys, dominant_dtype, named_errors
 from .devices import resolve_dtype
 from .errors import TwigError
-from .layout import (component_folder, config_kind, config_name, network_weights, open_set, pick_weight_set,
-                     read_json, weight_sets)
+from .layout import (component_folder, config_kind, network_weights, open_set, pick_weight_set, read_json,
+                     weight_sets, wrong_config)
 from .tokenizer import file_tokenizer, read_tokenizer, tokenizer_dir
 from .weights import Weights, open_weights, shortlist
 
@@ -133,7 +133,7 @@ def load_text_encoder(
         if os.path.isfile(cfg_path):
             cfg = read_json(cfg_path)
             if config_kind(cfg) != "text_encoder":
-                raise TwigError(f"{folder}: {config_name(cfg)} is not Gemma-2 (Sana uses Gemma-2-2B)")
+                raise wrong_config(folder, cfg, "Gemma-2 (Sana uses Gemma-2-2B)")
             _check_width(cfg.get("hidden_size"), expected_width, folder)
             sets = weight_sets(folder)
             if variant is None and any(v is None for v, _ in sets) and (tok_dir is None or os.path.isdir(tok_dir)):

@@ -49,16 +49,34 @@ def is_pipeline_dir(path: str) -> bool:
     return sum(os.path.isdir(os.path.join(path, d)) for d in _COMPONENT_DIRS.values()) >= 2
 
 
+def _names(cfg: dict) -> tuple[str, str, list[str]]:
+    """A config's ``_class_name``, ``model_type`` and ``architectures``, whatever odd values it holds."""
+    text = [cfg.get(k) if isinstance(cfg.get(k), str) else "" for k in ("_class_name", "model_type")]
+    archs = cfg.get("architectures")
+    return text[0], text[1], [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+
+
 def config_kind(cfg: dict) -> str | None:
-    if cfg.get("_class_name") in _CLASS_KINDS:
-        return _CLASS_KINDS[cfg["_class_name"]]
-    if cfg.get("model_type") == "gemma2" or any("Gemma2" in a for a in cfg.get("architectures", []) or []):
+    cls, model_type, archs = _names(cfg)
+    if cls in _CLASS_KINDS:
+        return _CLASS_KINDS[cls]
+    if model_type == "gemma2" or any("Gemma2" in a for a in archs):
         return "text_encoder"
     return None
 
 
 def config_name(cfg: dict) -> str:
-    return cfg.get("_class_name") or cfg.get("model_type") or ",".join(cfg.get("architectures", []) or []) or "?"
+    cls, model_type, archs = _names(cfg)
+    return cls or model_type or ",".join(archs) or "?"
+
+
+def wrong_config(folder: str, cfg: dict, wanted: str) -> TwigError:
+    """The error for a folder whose config.json names another model than ``wanted``, or none at all."""
+    if config_name(cfg) == "?":
+        return TwigError(f"{os.path.join(folder, 'config.json')}: names no model (no \"_class_name\", \"model_type\" "
+                         f"or \"architectures\"), so it cannot be {wanted}; a Gemma-2 config says \"model_type\": "
+                         f"\"gemma2\", a diffusers one its \"_class_name\"")
+    return TwigError(f"{folder}: {config_name(cfg)} is not {wanted}")
 
 
 _SHARD = re.compile(r"^(?P<stem>.+?)(?:\.(?P<v>[A-Za-z0-9_]+))?-(?P<i>\d+)-of-(?P<n>\d+)\.(?P<ext>safetensors|bin)$")
@@ -132,6 +150,9 @@ def open_set(weight_set: list[str] | str) -> Weights:
         if not isinstance(wmap, dict) or not wmap:
             raise TwigError(f"{weight_set}: no weight_map in this index")
         folder = os.path.dirname(weight_set)
+        odd = [f for f in wmap.values() if not isinstance(f, str) or os.path.basename(f) != f or f in ("", ".", "..")]
+        if odd:
+            raise TwigError(f"{weight_set}: weight_map names {odd[0]!r}, not a shard file beside the index")
         files = sorted(set(wmap.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:
@@ -288,7 +309,7 @@ def detect(path) -> str:
             cfg = read_json(cfg_path)
             kind = config_kind(cfg)
             if kind is None:
-                raise TwigError(f"{path}: {config_name(cfg)} is not a Sana transformer, DC-AE or Gemma-2")
+                raise wrong_config(path, cfg, "a Sana transformer, DC-AE or Gemma-2")
             return kind
         weights = open_set(pick_weight_set(path, None, None))
     else:

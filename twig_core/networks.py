@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
 from . import keymap
 from .assign import assign, check_keys, dominant_dtype, named_errors
-from .config import TransformerConfig
+from .config import CROSS_HEADS_BY_WIDTH, TransformerConfig, heads_from_config
 from .devices import resolve_dtype
 from .errors import TwigError
-from .layout import open_source
+from .layout import config_kind, open_source, read_json
 from .weights import PrefixedWeights, UnionWeights, Weights
 
 
@@ -59,6 +60,7 @@ def load_transformer(
     diffusers_names = keymap.is_diffusers_transformer(src.weights.keys())
     metas = src.weights.meta_dict()
     ours_meta = keymap.rename(metas, keymap.TRANSFORMER_KEYS, "to_ours") if diffusers_names else metas
+    guess = False  # config inferred from tensor shapes: head counts are not among them
     with named_errors(label):
         if config is None:
             if src.config is not None:
@@ -69,10 +71,17 @@ def load_transformer(
                     config = config.replace(**overrides)
             else:
                 config = TransformerConfig.from_state_dict(ours_meta, pos_embed=pos_embed, **overrides)
+                guess = True
+    if guess:
+        config = _heads_beside(path, config, overrides)
+    _check_fits(config, ours_meta, label)
     for name in keymap.NVLABS_UNUSED:
         ours_meta.pop(name, None)
-    with torch.device("meta"):
-        model = TwigTransformer(config, compute_dtype=compute_dtype)
+    try:
+        with torch.device("meta"):
+            model = TwigTransformer(config, compute_dtype=compute_dtype)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # a garbled config.json or override
+        raise TwigError(f"{label}: cannot build a transformer {_describe(config)}: {e}") from None
     hint = ""
     if any(k.startswith(("cfg_embedder", "logvar_linear", "time_embed.guidance")) for k in ours_meta):
         hint = " (guidance-embedded / Sana Sprint checkpoints are not supported)"
@@ -85,6 +94,42 @@ def load_transformer(
     else:
         assign(model, src.weights, names, dtype, device, label)
     return model.eval()
+
+
+def _check_fits(config: TransformerConfig, meta: dict, label: str) -> None:
+    """Refuse a config (config.json or overrides) that contradicts the weights before a model is built from it:
+    a garbled depth or width would otherwise build a model of any size."""
+    for field in ("heads", "cross_heads"):
+        n = getattr(config, field)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or config.width % n:
+            raise TwigError(f"{label}: {field}={n!r} does not divide the model width {config.width}")
+    has = {"depth": len({k.split(".")[1] for k in meta if k.startswith("blocks.")})}
+    if "x_embedder.proj.weight" in meta:
+        has["width"] = meta["x_embedder.proj.weight"].shape[0]
+    for field, n in has.items():
+        if getattr(config, field) != n:
+            raise TwigError(f"{label}: the config says {field} {getattr(config, field)!r}, the weights have {n}")
+
+
+def _heads_beside(path, config: TransformerConfig, overrides: dict) -> TransformerConfig:
+    """Head counts are not stored in NVlabs weights: take them from a ``config.json`` beside the file (diffusers
+    keys, see ``heads_from_config``) unless given as ``overrides``; warn, naming the file, when a width that is
+    no published Sana size leaves them guessed (32-dim linear heads, ``cross_heads_for_width``)."""
+    path = os.fspath(path)
+    cfg_path = os.path.join(os.path.dirname(path) if os.path.isfile(path) else path, "config.json")
+    stated = {}
+    if os.path.isfile(cfg_path):
+        cfg = read_json(cfg_path)
+        if config_kind(cfg) in (None, "transformer"):  # not a VAE's or Gemma's config sharing the folder
+            stated = heads_from_config(cfg, config.width, cfg_path)
+    stated = {k: v for k, v in stated.items() if k not in overrides}
+    guessed = [k for k in ("heads", "cross_heads") if k not in stated and k not in overrides]
+    if guessed and config.width not in CROSS_HEADS_BY_WIDTH:
+        warnings.warn(f"{path}: width {config.width} is not a published Sana size and the file does not store its "
+                      f"attention heads; guessed {config.heads} linear heads and {config.cross_heads} cross heads. "
+                      "If the output looks wrong, put a config.json beside it (num_attention_heads, "
+                      "num_cross_attention_heads) or pass heads= / cross_heads=", stacklevel=3)
+    return config.replace(**stated) if stated else config
 
 
 def _describe(cfg: TransformerConfig) -> str:
@@ -170,16 +215,26 @@ def load_vae(path, dtype=None, device="cpu", *, compute_dtype=None, variant: str
     compute_dtype = resolve_dtype(compute_dtype, device)
     src, original, ours_meta = _open_vae(path, variant, dtype)
     label = src.label
-    with named_errors(label):
-        if config is None:
-            if src.config is not None:
-                config = DCAEConfig.from_diffusers_config(src.config)
-                if overrides:
-                    config = config.replace(**overrides)
-            else:
-                config = DCAEConfig.from_state_dict(ours_meta, **overrides)
-    with torch.device("meta"):
-        model = DCAE(config, compute_dtype=compute_dtype)
+    try:
+        with named_errors(label):
+            if config is None:
+                if src.config is not None:
+                    config = DCAEConfig.from_diffusers_config(src.config)
+                    if overrides:
+                        config = config.replace(**overrides)
+                else:
+                    config = DCAEConfig.from_state_dict(ours_meta, **overrides)
+        # a garbled layer count would build a model of any size: each layer holds at least one tensor
+        layers = sum(config.encoder_layers_per_block) + sum(config.decoder_layers_per_block)
+        if layers > len(ours_meta):
+            raise TwigError(f"{label}: the config asks for {layers} layers; the weights hold {len(ours_meta)} tensors")
+        with torch.device("meta"):
+            model = DCAE(config, compute_dtype=compute_dtype)
+    except TwigError:
+        raise
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError, ZeroDivisionError, IndexError,
+            RuntimeError) as e:  # a garbled config.json or override
+        raise TwigError(f"{label}: config.json lacks or garbles {type(e).__name__}: {e}") from None
     check_keys(model, ours_meta, label, "DC-AE")
     dtype = dtype or dominant_dtype(ours_meta)
     parts = ("encoder", "decoder")

@@ -12,11 +12,13 @@ x0 = x_sigma - sigma * v.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .devices import MAX_SEED
 from .errors import TwigError
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
@@ -24,16 +26,19 @@ Callback = Callable[[dict], None]
 
 
 CFG_MAX = 30.0  # the nodes' cfg widget range is 0 … CFG_MAX
+MAX_STEPS = 200  # and their steps widget range 1 … MAX_STEPS
 
 
-def check_settings(*, steps=None, cfg=None, denoise=None, shift=None, width=None, height=None) -> None:
+def check_settings(*, steps=None, cfg=None, denoise=None, shift=None, width=None, height=None, seed=None) -> None:
     """Raise TwigError when a sampling setting is outside the range the nodes offer; ``None`` skips a setting.
 
     The one check every front end runs (command line, batch rows and defaults, WebUI tab), so a value the
-    nodes refuse is refused everywhere: steps ≥ 1, cfg 0 … 30, denoise in (0, 1], shift > 0, width and height
-    positive multiples of 32."""
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise TwigError(f"steps must be a whole number ≥ 1, got {steps!r}")
+    nodes refuse is refused everywhere: steps 1 … 200, cfg 0 … 30, denoise in (0, 1], shift > 0, width and height
+    positive multiples of 32, seed 0 … 2**64 - 1 (:func:`check_seed`)."""
+    if seed is not None:
+        check_seed(seed)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
+        raise TwigError(f"steps must be a whole number 1 … {MAX_STEPS}, got {steps!r}")
     if cfg is not None and not (isinstance(cfg, (int, float)) and 0.0 <= cfg <= CFG_MAX):
         raise TwigError(f"cfg must be between 0 and {CFG_MAX:g}, got {cfg!r}")
     if denoise is not None and not (isinstance(denoise, (int, float)) and 0.0 < denoise <= 1.0):
@@ -56,12 +61,10 @@ def flow_sigmas(steps: int, shift: float = 3.0, sampler: str = "flow_dpmpp_2m", 
     (:data:`SAMPLER_TABLE`), shifted. ``denoise`` < 1 (img2img) runs the last ``steps`` steps of a schedule of
     round(steps/denoise) steps.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise TwigError(f"steps must be a whole number ≥ 1, got {steps!r}")
-    if not 0.0 < denoise <= 1.0:
-        raise TwigError(f"denoise must be in (0, 1], got {denoise!r}")
-    if shift <= 0:
-        raise TwigError(f"shift must be > 0, got {shift!r}")
+    check_settings(steps=steps, denoise=denoise, shift=shift)
+    if steps / denoise > 100 * MAX_STEPS:
+        raise TwigError(f"denoise {denoise!r} with {steps} steps asks for a schedule of more than "
+                        f"{100 * MAX_STEPS} steps; raise denoise")
     total = max(steps, int(round(steps / denoise)))
     base = get_sampler(sampler).schedule(total, shift)
     sigmas = torch.cat([shift_sigma(base, shift), torch.zeros(1, dtype=torch.float64)])
@@ -262,10 +265,40 @@ def _stack(pairs):
     return torch.cat(es), torch.cat(ms)
 
 
+def check_seed(seed, field: str = "seed") -> int:
+    """``seed`` as an int, or TwigError naming ``field`` when it is not a whole number in 0 … 2**64 - 1."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise TwigError(f"{field} must be a whole number 0 … {MAX_SEED}, got {seed!r}")
+    return value
+
+
+def offset_seed(seed: int, n: int) -> int:
+    """The seed of image/face ``n`` after ``seed`` (batch rows and images, face refine): seed + n, wrapping
+    at 2**64 so every derived seed stays in range."""
+    return (int(seed) + int(n)) % (MAX_SEED + 1)
+
+
 def noise_like(shape, seed: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Deterministic N(0,1) latent noise from a seed, drawn on the CPU so it is the same on every device."""
-    g = torch.Generator(device="cpu").manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    """Deterministic N(0,1) latent noise from a seed in 0 … 2**64 - 1, drawn on the CPU so it is the same on
+    every device; the one seed → noise mapping of every front end.
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so the seed is split: ``lo = seed mod 2**32``,
+    ``hi = seed >> 32``. Seeds below 2**32 (hi = 0) give ``randn`` of a generator seeded with ``lo`` (what
+    ComfyUI's own noise gives for those seeds). Larger seeds give ``(a + b) / sqrt(2)``: ``a`` as for ``lo``,
+    ``b`` the second block of ``shape`` drawn from a generator seeded with ``hi``; the sum of two independent
+    N(0,1) draws over sqrt(2) is N(0,1), and distinct seeds give distinct noise. Negative or larger seeds are a
+    TwigError."""
+    seed = check_seed(seed)
+    lo, hi = seed & 0xFFFF_FFFF, seed >> 32
+    x = torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(lo), dtype=torch.float32)
+    if hi:
+        b = torch.randn((2, *shape), generator=torch.Generator(device="cpu").manual_seed(hi), dtype=torch.float32)[1]
+        x = (x + b) / math.sqrt(2.0)
+    return x.to(device=device, dtype=dtype)
 
 
 def sample(

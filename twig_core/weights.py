@@ -91,7 +91,7 @@ class SafetensorsFile(Weights):
             except (KeyError, TypeError, ValueError):
                 raise TwigError(f"{path}: corrupt safetensors entry for {key!r}: {info!r}") from None
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if end - begin != nbytes or begin < 0:
+            if end - begin != nbytes or begin < 0 or any(s < 0 for s in shape):
                 raise TwigError(f"{path}: corrupt safetensors entry {key!r}: {end - begin} bytes for shape {shape}")
             if end > avail:
                 raise TwigError(

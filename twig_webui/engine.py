@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from twig_core import catalog
-from twig_core.devices import MAX_SEED
 from twig_core.errors import TwigError
 from twig_core.sampling import SAMPLERS
 
@@ -28,7 +27,7 @@ from .host import Host
 log = logging.getLogger("twig")
 
 FROM_MODEL = "(from the model)"
-RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as the WebUI does (any seed up to MAX_SEED is accepted)
+RANDOM_SEEDS = 2**32  # a random seed is drawn below this, as the WebUI does (any seed up to 2**64 - 1 is accepted)
 
 Progress = Callable[[float, str], None]
 
@@ -344,7 +343,7 @@ class Engine:
         from twig_core.lora import apply_loras, split_lora_tags
         from twig_core.pipeline import generate
         from twig_core.resolution import check_size
-        from twig_core.sampling import check_settings
+        from twig_core.sampling import check_seed, check_settings
 
         started = time.perf_counter()
         prompt, lora_tags = split_lora_tags((s.prompt or "").strip())
@@ -364,8 +363,7 @@ class Engine:
         width, height = parse_size(s.size) if s.size else (native, native)
         check_size(width, height)
         seed = int(s.seed) if s.seed is not None and int(s.seed) >= 0 else random.randrange(RANDOM_SEEDS)
-        if seed > MAX_SEED:
-            raise TwigError(f"seed must be -1 (random) or 0 … {MAX_SEED}, got {seed}")
+        check_seed(seed, "seed (-1 = random)")
         notes: list[str] = []
         extra: dict = {}
         from twig_core.quant import quant_summary

@@ -279,6 +279,13 @@ def check_t2i(url: str, output_dir: str, seed: int, what: str, watch: bool = Fal
         expect(im.size == (256, 192) and im.mode == "RGB", f"{what}: image is 256x192 RGB")
 
 
+def same_pixels(a: str, b: str) -> bool:
+    from PIL import Image
+
+    with Image.open(a) as x, Image.open(b) as y:
+        return x.size == y.size and x.convert("RGB").tobytes() == y.convert("RGB").tobytes()
+
+
 def check_missing_weights(url: str) -> None:
     """A shared workflow whose weights are not installed: /prompt refuses it naming the folder of each file."""
     prompt = t2i_prompt()
@@ -428,6 +435,9 @@ def main() -> int:
         expect(status == 200, "/free (unload models, free node cache) accepted")
         time.sleep(2)
         check_t2i(a.url, a.output, seed=2, what="text-to-image after /free")
+        again = run_to_image(a.url, a.output, t2i_prompt(0), "text-to-image seed 0 again, after the interrupt and /free")
+        expect(same_pixels(os.path.join(a.output, first), os.path.join(a.output, again)),
+               f"the same prompt after an interrupt and /free gives the first picture pixel for pixel ({again})")
     except CheckFailed as e:
         log(f"FAILED: {e}")
         return 1

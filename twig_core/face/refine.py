@@ -23,6 +23,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..errors import TwigError
+from ..sampling import check_seed, offset_seed
 from . import masks as M
 from .detect import Detection
 
@@ -243,7 +244,7 @@ class TwigRefiner:
             raise TwigError(f"denoise must be in 0..1, got {denoise}")
         self.transformer, self.vae = transformer, vae
         self.cond, self.uncond = cond, uncond
-        self.steps, self.cfg, self.seed, self.denoise = int(steps), float(cfg), int(seed), float(denoise)
+        self.steps, self.cfg, self.seed, self.denoise = int(steps), float(cfg), check_seed(seed), float(denoise)
         self.sampler, self.shift, self.use_mask = sampler, float(shift), bool(use_mask)
         self.conds_for, self.callback = conds_for, callback
 
@@ -266,7 +267,7 @@ class TwigRefiner:
             latent = dcae_exec.encode(vae, timage.to_model(crop))[0].float().cpu()
             latent = sample_latents(
                 _resolve(self.transformer), cond, uncond if self.cfg != 1.0 else None, steps=self.steps, cfg=self.cfg,
-                seed=self.seed + job.number, sampler=self.sampler, shift=self.shift, init_latent=latent,
+                seed=offset_seed(self.seed, job.number), sampler=self.sampler, shift=self.shift, init_latent=latent,
                 denoise=self.denoise, mask=mask if self.use_mask else None, callback=cb,
             )
             vae = _resolve(self.vae)  # fetched again: the host may have moved it while the transformer ran
