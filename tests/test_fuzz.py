@@ -5,7 +5,7 @@ malicious payload is among the mutated files; its marker file must never appear)
 
 Runs are derandomized (the same cases every run) and sized to finish in well under a minute; ``CASES`` below
 holds the count of each family, and README's Reliability section their sum. A new file format joins by adding
-its valid-file builder to ``FORMATS`` (GGUF: a ``gguf``-written file, once the reader lands).
+its valid-file builder to ``FORMATS`` (GGUF: a file the ``gguf`` package writes, with a quantized and a plain tensor).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from twig_core.errors import TwigError
 from twig_core.weights import open_weights
 
 CASES = {"safetensors bytes": 600, "safetensors header": 600, "pth zip": 300, "legacy pickle": 300,
-         "diffusers folder": 300, "dc-ae config": 150}
+         "diffusers folder": 300, "dc-ae config": 150, "gguf bytes": 400}
 
 
 def fuzz(n: int):
@@ -66,6 +66,23 @@ def _torch_file(tmp, zip_format: bool, evil: bool = False):
     return (tmp / "base.pth").read_bytes()
 
 
+def _gguf(tmp):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp / "base.gguf"), "sana")
+    g = np.random.default_rng(0)
+    q8 = gguf.quants.quantize(g.standard_normal((4, 64)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blocks.0.attn.proj.weight", q8, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.add_tensor("blocks.0.attn.proj.bias", g.standard_normal(4).astype(np.float32))
+    writer.add_array("comfy.gguf.orig_shape.x", [4, 64])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return (tmp / "base.gguf").read_bytes()
+
+
 # A new reader joins here: format name -> builder of a valid file's bytes in a scratch folder.
 FORMATS = {
     "safetensors": _safetensors,
@@ -73,6 +90,7 @@ FORMATS = {
     "pth zip, malicious": lambda tmp: _torch_file(tmp, True, evil=True),
     "legacy pickle": lambda tmp: _torch_file(tmp, False),
     "legacy pickle, malicious": lambda tmp: _torch_file(tmp, False, evil=True),
+    "gguf": _gguf,
 }
 
 
@@ -132,8 +150,9 @@ def test_mutated_weight_files_load_or_are_refused_naming_the_file(scratch, fmt):
     tmp.mkdir()
     base = FORMATS[fmt](tmp)
     hot = 8 + struct.unpack("<Q", base[:8])[0] if fmt == "safetensors" else len(base)
-    family = "safetensors bytes" if fmt == "safetensors" else "pth zip" if "zip" in fmt else "legacy pickle"
-    n = CASES[family] if fmt == "safetensors" else CASES[family] // 2  # plain and malicious halves
+    family = {"safetensors": "safetensors bytes", "gguf": "gguf bytes"}.get(fmt) or (
+        "pth zip" if "zip" in fmt else "legacy pickle")
+    n = CASES[family] if fmt in ("safetensors", "gguf") else CASES[family] // 2  # plain and malicious halves
     path = tmp / "fuzzed.safetensors"  # the name says safetensors whatever the bytes: readers sniff them
 
     @fuzz(n)
