@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from twig_core import memory
 from twig_core.catalog import scan
 from twig_core.devices import MAX_SEED
 from twig_core.errors import TwigError
@@ -182,9 +183,37 @@ def pack_crops(crops: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _get(ref):
+def _get(ref, memory_required: int = 0):
     """The twig_core object behind a node input (a host.ManagedModel or a plain object)."""
-    return ref.get() if hasattr(ref, "get") and hasattr(ref, "release") else ref
+    return ref.get(memory_required=memory_required) if hasattr(ref, "get") and hasattr(ref, "release") else ref
+
+
+def _managed(ref) -> bool:
+    return hasattr(ref, "get") and hasattr(ref, "release")
+
+
+def transformer_getter(model):
+    """Face refine's getter for the transformer: ComfyUI is told the memory a step on the crop's latent needs."""
+    def get(latent_shape=None, cfg=True):
+        if not _managed(model) or latent_shape is None:
+            return _get(model)
+        peeked = model.peek()
+        return _get(model, memory.step_bytes(peeked.config, latent_shape, peeked.dtype.itemsize, cfg=cfg))
+    return get
+
+
+def vae_getter(vae):
+    """Face refine's getter for the DC-AE: ComfyUI is told the memory encoding the crop (``pixels``) or
+    decoding its latent needs."""
+    def get(latent_shape=None, pixels=None, encode=False):
+        if not _managed(vae) or (latent_shape is None and pixels is None):
+            return _get(vae)
+        peeked = vae.peek()
+        if latent_shape is None:
+            f = peeked.spatial_factor
+            latent_shape = (1, peeked.config.latent_channels, -(-pixels[0] // f), -(-pixels[1] // f))
+        return _get(vae, host.vae_memory_required(peeked, latent_shape, encode=encode))
+    return get
 
 
 def _cond_row(cond, b: int, batch: int):
@@ -328,7 +357,7 @@ class TwigFaceRefine:
             bar.update(job.number * int(steps) + state["i"] + 1)
 
         refiner = frefine.TwigRefiner(
-            lambda: _get(model), lambda: _get(vae), positive, negative, steps=int(steps), cfg=float(cfg),
+            transformer_getter(model), vae_getter(vae), positive, negative, steps=int(steps), cfg=float(cfg),
             seed=int(seed), denoise=float(denoise), sampler=sampler, shift=float(shift), use_mask=bool(noise_mask),
             conds_for=conds_for, callback=on_step)
 

@@ -506,15 +506,29 @@ def test_twig_refine_end_to_end_shapes_seed_and_mask(tiny):
 def test_twig_refine_batch_of_two_and_getters(tiny):
     img = _smooth_image(2, 96, 96, seed=4)
     dets = [[_det(10, 10, 40, 40)], [_det(50, 40, 86, 80), _det(5, 60, 30, 90)]]
-    calls = {"vae": 0}
+    calls = {"vae": [], "transformer": []}
 
-    def vae_getter():
-        calls["vae"] += 1
+    def vae_getter(**need):
+        calls["vae"].append(need)
         return tiny.vae
 
-    ref = R.TwigRefiner(lambda: tiny.transformer, vae_getter, tiny.cond, tiny.uncond, steps=2, seed=0, denoise=0.5)
+    def transformer_getter(**need):
+        calls["transformer"].append(need)
+        return tiny.transformer
+
+    ref = R.TwigRefiner(transformer_getter, vae_getter, tiny.cond, tiny.uncond, steps=2, seed=0, denoise=0.5)
     r = R.refine_faces(img, dets, ref, guide_size=64, max_size=96, multiple=ref.multiple)
-    assert r.count == 3 and [j.number for j in r.jobs] == [0, 1, 2] and calls["vae"] >= 6
+    assert r.count == 3 and [j.number for j in r.jobs] == [0, 1, 2] and len(calls["vae"]) >= 6
+    # each fetch says what it is for (the host's memory estimate): encode a crop, sample, decode its latent
+    f = tiny.vae.spatial_factor
+    encodes = [c for c in calls["vae"] if c.get("encode")]
+    decodes = [c for c in calls["vae"] if "latent_shape" in c]
+    assert len(encodes) == len(decodes) == len(calls["transformer"]) == 3
+    for enc, dec, step in zip(encodes, decodes, calls["transformer"]):
+        assert enc["encode"] is True and len(enc["pixels"]) == 2
+        h, w = (-(-p // f) for p in enc["pixels"])
+        assert step == {"latent_shape": (1, tiny.vae.config.latent_channels, h, w), "cfg": True}
+        assert dec == {"latent_shape": step["latent_shape"]}
     for b in range(2):
         changed = (r.images[b] != img[b]).any(-1)
         assert changed.any() and not (changed & (r.masks[b] == 0)).any()

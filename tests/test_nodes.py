@@ -513,3 +513,36 @@ def test_unload_node_releases_models_and_they_reload(parts, conds):
     assert not model.loaded and not vae.loaded and not te.model.loaded
     out = run_sampler(parts, conds, empty(), steps=2)
     assert torch.isfinite(out["samples"]).all() and model.loaded
+
+
+def test_face_refine_getters_give_comfy_the_memory_each_use_needs(parts):
+    """Face Refine fetches the transformer and DC-AE per face through getters that pass ComfyUI the memory a step
+    on the crop's latent and the crop's encode/decode need (twig_core.memory, host.vae_memory_required)."""
+    from nodes.face import transformer_getter, vae_getter
+    from twig_core import memory
+
+    asked = []
+
+    class Recording:
+        def __init__(self, obj):
+            self.obj = obj
+
+        def peek(self):
+            return self.obj
+
+        def release(self):
+            pass
+
+        def get(self, memory_required=0):
+            asked.append(memory_required)
+            return self.obj
+
+    transformer, vae = parts[0].peek(), parts[2].peek()
+    shape = (1, vae.config.latent_channels, 3, 2)
+    assert transformer_getter(Recording(transformer))(latent_shape=shape, cfg=True) is transformer
+    assert vae_getter(Recording(vae))(pixels=(96, 64), encode=True) is vae
+    assert vae_getter(Recording(vae))(latent_shape=shape) is vae
+    assert vae_getter(Recording(vae))() is vae  # reading attributes only: nothing to estimate
+    assert asked == [memory.step_bytes(transformer.config, shape, transformer.dtype.itemsize, cfg=True),
+                     host.vae_memory_required(vae, shape, encode=True), host.vae_memory_required(vae, shape), 0]
+    assert all(n > 0 for n in asked[:3])

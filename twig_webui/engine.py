@@ -467,7 +467,7 @@ class Engine:
             done = job.number * steps + int(state["i"]) + 1
             progress(0.87 + 0.1 * done / (steps * count), f"face {job.number + 1}/{count}: step {int(state['i']) + 1}")
 
-        refiner = frefine.TwigRefiner(lambda: use(parts.transformer), lambda: use(parts.vae), cond, uncond, steps=steps, cfg=float(s.cfg),
+        refiner = frefine.TwigRefiner(lambda **_: use(parts.transformer), lambda **_: use(parts.vae), cond, uncond, steps=steps, cfg=float(s.cfg),
                                       seed=seed, denoise=float(s.face_denoise), sampler=s.sampler, callback=on_step)
         result = frefine.refine_faces(pixels, found, refiner, multiple=refiner.multiple,
                                       on_face=lambda job: self.check())

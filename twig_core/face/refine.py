@@ -220,10 +220,13 @@ def refine_faces(images: torch.Tensor, detections: Sequence[Sequence[Detection]]
 # The Twig refiner
 
 
-def _resolve(obj):
-    """A model, or a zero-argument getter returning it (so a host can load or move it right before use)."""
+def _resolve(obj, **need):
+    """A model, or a getter returning it (so a host can load or move it right before use). Getters are called
+    with what the coming call will work on, for the host's memory estimate: the transformer's with
+    ``latent_shape`` and ``cfg``; the DC-AE's with ``latent_shape`` (decode) or ``pixels`` (h, w) and
+    ``encode=True``; none of them when only the model's attributes are read."""
     if callable(obj) and not isinstance(obj, torch.nn.Module):
-        return obj()
+        return obj(**need)
     return obj
 
 
@@ -231,7 +234,8 @@ class TwigRefiner:
     """Re-denoise a face crop with a Twig transformer and DC-AE: encode → ``sample_latents`` (img2img from
     ``denoise``, inpainting inside the mask when ``use_mask``) → decode. Face number n uses seed + n.
 
-    ``transformer`` and ``vae`` may also be zero-argument getters, called right before each use.
+    ``transformer`` and ``vae`` may also be getters, called right before each use with what that use needs
+    (see ``_resolve``; a getter may ignore it).
     ``conds_for(job) -> (cond, uncond)`` overrides the conditioning per face (per-face prompts).
     ``callback(job, state)`` is called after every sampler step.
     """
@@ -258,18 +262,20 @@ class TwigRefiner:
         from ..pipeline import sample_latents
 
         cond, uncond = self.conds_for(job) if self.conds_for is not None else (self.cond, self.uncond)
-        vae = _resolve(self.vae)
+        vae = _resolve(self.vae, pixels=tuple(crop.shape[-3:-1]), encode=True)
         cb = None
         if self.callback is not None:
             def cb(state, job=job):
                 self.callback(job, state)
         with torch.no_grad():
             latent = dcae_exec.encode(vae, timage.to_model(crop))[0].float().cpu()
+            transformer = _resolve(self.transformer, latent_shape=tuple(latent.shape), cfg=self.cfg != 1.0)
             latent = sample_latents(
-                _resolve(self.transformer), cond, uncond if self.cfg != 1.0 else None, steps=self.steps, cfg=self.cfg,
+                transformer, cond, uncond if self.cfg != 1.0 else None, steps=self.steps, cfg=self.cfg,
                 seed=offset_seed(self.seed, job.number), sampler=self.sampler, shift=self.shift, init_latent=latent,
                 denoise=self.denoise, mask=mask if self.use_mask else None, callback=cb,
             )
-            vae = _resolve(self.vae)  # fetched again: the host may have moved it while the transformer ran
+            # fetched again: the host may have moved it while the transformer ran
+            vae = _resolve(self.vae, latent_shape=tuple(latent.shape))
             out = dcae_exec.decode(vae, latent)[0].float().cpu()
         return timage.from_model(out)
