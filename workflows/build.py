@@ -603,8 +603,35 @@ def wf_demo_native_img2img() -> Workflow:
     return wf
 
 
+def wf_native_face_refine() -> Workflow:
+    wf = Workflow("text_to_image_native_face_refine", "Face refine made of core nodes",
+                  "core KSampler draws the picture; Twig Face Detect's mask, core VAE Encode and Set Latent Noise Mask "
+                  "and a second core KSampler (denoise 0.45) redraw only the faces, at the picture's resolution",
+                  NEEDS_TWIG + " + OpenCV (`pip install \"opencv-python-headless<5\"`)")
+    weights_note(wf, (-520, 0), f"- face detector `{FACE_DETECTOR}`: `pip install \"opencv-python-headless<5\"`\n")
+    m, te, v = loaders(wf, TWIG, GEMMA, DCAE, 300)
+    nm = wf.add("TwigToNativeModel", (0, 440), model=m[0])
+    nv = wf.add("TwigToNativeVAE", (0, 540), vae=v[0])
+    enc = wf.add("TwigTextEncodeNative", (380, 0), size=(420, 330), text_encoder=te[0], positive=FACE_PROMPT,
+                 negative="")
+    lat = wf.add("TwigEmptyLatent", (380, 370), aspect_ratio="1216x832 (1.46:1)", model=m[0])
+    sampler = dict(steps=20, cfg=4.5, sampler_name="twig_flow_dpmpp_2m", scheduler="twig_flow_dpmpp_2m")
+    s1 = wf.add("KSampler", (840, 0), size=(320, 470), model=nm[0], positive=enc[0], negative=enc[1],
+                latent_image=lat[0], seed=42, **sampler)
+    d1 = wf.add("VAEDecode", (840, 510), samples=s1[0], vae=nv[0])
+    fd = wf.add("TwigFaceDetect", (1200, 0), size=(340, 420), image=d1[0], detector=FACE_DETECTOR, dilate=16)
+    e = wf.add("VAEEncode", (1200, 460), pixels=d1[0], vae=nv[0])
+    masked = wf.add("SetLatentNoiseMask", (1200, 560), samples=e[0], mask=fd[1])
+    s2 = wf.add("KSampler", (1580, 0), size=(320, 470), title="KSampler (faces, denoise 0.45)", model=nm[0],
+                positive=enc[0], negative=enc[1], latent_image=masked[0], seed=43, denoise=0.45, **sampler)
+    d2 = wf.add("VAEDecode", (1580, 510), samples=s2[0], vae=nv[0])
+    wf.add("PreviewImage", (1940, 460), size=(420, 300), title="Faces found", images=fd[2])
+    wf.add("SaveImage", (1940, 0), size=(420, 420), images=d2[0], filename_prefix="twig_native_faces")
+    return wf
+
+
 BUILDERS = (wf_text_to_image, wf_chinese_long, wf_tipo, wf_face_refine, wf_image_to_image, wf_large, wf_demo,
-            wf_demo_img2img, wf_demo_lora, wf_demo_native, wf_demo_native_img2img)
+            wf_demo_img2img, wf_demo_lora, wf_demo_native, wf_demo_native_img2img, wf_native_face_refine)
 
 
 def workflows() -> list[Workflow]:

@@ -155,8 +155,11 @@ SPECS = {
             "steps": ("INT", {"default": 20, "min": 1, "max": 10000}),
             "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}),
             # the first few of ComfyUI's lists (the workflows use these; a test checks values against them)
-            "sampler_name": (["euler", "euler_ancestral", "heun", "dpmpp_2m", "res_multistep"], {}),
-            "scheduler": (["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal"], {}),
+            # (plus the Twig samplers and schedules the pack adds to ComfyUI's lists when it is imported)
+            "sampler_name": (["euler", "euler_ancestral", "heun", "dpmpp_2m", "res_multistep",
+                              "twig_flow_dpmpp_2m", "twig_flow_euler"], {}),
+            "scheduler": (["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
+                           "twig_flow_dpmpp_2m", "twig_flow_euler"], {}),
             "positive": ("CONDITIONING", {}),
             "negative": ("CONDITIONING", {}),
             "latent_image": ("LATENT", {}),
@@ -172,6 +175,11 @@ SPECS = {
     "VAEEncode": {
         "display_name": "VAE Encode",
         "input": {"required": {"pixels": ("IMAGE",), "vae": ("VAE",)}},
+        "output": ("LATENT",), "output_name": ("LATENT",), "output_node": False,
+    },
+    "SetLatentNoiseMask": {
+        "display_name": "Set Latent Noise Mask",
+        "input": {"required": {"samples": ("LATENT",), "mask": ("MASK",)}},
         "output": ("LATENT",), "output_name": ("LATENT",), "output_node": False,
     },
     "PreviewAny": {
