@@ -110,7 +110,7 @@ def detection_inputs() -> dict:
     return {
         "detector": (detector_choices(), {"tooltip": "Face detector. Lists what is installed: ensemble (the default: mediapipe full and short range and OpenCV Haar together, duplicates merged, confidences made comparable), mediapipe (0.10.21) BlazeFace full/short range and face mesh, OpenCV's Haar cascade, and YOLO .pt models from models/ultralytics/bbox or segm (needs ultralytics)."}),
         "confidence": ("FLOAT", {"default": D["confidence"], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Minimum detection confidence (ADetailer default 0.3)."}),
-        "small_faces": (TILE_CHOICES, {"default": "auto", "tooltip": "Also scan overlapping 512 px tiles to find small (distant) faces; fine: 256 px tiles, for faces down to 24 px in a 1024 px image (slower). auto: on for the ensemble and the mediapipe models, off for Haar (it scans all scales) and YOLO."}),
+        "small_faces": (TILE_CHOICES, {"default": "auto", "tooltip": "Also scan overlapping 512 px tiles to find small (distant) faces; fine: 256 px tiles, for faces down to 24 px in a 1024 px image (slower). auto: fine for the ensemble, on for the mediapipe models, off for Haar (it scans all scales) and YOLO."}),
         "max_faces": ("INT", {"default": D["max_faces"], "min": 0, "max": 100, "tooltip": "Keep only the N largest faces per image (0 = all)."}),
         "min_ratio": ("FLOAT", {"default": D["min_ratio"], "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Ignore faces smaller than this fraction of the image area (e.g. 0.01 skips background faces)."}),
         "max_ratio": ("FLOAT", {"default": D["max_ratio"], "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Ignore faces larger than this fraction of the image area."}),

@@ -726,14 +726,27 @@ def test_ensemble_detections_say_which_members_found_them(astronaut):
     assert d.to_dict()["found_by"] == list(d.found_by) and 0.9 < d.confidence <= 1.0
 
 
-def test_fine_tiles_find_24px_faces_in_a_1024_image(face_cases):
+def test_default_finds_24px_faces_in_a_1024_image_and_haar_confirms_them(face_cases):
+    """The default tiles find every face of the small-face scenes, 24 px ones included, with no false find;
+    Haar, which scans the 1024² image at half size, still finds each of them on an upscaled crop."""
     from bench.bench_faces import match
 
-    small = [c for c in face_cases if c.category == "small"]
-    for case in small:
-        found = fdetect.detect_faces(case.image, "ensemble", 0.3, tiles="fine")
-        tiny = [b for b in case.faces if b[2] - b[0] < 25]
-        assert match([d.box for d in found], tiny)[1] == 0, case.name
+    for case in (c for c in face_cases if c.category == "small"):
+        found = fdetect.detect_faces(case.image, "ensemble", 0.3)
+        assert match([d.box for d in found], case.faces) == (4, 0, 0), (case.name, [d.to_dict() for d in found])
+        assert any(b[2] - b[0] < 25 for b in case.faces)
+        assert all("opencv_haar" in d.found_by and "mediapipe_face_full" in d.found_by for d in found), case.name
+
+
+def test_ensemble_scans_large_images_with_haar_at_half_size(monkeypatch, face_cases):
+    haar = fdetect.get_detector("opencv_haar")
+    shapes = []
+    real = type(haar).detect
+    monkeypatch.setattr(type(haar), "detect", lambda self, img, conf=0.3: shapes.append(img.shape[:2]) or real(self, img, conf))
+    case = next(c for c in face_cases if c.category == "small")
+    fdetect.detect_faces(case.image, "ensemble", 0.3)
+    assert shapes[0] == (fdetect.HAAR_SIDE, fdetect.HAAR_SIDE)
+    assert all(max(s) < 200 for s in shapes[1:]) and len(shapes) >= 2  # crops around the small faces only
 
 
 def test_turned_heads_off_runs_no_turned_passes(monkeypatch, face_cases):

@@ -206,6 +206,7 @@ class Detector:
 
     name = "detector"
     tile_small_faces = False
+    min_face = 0  # the smallest face (px) it finds, where it has such a limit
 
     def status(self) -> Optional[str]:
         """None when this detector can run here, else a one-line reason with the fix."""
@@ -330,6 +331,7 @@ class HaarDetector(Detector):
 
     def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 24):
         self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
+        self.min_face = min_size
         self._cascade = None
         self._lock = threading.Lock()
 
@@ -573,6 +575,8 @@ MEMBER_FLOOR = 0.02
 # a face that fills the frame (an ID photo, a crop) is found once it has the surroundings detectors expect.
 PAD_LIMIT = 768
 PAD_FRACTION = 0.25
+# The longest side the ensemble's Haar cascade scans (its cost grows with the pixels at its smallest scale).
+HAAR_SIDE = 512
 
 
 def _logit(p: float) -> float:
@@ -591,35 +595,38 @@ def calibrated(source: str, score: float, inverse: bool = False) -> float:
 class EnsembleDetector(Detector):
     """Every installed built-in detector, each where it is strong, merged by :func:`merge_detections`.
 
-    Members: mediapipe full range (whole image, tiles, quarter-turned copies), mediapipe short range (whole
-    image: close-ups and tight crops, which the full-range model misses; it finds faces turned up to 180°
-    itself), OpenCV Haar (whole image, upright: frontal faces down to 24 px at every scale; turned copies would
-    triple its cost), plus any YOLO detectors given (whole image and turned copies). Small images get a border
-    first (:data:`PAD_LIMIT`). A member that is not installed is left out; the ensemble needs one. Scores are
-    calibrated per member (:data:`CALIBRATION`), and a face several members found gets their combined
-    confidence. Detections say ``source="ensemble"`` and name the members in ``found_by``.
+    Members: mediapipe full range (whole image, 256 px tiles for faces down to 24 px in a 1024² image, and
+    quarter-turned copies), mediapipe short range (whole image: close-ups and tight crops, which the full-range
+    model misses; it finds faces turned up to 180° itself), OpenCV Haar (upright: frontal faces at every scale;
+    turned copies would triple its cost), plus any YOLO detectors given (whole image and turned copies). Small
+    images get a border first (:data:`PAD_LIMIT`). Haar scans large images at most :data:`HAAR_SIDE` px wide,
+    which costs a quarter of the full size at 1024², and looks at the faces too small for that scale on
+    upscaled crops around where the other members found them, so it still has its say on every face. A member
+    that is not installed is left out; the ensemble needs one. Scores are calibrated per member
+    (:data:`CALIBRATION`), and a face several members found gets their combined confidence. Detections say
+    ``source="ensemble"`` and name the members in ``found_by``.
     """
 
     name = "ensemble"
     tile_small_faces = True
-    # (member, runs on tiles, runs on turned copies)
-    MEMBERS = (("mediapipe_face_full", True, True), ("mediapipe_face_short", False, False),
-               ("opencv_haar", False, False))
+    # (member, runs on tiles, runs on turned copies, longest side it scans, None = the image's own)
+    MEMBERS = (("mediapipe_face_full", True, True, None), ("mediapipe_face_short", False, False, None),
+               ("opencv_haar", False, False, HAAR_SIDE))
 
     def __init__(self, extra: Iterable[Detector] = ()):
         self.extra = list(extra)
 
-    def members(self) -> list[tuple[Detector, bool, bool]]:
-        """(detector, tiles, turns) for each usable member."""
-        out = [(get_detector(name), tiles, turns) for name, tiles, turns in self.MEMBERS]
-        out += [(det, False, True) for det in self.extra]
+    def members(self) -> list[tuple[Detector, bool, bool, Optional[int]]]:
+        """(detector, tiles, turns, longest side) for each usable member."""
+        out = [(get_detector(name), tiles, turns, side) for name, tiles, turns, side in self.MEMBERS]
+        out += [(det, False, True, None) for det in self.extra]
         return [m for m in out if m[0].status() is None]
 
     def status(self) -> Optional[str]:
         if self.members():
             return None
         return "none of its members is installed: " + "; ".join(
-            f"{name}: {get_detector(name).status()}" for name, _, _ in self.MEMBERS)
+            f"{name}: {get_detector(name).status()}" for name, *_ in self.MEMBERS)
 
     def detect(self, image: np.ndarray, confidence: float = 0.3, tiles="auto",
                turns: tuple[int, ...] = (1, 2, 3)) -> list[Detection]:
@@ -628,17 +635,59 @@ class EnsembleDetector(Detector):
         h, w = img.shape[:2]
         pad = round(PAD_FRACTION * max(h, w)) if max(h, w) <= PAD_LIMIT else 0
         work = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge") if pad else img
-        found = []
-        for det, member_tiles, member_turns in self.members():
+        tiles = "fine" if tiles == "auto" else tiles
+        found, scaled = [], []
+        for det, member_tiles, member_turns, side in self.members():
             floor = calibrated(det.name, min(confidence, MEMBER_FLOOR), inverse=True)
-            dets, _ = _single_passes(det, work, floor, tiles if member_tiles else "off", turns if member_turns else ())
-            for d in dets:
-                box = clip_box((d.box[0] - pad, d.box[1] - pad, d.box[2] - pad, d.box[3] - pad), w, h)
-                mask = None if d.mask is None else np.ascontiguousarray(d.mask[pad:pad + h, pad:pad + w])
-                if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
-                    found.append(Detection(box, calibrated(det.name, d.confidence), mask, d.label, det.name))
+            scale = min(1.0, side / max(work.shape[:2])) if side else 1.0
+            if scale < 1.0:
+                scaled.append((det, floor, scale))
+                dets = _at_scale(det, work, floor, scale)
+            else:
+                dets, _ = _single_passes(det, work, floor, tiles if member_tiles else "off",
+                                         turns if member_turns else ())
+            found += [Detection(d.box, d.confidence, d.mask, d.label, det.name) for d in dets]
+        for det, floor, scale in scaled:  # faces too small for the member at its scale: upscaled crops
+            smallest = det.min_face / scale
+            for d in [d for d in found if d.source != det.name and max(d.width, d.height) < smallest]:
+                found += [Detection(e.box, e.confidence, e.mask, e.label, det.name)
+                          for e in _around(det, work, floor, d.box)]
+        out = []
+        for d in found:
+            box = clip_box((d.box[0] - pad, d.box[1] - pad, d.box[2] - pad, d.box[3] - pad), w, h)
+            mask = None if d.mask is None else np.ascontiguousarray(d.mask[pad:pad + h, pad:pad + w])
+            if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+                out.append(Detection(box, calibrated(d.source, d.confidence), mask, d.label, d.source))
         return [Detection(d.box, d.confidence, d.mask, d.label, self.name, tuple(d.source.split("+")))
-                for d in merge_detections(found) if d.confidence >= confidence]
+                for d in merge_detections(out) if d.confidence >= confidence]
+
+
+def _resized(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR, reducing_gap=2.0))
+
+
+def _at_scale(detector: Detector, img: np.ndarray, confidence: float, scale: float) -> list[Detection]:
+    """``detector`` on ``img`` resized by ``scale``, boxes in ``img``'s pixels (box-only detectors)."""
+    h, w = img.shape[:2]
+    small = _resized(img, max(1, round(w * scale)), max(1, round(h * scale)))
+    sx, sy = small.shape[1] / w, small.shape[0] / h
+    return [Detection(clip_box((d.box[0] / sx, d.box[1] / sy, d.box[2] / sx, d.box[3] / sy), w, h), d.confidence,
+                      None, d.label, d.source) for d in detector.detect(small, confidence) if d.confidence >= confidence]
+
+
+def _around(detector: Detector, img: np.ndarray, confidence: float, box) -> list[Detection]:
+    """``detector`` on a crop three times the size of ``box`` around it, enlarged so that the face there is
+    twice the detector's smallest face (``min_face``); boxes in ``img``'s pixels."""
+    h, w = img.shape[:2]
+    side = max(box[2] - box[0], box[3] - box[1], 1.0)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0, y0 = max(0, int(cx - 1.5 * side)), max(0, int(cy - 1.5 * side))
+    x1, y1 = min(w, int(math.ceil(cx + 1.5 * side))), min(h, int(math.ceil(cy + 1.5 * side)))
+    scale = max(1.0, 2.0 * detector.min_face / side)
+    found = _at_scale(detector, np.ascontiguousarray(img[y0:y1, x0:x1]), confidence, scale)
+    return [d.shifted(x0, y0) for d in found]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -683,6 +732,9 @@ def get_detector(name: str, device: Optional[str] = None) -> Detector:
 
 TILE_SIZE = 512  # 4x the short-range network's 128 px input: faces keep the scale the model was trained at
 FINE_TILE_SIZE = 256  # full range's 192 px input sees a 24 px face of a 256 px tile at 18 px
+# Faces smaller than this found in tiles are dropped: what BlazeFace finds there below 20 px is texture (the
+# tiles are for faces from 24 px).
+MIN_TILE_FACE = 20
 
 
 def _starts(size: int, tile: int, overlap: float) -> list[int]:
@@ -752,7 +804,8 @@ def _single_passes(detector: Detector, img: np.ndarray, confidence: float, tiles
             crop = np.ascontiguousarray(img[y0:y1, x0:x1])
             for d in detector.detect(crop, confidence):
                 # a face cut by an inner tile edge lies whole in a neighbouring tile (half overlap): skip it
-                if d.confidence >= confidence and not _touches_inner_edge(d.box, x0, y0, x1, y1, w, h):
+                if (d.confidence >= confidence and max(d.width, d.height) >= MIN_TILE_FACE
+                        and not _touches_inner_edge(d.box, x0, y0, x1, y1, w, h)):
                     found.append(d.shifted(x0, y0, (h, w)))
     for k in turns:
         for d in detector.detect(np.ascontiguousarray(np.rot90(img, k)), confidence):
@@ -768,8 +821,9 @@ def detect_faces(image, detector: Detector | str, confidence: float = 0.3, tiles
 
     ``tiles``: "off" = the whole image only; "on" (or a tile size in px) = the whole image plus overlapping
     512 px tiles, for faces too small for BlazeFace's 128/192 px input; "fine" = 256 px tiles, which BlazeFace
-    enlarges for faces down to 24 px in a 1024² image (about five times the work of "on"); "auto" = "on" for
-    the mediapipe models and the ensemble, "off" for the Haar cascade (it scans every scale itself) and YOLO. ``turned_heads``: "on" also runs the
+    enlarges for faces down to 24 px in a 1024² image (about five times the work of "on"); "auto" = "fine" for
+    the ensemble, "on" for the mediapipe models, "off" for the Haar cascade (it scans every scale itself) and
+    YOLO. ``turned_heads``: "on" also runs the
     detector on the image turned by 90, 180 and 270 degrees (boxes turned back), for faces lying sideways or
     upside down — three more whole-image passes; "auto" = on for the ensemble only. Faces found more than once
     are merged by :func:`merge_detections` (the most confident box wins; a box mostly inside a kept one is
