@@ -795,3 +795,23 @@ def test_mediapipe_reuses_a_few_graphs_and_gives_the_same_faces(astronaut):
     for conf in (0.31, 0.32, 0.33, 0.34, 0.35, 0.3):
         assert [d.box for d in det.detect(astronaut, conf)] == [d.box for d in first]
         assert len(det._graphs) <= 4
+
+
+def test_calibration_fit_recovers_a_known_logistic_and_splits_every_category():
+    """fit_calibration on finds whose truth follows logistic(2·logit(s) - 1) gives back about (2, -1)."""
+    from bench.bench_faces import CATEGORIES, Case, face_cases, fit_calibration, split
+
+    rng = np.random.default_rng(0)
+    cases, finds = [], {}
+    for x in rng.uniform(-4, 4, 4000):
+        s = 1 / (1 + np.exp(-x))
+        true = rng.random() < 1 / (1 + np.exp(-(2 * x - 1)))
+        case = Case("synthetic", "small", np.zeros((1, 1, 3), np.uint8), [(0, 0, 10, 10)])
+        finds[id(case.image)] = [Detection((0, 0, 10, 10) if true else (50, 50, 60, 60), float(s), source="m")]
+        cases.append(case)
+    a, b = fit_calibration(cases, finds)["m"]
+    assert abs(a - 2) < 0.2 and abs(b + 1) < 0.2, (a, b)
+    pytest.importorskip("skimage.data", reason="scikit-image provides the test photographs")
+    fit, held = split(face_cases())
+    assert not {id(c.image) for c in fit} & {id(c.image) for c in held}
+    assert {c.category for c in fit} == {c.category for c in held} == set(CATEGORIES)

@@ -584,12 +584,13 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def calibrated(source: str, score: float, inverse: bool = False) -> float:
+def calibrated(source: str, score: float, inverse: bool = False, table: Optional[dict] = None) -> float:
     """A member's score on the ensemble's common scale (YOLO models and unknown sources: unchanged);
-    ``inverse``: the member score that maps to ``score``."""
-    a, b = CALIBRATION.get(source, (1.0, 0.0))
+    ``inverse``: the member score that maps to ``score``. ``table``: (a, b) per member, :data:`CALIBRATION`
+    unless given."""
+    a, b = (CALIBRATION if table is None else table).get(source, (1.0, 0.0))
     x = (_logit(score) - b) / a if inverse else a * _logit(score) + b
-    return 1.0 / (1.0 + math.exp(-x))
+    return 1.0 / (1.0 + math.exp(-min(max(x, -50.0), 50.0)))
 
 
 class EnsembleDetector(Detector):
@@ -613,8 +614,9 @@ class EnsembleDetector(Detector):
     MEMBERS = (("mediapipe_face_full", True, True, None), ("mediapipe_face_short", False, False, None),
                ("opencv_haar", False, False, HAAR_SIDE))
 
-    def __init__(self, extra: Iterable[Detector] = ()):
+    def __init__(self, extra: Iterable[Detector] = (), calibration: Optional[dict] = None):
         self.extra = list(extra)
+        self.calibration = CALIBRATION if calibration is None else calibration
 
     def members(self) -> list[tuple[Detector, bool, bool, Optional[int]]]:
         """(detector, tiles, turns, longest side) for each usable member."""
@@ -630,6 +632,21 @@ class EnsembleDetector(Detector):
 
     def detect(self, image: np.ndarray, confidence: float = 0.3, tiles="auto",
                turns: tuple[int, ...] = (1, 2, 3)) -> list[Detection]:
+        return self.combine(self.member_finds(image, min(confidence, MEMBER_FLOOR), tiles, turns), confidence)
+
+    def combine(self, found: list[Detection], confidence: float) -> list[Detection]:
+        """The faces in members' finds (:meth:`member_finds`): scores calibrated, finds below
+        :data:`MEMBER_FLOOR` dropped, boxes merged, faces below ``confidence`` dropped."""
+        floor = min(confidence, MEMBER_FLOOR)
+        out = [Detection(d.box, c, d.mask, d.label, d.source) for d in found
+               if (c := calibrated(d.source, d.confidence, table=self.calibration)) >= floor]
+        return [Detection(d.box, d.confidence, d.mask, d.label, self.name, tuple(d.source.split("+")))
+                for d in merge_detections(out) if d.confidence >= confidence]
+
+    def member_finds(self, image: np.ndarray, floor: float, tiles="auto",
+                     turns: tuple[int, ...] = (1, 2, 3)) -> list[Detection]:
+        """Every member's finds scoring at least ``floor`` once calibrated, unmerged, with the member's own
+        score and name (``source``), in the image's pixels."""
         self.check()
         img = as_rgb_uint8(image)
         h, w = img.shape[:2]
@@ -638,28 +655,27 @@ class EnsembleDetector(Detector):
         tiles = "fine" if tiles == "auto" else tiles
         found, scaled = [], []
         for det, member_tiles, member_turns, side in self.members():
-            floor = calibrated(det.name, min(confidence, MEMBER_FLOOR), inverse=True)
+            member_floor = calibrated(det.name, floor, inverse=True, table=self.calibration)
             scale = min(1.0, side / max(work.shape[:2])) if side else 1.0
             if scale < 1.0:
-                scaled.append((det, floor, scale))
-                dets = _at_scale(det, work, floor, scale)
+                scaled.append((det, member_floor, scale))
+                dets = _at_scale(det, work, member_floor, scale)
             else:
-                dets, _ = _single_passes(det, work, floor, tiles if member_tiles else "off",
+                dets, _ = _single_passes(det, work, member_floor, tiles if member_tiles else "off",
                                          turns if member_turns else ())
             found += [Detection(d.box, d.confidence, d.mask, d.label, det.name) for d in dets]
-        for det, floor, scale in scaled:  # faces too small for the member at its scale: upscaled crops
+        for det, member_floor, scale in scaled:  # faces too small for the member at its scale: upscaled crops
             smallest = det.min_face / scale
             for d in [d for d in found if d.source != det.name and max(d.width, d.height) < smallest]:
                 found += [Detection(e.box, e.confidence, e.mask, e.label, det.name)
-                          for e in _around(det, work, floor, d.box)]
+                          for e in _around(det, work, member_floor, d.box)]
         out = []
         for d in found:
             box = clip_box((d.box[0] - pad, d.box[1] - pad, d.box[2] - pad, d.box[3] - pad), w, h)
             mask = None if d.mask is None else np.ascontiguousarray(d.mask[pad:pad + h, pad:pad + w])
             if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
-                out.append(Detection(box, calibrated(d.source, d.confidence), mask, d.label, d.source))
-        return [Detection(d.box, d.confidence, d.mask, d.label, self.name, tuple(d.source.split("+")))
-                for d in merge_detections(out) if d.confidence >= confidence]
+                out.append(Detection(box, d.confidence, mask, d.label, d.source))
+        return out
 
 
 def _resized(img: np.ndarray, width: int, height: int) -> np.ndarray:
