@@ -815,3 +815,22 @@ def test_calibration_fit_recovers_a_known_logistic_and_splits_every_category():
     fit, held = split(face_cases())
     assert not {id(c.image) for c in fit} & {id(c.image) for c in held}
     assert {c.category for c in fit} == {c.category for c in held} == set(CATEGORIES)
+
+
+def test_node_ensemble_takes_the_yolo_face_models_of_the_bbox_folder(fake_ultralytics, tmp_path, monkeypatch):
+    """A face model in models/ultralytics/bbox joins the nodes' ensemble (loaded with the restricted unpickler);
+    a hand model there does not."""
+    from nodes import face as nface
+
+    _usable("ensemble")
+    monkeypatch.setenv("TWIG_MODELS_DIR", str(tmp_path))
+    folder = tmp_path / "ultralytics" / "bbox"
+    folder.mkdir(parents=True)
+    torch.save({"model": fake_ultralytics.DetectionModel()}, folder / "face_yolov8n.pt")
+    torch.save({"model": fake_ultralytics.DetectionModel()}, folder / "hand_yolov8n.pt")
+    det = nface.resolve_detector("ensemble")
+    assert [m[0].name for m in det.members()][-1:] == ["yolo:face_yolov8n.pt"]
+    image = torch.full((1, 800, 800, 3), 0.5)  # larger than PAD_LIMIT: the stand-in boxes are not shifted
+    faces = nface.run_detection(image, "ensemble", 0.5, "auto", 0, 0.0, 1.0, "confidence", "off").detections[0]
+    assert [(d.box, d.found_by) for d in faces] == [((10.0, 12.0, 40.0, 44.0), ("yolo:face_yolov8n.pt",))]
+    assert [c[1] for c in fake_ultralytics.calls if c[0] == "load"] == [str(folder / "face_yolov8n.pt")]
