@@ -490,7 +490,8 @@ class EnsembleDetector(Detector):
             found += [Detection(d.box, d.confidence, d.mask, d.label, det.name) for d in dets]
         for det, member_floor, scale in scaled:  # faces too small for the member at its scale: upscaled crops
             smallest = det.min_face / scale
-            for d in [d for d in found if d.source != det.name and max(d.width, d.height) < smallest]:
+            small = merge_detections(d for d in found if d.source != det.name and max(d.width, d.height) < smallest)
+            for d in small:
                 found += [Detection(e.box, e.confidence, e.mask, e.label, det.name)
                           for e in _around(det, work, member_floor, d.box)]
         out = []
