@@ -387,6 +387,7 @@ class HaarDetector(Detector):
 # BlazeFace full range as it is (its false finds there score ≤ 0.65), short range lowered (a lone find of 0.54
 # becomes 0.24: its true and false finds both score 0.5-0.8, so it counts mostly where another member agrees),
 # Haar raised (its faces score from 0.01 up, while minNeighbors=5 already rejects nearly every texture).
+# `python bench/bench_faces.py --calibration` fits them on half the cases instead and scores the other half.
 # Members run down to MEMBER_FLOOR on this scale, so two weak finds of one face add up (merge_detections'
 # rule) while one weak find alone stays below the usual 0.3.
 CALIBRATION = {
