@@ -96,7 +96,8 @@ def test_ensemble_scans_large_images_with_haar_at_half_size(monkeypatch, face_ca
     haar = fdetect.get_detector("opencv_haar")
     shapes = []
     real = type(haar).detect
-    monkeypatch.setattr(type(haar), "detect", lambda self, img, conf=0.3: shapes.append(img.shape[:2]) or real(self, img, conf))
+    monkeypatch.setattr(type(haar), "detect",
+                        lambda self, img, conf=0.3: shapes.append(img.shape[:2]) or real(self, img, conf))
     case = next(c for c in face_cases if c.category == "small")
     fdetect.detect_faces(case.image, "ensemble", 0.3)
     assert shapes[0] == (fdetect.HAAR_SIDE, fdetect.HAAR_SIDE)

@@ -516,7 +516,8 @@ def _at_scale(detector: Detector, img: np.ndarray, confidence: float, scale: flo
     small = _resized(img, max(1, round(w * scale)), max(1, round(h * scale)))
     sx, sy = small.shape[1] / w, small.shape[0] / h
     return [Detection(clip_box((d.box[0] / sx, d.box[1] / sy, d.box[2] / sx, d.box[3] / sy), w, h), d.confidence,
-                      None, d.label, d.source) for d in detector.detect(small, confidence) if d.confidence >= confidence]
+                      None, d.label, d.source)
+            for d in detector.detect(small, confidence) if d.confidence >= confidence]
 
 
 def _around(detector: Detector, img: np.ndarray, confidence: float, box) -> list[Detection]:
