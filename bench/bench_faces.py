@@ -212,13 +212,87 @@ def time_per_image(detect, images) -> tuple[float, float]:
     return (time.perf_counter() - t) / len(images), (time.process_time() - c) / len(images)
 
 
+# --------------------------------------------------------------------------------------------------
+# The ensemble's calibration, fitted on one half of the cases and scored on the other
+
+
+def split(cases) -> tuple[list[Case], list[Case]]:
+    """(fit part, held-out part): alternate cases of each category, so both parts hold every kind."""
+    fit, held = [], []
+    for c in CATEGORIES:
+        part = [case for case in cases if case.category == c]
+        fit += part[0::2]
+        held += part[1::2]
+    return fit, held
+
+
+def member_finds(cases, floor: float = 1e-3) -> dict[int, list]:
+    """id(case.image) -> the ensemble members' unmerged finds with their own scores (down to ``floor``)."""
+    raw = fdetect.EnsembleDetector(calibration={})
+    return {id(c.image): raw.member_finds(c.image, floor) for c in cases}
+
+
+def fit_calibration(cases, finds, l2: float = 1.0) -> dict[str, tuple[float, float]]:
+    """(a, b) per member: logistic regression of "this find is a true face" on logit(score), over each
+    member's finds in ``cases`` (its duplicates merged first), with an L2 penalty towards (1, 0) (the score as
+    it is) so that a member whose scores separate faces perfectly on a few cases gets a finite slope."""
+    samples: dict[str, list[tuple[float, int]]] = {}
+    for case in cases:
+        by_member: dict[str, list] = {}
+        for d in finds[id(case.image)]:
+            by_member.setdefault(d.source, []).append(d)
+        for member, dets in by_member.items():
+            for d in fdetect.merge_detections(dets):
+                true = any(fdetect.iou(d.box, t)[0] >= MATCH_IOU for t in case.faces)
+                samples.setdefault(member, []).append((fdetect._logit(d.confidence), int(true)))
+    out = {}
+    for member, xy in sorted(samples.items()):
+        x, y = np.array([v[0] for v in xy]), np.array([v[1] for v in xy], dtype=np.float64)
+        a, b = 1.0, 0.0
+        for _ in range(50):  # Newton's method on the penalised negative log-likelihood
+            p = 1.0 / (1.0 + np.exp(-np.clip(a * x + b, -50, 50)))
+            g = np.array([np.sum((p - y) * x) + l2 * (a - 1.0), np.sum(p - y) + l2 * b])
+            wgt = p * (1 - p)
+            hess = np.array([[np.sum(wgt * x * x) + l2, np.sum(wgt * x)], [np.sum(wgt * x), np.sum(wgt) + l2]])
+            a, b = np.array([a, b]) - np.linalg.solve(hess, g)
+        out[member] = (round(float(a), 3), round(float(b), 3))
+    return out
+
+
+def calibration_report(cases) -> None:
+    """Prints the calibration fitted on one part and the ensemble's scores with it and with the shipped one on
+    both parts."""
+    fit, held = split(cases)
+    finds = member_finds(cases)
+    fitted = fit_calibration(fit, finds)
+    print(f"calibration fitted on {len(fit)} cases (held out: {len(held)}): {fitted}")
+    print(f"shipped: {fdetect.CALIBRATION}")
+    print("| calibration | part | " + " | ".join(CATEGORIES) + " | recall / precision |")
+    print("|---|---|" + "---|" * (len(CATEGORIES) + 1))
+    for label, table in (("shipped", fdetect.CALIBRATION), ("fitted", fitted)):
+        ens = fdetect.EnsembleDetector(calibration=table)
+        detect = lambda image: [d.box for d in ens.combine(finds[id(image)], 0.3)]  # noqa: E731
+        for part, part_cases in (("fit", fit), ("held out", held)):
+            t = score(detect, part_cases)
+            cells = [f"{t[c]['fp']} false" if c == "non-face" else
+                     f"{t[c]['tp']}/{t[c]['tp'] + t[c]['fn']}" + (f", {t[c]['fp']} false" if t[c]["fp"] else "")
+                     for c in CATEGORIES]
+            o = t["overall"]
+            print(f"| {label} | {part} | " + " | ".join(cells) + f" | {o['recall']:.2f} / {o['precision']:.2f} |")
+
+
 def main(argv=None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("detectors", nargs="*", help="name[:tiles[:turned_heads]] (default: every installed detector)")
     ap.add_argument("--no-time", action="store_true", help="skip the per-image timing")
+    ap.add_argument("--calibration", action="store_true",
+                    help="fit the ensemble's calibration on half the cases, score it on both halves, and stop")
     args = ap.parse_args(argv)
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", file=sys.stderr)
+    if args.calibration:
+        return calibration_report(face_cases())
     names = args.detectors or [n for n, why in fdetect.available_detectors().items() if why is None]
     cases = face_cases()
     timing = [c.image for c in cases if c.image.shape[:2] == (1024, 1024)][:3]

@@ -82,10 +82,20 @@ def _ultralytics_device(dev: torch.device) -> str:
     return "mps" if dev.type == "mps" else "cpu"
 
 
+def yolo_face_models() -> list[fdetect.Detector]:
+    """The YOLO face models in models/ultralytics/bbox (files with "face" in their name: that folder also holds
+    hand and person models), as the ensemble's extra members; usable only where ultralytics is installed."""
+    device = _ultralytics_device(host.default_device())
+    return [fdetect.get_detector(path, device=device) for name, path in _yolo_files().items()
+            if name.startswith("bbox/") and "face" in name.lower()]
+
+
 def resolve_detector(name: str) -> fdetect.Detector:
     if name == NO_DETECTOR or not name:
         raise TwigError("no face detector is installed; " + NO_DETECTOR.strip("()"))
-    if name in fdetect.BUILTIN_DETECTORS:
+    if name == "ensemble":
+        det = fdetect.EnsembleDetector(extra=yolo_face_models())
+    elif name in fdetect.BUILTIN_DETECTORS:
         det = fdetect.get_detector(name)
     else:
         path = _yolo_files().get(name)
@@ -109,9 +119,9 @@ def _check_image(image) -> None:
 
 def detection_inputs() -> dict:
     return {
-        "detector": (detector_choices(), {"tooltip": "Face detector. Lists what is installed: ensemble (the default: mediapipe full and short range and OpenCV Haar together, duplicates merged, confidences made comparable), mediapipe (0.10.21) BlazeFace full/short range and face mesh, OpenCV's Haar cascade, and YOLO .pt models from models/ultralytics/bbox or segm (needs ultralytics)."}),
+        "detector": (detector_choices(), {"tooltip": "Face detector. Lists what is installed: ensemble (the default: mediapipe full and short range, OpenCV Haar and the YOLO face models in models/ultralytics/bbox together, duplicates merged, confidences made comparable), mediapipe (0.10.21) BlazeFace full/short range and face mesh, OpenCV's Haar cascade, and YOLO .pt models from models/ultralytics/bbox or segm (needs ultralytics)."}),
         "confidence": ("FLOAT", {"default": D["confidence"], "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Minimum detection confidence (ADetailer default 0.3)."}),
-        "small_faces": (TILE_CHOICES, {"default": "auto", "tooltip": "Also scan overlapping 512 px tiles to find small (distant) faces; fine: 256 px tiles, for faces down to 24 px in a 1024 px image (slower). auto: on for the ensemble and the mediapipe models, off for Haar (it scans all scales) and YOLO."}),
+        "small_faces": (TILE_CHOICES, {"default": "auto", "tooltip": "Also scan overlapping 512 px tiles to find small (distant) faces; fine: 256 px tiles, for faces down to 24 px in a 1024 px image (slower). auto: fine for the ensemble, on for the mediapipe models, off for Haar (it scans all scales) and YOLO."}),
         "max_faces": ("INT", {"default": D["max_faces"], "min": 0, "max": 100, "tooltip": "Keep only the N largest faces per image (0 = all)."}),
         "min_ratio": ("FLOAT", {"default": D["min_ratio"], "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Ignore faces smaller than this fraction of the image area (e.g. 0.01 skips background faces)."}),
         "max_ratio": ("FLOAT", {"default": D["max_ratio"], "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Ignore faces larger than this fraction of the image area."}),

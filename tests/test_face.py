@@ -22,6 +22,7 @@ from twig_core.errors import TwigError
 from twig_core.face import detect as fdetect
 from twig_core.face import masks as M
 from twig_core.face import refine as R
+from twig_core.face import yolo as fyolo
 from twig_core.face.detect import Detection
 
 # --------------------------------------------------------------------------------------------------
@@ -247,14 +248,14 @@ def fake_ultralytics(monkeypatch):
 def test_yolo_not_installed(monkeypatch, tmp_path):
     real = fdetect.importlib.util.find_spec
     monkeypatch.setattr(fdetect.importlib.util, "find_spec", lambda n, *a: None if n == "ultralytics" else real(n, *a))
-    det = fdetect.YoloDetector(str(tmp_path / "face_yolov8n.pt"))
+    det = fyolo.YoloDetector(str(tmp_path / "face_yolov8n.pt"))
     assert "ultralytics is not installed" in det.status()
     with pytest.raises(TwigError, match="ultralytics is not installed"):
         det.detect(np.zeros((32, 32, 3), np.uint8))
 
 
 def test_yolo_model_file_missing(fake_ultralytics, tmp_path):
-    det = fdetect.YoloDetector(str(tmp_path / "face_yolov8n.pt"))
+    det = fyolo.YoloDetector(str(tmp_path / "face_yolov8n.pt"))
     assert "model file not found" in det.status() and "models/ultralytics/bbox" in det.status()
 
 
@@ -262,7 +263,7 @@ def test_yolo_refuses_pickles_that_would_run_code(fake_ultralytics, tmp_path):
     marker = tmp_path / "ran.txt"
     path = tmp_path / "evil_face.pt"
     torch.save({"model": fake_ultralytics.DetectionModel(), "extra": _Payload(str(marker))}, path)
-    det = fdetect.YoloDetector(str(path))
+    det = fyolo.YoloDetector(str(path))
     assert det.status() is None
     with pytest.raises(TwigError, match=r"refusing to load.*test_face\._make_boom"):
         det.detect(np.zeros((32, 32, 3), np.uint8))
@@ -278,7 +279,7 @@ def test_yolo_refuses_pickles_that_would_run_code(fake_ultralytics, tmp_path):
 
     torch.save({"x": GetattrPayload()}, path2)
     with pytest.raises(TwigError, match="builtins.getattr"):
-        fdetect.safe_globals_for(str(path2))
+        fyolo.safe_globals_for(str(path2))
 
 
 @pytest.mark.parametrize("seg", [False, True])
@@ -293,7 +294,7 @@ def test_yolo_loads_with_the_restricted_unpickler_and_detects(fake_ultralytics, 
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", spy)
-    det = fdetect.YoloDetector(str(path))
+    det = fyolo.YoloDetector(str(path))
     found = fdetect.detect_faces(np.zeros((48, 80, 3), np.uint8), det, 0.3)
     assert seen.get("weights_only") is True
     assert torch.load is spy  # the temporary restriction is undone
@@ -669,130 +670,3 @@ def test_detect_node_runs_a_yolo_model_from_the_bbox_folder(fake_ultralytics, tm
         nface.TwigFaceDetect().detect(image, "bbox/missing.pt", 0.5, "auto", 0, 0.0, 1.0, "confidence", 0)
     assert nface._ultralytics_device(torch.device("cuda", 1)) == "1"
     assert nface._ultralytics_device(torch.device("cpu")) == "cpu"
-
-
-# --------------------------------------------------------------------------------------------------
-# The ensemble, turned heads, and the merge rule, scored on bench/bench_faces.py's real-photo cases
-
-
-def test_boxes_found_on_turned_copies_turn_back():
-    img = np.zeros((60, 100, 3), np.uint8)
-    img[10:20, 30:50] = 255  # a 20x10 block at x 30..50, y 10..20
-    for k in (1, 2, 3):
-        turned = np.rot90(img, k)
-        ys, xs = np.nonzero(turned[..., 0])
-        box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
-        assert fdetect._turned_back(box, k, 60, 100) == (30, 10, 50, 20), k
-
-
-def test_merge_rule_keeps_one_source_as_is_and_combines_different_sources():
-    a = Detection((0, 0, 10, 10), 0.6, source="x")
-    same = Detection((1, 1, 11, 11), 0.5, source="x")
-    other = Detection((0, 1, 10, 11), 0.5, source="y")
-    far = Detection((50, 50, 60, 60), 0.4, source="y")
-    assert fdetect.merge_detections([same, a, far]) == [a, far]
-    merged = fdetect.merge_detections([a, same, other, far])
-    assert merged[0].box == a.box and merged[0].source == "x+y" and merged[0].confidence == pytest.approx(0.8)
-    assert merged[1] == far
-
-
-def test_calibration_inverse_and_unknown_sources():
-    for name in fdetect.CALIBRATION:
-        for c in (0.05, 0.3, 0.9):
-            assert fdetect.calibrated(name, fdetect.calibrated(name, c), inverse=True) == pytest.approx(c)
-    assert fdetect.calibrated("yolo:face.pt", 0.42) == pytest.approx(0.42)
-
-
-@pytest.fixture(scope="module")
-def face_cases():
-    pytest.importorskip("skimage.data", reason="scikit-image provides the test photographs")
-    for name in ("mediapipe_face_full", "mediapipe_face_short", "opencv_haar"):
-        _usable(name)
-    from bench.bench_faces import face_cases
-
-    return face_cases()
-
-
-def test_face_case_boxes_are_hand_measured_where_the_detectors_agree(face_cases):
-    """The astronaut's measured face box matches what every built-in detector finds (IoU ≥ 0.6)."""
-    from bench.bench_faces import ASTRONAUT_FACE
-
-    for name in ("mediapipe_face_full", "mediapipe_face_short", "opencv_haar"):
-        (d,) = fdetect.detect_faces(face_cases[0].image, name, 0.3)
-        assert fdetect.iou(d.box, ASTRONAUT_FACE)[0] >= 0.6, (name, d.box)
-
-
-def test_ensemble_meets_the_recall_and_precision_targets(face_cases):
-    from bench.bench_faces import detector_fn, score
-
-    table = score(detector_fn("ensemble"), face_cases)
-    assert table["ordinary"]["recall"] == 1.0 and table["ordinary"]["precision"] == 1.0, table["ordinary"]
-    assert table["overall"]["recall"] >= 0.9 and table["overall"]["precision"] >= 0.95, table["overall"]
-    assert table["rotated"]["recall"] == 1.0 and table["non-face"]["fp"] == 0, table
-    for name in ("mediapipe_face_full", "opencv_haar"):  # at least as good as the best single detector
-        single = score(detector_fn(name), face_cases)["overall"]
-        assert table["overall"]["recall"] > single["recall"], (name, single)
-
-
-def test_ensemble_detections_say_which_members_found_them(astronaut):
-    (d,) = fdetect.detect_faces(astronaut, "ensemble", 0.3)
-    assert d.source == "ensemble" and set(d.found_by) == {"mediapipe_face_full", "mediapipe_face_short", "opencv_haar"}
-    assert d.to_dict()["found_by"] == list(d.found_by) and 0.9 < d.confidence <= 1.0
-
-
-def test_fine_tiles_find_24px_faces_in_a_1024_image(face_cases):
-    from bench.bench_faces import match
-
-    small = [c for c in face_cases if c.category == "small"]
-    for case in small:
-        found = fdetect.detect_faces(case.image, "ensemble", 0.3, tiles="fine")
-        tiny = [b for b in case.faces if b[2] - b[0] < 25]
-        assert match([d.box for d in found], tiny)[1] == 0, case.name
-
-
-def test_turned_heads_off_runs_no_turned_passes(monkeypatch, face_cases):
-    calls = []
-    det = fdetect.get_detector("mediapipe_face_full")
-    real = type(det).detect
-    monkeypatch.setattr(type(det), "detect", lambda self, img, conf=0.3: calls.append(img.shape) or real(self, img, conf))
-    rotated = next(c for c in face_cases if c.name == "rotated 90").image
-    fdetect.detect_faces(rotated, det, 0.3, tiles="off", turned_heads="off")
-    assert calls == [rotated.shape]
-    calls.clear()
-    fdetect.detect_faces(rotated, det, 0.3, tiles="off", turned_heads="on")
-    h, w = rotated.shape[:2]
-    assert calls == [(h, w, 3), (w, h, 3), (h, w, 3), (w, h, 3)]
-    with pytest.raises(TwigError, match="turned_heads"):
-        fdetect.detect_faces(rotated, det, 0.3, turned_heads="sideways")
-
-
-def test_ensemble_takes_yolo_models_as_members(fake_ultralytics, tmp_path):
-    path = tmp_path / "face_yolov8n.pt"
-    torch.save({"model": fake_ultralytics.DetectionModel()}, path)
-    ens = fdetect.EnsembleDetector(extra=[fdetect.YoloDetector(str(path))])
-    found = fdetect.detect_faces(np.full((1024, 1024, 3), 128, np.uint8), ens, 0.3, turned_heads="off")
-    assert sorted((d.box, round(d.confidence, 2)) for d in found) == [((10.0, 12.0, 40.0, 44.0), 0.9),
-                                                                       ((50.0, 5.0, 70.0, 30.0), 0.4)]
-    assert all(d.source == "ensemble" and d.found_by == ("yolo:face_yolov8n.pt",) for d in found)
-
-
-def test_node_limits_and_sorts_the_merged_ensemble_faces(astronaut):
-    """max_faces and sort act on the merged faces: duplicates from tiles, turned copies and members are gone."""
-    from nodes.face import run_detection
-
-    _usable("ensemble")
-    grid = np.concatenate([np.concatenate([astronaut, astronaut], 1)] * 2, 0)
-    image = torch.from_numpy(grid[None].astype(np.float32) / 255.0)
-    faces = run_detection(image, "ensemble", 0.3, "auto", 0, 0.0, 1.0, "left-right")
-    assert len(faces.detections[0]) == 4 and faces.detector == "ensemble"
-    top = run_detection(image, "ensemble", 0.3, "auto", 3, 0.0, 1.0, "confidence", "off").detections[0]
-    assert len(top) == 3 and [d.confidence for d in top] == sorted((d.confidence for d in top), reverse=True)
-    assert len({(int(d.center[0] // 512), int(d.center[1] // 512)) for d in top}) == 3
-
-
-def test_mediapipe_reuses_a_few_graphs_and_gives_the_same_faces(astronaut):
-    det = fdetect.get_detector(_usable("mediapipe_face_short"))
-    first = det.detect(astronaut, 0.3)
-    for conf in (0.31, 0.32, 0.33, 0.34, 0.35, 0.3):
-        assert [d.box for d in det.detect(astronaut, conf)] == [d.box for d in first]
-        assert len(det._graphs) <= 4

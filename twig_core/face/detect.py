@@ -13,8 +13,8 @@ Built-in detectors (names as ADetailer spells them):
   :class:`EnsembleDetector`.
 
 YOLO face models (``.pt``, bbox or segmentation) run through ultralytics when it is installed; see
-:class:`YoloDetector`. They are loaded with PyTorch's restricted (``weights_only``) unpickler so a model
-file cannot run code, and refused, naming the offending global, when it needs more than plain classes.
+:mod:`.yolo` (loaded with PyTorch's restricted ``weights_only`` unpickler). :func:`get_detector` gives one
+for a file path.
 
 Each detector is a :class:`Detector`: ``status()`` (None when usable, else the reason, without importing the
 package) and ``detect(image, confidence) -> list[Detection]`` on an RGB uint8 ``[H,W,3]`` array.
@@ -206,6 +206,7 @@ class Detector:
 
     name = "detector"
     tile_small_faces = False
+    min_face = 0  # the smallest face (px) it finds, where it has such a limit
 
     def status(self) -> Optional[str]:
         """None when this detector can run here, else a one-line reason with the fix."""
@@ -330,6 +331,7 @@ class HaarDetector(Detector):
 
     def __init__(self, scale_factor: float = 1.1, min_neighbors: int = 5, min_size: int = 24):
         self.scale_factor, self.min_neighbors, self.min_size = scale_factor, min_neighbors, min_size
+        self.min_face = min_size
         self._cascade = None
         self._lock = threading.Lock()
 
@@ -378,182 +380,6 @@ class HaarDetector(Detector):
 
 
 # --------------------------------------------------------------------------------------------------
-# YOLO through ultralytics, loaded with the restricted unpickler
-
-# Globals a YOLO checkpoint may name beyond what torch's weights_only unpickler allows by itself: classes
-# only (never functions such as builtins.getattr, which can reach anything).
-_SAFE_PREFIXES = ("ultralytics.", "torch.nn.modules.", "collections.", "numpy.dtypes.")
-_SAFE_EXACT = {
-    "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex", "builtins.bytearray",
-    "builtins.range", "torch.Size", "numpy.dtype", "numpy.ndarray",
-    "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.Path", "types.SimpleNamespace", "argparse.Namespace",
-    "datetime.datetime", "datetime.date", "datetime.timedelta",
-}
-# numpy helpers that rebuild arrays/scalars from bytes (what torch itself allows for numpy, by name)
-_SAFE_FUNCTIONS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-                   "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "_codecs.encode"}
-
-
-def _resolve_global(name: str):
-    import importlib
-
-    module, _, attr = name.rpartition(".")
-    obj = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def checkpoint_globals(path: str) -> list[str]:
-    """Globals a torch checkpoint names that torch's weights_only unpickler does not allow by default,
-    read without unpickling anything (``torch.serialization.get_unsafe_globals_in_checkpoint``)."""
-    import torch
-
-    fn = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
-    if fn is None or not hasattr(torch.serialization, "safe_globals"):
-        raise TwigError(f"{os.path.basename(path)}: loading YOLO models safely needs torch 2.5 or newer "
-                        f"(this is torch {torch.__version__})")
-    try:
-        return sorted(fn(path))
-    except Exception as e:  # noqa: BLE001 - a broken or legacy-format file
-        raise TwigError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-
-
-def safe_globals_for(path: str) -> list:
-    """The objects to allow for ``path`` under the restricted unpickler, or a TwigError that names every global
-    the file needs that is not a plain class (which could run code when the file is loaded)."""
-    names = checkpoint_globals(path)
-    refused, allowed = [], []
-    for name in names:
-        ok = name in _SAFE_EXACT or name in _SAFE_FUNCTIONS or name.startswith(_SAFE_PREFIXES)
-        obj = None
-        if ok:
-            try:
-                obj = _resolve_global(name)
-            except Exception:  # noqa: BLE001 - missing module or attribute
-                ok = False
-        if ok and name not in _SAFE_FUNCTIONS and not isinstance(obj, type):
-            ok = False
-        (allowed if ok else refused).append(obj if ok else name)
-    if refused:
-        raise TwigError(
-            f"{os.path.basename(path)}: refusing to load this YOLO model: unpickling it would call "
-            f"{', '.join(refused)}, which can run arbitrary code. Twig loads .pt models only with PyTorch's "
-            f"restricted (weights_only) unpickler; use a model made by ultralytics' own training or export.")
-    return allowed
-
-
-class YoloDetector(Detector):
-    """A YOLO face model (bbox or segmentation ``.pt``) run through ultralytics.
-
-    Loading: the checkpoint's globals are listed without unpickling; anything but plain classes (e.g.
-    ``builtins.getattr``, ``os.system``) is refused. Then ultralytics loads it while ``torch.load`` is held
-    to ``weights_only=True`` with exactly those classes allowed, so the file cannot run code.
-    Confidence is YOLO's box score; segmentation models also give masks.
-    """
-
-    def __init__(self, path: str, device: Optional[str] = None):
-        """``device``: as ultralytics spells it ("cpu", "0" for the first CUDA GPU, "mps"); None = its choice."""
-        self.path = os.path.abspath(path)
-        self.name = "yolo:" + os.path.basename(path)
-        self.device = device
-        self._model = None
-        self._lock = threading.Lock()
-
-    def status(self) -> Optional[str]:
-        if importlib.util.find_spec("ultralytics") is None:
-            return f"ultralytics is not installed (optional, for YOLO .pt face models: {ULTRALYTICS_HINT})"
-        if not os.path.isfile(self.path):
-            return f"model file not found: {self.path} (put YOLO face models in models/ultralytics/bbox)"
-        if not self.path.lower().endswith(YOLO_EXTENSIONS):
-            return f"{os.path.basename(self.path)} is not a .pt/.pth model"
-        return None
-
-    def load(self):
-        self.check()
-        with self._lock:
-            if self._model is None:
-                self._model = load_yolo_safely(self.path)
-            return self._model
-
-    def detect(self, image: np.ndarray, confidence: float = 0.3) -> list[Detection]:
-        from PIL import Image
-
-        model = self.load()
-        img = as_rgb_uint8(image)
-        h, w = img.shape[:2]
-        kwargs = dict(conf=float(confidence), verbose=False, retina_masks=True)
-        if self.device is not None:
-            kwargs["device"] = self.device
-        results = model.predict(Image.fromarray(img), **kwargs)
-        if not results:
-            return []
-        r = results[0]
-        boxes = getattr(r, "boxes", None)
-        if boxes is None or len(boxes) == 0:
-            return []
-        xyxy = _np(boxes.xyxy).reshape(-1, 4)
-        conf = _np(boxes.conf).reshape(-1)
-        masks = None
-        if getattr(r, "masks", None) is not None:
-            masks = _np(r.masks.data)
-            if masks.shape[-2:] != (h, w):
-                masks = _resize_masks(masks, h, w)
-            masks = masks > 0.5
-        out = []
-        for i, (b, c) in enumerate(zip(xyxy, conf)):
-            box = clip_box(b, w, h)
-            if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
-                m = masks[i] if masks is not None and i < len(masks) else None
-                out.append(Detection(box, float(c), m, "face", self.name))
-        return out
-
-
-def _np(x) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().float().cpu().numpy()
-    return np.asarray(x, dtype=np.float32)
-
-
-def _resize_masks(masks: np.ndarray, h: int, w: int) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
-    return F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False)[:, 0].numpy()
-
-
-_LOAD_LOCK = threading.Lock()
-
-
-def load_yolo_safely(path: str):
-    """``ultralytics.YOLO(path)`` with every ``torch.load`` it makes forced to ``weights_only=True`` and only the
-    file's own (checked) classes allowed."""
-    import torch
-
-    allowed = safe_globals_for(path)
-    from ultralytics import YOLO
-
-    real_load = torch.load
-
-    def restricted_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        return real_load(*args, **kwargs)
-
-    with _LOAD_LOCK, torch.serialization.safe_globals(allowed):
-        torch.load = restricted_load
-        try:
-            return YOLO(path)
-        except TwigError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            raise TwigError(f"{os.path.basename(path)}: ultralytics could not load it with the restricted "
-                            f"unpickler ({type(e).__name__}: {e})") from e
-        finally:
-            torch.load = real_load
-
-
-# --------------------------------------------------------------------------------------------------
 # The ensemble
 
 # Each member's own score s is mapped to logistic(a·logit(s) + b) before merging, so that a confidence means
@@ -561,6 +387,7 @@ def load_yolo_safely(path: str):
 # BlazeFace full range as it is (its false finds there score ≤ 0.65), short range lowered (a lone find of 0.54
 # becomes 0.24: its true and false finds both score 0.5-0.8, so it counts mostly where another member agrees),
 # Haar raised (its faces score from 0.01 up, while minNeighbors=5 already rejects nearly every texture).
+# `python bench/bench_faces.py --calibration` fits them on half the cases instead and scores the other half.
 # Members run down to MEMBER_FLOOR on this scale, so two weak finds of one face add up (merge_detections'
 # rule) while one weak find alone stays below the usual 0.3.
 CALIBRATION = {
@@ -573,6 +400,8 @@ MEMBER_FLOOR = 0.02
 # a face that fills the frame (an ID photo, a crop) is found once it has the surroundings detectors expect.
 PAD_LIMIT = 768
 PAD_FRACTION = 0.25
+# The longest side the ensemble's Haar cascade scans (its cost grows with the pixels at its smallest scale).
+HAAR_SIDE = 512
 
 
 def _logit(p: float) -> float:
@@ -580,65 +409,128 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def calibrated(source: str, score: float, inverse: bool = False) -> float:
+def calibrated(source: str, score: float, inverse: bool = False, table: Optional[dict] = None) -> float:
     """A member's score on the ensemble's common scale (YOLO models and unknown sources: unchanged);
-    ``inverse``: the member score that maps to ``score``."""
-    a, b = CALIBRATION.get(source, (1.0, 0.0))
+    ``inverse``: the member score that maps to ``score``. ``table``: (a, b) per member, :data:`CALIBRATION`
+    unless given."""
+    a, b = (CALIBRATION if table is None else table).get(source, (1.0, 0.0))
     x = (_logit(score) - b) / a if inverse else a * _logit(score) + b
-    return 1.0 / (1.0 + math.exp(-x))
+    return 1.0 / (1.0 + math.exp(-min(max(x, -50.0), 50.0)))
 
 
 class EnsembleDetector(Detector):
     """Every installed built-in detector, each where it is strong, merged by :func:`merge_detections`.
 
-    Members: mediapipe full range (whole image, tiles, quarter-turned copies), mediapipe short range (whole
-    image: close-ups and tight crops, which the full-range model misses; it finds faces turned up to 180°
-    itself), OpenCV Haar (whole image, upright: frontal faces down to 24 px at every scale; turned copies would
-    triple its cost), plus any YOLO detectors given (whole image and turned copies). Small images get a border
-    first (:data:`PAD_LIMIT`). A member that is not installed is left out; the ensemble needs one. Scores are
-    calibrated per member (:data:`CALIBRATION`), and a face several members found gets their combined
-    confidence. Detections say ``source="ensemble"`` and name the members in ``found_by``.
+    Members: mediapipe full range (whole image, 256 px tiles for faces down to 24 px in a 1024² image, and
+    quarter-turned copies), mediapipe short range (whole image: close-ups and tight crops, which the full-range
+    model misses; it finds faces turned up to 180° itself), OpenCV Haar (upright: frontal faces at every scale;
+    turned copies would triple its cost), plus any YOLO detectors given (whole image and turned copies). Small
+    images get a border first (:data:`PAD_LIMIT`). Haar scans large images at most :data:`HAAR_SIDE` px wide,
+    which costs a quarter of the full size at 1024², and looks at the faces too small for that scale on
+    upscaled crops around where the other members found them, so it still has its say on every face. A member
+    that is not installed is left out; the ensemble needs one. Scores are calibrated per member
+    (:data:`CALIBRATION`), and a face several members found gets their combined confidence. Detections say
+    ``source="ensemble"`` and name the members in ``found_by``.
     """
 
     name = "ensemble"
     tile_small_faces = True
-    # (member, runs on tiles, runs on turned copies)
-    MEMBERS = (("mediapipe_face_full", True, True), ("mediapipe_face_short", False, False),
-               ("opencv_haar", False, False))
+    # (member, runs on tiles, runs on turned copies, longest side it scans, None = the image's own)
+    MEMBERS = (("mediapipe_face_full", True, True, None), ("mediapipe_face_short", False, False, None),
+               ("opencv_haar", False, False, HAAR_SIDE))
 
-    def __init__(self, extra: Iterable[Detector] = ()):
+    def __init__(self, extra: Iterable[Detector] = (), calibration: Optional[dict] = None):
         self.extra = list(extra)
+        self.calibration = CALIBRATION if calibration is None else calibration
 
-    def members(self) -> list[tuple[Detector, bool, bool]]:
-        """(detector, tiles, turns) for each usable member."""
-        out = [(get_detector(name), tiles, turns) for name, tiles, turns in self.MEMBERS]
-        out += [(det, False, True) for det in self.extra]
+    def members(self) -> list[tuple[Detector, bool, bool, Optional[int]]]:
+        """(detector, tiles, turns, longest side) for each usable member."""
+        out = [(get_detector(name), tiles, turns, side) for name, tiles, turns, side in self.MEMBERS]
+        out += [(det, False, True, None) for det in self.extra]
         return [m for m in out if m[0].status() is None]
 
     def status(self) -> Optional[str]:
         if self.members():
             return None
         return "none of its members is installed: " + "; ".join(
-            f"{name}: {get_detector(name).status()}" for name, _, _ in self.MEMBERS)
+            f"{name}: {get_detector(name).status()}" for name, *_ in self.MEMBERS)
 
     def detect(self, image: np.ndarray, confidence: float = 0.3, tiles="auto",
                turns: tuple[int, ...] = (1, 2, 3)) -> list[Detection]:
+        return self.combine(self.member_finds(image, min(confidence, MEMBER_FLOOR), tiles, turns), confidence)
+
+    def combine(self, found: list[Detection], confidence: float) -> list[Detection]:
+        """The faces in members' finds (:meth:`member_finds`): scores calibrated, finds below
+        :data:`MEMBER_FLOOR` dropped, boxes merged, faces below ``confidence`` dropped."""
+        floor = min(confidence, MEMBER_FLOOR)
+        out = [Detection(d.box, c, d.mask, d.label, d.source) for d in found
+               if (c := calibrated(d.source, d.confidence, table=self.calibration)) >= floor]
+        return [Detection(d.box, d.confidence, d.mask, d.label, self.name, tuple(d.source.split("+")))
+                for d in merge_detections(out) if d.confidence >= confidence]
+
+    def member_finds(self, image: np.ndarray, floor: float, tiles="auto",
+                     turns: tuple[int, ...] = (1, 2, 3)) -> list[Detection]:
+        """Every member's finds scoring at least ``floor`` once calibrated, unmerged, with the member's own
+        score and name (``source``), in the image's pixels."""
         self.check()
         img = as_rgb_uint8(image)
         h, w = img.shape[:2]
         pad = round(PAD_FRACTION * max(h, w)) if max(h, w) <= PAD_LIMIT else 0
         work = np.pad(img, ((pad, pad), (pad, pad), (0, 0)), mode="edge") if pad else img
-        found = []
-        for det, member_tiles, member_turns in self.members():
-            floor = calibrated(det.name, min(confidence, MEMBER_FLOOR), inverse=True)
-            dets, _ = _single_passes(det, work, floor, tiles if member_tiles else "off", turns if member_turns else ())
-            for d in dets:
-                box = clip_box((d.box[0] - pad, d.box[1] - pad, d.box[2] - pad, d.box[3] - pad), w, h)
-                mask = None if d.mask is None else np.ascontiguousarray(d.mask[pad:pad + h, pad:pad + w])
-                if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
-                    found.append(Detection(box, calibrated(det.name, d.confidence), mask, d.label, det.name))
-        return [Detection(d.box, d.confidence, d.mask, d.label, self.name, tuple(d.source.split("+")))
-                for d in merge_detections(found) if d.confidence >= confidence]
+        tiles = "fine" if tiles == "auto" else tiles
+        found, scaled = [], []
+        for det, member_tiles, member_turns, side in self.members():
+            member_floor = calibrated(det.name, floor, inverse=True, table=self.calibration)
+            scale = min(1.0, side / max(work.shape[:2])) if side else 1.0
+            if scale < 1.0:
+                scaled.append((det, member_floor, scale))
+                dets = _at_scale(det, work, member_floor, scale)
+            else:
+                dets, _ = _single_passes(det, work, member_floor, tiles if member_tiles else "off",
+                                         turns if member_turns else ())
+            found += [Detection(d.box, d.confidence, d.mask, d.label, det.name) for d in dets]
+        for det, member_floor, scale in scaled:  # faces too small for the member at its scale: upscaled crops
+            smallest = det.min_face / scale
+            small = merge_detections(d for d in found if d.source != det.name and max(d.width, d.height) < smallest)
+            for d in small:
+                found += [Detection(e.box, e.confidence, e.mask, e.label, det.name)
+                          for e in _around(det, work, member_floor, d.box)]
+        out = []
+        for d in found:
+            box = clip_box((d.box[0] - pad, d.box[1] - pad, d.box[2] - pad, d.box[3] - pad), w, h)
+            mask = None if d.mask is None else np.ascontiguousarray(d.mask[pad:pad + h, pad:pad + w])
+            if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+                out.append(Detection(box, d.confidence, mask, d.label, d.source))
+        return out
+
+
+def _resized(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((width, height), Image.BILINEAR, reducing_gap=2.0))
+
+
+def _at_scale(detector: Detector, img: np.ndarray, confidence: float, scale: float) -> list[Detection]:
+    """``detector`` on ``img`` resized by ``scale``, boxes in ``img``'s pixels (box-only detectors)."""
+    h, w = img.shape[:2]
+    small = _resized(img, max(1, round(w * scale)), max(1, round(h * scale)))
+    sx, sy = small.shape[1] / w, small.shape[0] / h
+    return [Detection(clip_box((d.box[0] / sx, d.box[1] / sy, d.box[2] / sx, d.box[3] / sy), w, h), d.confidence,
+                      None, d.label, d.source)
+            for d in detector.detect(small, confidence) if d.confidence >= confidence]
+
+
+def _around(detector: Detector, img: np.ndarray, confidence: float, box) -> list[Detection]:
+    """``detector`` on a crop three times the size of ``box`` around it, enlarged so that the face there is
+    twice the detector's smallest face (``min_face``); boxes in ``img``'s pixels."""
+    h, w = img.shape[:2]
+    side = max(box[2] - box[0], box[3] - box[1], 1.0)
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    x0, y0 = max(0, int(cx - 1.5 * side)), max(0, int(cy - 1.5 * side))
+    x1, y1 = min(w, int(math.ceil(cx + 1.5 * side))), min(h, int(math.ceil(cy + 1.5 * side)))
+    scale = max(1.0, 2.0 * detector.min_face / side)
+    found = _at_scale(detector, np.ascontiguousarray(img[y0:y1, x0:x1]), confidence, scale)
+    return [d.shifted(x0, y0) for d in found]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -673,6 +565,8 @@ def get_detector(name: str, device: Optional[str] = None) -> Detector:
             if name in _BUILTIN:
                 det = _BUILTIN[name]()
             elif name.lower().endswith(YOLO_EXTENSIONS) or os.sep in name or "/" in name:
+                from .yolo import YoloDetector
+
                 det = YoloDetector(name, device)
             else:
                 raise TwigError(f"unknown face detector {name!r}; choose one of {', '.join(BUILTIN_DETECTORS)} "
@@ -683,6 +577,9 @@ def get_detector(name: str, device: Optional[str] = None) -> Detector:
 
 TILE_SIZE = 512  # 4x the short-range network's 128 px input: faces keep the scale the model was trained at
 FINE_TILE_SIZE = 256  # full range's 192 px input sees a 24 px face of a 256 px tile at 18 px
+# Faces smaller than this found in tiles are dropped: what BlazeFace finds there below 20 px is texture (the
+# tiles are for faces from 24 px).
+MIN_TILE_FACE = 20
 
 
 def _starts(size: int, tile: int, overlap: float) -> list[int]:
@@ -752,7 +649,8 @@ def _single_passes(detector: Detector, img: np.ndarray, confidence: float, tiles
             crop = np.ascontiguousarray(img[y0:y1, x0:x1])
             for d in detector.detect(crop, confidence):
                 # a face cut by an inner tile edge lies whole in a neighbouring tile (half overlap): skip it
-                if d.confidence >= confidence and not _touches_inner_edge(d.box, x0, y0, x1, y1, w, h):
+                if (d.confidence >= confidence and max(d.width, d.height) >= MIN_TILE_FACE
+                        and not _touches_inner_edge(d.box, x0, y0, x1, y1, w, h)):
                     found.append(d.shifted(x0, y0, (h, w)))
     for k in turns:
         for d in detector.detect(np.ascontiguousarray(np.rot90(img, k)), confidence):
@@ -768,8 +666,9 @@ def detect_faces(image, detector: Detector | str, confidence: float = 0.3, tiles
 
     ``tiles``: "off" = the whole image only; "on" (or a tile size in px) = the whole image plus overlapping
     512 px tiles, for faces too small for BlazeFace's 128/192 px input; "fine" = 256 px tiles, which BlazeFace
-    enlarges for faces down to 24 px in a 1024² image (about five times the work of "on"); "auto" = "on" for
-    the mediapipe models and the ensemble, "off" for the Haar cascade (it scans every scale itself) and YOLO. ``turned_heads``: "on" also runs the
+    enlarges for faces down to 24 px in a 1024² image (about five times the work of "on"); "auto" = "fine" for
+    the ensemble, "on" for the mediapipe models, "off" for the Haar cascade (it scans every scale itself) and
+    YOLO. ``turned_heads``: "on" also runs the
     detector on the image turned by 90, 180 and 270 degrees (boxes turned back), for faces lying sideways or
     upside down — three more whole-image passes; "auto" = on for the ensemble only. Faces found more than once
     are merged by :func:`merge_detections` (the most confident box wins; a box mostly inside a kept one is
