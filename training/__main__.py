@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     p.add_argument("--pos-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="DiT with the sin-cos positional embedding (as Sana's 2K/4K models; default), or without "
                         "(as Sana 1600M 1024px); give the same choice to dit and export")
-    p.add_argument("--lora-steps", type=int, default=600)
+    p.add_argument("--lora-steps", type=int, default=1000)
     p.add_argument("--lora-out", default=None, help="where the lora stage writes the adapter (default: "
                    "twig_core/demo_loras/twig_demo_pink.safetensors)")
     p.add_argument("--eval-n", type=int, default=400)
