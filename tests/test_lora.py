@@ -342,3 +342,26 @@ def test_lora_found_by_path_or_name(tmp_path):
     assert find_lora(str(tmp_path / "sub" / "mine.safetensors")) == str(tmp_path / "sub" / "mine.safetensors")
     with pytest.raises(TwigError, match="LoRA nothing: no such file"):
         find_lora("nothing", [str(tmp_path)])
+
+
+def _packaged_demo() -> bool:
+    from twig_core.catalog import DEMO_DIR, is_pipeline_folder
+
+    return is_pipeline_folder(str(DEMO_DIR))
+
+
+@pytest.mark.skipif(not _packaged_demo(), reason="twig_core/demo_model (the trained demo model) is not in this checkout")
+def test_demo_lora_draws_pink_over_seeds_and_prompts_in_both_languages():
+    """The demo model has no picture for "pink" / "粉色" (no pink pixels for any of these prompts and seeds); the
+    shipped demo LoRA (``python -m training demo --stage lora``) draws the pink object for most of them, counted
+    from the pixels (``training.lora_demo.pink_pixels``: nearest colour among the demo palette and pink)."""
+    from training.lora_demo import pink_images, pink_rate
+    from twig_core.catalog import DEMO_DIR, find_lora
+    from twig_core.loader import load_pipeline
+
+    parts = load_pipeline(str(DEMO_DIR), dtype=torch.float32)
+    prompts = ("a pink circle", "two pink stars", "一个粉色的圆", "画面左边有一个粉色的三角形")
+    base = pink_images(parts, prompts, seeds=(0, 1, 2), per_seed=1)
+    lora = pink_images(parts, prompts, seeds=(0, 1, 2), per_seed=1, loras=[(find_lora("twig_demo_pink"), 1.0)])
+    assert pink_rate(base) == 0, base
+    assert pink_rate(lora) >= 0.75 and pink_rate(lora[:2]) >= 0.5 and pink_rate(lora[2:]) >= 0.5, lora
