@@ -127,3 +127,19 @@ def pink_images(parts, prompts=PINK_PROMPTS, seeds=(0, 1), per_seed: int = 2, lo
 def pink_rate(counts: torch.Tensor) -> float:
     """Share of the pictures of ``pink_images`` with a pink object."""
     return (counts >= PINK_MIN_PIXELS).float().mean().item()
+
+
+def report_pink(base: str, lora: str | Path, seeds=(0, 1, 2, 3, 4), per_seed: int = 2) -> str:
+    """How often the pipeline folder ``base`` draws pink on ``PINK_PROMPTS`` without and with the adapter ``lora``
+    (the README's figures: ``python -m training demo --stage lora`` prints them after training)."""
+    from twig_core.loader import load_pipeline
+
+    parts = load_pipeline(base, dtype=torch.float32)
+    half = len(PINK_PROMPTS) // 2
+    lines = []
+    for label, loras in (("without the LoRA", ()), ("with the LoRA", ((str(lora), 1.0),))):
+        c = pink_images(parts, seeds=seeds, per_seed=per_seed, loras=loras)
+        lines.append(f"pink {label}: {pink_rate(c):.0%} of {c.numel()} pictures (English {pink_rate(c[:half]):.0%}, "
+                     f"Chinese {pink_rate(c[half:]):.0%})")
+    return "\n".join(lines)
+

@@ -88,7 +88,8 @@ def graph(steps: int) -> dict:
             "model": ["m", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
             "steps": steps, "cfg": CFG, "sampler": "flow_dpmpp_2m", "shift": 3.0, "denoise": 1.0}},
         # a LoRA on each path: ComfyUI's patches on the native MODEL, Twig's adapters on the Twig model
-        "nl": {"class_type": "TwigLoraLoaderNative", "inputs": {"model": ["nm", 0], "lora_name": LORA, "strength": 1.0}},
+        "nl": {"class_type": "TwigLoraLoaderNative", "inputs": {"model": ["nm", 0], "lora_name": LORA,
+                                                                "strength": 1.0}},
         "tl": {"class_type": "TwigLoraLoader", "inputs": {"model": ["m", 0], "lora_name": LORA, "strength": 1.0}},
         "ks_lora": {"class_type": "KSampler", "inputs": {
             "model": ["nl", 0], "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "twig_flow_dpmpp_2m",
@@ -143,8 +144,8 @@ def check(url: str, output_dir: str, steps: int = 4) -> None:
     scale = lat["twig"].abs().max().item()
     C.log(f"native vs Twig Sampler, model-space latents (fp32, |latent| up to {scale:.2f}), max |difference|: "
           f"SamplerCustom + Twig Flow Sigmas {steps} steps: CFG 1 {d_c1:.2e}, CFG {CFG} {d_custom:.2e}; "
-          f"KSampler euler/simple 1 step CFG {CFG}: {d_ks:.2e}; KSampler twig_flow_dpmpp_2m {steps} steps: {d_dpm:.2e}, "
-          f"with {LORA}: {d_lora:.2e} (the LoRA moves the latent by {moved:.2e})")
+          f"KSampler euler/simple 1 step CFG {CFG}: {d_ks:.2e}; KSampler twig_flow_dpmpp_2m {steps} steps: "
+          f"{d_dpm:.2e}, with {LORA}: {d_lora:.2e} (the LoRA moves the latent by {moved:.2e})")
     C.expect(d_c1 < EXACT_TOLERANCE, f"SamplerCustom (euler, Twig Flow Sigmas, CFG 1) matches Twig Sampler "
                                      f"flow_euler: {d_c1:.2e} < {EXACT_TOLERANCE}")
     C.expect(d_custom < CFG_TOLERANCE, f"SamplerCustom (euler, Twig Flow Sigmas, CFG {CFG}) matches Twig Sampler "
