@@ -1,15 +1,13 @@
 """LoRA parity with diffusers + peft on identical random weights (fp32, CPU): files written by diffusers'
 ``SanaPipeline.save_lora_weights`` and loaded by ``SanaPipeline.lora_state_dict`` / ``load_lora_into_transformer``
 (``set_adapters`` with strengths, fused and unfused) against ``twig_core.lora`` on our transformer; kohya-style
-files from the same weights; our trainer's adapters loaded by diffusers; refusals of foreign or unknown files."""
+files from the same weights; our trainer's adapters loaded by diffusers; refusals of foreign or unknown files; the
+native MODEL's patches in the real ComfyUI tree's ModelPatcher."""
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ from diffusers import SanaPipeline  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
+from tests.test_native import comfy, comfy_modules  # noqa: E402,F401 - ComfyUI's modules, in-process
 from tests.test_transformer import TINY, diffusers_model, ours_from, rel_err  # noqa: E402
 from twig_core import lora as tl  # noqa: E402
 from twig_core.errors import TwigError  # noqa: E402
@@ -245,26 +244,30 @@ def test_lora_argument(text, expected):
     assert tl.parse_lora_arg(text) == expected
 
 
-# the real ComfyUI tree and a Python with its requirements, where the CI's host check (tests/comfy_host/ci.sh)
-# finds them unless these variables say otherwise
-_REPO = Path(__file__).resolve().parents[1]
-COMFYUI = os.environ.get("TWIG_COMFYUI_DIR", str(_REPO.parent / "shared" / "comfyui"))
-COMFY_PYTHON = os.environ.get("TWIG_COMFY_PYTHON", str(_REPO / ".venv-comfy" / "bin" / "python"))
+def test_native_model_patches_match_runtime_adapters(comfy, tmp_path):
+    """The real ComfyUI tree's ModelPatcher with a LoRA given as Twig patches (``nodes.lora.patch_native``) computes
+    what twig_core's runtime adapters compute on the same weights; unpatching gives the base weights back."""
+    from nodes.lora import patch_native
+    from nodes.native import native_model
+    from tests.builders import TINY_TRANSFORMER, tiny_transformer, transformer_inputs, write_tiny_lora
 
-
-@pytest.mark.skipif(not (os.path.isdir(os.path.join(COMFYUI, "comfy")) and os.path.isfile(COMFY_PYTHON)),
-                    reason="no ComfyUI tree and Python to check against")
-def test_native_model_patches_match_runtime_adapters(tmp_path):
-    from tests.builders import write_tiny_lora
-
-    lora = write_tiny_lora(tmp_path / "l.safetensors")
-    done = subprocess.run([COMFY_PYTHON, str(Path(__file__).with_name("lora_native_check.py")), COMFYUI,
-                           str(tmp_path / "stub"), str(lora), "0.7"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    line = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-3000:]
-    assert line.startswith("rel_err="), line
-    err, changed, restored = (v.split("=")[1] for v in line.split())
-    assert float(err) < 1e-5 and float(changed) > 1e-2 and restored == "True", line
+    lora = tl.read_lora(write_tiny_lora(tmp_path / "l.safetensors"))
+    model = tiny_transformer()
+    x, t, ctx, mask = transformer_inputs(TINY_TRANSFORMER)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        plain = model(x, t, ctx, mask)
+        tl.apply_loras(model, [(lora, 0.7)])
+        ref = model(x, t, ctx, mask)
+        tl.remove_loras(model)
+        patcher = patch_native(native_model(model, 3.0, 0.41407, cpu, cpu), [(lora, 0.7)])
+        patcher.patch_model()
+        got = patcher.model.diffusion_model(x, t, context=ctx, attention_mask=mask)
+        patcher.unpatch_model()
+    assert rel_err(got, ref) < 1e-5
+    assert rel_err(got, plain) > 1e-2
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
 
 
 def test_lora_loader_node_stacks_and_never_changes_the_loaded_model(parts, conds, models_dir):
@@ -339,3 +342,26 @@ def test_lora_found_by_path_or_name(tmp_path):
     assert find_lora(str(tmp_path / "sub" / "mine.safetensors")) == str(tmp_path / "sub" / "mine.safetensors")
     with pytest.raises(TwigError, match="LoRA nothing: no such file"):
         find_lora("nothing", [str(tmp_path)])
+
+
+def _packaged_demo() -> bool:
+    from twig_core.catalog import DEMO_DIR, is_pipeline_folder
+
+    return is_pipeline_folder(str(DEMO_DIR))
+
+
+@pytest.mark.skipif(not _packaged_demo(), reason="twig_core/demo_model (the trained demo model) is not in this checkout")
+def test_demo_lora_draws_pink_over_seeds_and_prompts_in_both_languages():
+    """The demo model has no picture for "pink" / "粉色" (no pink pixels for any of these prompts and seeds); the
+    shipped demo LoRA (``python -m training demo --stage lora``) draws the pink object for most of them, counted
+    from the pixels (``training.lora_demo.pink_pixels``: nearest colour among the demo palette and pink)."""
+    from training.lora_demo import pink_images, pink_rate
+    from twig_core.catalog import DEMO_DIR, find_lora
+    from twig_core.loader import load_pipeline
+
+    parts = load_pipeline(str(DEMO_DIR), dtype=torch.float32)
+    prompts = ("a pink circle", "two pink stars", "一个粉色的圆", "画面左边有一个粉色的三角形")
+    base = pink_images(parts, prompts, seeds=(0, 1, 2), per_seed=1)
+    lora = pink_images(parts, prompts, seeds=(0, 1, 2), per_seed=1, loras=[(find_lora("twig_demo_pink"), 1.0)])
+    assert pink_rate(base) == 0, base
+    assert pink_rate(lora) >= 0.75 and pink_rate(lora[:2]) >= 0.5 and pink_rate(lora[2:]) >= 0.5, lora

@@ -571,18 +571,6 @@ def test_demo_workflow_draws_its_prompt_with_the_trained_demo_model(monkeypatch)
         assert result["color"], (prefix, result)
 
 
-PINK = (255, 105, 180)
-
-
-def pink_pixels(image) -> int:
-    """Pixels whose nearest colour among the demo palette and pink is pink."""
-    from training.scenes import PALETTE
-
-    colours = torch.tensor([*PALETTE.values(), PINK], dtype=torch.float32)
-    rgb = image.reshape(-1, 3).float() * 255
-    return int((torch.cdist(rgb, colours).argmin(1) == len(colours) - 1).sum())
-
-
 @pytest.mark.skipif(not _packaged_demo(), reason="twig_core/demo_model (the trained demo model) is not in this checkout")
 def test_demo_lora_workflow_draws_pink_only_with_the_lora(monkeypatch, tmp_path):
     """The demo model has no picture for "pink" / "粉色": the same seed draws pink pixels only with the demo LoRA
@@ -592,7 +580,9 @@ def test_demo_lora_workflow_draws_pink_only_with_the_lora(monkeypatch, tmp_path)
     _, api = load("demo_lora")
     runner.SaveImage.saved = []
     runner.execute(api, nodes.NODE_CLASS_MAPPINGS)
-    counts = {prefix: pink_pixels(images[0]) for prefix, images in runner.SaveImage.saved}
+    from training.lora_demo import pink_pixels
+
+    counts = {prefix: int(pink_pixels(images[0])) for prefix, images in runner.SaveImage.saved}
     assert set(counts) == {f"twig_demo_{lang}_{kind}" for lang in ("en", "zh") for kind in ("base", "lora")}
     for lang in ("en", "zh"):
         assert counts[f"twig_demo_{lang}_base"] <= 20 and counts[f"twig_demo_{lang}_lora"] >= 300, counts

@@ -11,7 +11,7 @@ Stages run in order and each resumes from what the previous run left in DIR:
   eval     score held-out prompts with the pixel evaluator, English and Chinese
   prompts  write the held-out prompts as DIR/heldout_prompts.jsonl, for python -m twig_core batch --eval
   lora     train the demo LoRA (a new colour word, pink / 粉色) on the exported model (DIR/lora/, written to
-           twig_core/demo_loras)
+           twig_core/demo_loras), then measure how often pink appears without and with it
 ``--stage all`` runs everything that is not finished yet. Fixed seeds throughout.
 """
 
@@ -174,9 +174,10 @@ def stage_prompts(work: Path, a) -> None:
 
 
 def stage_lora(work: Path, a) -> None:
-    from .lora_demo import DEMO_LORA_NAME, train_demo_lora
+    from .lora_demo import DEMO_LORA_NAME, report_pink, train_demo_lora
 
-    train_demo_lora(a.out, work / "lora", Path(a.lora_out or DEMO_LORA_DIR / DEMO_LORA_NAME), steps=a.lora_steps)
+    out = train_demo_lora(a.out, work / "lora", Path(a.lora_out or DEMO_LORA_DIR / DEMO_LORA_NAME), steps=a.lora_steps)
+    log(report_pink(a.out, out))
 
 
 # every stage, in the order ``--stage all`` runs them
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     p.add_argument("--pos-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="DiT with the sin-cos positional embedding (as Sana's 2K/4K models; default), or without "
                         "(as Sana 1600M 1024px); give the same choice to dit and export")
-    p.add_argument("--lora-steps", type=int, default=600)
+    p.add_argument("--lora-steps", type=int, default=1000)
     p.add_argument("--lora-out", default=None, help="where the lora stage writes the adapter (default: "
                    "twig_core/demo_loras/twig_demo_pink.safetensors)")
     p.add_argument("--eval-n", type=int, default=400)

@@ -320,12 +320,13 @@ class EMA:
 def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transformer, work: str | os.PathLike,
               steps: int = 4000, batch: int = 64, lr: float = 5e-4, max_length: int = 144, seed: int = 0,
               p_uncond: float = 0.1, ema_decay: float = 0.998, save_every: int = 100, params=None,
-              bf16: bool = False, train_text: bool = True, restarts=()):
+              bf16: bool = False, train_text: bool = True, restarts=(), warmup: int = 200):
     """Flow-matching training of ``transformer`` (and the text encoder's model when ``train_text``; ``params``
     restricts the trainable set further, e.g. to LoRA weights). ``train_text=False`` keeps the text encoder frozen
     and runs it without gradients, as Sana/Twig train with Gemma frozen.
     ``latents`` are model-space [N,C,h,w] aligned with ``records``.
     ``bf16``: bfloat16 autocast for the forward pass (about 1.5x faster on CPUs with AVX512-BF16).
+    ``warmup``: steps of linear learning-rate warm-up at the start of each cycle.
     ``restarts``: (steps, peak lr) pairs, further cosine cycles after the first (``steps`` at ``lr``); a run that
     stopped at the end of one cycle goes on into the next from its checkpoint.
     The batch order is drawn from ``seed`` plus the step a run (or a cycle) starts at, so resuming from a
@@ -361,7 +362,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         if step == start or step == first:
             rng = np.random.default_rng(seed + step)
             trng = torch.Generator().manual_seed(seed + step)
-        rate = lr_at(step - first, length, peak, warmup=200)
+        rate = lr_at(step - first, length, peak, warmup=warmup)
         for g in opt.param_groups:
             g["lr"] = rate
         idx = rng.integers(0, len(records), batch)

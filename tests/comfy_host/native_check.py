@@ -15,6 +15,9 @@ Compared (demo model, 128², flow shift 3.0), as max |difference| of the model-s
     3.8e-6; the two schedules agree at one step, over more steps ComfyUI's "simple" spacing differs from Twig's)
   core KSampler (sampler and scheduler twig_flow_dpmpp_2m, which the pack adds to core's lists, 4 steps, CFG 4.5)
     vs Twig Sampler flow_dpmpp_2m, 4 steps: below CFG_TOLERANCE (measured 1.1e-5)
+  the same two with the demo LoRA (twig_demo_pink): Twig LoRA Loader (native MODEL) through ComfyUI's patches on
+    the native MODEL vs Twig LoRA Loader on the Twig model: below CFG_TOLERANCE, and the LoRA moves the latent by
+    more than LORA_CHANGE
 Decoded images are compared in 8-bit PNGs (core VAE Decode vs Twig VAE Decode within 3/255, tiled vs untiled 2/255).
 """
 
@@ -31,10 +34,13 @@ DEMO = "twig-demo (embedded)"
 SCALE = 0.41407  # the DC-AE scaling factor: native (ComfyUI) latents are model-space latents / SCALE
 EXACT_TOLERANCE = 1e-4
 CFG_TOLERANCE = 1e-3
+LORA_CHANGE = 1e-2
+LORA = "twig_demo_pink.safetensors"
 SEED, CFG = 21, 4.5
 
 
-LATENTS = ("twig", "custom", "twig_c1", "custom_c1", "ks", "twig1", "ks_dpm", "twig_dpm", "reenc")
+LATENTS = ("twig", "custom", "twig_c1", "custom_c1", "ks", "twig1", "ks_dpm", "twig_dpm", "ks_lora", "twig_lora",
+           "reenc")
 
 
 def graph(steps: int) -> dict:
@@ -81,6 +87,17 @@ def graph(steps: int) -> dict:
         "twig_dpm": {"class_type": "TwigSampler", "inputs": {
             "model": ["m", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
             "steps": steps, "cfg": CFG, "sampler": "flow_dpmpp_2m", "shift": 3.0, "denoise": 1.0}},
+        # a LoRA on each path: ComfyUI's patches on the native MODEL, Twig's adapters on the Twig model
+        "nl": {"class_type": "TwigLoraLoaderNative", "inputs": {"model": ["nm", 0], "lora_name": LORA,
+                                                                "strength": 1.0}},
+        "tl": {"class_type": "TwigLoraLoader", "inputs": {"model": ["m", 0], "lora_name": LORA, "strength": 1.0}},
+        "ks_lora": {"class_type": "KSampler", "inputs": {
+            "model": ["nl", 0], "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "twig_flow_dpmpp_2m",
+            "scheduler": "twig_flow_dpmpp_2m", "positive": ["nenc", 0], "negative": ["nenc", 1],
+            "latent_image": ["lat", 0], "denoise": 1.0}},
+        "twig_lora": {"class_type": "TwigSampler", "inputs": {
+            "model": ["tl", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
+            "steps": steps, "cfg": CFG, "sampler": "flow_dpmpp_2m", "shift": 3.0, "denoise": 1.0}},
         # the core VAE nodes on the native VAE: decode, tiled decode, encode
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["custom", 0], "vae": ["nv", 0]}},
         "dect": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["custom", 0], "vae": ["nv", 0], "tile_size": 64,
@@ -122,10 +139,13 @@ def check(url: str, output_dir: str, steps: int = 4) -> None:
     d_custom = (lat["custom"] * SCALE - lat["twig"]).abs().max().item()
     d_ks = (lat["ks"] * SCALE - lat["twig1"]).abs().max().item()
     d_dpm = (lat["ks_dpm"] * SCALE - lat["twig_dpm"]).abs().max().item()
+    d_lora = (lat["ks_lora"] * SCALE - lat["twig_lora"]).abs().max().item()
+    moved = (lat["twig_lora"] - lat["twig_dpm"]).abs().max().item()
     scale = lat["twig"].abs().max().item()
     C.log(f"native vs Twig Sampler, model-space latents (fp32, |latent| up to {scale:.2f}), max |difference|: "
           f"SamplerCustom + Twig Flow Sigmas {steps} steps: CFG 1 {d_c1:.2e}, CFG {CFG} {d_custom:.2e}; "
-          f"KSampler euler/simple 1 step CFG {CFG}: {d_ks:.2e}; KSampler twig_flow_dpmpp_2m {steps} steps: {d_dpm:.2e}")
+          f"KSampler euler/simple 1 step CFG {CFG}: {d_ks:.2e}; KSampler twig_flow_dpmpp_2m {steps} steps: "
+          f"{d_dpm:.2e}, with {LORA}: {d_lora:.2e} (the LoRA moves the latent by {moved:.2e})")
     C.expect(d_c1 < EXACT_TOLERANCE, f"SamplerCustom (euler, Twig Flow Sigmas, CFG 1) matches Twig Sampler "
                                      f"flow_euler: {d_c1:.2e} < {EXACT_TOLERANCE}")
     C.expect(d_custom < CFG_TOLERANCE, f"SamplerCustom (euler, Twig Flow Sigmas, CFG {CFG}) matches Twig Sampler "
@@ -134,6 +154,9 @@ def check(url: str, output_dir: str, steps: int = 4) -> None:
                                    f"{d_ks:.2e} < {CFG_TOLERANCE}")
     C.expect(d_dpm < CFG_TOLERANCE, f"KSampler (twig_flow_dpmpp_2m sampler and scheduler) matches Twig Sampler "
                                     f"flow_dpmpp_2m: {d_dpm:.2e} < {CFG_TOLERANCE}")
+    C.expect(d_lora < CFG_TOLERANCE, f"KSampler on Twig LoRA Loader (native MODEL) matches Twig Sampler on Twig LoRA "
+                                     f"Loader: {d_lora:.2e} < {CFG_TOLERANCE}")
+    C.expect(moved > LORA_CHANGE, f"the LoRA changes the latent: {moved:.2e} > {LORA_CHANGE}")
     d_img = (img["dec"] - img["twigdec"]).abs().max().item()
     C.expect(d_img <= 3 / 255, f"core VAE Decode of the native latent matches Twig VAE Decode of Twig's: {d_img * 255:.1f}/255")
     d_tiled = (img["dect"] - img["dec"]).abs().max().item()
