@@ -4,7 +4,8 @@ Writes a random 1600M transformer (NVlabs names, fp16 ``.safetensors``) into a t
 with ``python -m twig_core convert`` to each ``--types`` entry (GGUF q8_0 / q6_k / q5_k_m / q4_k_m / q4_0 / f16, fp8
 safetensors), then, per file, in a fresh subprocess: loads it, runs ``--steps`` CFG steps (batch 2) at
 ``--size`` pixels (1024 -> 1024 latent tokens, 512 -> 256), and reports peak resident memory (VmHWM), file size,
-load and step seconds, and the relative error of the step's output against the fp16-stored model computing
+load and step seconds, what loading adds to resident memory at its peak as a multiple of the file's size,
+and the relative error of the step's output against the fp16-stored model computing
 in the same dtype (the ``stored`` row). The speed anchor is the same file held in bf16 (the ``bf16`` row, the
 "bf16-stored path"); diffusers' SanaTransformer2DModel (fp32: its fastest on a CPU without bf16 instructions)
 runs the same step shape on its own random weights beside them, in its own process. Numbers go to
@@ -34,7 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import peak_rss_mib  # noqa: E402
+from bench.common import current_rss_mib, peak_rss_mib  # noqa: E402
 
 
 def write_checkpoint(path: str, depth: int) -> None:
@@ -94,9 +95,11 @@ def child(path: str, size: int, steps: int, dtype_name: str, out: str, weights: 
     from twig_core.quant import quant_summary
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    before = current_rss_mib()
     t0 = time.perf_counter()
     model = load_transformer(path, dtype=weights and getattr(torch, weights), compute_dtype=dtype)
     load_s = time.perf_counter() - t0
+    load_mib = peak_rss_mib() - before  # what loading added at its peak (file pages mapped count as resident)
     g = torch.Generator().manual_seed(1)
     n = size // 32
     x = torch.randn(2, 32, n, n, generator=g)
@@ -110,7 +113,7 @@ def child(path: str, size: int, steps: int, dtype_name: str, out: str, weights: 
             y = model(x, t, ctx, mask)
             times.append(time.perf_counter() - t1)
     torch.save(y.float(), out)
-    print(json.dumps({"peak_mib": peak_rss_mib(), "load_s": load_s, "step_s": min(times),
+    print(json.dumps({"peak_mib": peak_rss_mib(), "load_mib": load_mib, "load_s": load_s, "step_s": min(times),
                       "stored": quant_summary(model) or str(model.weight_dtype)}))
 
 
@@ -150,8 +153,8 @@ def main() -> None:
             files[ty] = dst
         ref, rows = None, {}
         print(f"| type ({a.dtype} compute, {a.size}², batch 2) | file MiB | peak RSS MiB | load s | step s | "
-              "step vs bf16 | rel. error vs stored |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+              "step vs bf16 | rel. error vs stored | load peak / file |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for ty, path in files.items():
             out = os.path.join(folder, f"y_{ty}.pt")
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path, out,
@@ -170,10 +173,12 @@ def main() -> None:
                                    str(a.steps)], capture_output=True, text=True, check=True, cwd=ROOT)
             r = json.loads(done.stdout.strip().splitlines()[-1])
             rows["diffusers"] = {"stored": "fp32", "peak_mib": r["rss_gib"] * 1024, "load_s": float("nan"),
-                                 "step_s": r["time"], "err": float("nan"), "mib": float("nan")}
+                                 "step_s": r["time"], "err": float("nan"), "mib": float("nan"),
+                                 "load_mib": float("nan")}
         for ty, r in rows.items():
             print(f"| {ty} ({r['stored']}) | {r['mib']:.0f} | {r['peak_mib']:.0f} | {r['load_s']:.1f} | "
-                  f"{r['step_s']:.2f} | {r['step_s'] / rows['bf16']['step_s']:.2f}x | {r['err']:.4f} |")
+                  f"{r['step_s']:.2f} | {r['step_s'] / rows['bf16']['step_s']:.2f}x | {r['err']:.4f} | "
+                  f"{r['load_mib'] / r['mib']:.2f}x |")
     finally:
         if not a.dir:
             shutil.rmtree(folder, ignore_errors=True)
