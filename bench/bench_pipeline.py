@@ -85,7 +85,7 @@ def _reset_peak() -> None:
         pass
 
 
-def child(paths: dict[str, str], size: int, steps: int) -> dict:
+def child(paths: dict[str, str], size: int, steps: int, text_dtype: str = "bf16") -> dict:
     import torch
 
     from twig_core import dcae_exec, loader
@@ -104,12 +104,12 @@ def child(paths: dict[str, str], size: int, steps: int) -> dict:
     stages["start"] = {"peak_gib": peak_rss_mib() / 1024, "after_gib": current_rss_mib() / 1024, "seconds": 0.0}
     _reset_peak()
     t0 = time.perf_counter()
-    te = loader.load_text_encoder(paths["text"], dtype=torch.bfloat16)
+    te = loader.load_text_encoder(paths["text"], dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[text_dtype])
     text_weights = quant_summary(te.model).split(" ")[0] or "bf16"
     prompt = "a red fox standing in fresh snow at dawn, soft light, detailed fur; 一只站在雪地里的红狐狸"
     cond, uncond = te.encode([prompt]), te.encode([""], use_instruction=False)
     del te
-    stage(f"text encoder ({text_weights} weights, bf16 compute)", t0)
+    stage(f"text encoder ({text_weights} weights, {text_dtype} compute)", t0)
     t0 = time.perf_counter()
     model = loader.load_transformer(paths["transformer"], compute_dtype=torch.float32)
     weights = quant_summary(model).split(" ")[0] or str(model.weight_dtype).replace("torch.", "")
@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write the weights (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the weights")
     ap.add_argument("--text-type", default=None, help="convert Gemma to this type first (e.g. q4_k_m)")
+    ap.add_argument("--text-dtype", default="bf16", choices=["bf16", "fp32"],
+                    help="Gemma's compute dtype (fp32 for quantized weights on a CPU without bf16 instructions)")
     ap.add_argument("--transformer-type", default=None, help="convert the transformer to this type first (e.g. q8_0)")
     ap.add_argument("--write", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -139,7 +141,7 @@ def main() -> None:
         print(json.dumps(_write(a.write)))
         return
     if a.child:
-        print(json.dumps(child(json.loads(a.child), a.size, a.steps)))
+        print(json.dumps(child(json.loads(a.child), a.size, a.steps, a.text_dtype)))
         return
     folder = a.dir or tempfile.mkdtemp(prefix="twig_bench_pipeline_")
     os.makedirs(folder, exist_ok=True)
@@ -160,7 +162,8 @@ def main() -> None:
             if os.path.isfile(paths[role]):
                 print(f"  {role}: {os.path.basename(paths[role])}, {os.path.getsize(paths[role]) / 2**30:.2f} GiB")
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(paths), "--size",
-                               str(a.size), "--steps", str(a.steps)], capture_output=True, text=True, cwd=ROOT)
+                               str(a.size), "--steps", str(a.steps), "--text-dtype", a.text_dtype],
+                              capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             sys.exit(f"pipeline failed:\n{proc.stderr[-4000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
