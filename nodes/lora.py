@@ -118,6 +118,13 @@ def native_patches(lora: LoraFile) -> dict:
 
 def patch_native(patcher, loras) -> object:
     """A clone of the ModelPatcher ``patcher`` with every (LoraFile, strength) added as patches."""
+    from twig_core.quant import quant_summary
+
+    quantized = quant_summary(getattr(patcher.model, "diffusion_model", None))
+    if quantized and loras:  # ComfyUI patches address "<layer>.weight"; these layers hold "qweight" blocks
+        raise NodeError(f"Twig LoRA Loader (native MODEL): {loras[0][0].path}: the transformer keeps GGUF/fp8 "
+                        f"weights ({quantized}), which ComfyUI's LoRA patches cannot reach; put the LoRA on the "
+                        "Twig path (Twig LoRA Loader -> Twig Sampler), or load an fp16/bf16 transformer")
     out = patcher.clone()
     for lora, strength in loras:
         patches = native_patches(lora)

@@ -31,7 +31,7 @@ import torch
 
 from twig_core import memory
 from twig_core import ops as twig_ops
-from twig_core.quant import QuantizedLayer, attach
+from twig_core.quant import QuantizedLayer, attach, quant_summary
 from twig_core.sampling import MAX_STEPS, SAMPLERS, _stack, flow_sigmas, get_sampler
 from twig_core.transformer import TwigTransformer
 
@@ -209,6 +209,12 @@ class TwigToNativeModel:
         transformer = model.peek()
         patcher = native_model(transformer, model_shift(model.path), _dcae_scale(), model.load_device,
                                model.offload_device)
+        quantized = quant_summary(transformer)
+        if quantized:
+            logging.warning("Twig → native MODEL: %s keeps GGUF/fp8 weights (%s): ComfyUI's own LoRA nodes cannot "
+                            "patch those layers (they report 'lora key not loaded'; a LoRA on it runs through Twig "
+                            "LoRA Loader -> Twig Sampler); in low-VRAM mode their quantized blocks stream to the "
+                            "device per layer", model.path, quantized)
         from .lora import patch_native  # a Twig LoRA Loader's stack becomes ComfyUI patches
 
         return (patch_native(patcher, model.loras) if getattr(model, "loras", None) else patcher,)

@@ -264,6 +264,8 @@ def test_k_quantizer_blocks_decode_with_the_package(qtype, bound):
 
 # One step of a 256-wide random transformer vs fp32; measured about 10.8% / 5.8% / 2.8% (q4_k_m / q5_k_m /
 # q6_k: round-to-nearest K-quants of N(0, 0.05) weights, whose own error is 7.9% / 3.9% / 1.9%); bounds with margin.
+# Random weights overstate the loss: the documented bound for q4_k_m is the demo model's held-out scores moving by
+# at most 5 points (bench/RESULTS.md, "Small weights"), not a step error on random weights.
 K_STEP_BOUNDS = {"q4_k_m": 0.14, "q5_k_m": 0.08, "q6_k": 0.04}
 
 
@@ -488,3 +490,18 @@ def test_gemma_fp8_conversion_comfy_single_file(tiny_gemma, tmp_path):
     with torch.no_grad():
         r, g = ref.model(**batch).last_hidden_state, te.model(**batch).last_hidden_state
     assert ((g - r).norm() / r.norm()).item() < 0.12
+
+
+def test_quantized_layers_widen_their_blocks_on_the_inputs_device(tiny_checkpoint, tmp_path):
+    """A host that leaves a layer on its offload device (ComfyUI's low-VRAM mode) calls it with inputs elsewhere:
+    the blocks follow the input and are widened there (checked with the meta device standing in for the GPU)."""
+    _, src = tiny_checkpoint
+    convert(src, tmp_path / "t.gguf", "q8_0")
+    model = load_transformer(tmp_path / "t.gguf", dtype=torch.float32)
+    layers = [m for m in model.modules() if isinstance(m, quant.QuantizedLayer)]
+    assert {type(m).__name__ for m in layers} >= {"QuantizedLinear", "QuantizedConv2d"}
+    for layer in layers[:6]:
+        shape = (2, layer.qshape[1]) if isinstance(layer, torch.nn.Linear) else (1, layer.qshape[1], 2, 2)
+        out = layer(torch.randn(shape, device="meta"))
+        assert out.device.type == "meta" and out.shape[1] == layer.qshape[0]
+        assert layer.qweight.device.type == "cpu"  # the stored blocks stay where the host put them

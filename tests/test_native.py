@@ -531,3 +531,30 @@ def test_a_comfy_without_scheduler_registry_gets_the_samplers_and_a_pointer_to_f
     assert samplers.SAMPLER_NAMES[-2:] == ["twig_flow_dpmpp_2m", "twig_flow_euler"] and samplers.SCHEDULER_NAMES == ["simple"]
     assert callable(k_diffusion.sample_twig_flow_dpmpp_2m)
     assert "no scheduler list" in caplog.text and "Twig Flow Sigmas" in caplog.text
+
+
+def test_native_lora_on_a_quantized_transformer_is_refused_by_name(comfy, tmp_path):
+    """ComfyUI's LoRA patches address "<layer>.weight"; a GGUF transformer's layers hold "qweight" blocks. A LoRA
+    put on that native MODEL is refused naming the node and the stored types, not dropped silently; the same
+    LoRA on the same model stored in fp32 is applied."""
+    from safetensors.torch import save_file
+
+    from nodes.common import NodeError
+    from nodes.lora import patch_native
+    from nodes.native import _dcae_scale, native_model
+    from tests.builders import tiny_transformer, write_tiny_lora
+    from twig_core.convert import convert
+    from twig_core.loader import load_transformer
+    from twig_core.lora import read_lora
+
+    pytest.importorskip("gguf")
+    save_file(tiny_transformer().state_dict(), str(tmp_path / "t.safetensors"))
+    convert(tmp_path / "t.safetensors", tmp_path / "t.gguf", "q8_0")
+    lora = [(read_lora(write_tiny_lora(tmp_path / "l.safetensors")), 1.0)]
+    cpu = torch.device("cpu")
+    quantized = native_model(load_transformer(tmp_path / "t.gguf", dtype=torch.float32), 3.0, _dcae_scale(), cpu, cpu)
+    with pytest.raises(NodeError, match=r"Twig LoRA Loader \(native MODEL\).*Q8_0 x\d+"):
+        patch_native(quantized, lora)
+    plain = native_model(load_transformer(tmp_path / "t.safetensors", dtype=torch.float32), 3.0, _dcae_scale(), cpu,
+                         cpu)
+    assert patch_native(plain, lora).patches

@@ -97,10 +97,10 @@ def nchw(x: torch.Tensor) -> torch.Tensor:
 def weights(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer's (weight, bias) for everything that computes with them (the layers' forward, fused q/k/v
     slices, the Mix-FFN's three convolutions). Here: the stored tensors, cast later by ``dense`` one slice at a
-    time; a layer keeping its weight quantized (``twig_core.quant``) gives it widened to x's dtype; the layer's
-    runtime adapters (``layer.twig_adapters``, LoRA: ``twig_core.lora``) are folded over a per-call copy. A
-    host's operations namespace gives its own, so its layers cast (and stream) their weights."""
-    w = layer.dequantized(x.dtype) if hasattr(layer, "dequantized") else layer.weight
+    time; a layer keeping its weight quantized (``twig_core.quant``) gives it widened to x's dtype on x's
+    device; the layer's runtime adapters (``layer.twig_adapters``, LoRA: ``twig_core.lora``) are folded over a
+    per-call copy. A host's operations namespace gives its own, so its layers cast (and stream) their weights."""
+    w = layer.dequantized(x.dtype, x.device) if hasattr(layer, "dequantized") else layer.weight
     return with_adapters(layer, w, x.dtype), layer.bias
 
 

@@ -285,8 +285,14 @@ class QuantizedLayer:
     qshape: torch.Size
     wide_dtype: torch.dtype  # the dtype the rest of the model is stored in (Embedding outputs it)
 
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(self.qweight, self.qtype, self.qshape, dtype, getattr(self, "qscale", None))
+    def dequantized(self, dtype: torch.dtype, device=None) -> torch.Tensor:
+        """The weight widened to ``dtype``; with ``device``, the blocks move there first and are widened there
+        (a host that leaves some layers on its offload device streams their blocks, not widened copies)."""
+        scale = getattr(self, "qscale", None)
+        if device is None:
+            return dequantize(self.qweight, self.qtype, self.qshape, dtype, scale)
+        scale = None if scale is None else scale.to(device)
+        return dequantize(self.qweight.to(device), self.qtype, self.qshape, dtype, scale)
 
     def stored(self) -> QTensor:
         """The weight as stored (shared, not copied), e.g. to give it to another layer."""
@@ -309,6 +315,7 @@ class QuantizedLayer:
             embed_scale = getattr(self, "embed_scale", None)  # scaled word embeddings (Gemma's)
             return out if embed_scale is None else out * embed_scale.to(out.dtype)
         w, b = ops.weights(self, x)
+        b = None if b is None else b.to(x.device)
         if isinstance(self, nn.Conv2d):
             return self._conv_forward(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
         return ops.dense(x, w, b)
