@@ -71,8 +71,10 @@ class TwigLoraLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": (MODEL, {"tooltip": "From Twig Model Loader (or another Twig LoRA Loader)."}),
-            "lora_name": (lora_names(), {"tooltip": "A LoRA file in models/loras (twig_demo_pink comes with the "
-                                                    "demo model)."}),
+            # "lora", not core's "lora_name": ComfyUI's frontend (1.27) sends inputs of that name through its asset
+            # browser check, which throws (and leaves the node unloadable) where a core loader failed to import
+            "lora": (lora_names(), {"tooltip": "A LoRA file in models/loras (twig_demo_pink comes with the "
+                                               "demo model)."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05,
                                    "tooltip": "Multiplies the LoRA's change; 0 is the base model."}),
         }}
@@ -83,11 +85,11 @@ class TwigLoraLoader:
     CATEGORY = CATEGORY
 
     @node_errors("Twig LoRA Loader")
-    def load(self, model, lora_name, strength=1.0):
+    def load(self, model, lora, strength=1.0):
         base, loras = stack_of(model)
         if getattr(base, "kind", "transformer") != "transformer":
             raise NodeError(f"Twig LoRA Loader: model must come from Twig Model Loader, got {type(model).__name__}")
-        return (LoraModel(base, [*loras, (lora_file(lora_name), float(strength))]),)
+        return (LoraModel(base, [*loras, (lora_file(lora), float(strength))]),)
 
 
 # -------------------------------------------------------------------------------------------------- native MODEL
@@ -143,7 +145,7 @@ class TwigLoraLoaderNative:
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("MODEL", {"tooltip": "From Twig → native MODEL."}),
-            "lora_name": (lora_names(), {"tooltip": "A LoRA file in models/loras."}),
+            "lora": (lora_names(), {"tooltip": "A LoRA file in models/loras."}),
             "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.05}),
         }}
 
@@ -153,8 +155,8 @@ class TwigLoraLoaderNative:
     CATEGORY = f"{CATEGORY}/native"
 
     @node_errors("Twig LoRA Loader (native)")
-    def load(self, model, lora_name, strength=1.0):
-        return (patch_native(model, [(lora_file(lora_name), float(strength))]),)
+    def load(self, model, lora, strength=1.0):
+        return (patch_native(model, [(lora_file(lora), float(strength))]),)
 
 
 NODES = {

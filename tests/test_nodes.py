@@ -546,3 +546,14 @@ def test_face_refine_getters_give_comfy_the_memory_each_use_needs(parts):
     assert asked == [memory.step_bytes(transformer.config, shape, transformer.dtype.itemsize, cfg=True),
                      host.vae_memory_required(vae, shape, encode=True), host.vae_memory_required(vae, shape), 0]
     assert all(n > 0 for n in asked[:3])
+
+
+def test_no_twig_input_takes_the_frontends_asset_browser_path():
+    """ComfyUI's frontend (1.27) treats inputs named ckpt_name, lora_name and vae_name as asset-browser candidates
+    and throws while loading a workflow when any core loader it expects failed to import: the node then comes back
+    as an unknown type. Twig nodes name their file inputs otherwise."""
+    frontend_whitelist = {"ckpt_name", "lora_name", "vae_name"}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        names = {k for group in spec.values() for k in group}
+        assert not names & frontend_whitelist, f"{name}: {sorted(names & frontend_whitelist)}"

@@ -533,7 +533,7 @@ def wf_demo_lora() -> Workflow:
                   "nothing (the demo model and its LoRA are inside the pack)", demo=True)
     wf.note((-520, -280), (480, 300), "The demo LoRA", LORA_NOTE)
     m, te, v = demo_loaders(wf)
-    lm = wf.add("TwigLoraLoader", (380, 380), model=m[0], lora_name=DEMO_LORA, strength=1.0)
+    lm = wf.add("TwigLoraLoader", (380, 380), model=m[0], lora=DEMO_LORA, strength=1.0)
     lat = wf.add("TwigEmptyLatent", (380, 540), aspect_ratio=SQUARE, model=m[0])
     encs = [wf.add("TwigTextEncode", (380, y), size=(420, 290), title=f"Twig Text Encode ({lang})",
                    text_encoder=te[0], positive=text, negative="")
@@ -921,7 +921,9 @@ def main(argv=None) -> int:
     demo = demo_dir()
     for wf in wfs:
         png = HERE / f"{wf.name}.png"
-        stale = not png.is_file() or "workflow" not in png_chunks(png) or json.loads(png_chunks(png)["workflow"]) != wf.ui()
+        chunks = png_chunks(png) if png.is_file() else {}
+        stale = any(key not in chunks or json.loads(chunks[key]) != want
+                    for key, want in (("workflow", wf.ui()), ("prompt", wf.api())))
         if not (a.previews or stale):
             if thumbnail_problem(png):
                 print(f"wrote {save_thumbnail(png).relative_to(ROOT)} (thumbnail)")

@@ -88,9 +88,9 @@ def graph(steps: int) -> dict:
             "model": ["m", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
             "steps": steps, "cfg": CFG, "sampler": "flow_dpmpp_2m", "shift": 3.0, "denoise": 1.0}},
         # a LoRA on each path: ComfyUI's patches on the native MODEL, Twig's adapters on the Twig model
-        "nl": {"class_type": "TwigLoraLoaderNative", "inputs": {"model": ["nm", 0], "lora_name": LORA,
+        "nl": {"class_type": "TwigLoraLoaderNative", "inputs": {"model": ["nm", 0], "lora": LORA,
                                                                 "strength": 1.0}},
-        "tl": {"class_type": "TwigLoraLoader", "inputs": {"model": ["m", 0], "lora_name": LORA, "strength": 1.0}},
+        "tl": {"class_type": "TwigLoraLoader", "inputs": {"model": ["m", 0], "lora": LORA, "strength": 1.0}},
         "ks_lora": {"class_type": "KSampler", "inputs": {
             "model": ["nl", 0], "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "twig_flow_dpmpp_2m",
             "scheduler": "twig_flow_dpmpp_2m", "positive": ["nenc", 0], "negative": ["nenc", 1],
