@@ -341,8 +341,8 @@ NEEDS_TWIG = "the three Twig weights"  # listed under the README's table and in 
 
 def loaders(wf: Workflow, model: str, text_encoder: str, vae: str, max_tokens: int = 300, x: int = 0, y: int = 0):
     m = wf.add("TwigModelLoader", (x, y), model_name=model)
-    te = wf.add("TwigTextEncoderLoader", (x, y + 120), text_encoder_name=text_encoder, max_tokens=max_tokens)
-    v = wf.add("TwigVAELoader", (x, y + 300), vae_model=vae)
+    te = wf.add("TwigTextEncoderLoader", (x, y + 150), text_encoder_name=text_encoder, max_tokens=max_tokens)
+    v = wf.add("TwigVAELoader", (x, y + 322), vae_model=vae)
     return m, te, v
 
 
@@ -540,10 +540,10 @@ def wf_demo_lora() -> Workflow:
             for y, lang, text in ((-280, "English", DEMO_PINK_EN), (50, "Chinese", DEMO_PINK_ZH))]
     for row, (enc, lang) in enumerate(zip(encs, ("en", "zh"))):
         for col, (model, label) in enumerate(((m, "without LoRA"), (lm, "with LoRA"))):
-            x, y = 840 + 360 * col, -280 + 360 * row
+            x, y = 840 + 360 * col, -280 + 440 * row
             s = wf.add("TwigSampler", (x, y), title=f"Twig Sampler ({lang}, {label})", model=model[0],
                        positive=enc[0], negative=enc[1], latent=lat[0], seed=5)
-            d = wf.add("TwigVAEDecode", (x, y + 250), samples=s[0], vae=v[0])
+            d = wf.add("TwigVAEDecode", (x, y + 310), samples=s[0], vae=v[0])
             wf.add("SaveImage", (1600 + 340 * col, y), size=(300, 320), title=f"{lang}, {label}", images=d[0],
                    filename_prefix=f"twig_demo_{lang}_{'lora' if col else 'base'}")
     return wf
@@ -610,8 +610,8 @@ def wf_native_face_refine() -> Workflow:
                   NEEDS_TWIG + " + OpenCV (`pip install \"opencv-python-headless<5\"`)")
     weights_note(wf, (-520, 0), f"- face detector `{FACE_DETECTOR}`: `pip install \"opencv-python-headless<5\"`\n")
     m, te, v = loaders(wf, TWIG, GEMMA, DCAE, 300)
-    nm = wf.add("TwigToNativeModel", (0, 440), model=m[0])
-    nv = wf.add("TwigToNativeVAE", (0, 540), vae=v[0])
+    nm = wf.add("TwigToNativeModel", (0, 470), model=m[0])
+    nv = wf.add("TwigToNativeVAE", (0, 570), vae=v[0])
     enc = wf.add("TwigTextEncodeNative", (380, 0), size=(420, 330), text_encoder=te[0], positive=FACE_PROMPT,
                  negative="")
     lat = wf.add("TwigEmptyLatent", (380, 370), aspect_ratio="1216x832 (1.46:1)", model=m[0])
@@ -875,9 +875,31 @@ def readme_table(wfs) -> str:
     return "\n".join(rows) + "\n"
 
 
+TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
+GAP = 8  # free pixels kept between nodes
+
+
+def overlaps(wf: Workflow) -> list[str]:
+    """Pairs of nodes whose boxes (title bar included, with GAP between them) overlap on the canvas. Sizes are
+    the ones written into the workflow (estimate_size or given), which the frontend keeps: it only grows a node
+    to its computed minimum, and the real-host check saw none above these."""
+    boxes = []
+    for n in wf.nodes:
+        w, h = n.size or estimate_size(n)
+        x, y = n.pos
+        boxes.append((n, x, y - TITLE_HEIGHT, x + w, y + h))
+    out = []
+    for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b, bx0, by0, bx1, by1 in boxes[i + 1:]:
+            if ax0 < bx1 + GAP and bx0 < ax1 + GAP and ay0 < by1 + GAP and by0 < ay1 + GAP:
+                out.append(f"{wf.name}: {a.title or a.class_type} (#{a.id}) and {b.title or b.class_type} (#{b.id}) "
+                           "overlap")
+    return out
+
+
 def check(wfs) -> list[str]:
-    """Differences between the committed files and what this script writes."""
-    problems = []
+    """Differences between the committed files and what this script writes, and overlapping nodes."""
+    problems = [p for wf in wfs for p in overlaps(wf)]
     for path, text in expected_files(wfs).items():
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
             problems.append(f"{path.relative_to(ROOT)} is not what workflows/build.py writes")

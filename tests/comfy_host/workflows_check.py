@@ -167,6 +167,25 @@ LOAD_AND_CONVERT_JS = """
 })()
 """
 
+OVERLAPS_JS = """
+(() => {
+  // nodes of the loaded graph whose boxes (title bar included, grown to the frontend's own minimum) overlap
+  const T = window.LiteGraph.NODE_TITLE_HEIGHT;
+  const boxes = window.comfyAPI.app.app.graph._nodes.map((n) => {
+    const min = n.computeSize ? n.computeSize() : [0, 0];
+    const w = Math.max(n.size[0], min[0]), h = Math.max(n.size[1], min[1]);
+    return [n.title || n.type, n.pos[0], n.pos[1] - T, n.pos[0] + w, n.pos[1] + h];
+  });
+  const out = [];
+  for (let i = 0; i < boxes.length; i++)
+    for (let j = i + 1; j < boxes.length; j++) {
+      const a = boxes[i], b = boxes[j];
+      if (a[1] < b[3] && b[1] < a[3] && a[2] < b[4] && b[2] < a[4]) out.push(a[0] + " / " + b[0]);
+    }
+  return out;
+})()
+"""
+
 DROP_PNG_JS = """
 (async () => {
   const app = window.comfyAPI.app.app;
@@ -257,6 +276,8 @@ async def browser(url: str, out_dir: str, chromium: str) -> None:
             got = await page.evaluate(js(LOAD_AND_CONVERT_JS, WORKFLOW=ui, NAME=name), await_promise=True)
             C.expect(got == api, f"{name}: the frontend loads the UI JSON and converts it to the committed API JSON"
                      + ("" if got == api else f"\n  got {json.dumps(got)[:1500]}"))
+            crowded = await page.evaluate(OVERLAPS_JS)
+            C.expect(not crowded, f"{name}: no two nodes overlap in the frontend ({'; '.join(crowded or [])})")
             got = await page.evaluate(js(DROP_PNG_JS, URL=f"/api/workflow_templates/{PACK}/{name}.png", NAME=name),
                                       await_promise=True)
             C.expect(got == api, f"{name}: dropping {name}.png loads the same graph")
