@@ -634,8 +634,54 @@ BUILDERS = (wf_text_to_image, wf_chinese_long, wf_tipo, wf_face_refine, wf_image
             wf_demo_img2img, wf_demo_lora, wf_demo_native, wf_demo_native_img2img, wf_native_face_refine)
 
 
+TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
+GAP = 8  # free pixels kept between nodes
+# Samplers show live previews: the frontend then adds an image widget of at least 220 px to the node
+PREVIEW_ROOM = {"TwigSampler": 220, "KSampler": 220}
+
+
+def _box(n: Node) -> tuple[int, int, int, int]:
+    """A node's box on the canvas: title bar, body and a sampler's preview room."""
+    w, h = n.size or estimate_size(n)
+    x, y = n.pos
+    return x, y - TITLE_HEIGHT, x + w, y + h + PREVIEW_ROOM.get(n.class_type, 0)
+
+
+def settle(wf: Workflow) -> Workflow:
+    """Move nodes down, top to bottom, until none overlaps one above it: the builders place nodes by column and
+    row, and this makes room wherever a node (or a sampler's preview) is taller than its row."""
+    placed: list[Node] = []
+    for n in sorted(wf.nodes, key=lambda n: (n.pos[1], n.pos[0])):
+        moved = True
+        while moved:  # a move can bring it onto another node placed before: look again
+            moved = False
+            x0, y0, x1, y1 = _box(n)
+            for p in placed:
+                px0, py0, px1, py1 = _box(p)
+                if x0 < px1 + GAP and px0 < x1 + GAP and y0 < py1 + GAP and py0 < y1 + GAP:
+                    n.pos, moved = (n.pos[0], py1 + GAP + TITLE_HEIGHT), True
+                    break
+        placed.append(n)
+    return wf
+
+
+def overlaps(wf: Workflow) -> list[str]:
+    """Pairs of nodes whose boxes (title bar included, with GAP between them, and a sampler's room for its live
+    preview) overlap on the canvas. Sizes are the ones written into the workflow (estimate_size or given), which
+    the frontend keeps: it only grows a node to its computed minimum (the real-host check saw none above these)
+    or when a preview arrives."""
+    boxes = [(n, *_box(n)) for n in wf.nodes]
+    out = []
+    for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
+        for b, bx0, by0, bx1, by1 in boxes[i + 1:]:
+            if ax0 < bx1 + GAP and bx0 < ax1 + GAP and ay0 < by1 + GAP and by0 < ay1 + GAP:
+                out.append(f"{wf.name}: {a.title or a.class_type} (#{a.id}) and {b.title or b.class_type} (#{b.id}) "
+                           "overlap")
+    return out
+
+
 def workflows() -> list[Workflow]:
-    return [b() for b in BUILDERS]
+    return [settle(b()) for b in BUILDERS]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -873,28 +919,6 @@ def readme_table(wfs) -> str:
         link = f"[`{wf.name}`](workflows/{wf.name}.json) ([API](workflows/api/{wf.name}.json), [preview](workflows/{wf.name}.png))"
         rows.append(f"| {link} | {wf.summary} | {wf.needs} |")
     return "\n".join(rows) + "\n"
-
-
-TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
-GAP = 8  # free pixels kept between nodes
-
-
-def overlaps(wf: Workflow) -> list[str]:
-    """Pairs of nodes whose boxes (title bar included, with GAP between them) overlap on the canvas. Sizes are
-    the ones written into the workflow (estimate_size or given), which the frontend keeps: it only grows a node
-    to its computed minimum, and the real-host check saw none above these."""
-    boxes = []
-    for n in wf.nodes:
-        w, h = n.size or estimate_size(n)
-        x, y = n.pos
-        boxes.append((n, x, y - TITLE_HEIGHT, x + w, y + h))
-    out = []
-    for i, (a, ax0, ay0, ax1, ay1) in enumerate(boxes):
-        for b, bx0, by0, bx1, by1 in boxes[i + 1:]:
-            if ax0 < bx1 + GAP and bx0 < ax1 + GAP and ay0 < by1 + GAP and by0 < ay1 + GAP:
-                out.append(f"{wf.name}: {a.title or a.class_type} (#{a.id}) and {b.title or b.class_type} (#{b.id}) "
-                           "overlap")
-    return out
 
 
 def check(wfs) -> list[str]:
