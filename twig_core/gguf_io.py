@@ -71,14 +71,9 @@ class GGUFFile(Weights):
         text = self.field(CONFIG_KEY)
         return json.loads(text) if text else None
 
-    def __iter__(self):
-        return iter(self._entries)
-
-    def __len__(self):
-        return len(self._entries)
-
-    def __contains__(self, key):
-        return key in self._entries
+    @property
+    def _index(self):
+        return self._entries
 
     def qtype(self, key: str) -> str:
         return self._entries[key][1]
@@ -189,14 +184,9 @@ class GemmaGGUF(Weights):
         self._names = keymap.rename_keys(list(f), keymap.GEMMA_GGUF_KEYS, "to_ours")
         self._offset = keymap.GEMMA_GGUF_NORM_OFFSET
 
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self):
-        return len(self._names)
-
-    def __contains__(self, key):
-        return key in self._names
+    @property
+    def _index(self):
+        return self._names
 
     def meta(self, key):
         return self.file.meta(self._names[key])

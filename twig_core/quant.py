@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .errors import TwigError
@@ -400,14 +399,9 @@ class Fp8Weights(Weights):
         text = (getattr(self.base, "metadata", None) or {}).get(CONFIG_KEY)
         return json.loads(text) if text else None
 
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __contains__(self, key):
-        return key in self._keys
+    @property
+    def _index(self):
+        return self._keys
 
     def meta(self, key):
         m = self._metas[key]

@@ -44,9 +44,23 @@ def shortlist(items, n: int = 5) -> str:
 
 class Weights(Mapping):
     """A read-only name -> tensor mapping over one or more files. ``meta(name)`` gives shape and dtype
-    without reading; ``[name]`` reads the tensor (CPU, stored dtype)."""
+    without reading; ``[name]`` reads the tensor (CPU, stored dtype). A reader gives ``_index``, the collection
+    of its tensor names (in file order), which iteration, length and membership go through."""
 
     label: str = ""
+
+    @property
+    def _index(self):
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, key) -> bool:
+        return key in self._index
 
     def meta(self, key: str) -> torch.Tensor:
         raise NotImplementedError
@@ -100,14 +114,9 @@ class SafetensorsFile(Weights):
                 )
             self._entries[key] = (dtype, shape, begin, end)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key) -> bool:
-        return key in self._entries
+    @property
+    def _index(self):
+        return self._entries
 
     def meta(self, key: str) -> torch.Tensor:
         dtype, shape, _, _ = self._entries[key]
@@ -186,14 +195,9 @@ class TorchFile(Weights):
             raise TwigError(f"{path}: cannot read this PyTorch file (truncated or corrupt?): {e}") from None
         self._sd = _unwrap_checkpoint(obj, path)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._sd)
-
-    def __len__(self) -> int:
-        return len(self._sd)
-
-    def __contains__(self, key) -> bool:
-        return key in self._sd
+    @property
+    def _index(self):
+        return self._sd
 
     def meta(self, key: str) -> torch.Tensor:
         t = self._sd[key]
@@ -213,14 +217,9 @@ class UnionWeights(Weights):
             for key in part:
                 self._where.setdefault(key, part)
 
-    def __iter__(self):
-        return iter(self._where)
-
-    def __len__(self):
-        return len(self._where)
-
-    def __contains__(self, key):
-        return key in self._where
+    @property
+    def _index(self):
+        return self._where
 
     def meta(self, key):
         return self._where[key].meta(key)
@@ -241,14 +240,9 @@ class PrefixedWeights(Weights):
         self.prefix = prefix if strip else ""  # what goes back in front of a key to find it in base
         self._keys = dict.fromkeys(k[len(self.prefix):] for k in base if k.startswith(prefix))
 
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-    def __contains__(self, key):
-        return key in self._keys
+    @property
+    def _index(self):
+        return self._keys
 
     def meta(self, key):
         return self.base.meta(self.prefix + key)
