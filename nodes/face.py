@@ -82,27 +82,18 @@ def _ultralytics_device(dev: torch.device) -> str:
     return "mps" if dev.type == "mps" else "cpu"
 
 
-def yolo_face_models() -> list[fdetect.Detector]:
-    """The YOLO face models in models/ultralytics/bbox (files with "face" in their name: that folder also holds
-    hand and person models), as the ensemble's extra members; usable only where ultralytics is installed."""
-    device = _ultralytics_device(host.default_device())
-    return [fdetect.get_detector(path, device=device) for name, path in _yolo_files().items()
-            if name.startswith("bbox/") and "face" in name.lower()]
-
-
 def resolve_detector(name: str) -> fdetect.Detector:
     if name == NO_DETECTOR or not name:
         raise TwigError("no face detector is installed; " + NO_DETECTOR.strip("()"))
-    if name == "ensemble":
-        det = fdetect.EnsembleDetector(extra=yolo_face_models())
-    elif name in fdetect.BUILTIN_DETECTORS:
-        det = fdetect.get_detector(name)
-    else:
-        path = _yolo_files().get(name)
-        if path is None:
+    files = _yolo_files()
+    if name != "ensemble" and name not in fdetect.BUILTIN_DETECTORS:
+        if name not in files:
             raise TwigError(f"face detector {name!r} not found; YOLO models go in models/ultralytics/bbox "
                             f"(or segm), built-in ones are {', '.join(fdetect.BUILTIN_DETECTORS)}")
-        det = fdetect.get_detector(path, device=_ultralytics_device(host.default_device()))
+        name = files[name]
+    # the ensemble's extra members: YOLO face models of the bbox folder (segm holds segmentation models)
+    boxes = [path for n, path in files.items() if n.startswith("bbox/")]
+    det = fdetect.choose_detector(name, boxes, device=_ultralytics_device(host.default_device()))
     det.check()
     return det
 

@@ -189,3 +189,44 @@ def test_node_ensemble_takes_the_yolo_face_models_of_the_bbox_folder(fake_ultral
     faces = nface.run_detection(image, "ensemble", 0.5, "auto", 0, 0.0, 1.0, "confidence", "off").detections[0]
     assert [(d.box, d.found_by) for d in faces] == [((10.0, 12.0, 40.0, 44.0), ("yolo:face_yolov8n.pt",))]
     assert [c[1] for c in fake_ultralytics.calls if c[0] == "load"] == [str(folder / "face_yolov8n.pt")]
+
+
+def test_choose_detector_gives_the_ensemble_the_yolo_face_models_only(fake_ultralytics, tmp_path):
+    """The one rule the nodes and the tab share: YOLO files whose name says face join the ensemble, others (hand,
+    person) do not; a YOLO file picked by itself is that detector."""
+    _usable("ensemble")
+    face, hand = tmp_path / "face_yolov8n.pt", tmp_path / "hand_yolov8n.pt"
+    for p in (face, hand):
+        torch.save({"model": fake_ultralytics.DetectionModel()}, p)
+    det = fdetect.choose_detector("ensemble", [str(face), str(hand)])
+    assert [m[0].name for m in det.members()][-1:] == ["yolo:face_yolov8n.pt"]
+    assert fdetect.choose_detector(str(hand)).name == "yolo:hand_yolov8n.pt"
+    assert fdetect.choose_detector("opencv_haar", [str(face)]) is fdetect.get_detector("opencv_haar")
+
+
+def test_tab_ensemble_takes_the_yolo_face_models_of_its_folders(tmp_path, monkeypatch):
+    """The tab's face refine hands the YOLO files of its face folders to the shared rule (choose_detector), which
+    keeps the face models for the ensemble."""
+    from twig_webui.engine import Engine, Settings
+    from twig_webui.host import Host
+
+    _usable("ensemble")
+    folder = tmp_path / "models" / "adetailer"
+    folder.mkdir(parents=True)
+    for n in ("face_yolov8n.pt", "hand_yolov8n.pt"):
+        (folder / n).write_bytes(b"stand-in")  # listed by name; never loaded here
+
+    class Chosen(Exception):
+        pass
+
+    def choose(name, paths=(), device=None):
+        raise Chosen(name, sorted(paths), fdetect.face_models(paths))
+
+    monkeypatch.setattr(fdetect, "choose_detector", choose)
+    engine = Engine(Host(tmp_path / "models", tmp_path / "out", device="cpu"))
+    s = Settings(prompt="a face", face=True, face_detector="ensemble")
+    with pytest.raises(Chosen) as got:
+        engine._face_refine(s, None, "a face", torch.zeros(1, 64, 64, 3), 0, lambda *a: None)
+    name, paths, faces = got.value.args
+    assert name == "ensemble" and paths == sorted(str(folder / n) for n in ("face_yolov8n.pt", "hand_yolov8n.pt"))
+    assert faces == [str(folder / "face_yolov8n.pt")]

@@ -338,8 +338,6 @@ class Engine:
                 self._stop.clear()
 
     def _run(self, s: Settings, progress: Progress) -> Result:
-        import torch
-
         from twig_core.lora import apply_loras, split_lora_tags
         from twig_core.pipeline import generate
         from twig_core.resolution import check_size
@@ -442,8 +440,8 @@ class Engine:
                             f"{self.host.folder_hint('face')}")
         spec = self.catalog.resolve("face", name)
         dev = self.host.device()
-        det = fdetect.get_detector(spec, device=(str(dev.index or 0) if dev.type == "cuda" else dev.type)
-                                   if spec not in fdetect.BUILTIN_DETECTORS else None)
+        yolo = [p for n, p in self.catalog.face_detectors().items() if n not in fdetect.BUILTIN_DETECTORS]
+        det = fdetect.choose_detector(spec, yolo, device=str(dev.index or 0) if dev.type == "cuda" else dev.type)
         det.check()
         h, w = int(pixels.shape[1]), int(pixels.shape[2])
         progress(0.86, "face refine: detecting")

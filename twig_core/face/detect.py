@@ -575,6 +575,20 @@ def get_detector(name: str, device: Optional[str] = None) -> Detector:
         return det
 
 
+def face_models(paths) -> list[str]:
+    """The YOLO files among ``paths`` that find faces (a name containing "face"): the same folders hold hand and
+    person models, which must not join an ensemble of face detectors."""
+    return [p for p in paths if "face" in os.path.basename(p).lower()]
+
+
+def choose_detector(name: str, yolo_paths=(), device: Optional[str] = None) -> Detector:
+    """The detector a user picked: ``ensemble`` with the YOLO face models among ``yolo_paths`` as extra members,
+    another built-in by name, or a YOLO file by path (on ``device``, ultralytics' device string)."""
+    if name == "ensemble":
+        return EnsembleDetector(extra=[get_detector(p, device=device) for p in face_models(yolo_paths)])
+    return get_detector(name, device=None if name in _BUILTIN else device)
+
+
 TILE_SIZE = 512  # 4x the short-range network's 128 px input: faces keep the scale the model was trained at
 FINE_TILE_SIZE = 256  # full range's 192 px input sees a 24 px face of a 256 px tile at 18 px
 # Faces smaller than this found in tiles are dropped: what BlazeFace finds there below 20 px is texture (the
