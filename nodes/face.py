@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from twig_core import memory
 from twig_core.catalog import scan
 from twig_core.devices import MAX_SEED
 from twig_core.errors import TwigError
@@ -186,7 +185,7 @@ def pack_crops(crops: list[torch.Tensor]) -> torch.Tensor:
 
 def _get(ref, memory_required: int = 0):
     """The twig_core object behind a node input (a host.ManagedModel or a plain object)."""
-    return ref.get(memory_required=memory_required) if hasattr(ref, "get") and hasattr(ref, "release") else ref
+    return ref.get(memory_required=memory_required) if _managed(ref) else ref
 
 
 def _managed(ref) -> bool:
@@ -198,8 +197,7 @@ def transformer_getter(model):
     def get(latent_shape=None, cfg=True):
         if not _managed(model) or latent_shape is None:
             return _get(model)
-        peeked = model.peek()
-        return _get(model, memory.step_bytes(peeked.config, latent_shape, peeked.dtype.itemsize, cfg=cfg))
+        return _get(model, host.step_memory_required(model.peek(), latent_shape, cfg=cfg))
     return get
 
 
@@ -209,11 +207,7 @@ def vae_getter(vae):
     def get(latent_shape=None, pixels=None, encode=False):
         if not _managed(vae) or (latent_shape is None and pixels is None):
             return _get(vae)
-        peeked = vae.peek()
-        if latent_shape is None:
-            f = peeked.spatial_factor
-            latent_shape = (1, peeked.config.latent_channels, -(-pixels[0] // f), -(-pixels[1] // f))
-        return _get(vae, host.vae_memory_required(peeked, latent_shape, encode=encode))
+        return _get(vae, host.vae_memory_required(vae.peek(), latent_shape, encode=encode, pixels=pixels))
     return get
 
 

@@ -420,11 +420,24 @@ def _holder_class(kind: str) -> type:
     return _HOLDER_CLASSES[name]
 
 
-def vae_memory_required(vae, latent_shape, tile_size: int = 0, encode: bool = False) -> int:
+def step_memory_required(transformer, latent_shape, cfg: bool = True, caption_tokens: int = 300) -> int:
+    """Bytes one sampling step of ``transformer`` on a latent of ``latent_shape`` [B,C,h,w] needs beyond the
+    weights (twice the batch with ``cfg``), for ``ManagedModel.get``."""
+    from twig_core import memory
+
+    return memory.step_bytes(transformer.config, tuple(latent_shape), transformer.dtype.itemsize, cfg=cfg,
+                             caption_tokens=caption_tokens)
+
+
+def vae_memory_required(vae, latent_shape=None, tile_size: int = 0, encode: bool = False, pixels=None) -> int:
     """Bytes a DC-AE decode (or ``encode``) of one latent of ``latent_shape`` [B,C,h,w] needs beyond the weights,
-    in tiles of ``tile_size`` pixels (0: dcae_exec's automatic choice), for ``ManagedModel.get``."""
+    in tiles of ``tile_size`` pixels (0: dcae_exec's automatic choice), for ``ManagedModel.get``. An encode may
+    give the image's ``pixels`` (height, width) instead of the latent shape."""
     from twig_core import dcae_exec, memory
 
+    if latent_shape is None:
+        f = vae.spatial_factor
+        latent_shape = (1, vae.config.latent_channels, pixels[0] // f, pixels[1] // f)
     h, w = latent_shape[-2:]
     f = vae.spatial_factor
     tile = tile_size // f if tile_size else dcae_exec.auto_tile_size(h, w)

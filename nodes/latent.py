@@ -147,9 +147,7 @@ class TwigVAEEncode:
             got = tuple(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__
             raise TwigError(f"pixels must be an IMAGE [batch, height, width, 3], got {got}")
         vae.peek().load_encoder()  # read on first encode, before the host places the model and counts its memory
-        dcae = vae.peek()
-        shape = (1, dcae.config.latent_channels, pixels.shape[1] // dcae.spatial_factor, pixels.shape[2] // dcae.spatial_factor)
-        need = host.vae_memory_required(dcae, shape, tile_size, encode=True)
+        need = host.vae_memory_required(vae.peek(), None, tile_size, encode=True, pixels=pixels.shape[1:3])
         model = vae.get(memory_required=need)
         pixels = center_crop(pixels, model.spatial_factor)
         out = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from twig_core import memory
 from twig_core.devices import MAX_SEED
 from twig_core.pipeline import sample_latents
 from twig_core.sampling import MAX_STEPS, SAMPLER_TABLE, SAMPLERS
@@ -61,10 +60,8 @@ class TwigSampler:
             out["samples"] = init.float().clone()
             return (out,)
 
-        peeked = model.peek()
         tokens = max(positive.embeds.shape[1], negative.embeds.shape[1])
-        need = memory.step_bytes(peeked.config, tuple(init.shape), peeked.dtype.itemsize, cfg=cfg != 1.0,
-                                 caption_tokens=tokens)
+        need = host.step_memory_required(model.peek(), init.shape, cfg=cfg != 1.0, caption_tokens=tokens)
         transformer = model.get(memory_required=need)
         want_preview, max_size = host.preview_settings()
         bar = host.Progress(steps)
