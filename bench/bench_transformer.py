@@ -65,6 +65,9 @@ def child(which: str, layers: int, size: int, caption: int, repeats: int, weight
         from diffusers import SanaTransformer2DModel
 
         model = SanaTransformer2DModel(num_layers=layers).eval()
+        if weights == "bf16":  # what a diffusers user does for speed: the whole model and its inputs in bf16
+            model = model.to(torch.bfloat16)
+            x, ctx, t = x.bfloat16(), ctx.bfloat16(), t.bfloat16()
 
         def step():
             return model(x, ctx, t, encoder_attention_mask=mask).sample
