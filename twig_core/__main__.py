@@ -19,6 +19,7 @@ from pathlib import Path
 from .catalog import DEMO_NAME, demo_dir, demo_location
 from .devices import DTYPE_CHOICES, OFFLOAD_CHOICES, WEIGHT_DTYPE_CHOICES
 from .errors import TwigError
+from .presets import DEFAULT_PRESET, PRESET_NAMES
 from .sampling import SAMPLERS
 
 
@@ -60,10 +61,15 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
                    f"(default: the embedded demo model, {DEMO_NAME}; $TWIG_DEMO_DIR moves it)")
     g.add_argument("--text-encoder", help="Gemma-2 folder or single file (.safetensors or .gguf)")
     g.add_argument("--vae", help="DC-AE file or folder")
-    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="compute dtype")
-    g.add_argument("--weight-dtype", default="same", choices=WEIGHT_DTYPE_CHOICES,
-                   help="the transformer's weights in memory: same as --dtype, as stored in the file, or fp16/bf16 "
-                        "(half the memory of fp32 while computing in --dtype)")
+    g.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                   help=f"precision preset (default {DEFAULT_PRESET}): quality = fp32; balanced = bf16 where the "
+                        "device has it natively, else fp16-held weights; fast = balanced plus sampler shortcuts, "
+                        "int8 products on a CPU. --dtype / --weight-dtype given as well win")
+    g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="compute dtype (default: the preset's)")
+    g.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPE_CHOICES,
+                   help="the transformer's weights in memory: same as --dtype, as stored in the file, fp16/bf16 "
+                        "(half the memory of fp32 while computing in --dtype), or int8 (CPU: fp16-held weights "
+                        "whose large products run in int8)")
     g.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, mps … (default: cuda, else mps, when available)")
     g.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES,
@@ -81,6 +87,7 @@ def _load(a: argparse.Namespace, device: str | None = None):
     from .devices import pick_device
 
     device = pick_device(device or a.device)
+    _apply_preset(a, device)
     transformer_path = a.transformer
     if transformer_path is None:
         transformer_path = demo_dir()
@@ -96,6 +103,18 @@ def _load(a: argparse.Namespace, device: str | None = None):
         if quant_summary(model):
             print(f"{what} weights: {quant_summary(model)}", file=sys.stderr)
     return parts
+
+
+def _apply_preset(a: argparse.Namespace, device) -> None:
+    """Fill the options the user left unset from the preset (resolved for ``device``)."""
+    from .presets import resolve
+
+    preset = resolve(a.preset or DEFAULT_PRESET, device)
+    a.dtype = a.dtype or preset.dtype
+    a.weight_dtype = a.weight_dtype or preset.weight_dtype
+    for name in ("cache", "cfg_interval"):  # sampler shortcuts
+        if getattr(a, name, None) is None:
+            setattr(a, name, getattr(preset, name))
 
 
 def _generate(a: argparse.Namespace) -> list[Path]:

@@ -1,6 +1,6 @@
 """Devices, dtypes and seeds for every front end (command line, ComfyUI nodes, WebUI tab).
 
-The names users pick ("auto", "fp16", "bf16", "fp32"; weight dtypes "same", "stored", "fp16", "bf16"), what
+The names users pick ("auto", "fp16", "bf16", "fp32"; weight dtypes "same", "stored", "fp16", "bf16", "int8"), what
 "auto" means for each device and network (bf16 only where the GPU computes it natively), the Gemma-2 fp16 rule,
 the keyword arguments a weight-dtype choice gives the loader, the seed range, and the device housekeeping every
 front end shares (recognising out-of-memory errors, returning cached memory). Host-specific choices (ComfyUI's
@@ -15,7 +15,7 @@ from .errors import TwigError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_CHOICES = ("auto", "fp16", "bf16", "fp32")
-WEIGHT_DTYPE_CHOICES = ("same", "stored", "fp16", "bf16")
+WEIGHT_DTYPE_CHOICES = ("same", "stored", "fp16", "bf16", "int8")
 
 # Seeds are 0 … 2**64 - 1, as in ComfyUI (twig_core.sampling.noise_like: the seed → noise mapping)
 MAX_SEED = 2**64 - 1
@@ -121,17 +121,38 @@ def resolve_dtype(choice, device="cpu", role: str | None = None) -> torch.dtype 
     raise TwigError(f"unknown dtype {choice!r}; use {', '.join(DTYPE_CHOICES)}")
 
 
-def weight_dtype_kwargs(weight_dtype, dtype, device="cpu") -> dict:
+def weight_dtype_kwargs(weight_dtype, dtype, device="cpu", role: str = "diffusion") -> dict:
     """``dtype``/``compute_dtype`` arguments of ``load_transformer`` / ``load_vae`` for a weight_dtype choice:
     "same" (or None) holds the weights in ``dtype``; "stored" keeps the file's dtype and "fp16"/"bf16" that
-    dtype, both computing in ``dtype`` (fp32 on CPU when ``dtype`` is None)."""
+    dtype, both computing in ``dtype`` (fp32 on CPU when ``dtype`` is None). "int8" (the transformer on the CPU,
+    ``twig_core.int8``): fp16-held weights whose large products run in int8, the rest computing in fp32; for
+    the VAE, or on a GPU, it means "same"."""
+    if weight_dtype not in (None, *WEIGHT_DTYPE_CHOICES):
+        raise TwigError(f"weight_dtype {weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPE_CHOICES)}")
+    if weight_dtype == "int8":
+        if role != "diffusion" or torch.device(device).type != "cpu":
+            return {"dtype": dtype}
+        compute = dtype or torch.float32
+        return {"dtype": torch.float16, "compute_dtype": compute, "int8": compute == torch.float32}
     if weight_dtype in (None, "same"):
         return {"dtype": dtype}
-    if weight_dtype not in WEIGHT_DTYPE_CHOICES:
-        raise TwigError(f"weight_dtype {weight_dtype!r}: choose one of {', '.join(WEIGHT_DTYPE_CHOICES)}")
     compute = dtype or (torch.float32 if torch.device(device).type == "cpu" else None)
     return {"dtype": None if weight_dtype == "stored" else resolve_dtype(weight_dtype, device),
             "compute_dtype": compute}
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 products fall back to
+    kernels several times slower than fp32. Read from /proc/cpuinfo (Linux); False where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 # ---- where the networks live between uses ----------------------------------------------------------------------

@@ -92,7 +92,7 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
     model = load_transformer(transformer, device=home, **weight_dtype_kwargs(weight_dtype, dtypes["diffusion"], device))
     te = load_text_encoder(text_encoder, dtype=_text_dtype(dtypes["text"], device), device=home,
                            expected_width=model.config.caption_channels)
-    ae = load_vae(vae, device=home, **weight_dtype_kwargs(weight_dtype, dtypes["vae"], device))
+    ae = load_vae(vae, device=home, **weight_dtype_kwargs(weight_dtype, dtypes["vae"], device, "vae"))
     return Parts(model, te, ae, residency)
 
 

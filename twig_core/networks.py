@@ -38,6 +38,7 @@ def load_transformer(
     pos_embed: bool | None = None,
     variant: str | None = None,
     config: TransformerConfig | None = None,
+    int8: bool = False,
     **overrides,
 ):
     """Load a Sana/Twig transformer from any supported file or folder.
@@ -49,7 +50,8 @@ def load_transformer(
     else the rule in ``TransformerConfig.from_state_dict``: on for 2K/4K checkpoints).
     ``variant`` picks a diffusers weight variant ("fp16", "bf16"); by default the one matching ``dtype``, else
     the full-precision one. ``config`` replaces inference entirely; ``overrides`` set single config fields
-    (e.g. ``cross_heads=``).
+    (e.g. ``cross_heads=``). ``int8``: the blocks' large products run in int8 on the CPU (``twig_core.int8``;
+    the weights stay as loaded, computing in fp32 elsewhere).
     """
     from .transformer import TwigTransformer
 
@@ -93,6 +95,13 @@ def load_transformer(
         assign(model, tensors, names, dtype, device, label, pop=True)
     else:
         assign(model, src.weights, names, dtype, device, label)
+    if int8:
+        from . import int8 as int8_products
+
+        if torch.device(device).type != "cpu" or model.dtype != torch.float32:
+            raise TwigError(f"{label}: int8 products run on the CPU computing in fp32, not on {device} in "
+                            f"{str(model.dtype).removeprefix('torch.')}")
+        int8_products.enable(model)
     return model.eval()
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import int8
+
 # Products at least this large (multiply-adds, and rows) take the 1x1-convolution route on CPU (see ``dense``);
 # below that (a handful of rows) torch would pick its slow reference convolution.
 _CONV_ROUTE_MIN = 1 << 22
@@ -20,7 +22,10 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     Large fp32 products on CPU run as a 1x1 convolution over a channels-last view of the tokens: that goes to
     oneDNN, whose fp32 kernels outrun the BLAS sgemm behind ``torch.mm`` on AVX-512 CPUs (bench/RESULTS.md;
     same result up to summation order). Elsewhere (GPU, bf16/fp16, small products) this is ``F.linear``.
+    A layer switched to int8 products gives an ``int8.Int8Weight``, multiplied by ``int8.dense``.
     """
+    if isinstance(weight, int8.Int8Weight):
+        return int8.dense(x, weight, bias)
     w = weight.to(x.dtype)
     b = None if bias is None else bias.to(x.dtype)
     cout, cin = w.shape[0], w.shape[1]  # a Linear [out, in] or a 1x1 conv [out, in, 1, 1] weight
@@ -100,8 +105,14 @@ def weights(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     time; a layer keeping its weight quantized (``twig_core.quant``) gives it widened to x's dtype on x's
     device; the layer's runtime adapters (``layer.twig_adapters``, LoRA: ``twig_core.lora``) are folded over a
     per-call copy. A host's operations namespace gives its own, so its layers cast (and stream) their weights."""
+    if int8.wants(layer, x):  # packed on first use from the float weight below (``twig_core.int8``)
+        return int8.Int8Weight(layer, lambda: _float_weight(layer, x)), layer.bias
+    return _float_weight(layer, x), layer.bias
+
+
+def _float_weight(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     w = layer.dequantized(x.dtype, x.device) if hasattr(layer, "dequantized") else layer.weight
-    return with_adapters(layer, w, x.dtype), layer.bias
+    return with_adapters(layer, w, x.dtype)
 
 
 def with_adapters(layer: nn.Module, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

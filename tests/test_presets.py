@@ -1,0 +1,150 @@
+"""Precision presets and int8 products: each preset held to its stated error bounds against diffusers in fp32
+on the same weights (one step), and against the fp32 run (a whole run's latent; the fp32 run itself matches
+diffusers to 1e-4 in test_transformer); int8 switching, LoRA over int8, and the device rules."""
+
+import argparse
+
+import pytest
+import torch
+
+from tests.builders import transformer_inputs
+from tests.test_transformer import diffusers_model
+
+from twig_core import int8, presets, sampling
+from twig_core.config import TransformerConfig
+from twig_core.devices import resolve_dtype, weight_dtype_kwargs
+from twig_core.errors import TwigError
+from twig_core.networks import load_transformer
+
+# wide enough that every int8 product has a few hundred channels, as the real ones have thousands
+CFG = TransformerConfig(in_channels=8, out_channels=8, width=256, depth=3, heads=8, cross_heads=4,
+                        caption_channels=96, sample_size=8, mlp_ratio=2.5)
+
+pytestmark = pytest.mark.skipif(int8.engine() is None, reason="torch without a quantized CPU engine")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """diffusers' fp32 model with random weights, saved in diffusers' layout (what a user's folder holds)."""
+    model = diffusers_model(CFG)
+    folder = tmp_path_factory.mktemp("presets") / "transformer"
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder
+
+
+def load_preset(folder, name):
+    p = presets.resolve(name, "cpu")
+    return load_transformer(folder, **weight_dtype_kwargs(p.weight_dtype, resolve_dtype(p.dtype, "cpu"))), p
+
+
+@pytest.mark.parametrize("name", presets.PRESET_NAMES)
+def test_each_preset_keeps_its_step_error_bound(reference, name):
+    ref, folder = reference
+    model, _ = load_preset(folder, name)
+    x, t, ctx, mask = transformer_inputs(CFG, h=16, w=16, n=20)
+    with torch.no_grad():
+        want = ref(x, ctx, t, encoder_attention_mask=mask).sample
+        got = model(x, t, ctx, mask)
+    err = rel(got, want)
+    assert err <= presets.STEP_ERROR[name], f"{name}: one step off by {err:.2e}"
+    assert int8.enabled(model) == (presets.resolve(name, "cpu").weight_dtype == "int8")
+
+
+def run(model, preset, steps=8):
+    torch.manual_seed(3)
+    cond = argparse.Namespace(embeds=torch.randn(1, 20, CFG.caption_channels), mask=torch.ones(1, 20, dtype=torch.long))
+    uncond = argparse.Namespace(embeds=torch.zeros(1, 20, CFG.caption_channels), mask=cond.mask)
+    extra = {}
+    if preset.cache or preset.cfg_interval:  # the sampler shortcuts, where the sampler offers them
+        extra = {"cache": preset.cache, "cfg_interval": preset.cfg_interval}
+    den = sampling.make_denoiser(model, cond, uncond, 4.5, integer_timesteps=True, **extra)
+    noise = sampling.noise_like((1, CFG.in_channels, 16, 16), 7)
+    return sampling.sample(den, noise, sampling.flow_sigmas(steps, 3.0))
+
+
+@pytest.mark.parametrize("name", presets.PRESET_NAMES)
+def test_each_preset_keeps_its_latent_error_bound(reference, name):
+    _, folder = reference
+    fp32, _ = load_preset(folder, "quality")
+    model, p = load_preset(folder, name)
+    err = rel(run(model, p), run(fp32, presets.resolve("quality")))
+    assert err <= presets.LATENT_ERROR[name], f"{name}: final latent off by {err:.2e}"
+
+
+def test_int8_switches_off_exactly_and_rebuilds_packs_for_loras(reference, tmp_path):
+    _, folder = reference
+    model = load_transformer(folder, dtype=torch.float16, compute_dtype=torch.float32)
+    x, t, ctx, mask = transformer_inputs(CFG, h=16, w=16, n=20)
+    with torch.no_grad():
+        plain = model(x, t, ctx, mask)
+        assert int8.enable(model) == CFG.depth * len(int8.TARGETS)
+        quick = model(x, t, ctx, mask)
+        assert int8.memory_bytes(model) > 0
+        assert 0 < rel(quick, plain) <= presets.STEP_ERROR["fast"]
+        # a weight change on one int8 layer (what a LoRA does) reaches the int8 product; taking it off restores
+        layer = model.blocks[0].mlp.inverted_conv.conv
+
+        class Shift:  # the interface of twig_core.lora.Adapter that ops.weights folds: apply(w, dtype), strength
+            strength = 1.0
+
+            def apply(self, w, dtype):
+                return -3.0 * w.to(dtype)
+
+        layer.twig_adapters = [Shift()]
+        shifted_int8 = model(x, t, ctx, mask)
+        int8.enable(model, False)
+        shifted_float = model(x, t, ctx, mask)
+        int8.enable(model)
+        change, follow = rel(shifted_float, plain), rel(shifted_int8, shifted_float)
+        assert change > 3 * follow and follow <= presets.STEP_ERROR["fast"]  # int8 follows the change
+        layer.twig_adapters = []
+        assert torch.equal(model(x, t, ctx, mask), quick)
+        int8.enable(model, False)
+        assert not int8.enabled(model) and torch.equal(model(x, t, ctx, mask), plain)
+
+
+def test_int8_is_for_the_cpu_in_fp32(reference):
+    _, folder = reference
+    with pytest.raises(TwigError, match="int8 products run on the CPU computing in fp32"):
+        load_transformer(folder, dtype=torch.float16, compute_dtype=torch.bfloat16, int8=True)
+    # a GPU or the VAE: "int8" means "same"
+    assert weight_dtype_kwargs("int8", torch.bfloat16, "cuda") == {"dtype": torch.bfloat16}
+    assert weight_dtype_kwargs("int8", torch.float32, "cpu", "vae") == {"dtype": torch.float32}
+    assert weight_dtype_kwargs("int8", None, "cpu")["int8"] is True
+
+
+def test_presets_resolve_per_device(monkeypatch):
+    from twig_core import presets as P
+
+    monkeypatch.setattr(P, "cpu_bf16", lambda: False)
+    assert (P.resolve("balanced", "cpu").dtype, P.resolve("balanced", "cpu").weight_dtype) == ("fp32", "fp16")
+    assert P.resolve("fast", "cpu").weight_dtype == "int8"
+    monkeypatch.setattr(P, "cpu_bf16", lambda: True)
+    assert P.resolve("balanced", "cpu").dtype == "bf16"
+    assert P.resolve("fast", "cpu").weight_dtype == "int8"  # int8 products beat bf16 ones where both are native
+    monkeypatch.setattr(P, "cuda_bf16", lambda dev=None: False)
+    assert P.resolve("balanced", "cuda").dtype == "fp16" and P.resolve("fast", "cuda").weight_dtype == "same"
+    monkeypatch.setattr(P, "cuda_bf16", lambda dev=None: True)
+    assert P.resolve("balanced", "cuda").dtype == "auto"
+    assert P.resolve("quality", "cuda").dtype == "fp32"
+    with pytest.raises(TwigError, match="unknown preset 'turbo'"):
+        P.resolve("turbo")
+
+
+def test_cli_preset_fills_only_what_is_unset():
+    from twig_core.__main__ import _apply_preset, _parser
+
+    a = _parser().parse_args(["generate", "--prompt", "x", "--preset", "fast"])
+    _apply_preset(a, torch.device("cpu"))
+    assert (a.dtype, a.weight_dtype) == ("fp32", "int8")
+    a = _parser().parse_args(["generate", "--prompt", "x", "--preset", "fast", "--weight-dtype", "same"])
+    _apply_preset(a, torch.device("cpu"))
+    assert a.weight_dtype == "same"
+    a = _parser().parse_args(["generate", "--prompt", "x"])
+    _apply_preset(a, torch.device("cpu"))
+    assert (a.dtype, a.weight_dtype) == (presets.resolve(presets.DEFAULT_PRESET).dtype,
+                                        presets.resolve(presets.DEFAULT_PRESET).weight_dtype)

@@ -1,0 +1,166 @@
+"""int8 matrix products for the transformer's large layers on CPU (the ``int8`` weight choice).
+
+A layer switched on with :func:`enable` hands ``ops.dense`` an :class:`Int8Weight` instead of a float tensor: a
+view of the layer's weight (and of any row or column slice the caller takes, as the fused q/k/v and the Mix-FFN's
+channel chunks do) that ``dense`` multiplies through torch's quantized CPU kernels (fbgemm / the x86 engine):
+the weight quantized once per output channel to int8 (symmetric, scale = max |w| / 127) and packed, the
+activations quantized per call over the whole tensor (dynamic, with a zero point chosen per call, to 7 bits: the
+u8·s8 kernels add pairs of products in 16 bits, which full 8-bit activations overflow — that saturation made a
+step's error twice as large on random weights), products summed in int32 and scaled back to fp32, bias added
+in fp32.
+
+Packs are made on first use from the layer's float weight as ``ops.weights`` would give it (GGUF/fp8 storage
+widened, LoRA adapters folded) and kept on the layer, one per slice; a changed LoRA stack (adapters or strengths)
+rebuilds them. The layer's own stored weight is left as it is, so switching int8 off gives the float model back
+exactly. Error: each product's relative error is about 1.5-2.5% on Gaussian inputs; the preset table (``twig_core.presets``) states and tests what that makes of a step and of a whole run.
+
+Only CPU fp32 activations take this route; anything else (a GPU, bf16/fp16 compute, torch builds without the
+quantized engines) computes in float as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import TwigError
+
+# torch's quantized CPU engines able to run the packed int8 products, preferred first
+ENGINES = ("x86", "fbgemm")
+
+
+def engine() -> str | None:
+    """The quantized engine int8 products run on here, or None when this torch build has none."""
+    supported = torch.backends.quantized.supported_engines
+    if not hasattr(torch.ops.quantized, "linear_dynamic"):
+        return None
+    return next((e for e in ENGINES if e in supported), None)
+
+
+@contextlib.contextmanager
+def _engine():
+    old = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine()
+    try:
+        with warnings.catch_warnings():  # quantized tensors are marked for a future rework; the ops still run
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.backends.quantized.engine = old
+
+
+# The transformer layers that compute in int8 (inside every block): self-attention's q/k/v and projection,
+# cross-attention's query, the Mix-FFN's 1x1 expansion and projection (about 89% of a block's multiply-adds at
+# 1024² with a 300-token caption).
+# Cross-attention's output projection stays float: its input, a softmax average of the caption's values, has
+# a few large entries that one 8-bit scale over the tensor resolves badly (alone it gave 20x the error of all the
+# others together on random weights). So do the depthwise convolution, norms, modulation, embedders, the final
+# layer and the caption keys/values (computed once a generation).
+TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "mlp.inverted_conv.conv", "mlp.point_conv.conv")
+
+
+def enable(model: nn.Module, on: bool = True) -> int:
+    """Switch the int8 products of ``model``'s target layers on (or off, dropping their packs). Returns how many
+    layers were switched. Raises TwigError when turning on where this torch has no quantized CPU engine."""
+    if on and engine() is None:
+        raise TwigError("int8 weights need torch's quantized CPU engine (x86 or fbgemm), which this torch build "
+                        "lacks; choose fp16, bf16 or same")
+    count = 0
+    for block in getattr(model, "blocks", ()):
+        for name in TARGETS:
+            layer = block.get_submodule(name)
+            if on:
+                layer._twig_int8 = {}
+            else:
+                layer.__dict__.pop("_twig_int8", None)
+            count += 1
+    return count
+
+
+def enabled(model: nn.Module) -> bool:
+    return any(hasattr(m, "_twig_int8") for m in model.modules())
+
+
+def wants(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer`` computes ``x`` in int8 (switched on, CPU fp32 activations)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and getattr(layer, "_twig_int8", None) is not None
+
+
+def _adapters_key(layer: nn.Module) -> tuple:
+    return tuple((id(a), a.strength) for a in getattr(layer, "twig_adapters", None) or ())
+
+
+class Int8Weight:
+    """A layer's weight (or a slice of it) to be multiplied in int8: what ``ops.weights`` gives for a switched-on
+    layer. Slicing takes rows (``w[a:b]``) or input columns (``w[:, a:b]``); ``dense`` calls :meth:`packed`."""
+
+    __slots__ = ("layer", "float_weight", "rows", "cols")
+
+    def __init__(self, layer: nn.Module, float_weight, rows: slice = slice(None), cols: slice = slice(None)):
+        self.layer, self.float_weight, self.rows, self.cols = layer, float_weight, rows, cols
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        full = getattr(self.layer, "qshape", None) or self.layer.weight.shape
+        r = range(full[0])[self.rows]
+        c = range(full[1])[self.cols]
+        return (len(r), len(c), *full[2:])
+
+    def __getitem__(self, index) -> "Int8Weight":
+        if self.rows != slice(None) or self.cols != slice(None):
+            raise TwigError("an int8 weight is sliced once (rows or columns)")
+        if isinstance(index, slice):
+            return Int8Weight(self.layer, self.float_weight, index, self.cols)
+        if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], slice):
+            return Int8Weight(self.layer, self.float_weight, self.rows, index[1])
+        raise TwigError(f"an int8 weight takes a row or column slice, not {index!r}")
+
+    def _key(self):
+        r, c = self.rows, self.cols
+        return (r.start, r.stop, r.step, c.start, c.stop, c.step)
+
+    def packed(self, bias: torch.Tensor | None):
+        """The packed int8 weight of this slice with ``bias`` (the caller's bias slice, which for a given slice
+        is always the same), made once and kept on the layer until its LoRA stack changes."""
+        cache = self.layer._twig_int8
+        adapters = _adapters_key(self.layer)
+        if cache.get("adapters", ()) != adapters:
+            cache.clear()
+            cache["adapters"] = adapters
+        key = self._key()
+        hit = cache.get(key)
+        if hit is None:
+            w = self.float_weight()[self.rows]
+            w = w[:, self.cols].float()
+            w = w.reshape(w.shape[0], w.shape[1])
+            # held: one byte a weight, fp64 scale and int64 zero point per channel, fp32 bias
+            held = w.numel() + 16 * w.shape[0] + (0 if bias is None else 4 * bias.numel())
+            hit = cache[key] = (pack(w, bias), held)
+        return hit[0]
+
+
+def pack(w: torch.Tensor, bias: torch.Tensor | None):
+    """``w`` [out, in] quantized per output channel to int8 and packed with ``bias`` for ``linear_dynamic``."""
+    scale = (w.abs().amax(dim=1).double() / 127.0).clamp_min(1e-12)
+    zero = torch.zeros(w.shape[0], dtype=torch.long)
+    with _engine():
+        q = torch.quantize_per_channel(w.float().contiguous(), scale, zero, 0, torch.qint8)
+        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float().contiguous())
+
+
+def dense(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w^T + bias`` through the int8 kernels (x: CPU fp32 [..., in])."""
+    packed = w.packed(bias)
+    lead = x.shape[:-1]
+    with _engine():
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), packed, True)  # 7-bit activations
+    return y.view(*lead, y.shape[-1])
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the packs made so far (one byte a weight, plus the per-channel scales and biases)."""
+    return sum(v[1] for m in model.modules() for k, v in (getattr(m, "_twig_int8", None) or {}).items()
+               if k != "adapters")

@@ -1,0 +1,64 @@
+"""Precision presets: the speed/fidelity choices a user picks by name (``--preset``, the tab's and nodes' lists).
+
+Each preset fixes the transformer's compute dtype, how its weights are held, and the sampler's shortcuts
+(``cache``: reuse of a step's result when the first block barely changes; ``cfg_interval``: guidance only inside
+a sigma range), resolved for the device it runs on:
+
+- ``quality``: everything in fp32; what the parity tests hold to diffusers' fp32 output.
+- ``balanced``: bf16 where the device multiplies it natively (GPUs of compute capability 8 and up, CPUs with
+  AVX512-BF16 or AMX), else fp16 on other GPUs; on a CPU without native bf16, fp16-held weights computing in fp32
+  (half the memory, the same speed).
+- ``fast``: the sampler shortcuts, with ``balanced``'s dtypes on a GPU; on a CPU, fp16-held weights whose
+  large products run in int8 (``twig_core.int8``), the rest in fp32.
+
+``STEP_ERROR`` and ``LATENT_ERROR`` are each preset's stated bounds against diffusers in fp32 on the same
+weights: the relative error (L2 norm of the difference over the norm of the reference) of one transformer step,
+and of the latent after a whole run; tests/test_presets.py holds every preset to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .devices import cpu_bf16, cuda_bf16
+from .errors import TwigError
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    dtype: str  # the transformer's compute dtype choice (devices.DTYPE_CHOICES)
+    weight_dtype: str  # how its weights are held (devices.WEIGHT_DTYPE_CHOICES)
+    cache: float = 0.0  # step-cache threshold (0: off)
+    cfg_interval: tuple[float, float] | None = None  # guidance only for sigmas in this range (None: always)
+
+
+PRESET_NAMES = ("quality", "balanced", "fast")
+DEFAULT_PRESET = "balanced"
+# The sampler shortcuts of ``fast``.
+FAST_CACHE = 0.0
+FAST_CFG_INTERVAL: tuple[float, float] | None = None
+# Stated bounds, tested: relative error against diffusers fp32 of one step / of a run's final latent.
+STEP_ERROR = {"quality": 1e-5, "balanced": 1e-3, "fast": 1.5e-2}
+LATENT_ERROR = {"quality": 1e-4, "balanced": 1e-3, "fast": 5e-2}
+
+
+def resolve(name: str, device="cpu") -> Preset:
+    """The preset ``name`` as concrete choices for ``device``."""
+    if name not in PRESET_NAMES:
+        raise TwigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    dev = torch.device(device)
+    if name == "quality":
+        return Preset(name, "fp32", "same")
+    if dev.type == "cpu":
+        balanced = Preset(name, "bf16", "same") if cpu_bf16() else Preset(name, "fp32", "fp16")
+    elif dev.type == "cuda" and not cuda_bf16(dev):
+        balanced = Preset(name, "fp16", "same")
+    else:
+        balanced = Preset(name, "auto", "same")
+    if name == "balanced":
+        return balanced
+    fast = Preset(name, "fp32", "int8") if dev.type == "cpu" else replace(balanced, name=name)
+    return replace(fast, cache=FAST_CACHE, cfg_interval=FAST_CFG_INTERVAL)
