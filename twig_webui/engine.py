@@ -20,6 +20,7 @@ from typing import Callable
 
 from twig_core import catalog
 from twig_core.errors import TwigError
+from twig_core.presets import DEFAULT_PRESET, PRESET_NAMES, resolve as resolve_preset
 from twig_core.sampling import SAMPLERS
 
 from .host import Host
@@ -49,7 +50,7 @@ class Settings:
     model: str = ""  # a name from Catalog.models(); "" = the demo model / first one
     text_encoder: str = FROM_MODEL
     vae: str = FROM_MODEL
-    dtype: str = "auto"
+    dtype: str = DEFAULT_PRESET  # a precision preset (twig_core.presets) or a compute dtype ("auto", "fp32" …)
     max_length: int = 300
     tipo: bool = False
     tipo_model: str = ""
@@ -308,8 +309,12 @@ class Engine:
             _free_memory()
             self.host.free_host_models()
             try:
-                self._parts = loader.load_parts(model, te or None, vae or None, dtype=s.dtype, device=device,
-                                                offload="auto")
+                dtype, weight_dtype = s.dtype, None
+                if s.dtype in PRESET_NAMES:
+                    preset = resolve_preset(s.dtype, device)
+                    dtype, weight_dtype = preset.dtype, preset.weight_dtype
+                self._parts = loader.load_parts(model, te or None, vae or None, dtype=dtype, device=device,
+                                                weight_dtype=weight_dtype, offload="auto")
             except TwigError as e:
                 if "holds no" in str(e):
                     where = self.host.folder_hint("text_encoder" if "text encoder" in str(e) else "vae")

@@ -15,7 +15,7 @@ import html
 import logging
 import traceback
 
-from twig_core.devices import DTYPE_CHOICES
+from twig_core.presets import DEFAULT_PRESET, PRESET_NAMES
 from twig_core.errors import TwigError
 from twig_core.sampling import SAMPLERS
 from twig_core.tipo import LENGTHS
@@ -96,7 +96,9 @@ def build_ui(engine: Engine | None = None, *, theme=None):
                     vaes = list(cat.vaes())
                     vae = gr.Dropdown(label="VAE (DC-AE)", choices=vaes, value=FROM_MODEL, elem_id="twig_vae")
                 with gr.Row():
-                    dtype = gr.Dropdown(label="Precision", choices=list(DTYPE_CHOICES), value="auto", elem_id="twig_dtype")
+                    dtype = gr.Dropdown(label="Precision", choices=list(PRESET_NAMES), value=DEFAULT_PRESET, elem_id="twig_dtype",
+                                        info="quality: fp32; balanced: bf16 where native, else fp16-held weights; "
+                                             "fast: sampler shortcuts, int8 products on a CPU")
                     max_length = gr.Slider(label="Max prompt tokens", minimum=100, maximum=1200, step=50, value=300,
                                            elem_id="twig_max_length")
                 with gr.Row():
@@ -123,7 +125,7 @@ def build_ui(engine: Engine | None = None, *, theme=None):
                 prompt=prompt_v or "", negative=negative_v or "", size=size_v or "", steps=int(steps_v),
                 cfg=float(cfg_v), seed=int(seed_v) if seed_v is not None else -1, sampler=sampler_v,
                 batch_size=int(batch_v), model=model_v or "", text_encoder=te_v or FROM_MODEL, vae=vae_v or FROM_MODEL,
-                dtype=dtype_v or "auto", max_length=int(max_length_v), tipo=bool(tipo_v),
+                dtype=dtype_v or DEFAULT_PRESET, max_length=int(max_length_v), tipo=bool(tipo_v),
                 tipo_model="" if tipo_model_v == NO_TIPO else (tipo_model_v or ""), tipo_length=tipo_length_v or "long",
                 face=bool(face_v),
                 face_detector="" if face_detector_v == NO_FACE else (face_detector_v or ""),
