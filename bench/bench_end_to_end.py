@@ -45,7 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import GEMMA_2_2B, peak_rss_mib, write_full_size  # noqa: E402
+from bench.common import GEMMA_2_2B, peak_rss_mib  # noqa: E402
 
 PROMPT = "a red fox standing in fresh snow at dawn, soft light, detailed fur; 一只站在雪地里的红狐狸"
 DIFFUSERS = {"diffusers-fp32": "float32", "diffusers-bf16": "bfloat16"}
@@ -122,7 +122,6 @@ def child_diffusers(folder: str, dtype: str, a: argparse.Namespace) -> dict:
     import torch
     from diffusers import SanaPipeline
 
-    torch.set_grad_enabled(False)
     spans = Spans(a.device)
     pipe = SanaPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype)).to(a.device)
     if a.size > 1024:
@@ -181,14 +180,43 @@ def child(spec: dict, a: argparse.Namespace) -> None:
     print(json.dumps(res))
 
 
-def _fmt(x: float | None, spec: str = "7.1f") -> str:
-    return format(x, spec) if x is not None else "n/a".rjust(int(spec.split(".")[0]))
+def machine() -> str:
+    """CPU model, the flags that decide the fast dtypes, and the library versions."""
+    import platform
+
+    import diffusers
+    import torch
+    import transformers
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return (f"{cpu}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'n/a'} (torch uses "
+            f"{torch.backends.cpu.get_cpu_capability()}); torch {torch.__version__}, "
+            f"diffusers {diffusers.__version__}, transformers {transformers.__version__}")
+
+
+def _fmt(x: float | None, spec: str = "7.1f", unit: str = "") -> str:
+    return format(x, spec) + unit if x is not None else "n/a".rjust(int(spec.split(".")[0]) + len(unit))
 
 
 def report(results: dict[str, dict], a: argparse.Namespace) -> None:
+    import torch
+
     reduced = a.layers != FULL_DEPTH or a.gemma_layers != GEMMA_2_2B["num_hidden_layers"]
     print(f"end to end, prompt -> PNG, {a.size}x{a.size}, {a.steps} steps, CFG {a.cfg}, {a.device}, "
-          f"{time.strftime('%Y-%m-%d')}, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}")
+          f"{time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} torch threads")
+    print(machine())
+    if a.twig_args:
+        print(f"twig contenders run with: {a.twig_args}")
     if reduced:
         print(f"REDUCED CHECK: {a.layers} of {FULL_DEPTH} transformer layers, {a.gemma_layers} of "
               f"{GEMMA_2_2B['num_hidden_layers']} Gemma-2 layers (not the full model; 'scaled' totals multiply "
@@ -199,15 +227,15 @@ def report(results: dict[str, dict], a: argparse.Namespace) -> None:
         st = r["stages"]
         r["other"] = r["total"] - sum(st.values())
         r["scaled"] = r["total"] + sum(st.get(k, 0.0) * (f - 1) for k, f in scale.items())
+    key = "scaled" if reduced else "total"
     peers = [k for k in DIFFUSERS if k in ok]
-    best = min(peers, key=lambda k: ok[k]["total"]) if peers else None
+    best = min(peers, key=lambda k: ok[k][key]) if peers else None
     if best:
         print(f"diffusers' best here: {best} (the anchor of the ratios)")
-    key = "scaled" if reduced else "total"
     head = (f"{'contender':<22} {'text s':>7} {'sampl. s':>8} {'decode s':>8} {'other s':>7} {'total s':>8} "
             + (f"{'scaled s':>8} " if reduced else "") + f"{'peak RSS GiB':>12} "
             + (f"{'VRAM GiB':>8} " if a.device.startswith("cuda") else "")
-            + f"{'total/best':>10} {'sampl./best':>11} {'decode/best':>11}")
+            + f"{'total/best':>10} {'text/best':>9} {'sampl./best':>11} {'decode/best':>11}")
     print(head)
     for name, r in results.items():
         if "error" in r:
@@ -224,8 +252,8 @@ def report(results: dict[str, dict], a: argparse.Namespace) -> None:
                 f"{_fmt(st.get('decode'), '8.1f')} {_fmt(r['other'])} {_fmt(r['total'], '8.1f')} "
                 + (f"{_fmt(r['scaled'], '8.1f')} " if reduced else "") + f"{_fmt(r['peak_rss_gib'], '12.2f')} "
                 + (f"{_fmt(r.get('peak_vram_gib'), '8.2f')} " if a.device.startswith("cuda") else "")
-                + f"{_fmt(r[key] / ok[best][key] if best else None, '9.2f')}x "
-                + f"{_fmt(ratio('sampling'), '10.2f')}x {_fmt(ratio('decode'), '10.2f')}x")
+                + f"{_fmt(r[key] / ok[best][key] if best else None, '9.2f', 'x')} "
+                + f"{_fmt(ratio('text'), '8.2f', 'x')} {_fmt(ratio('sampling'), '10.2f', 'x')} {_fmt(ratio('decode'), '10.2f', 'x')}")
         print(line)
     if reduced and best:
         print("total/best uses the scaled totals")
