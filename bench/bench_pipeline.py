@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 
 from bench.common import current_rss_mib, peak_rss_mib, write_full_size  # noqa: E402
 
+
 def _reset_peak() -> None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
