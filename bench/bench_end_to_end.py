@@ -7,9 +7,9 @@ weights of the real full-size architectures (Gemma-2-2B text encoder, 1600M tran
   diffusers pipeline folder (transformer stored bf16 as in the published BF16 repository, DC-AE fp32, the
   Gemma folder below as ``text_encoder/`` + ``tokenizer/``), DPM-Solver++ with flow sigmas (shift 3), no
   resolution binning (the size asked is the size drawn), ``pipe.vae.enable_tiling()`` above 1024².
-- ``twig`` (or ``twig-NAME`` per ``--twig-preset NAME``): ``python -m twig_core generate`` on the published
-  layout (fp16 NVlabs ``.pth``, Gemma-2 folder, DC-AE safetensors; bench/common.py writes them), with
-  ``--preset NAME`` and ``--twig-args`` passed on.
+- ``twig`` (or ``twig-NAME`` per ``--twig-preset NAME``): ``python -m twig_core generate`` (its ``main``, called
+  in the contender's process with the same arguments) on the published layout (fp16 NVlabs ``.pth``, Gemma-2
+  folder, DC-AE safetensors; bench/common.py writes them), with ``--preset NAME`` and ``--twig-args`` passed on.
 
 Both draw 20 steps at CFG 4.5 by default. Per contender it prints text-encode, sampling and decode seconds (the
 span of the pipeline's own calls: diffusers' ``encode_prompt`` / transformer ``forward`` / ``vae.decode``,
