@@ -32,49 +32,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.common import current_rss_mib, peak_rss_mib  # noqa: E402
-
-GEMMA_2_2B = dict(
-    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
-    num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=8192,
-    sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0, pad_token_id=0,
-    eos_token_id=1, bos_token_id=2,
-)
-
-
-def _write(folder: str) -> dict[str, str]:
-    import torch
-    from safetensors.torch import save_file
-    from transformers import Gemma2Config, Gemma2Model
-
-    from twig_core.config import SANA_1600M
-    from twig_core.dcae import DCAE, DCAE_F32C32_SANA
-    from twig_core.catalog import DEMO_DIR
-    from twig_core.transformer import TwigTransformer
-
-    g = torch.Generator().manual_seed(0)
-    paths = {"text": os.path.join(folder, "gemma-2-2b"), "transformer": os.path.join(folder, "twig_fp16.pth"),
-             "vae": os.path.join(folder, "dcae_f32c32.safetensors")}
-    if not os.path.isfile(os.path.join(paths["text"], "model.safetensors")):
-        os.makedirs(paths["text"], exist_ok=True)
-        config = Gemma2Config(**GEMMA_2_2B)
-        config.save_pretrained(paths["text"])
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in Gemma2Model(config).state_dict().items()}
-        save_file({k: (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()},
-                  os.path.join(paths["text"], "model.safetensors"))
-        for name in os.listdir(DEMO_DIR / "tokenizer"):
-            shutil.copy(DEMO_DIR / "tokenizer" / name, paths["text"])
-    if not os.path.isfile(paths["transformer"]):
-        with torch.device("meta"):
-            shapes = {k: v.shape for k, v in TwigTransformer(SANA_1600M).state_dict().items()}
-        sd = {k: (torch.randn(s, generator=g) * 0.02).half() for k, s in shapes.items()}
-        torch.save({"state_dict": sd}, paths["transformer"])
-        del sd
-    if not os.path.isfile(paths["vae"]):
-        torch.manual_seed(0)
-        save_file({k: v.contiguous() for k, v in DCAE(DCAE_F32C32_SANA).state_dict().items()}, paths["vae"])
-    return paths
+from bench.common import current_rss_mib, peak_rss_mib, write_full_size  # noqa: E402
 
 
 def _reset_peak() -> None:
@@ -138,7 +96,7 @@ def main() -> None:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.write:
-        print(json.dumps(_write(a.write)))
+        print(json.dumps(write_full_size(a.write)))
         return
     if a.child:
         print(json.dumps(child(json.loads(a.child), a.size, a.steps, a.text_dtype)))
