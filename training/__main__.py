@@ -8,7 +8,9 @@ Stages run in order and each resumes from what the previous run left in DIR:
   text     pre-train Gemma-2 to read scenes out of captions (checkpoint DIR/text.ckpt)
   dit      train the DiT with flow matching, Gemma-2 frozen (checkpoint DIR/dit.ckpt)
   export   write the pipeline folder (default: twig_core/demo_model)
-  eval     score held-out prompts with the pixel evaluator, English and Chinese
+  eval     score held-out prompts with the pixel evaluator, English and Chinese, after the references: the shape
+           classifier on the ground-truth pictures and the scores of those pictures through the DC-AE
+           (pictures in DIR/eval/, scores in DIR/eval.json)
   prompts  write the held-out prompts as DIR/heldout_prompts.jsonl, for python -m twig_core batch --eval
   lora     train the demo LoRA (a new colour word, pink / 粉色) on the exported model (DIR/lora/, written to
            twig_core/demo_loras), then measure how often pink appears without and with it
@@ -156,12 +158,22 @@ def stage_export(work: Path, a) -> None:
 def stage_eval(work: Path, a) -> None:
     from twig_core.loader import load_pipeline
 
-    from .evaluate_demo import evaluate_demo
+    from .evaluate_demo import evaluate_demo, reference_report
 
     parts = load_pipeline(a.out, dtype=torch.float32)
-    report = evaluate_demo(parts, _records(work, "heldout"), n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg)
+    records = _records(work, "heldout")
+    ref = reference_report(parts.vae, records, _images(work, "heldout"), n=a.eval_n)
+    print(ref["text"], flush=True)
+    report = evaluate_demo(parts, records, n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg)
     print(report["text"])
-    (work / "eval.json").write_text(json.dumps(report["summary"], indent=1))
+    (work / "eval").mkdir(exist_ok=True)
+    for rec, en, zh in zip(records, report["images_en"], report["images_zh"]):
+        en.save(work / "eval" / f"{rec['id']}_en.png")
+        zh.save(work / "eval" / f"{rec['id']}_zh.png")
+    summary = dict(report["summary"], shape_classifier=ref["classifier"]["accuracy"],
+                   truth={k: v["accuracy"] for k, v in ref["truth"].items()},
+                   reconstruction={k: v["accuracy"] for k, v in ref["reconstruction"].items()})
+    (work / "eval.json").write_text(json.dumps(summary, indent=1))
 
 
 def stage_prompts(work: Path, a) -> None:

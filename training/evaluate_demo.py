@@ -1,4 +1,6 @@
-"""Score a text-to-image model on held-out demo prompts with the pixel evaluator, English and Chinese."""
+"""Score a text-to-image model on held-out demo prompts with the pixel evaluator, English and Chinese; and the
+references it is read against: the scorer's shape classifier on the ground-truth pictures, and the same scorer on
+the pictures passed through the model's DC-AE (encode, decode), which bounds what any DiT can reach."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import torch
 from twig_core.image import model_to_pil
 from twig_core.pipeline import sample_latents
 
-from .evaluate import by_order, eval_prompts, evaluate_sets, format_report
+from .evaluate import (CATEGORIES, aggregate, by_order, check_shape_classifier, eval_prompts, evaluate_image,
+                       evaluate_sets, format_report)
 from .scenes import stated_order
 
 
@@ -36,5 +39,32 @@ def evaluate_demo(parts, records: list[dict], n: int = 100, steps: int = 20, cfg
     summary = {lang: {cat: v["accuracy"] for cat, v in rep[lang].items()} for lang in ("en", "zh")}
     summary["agreement"] = rep["agreement"]
     summary["position_by_relation_order"] = rep["by_order"]
+    summary["shape_by_name"] = rep["by_shape"]
     summary.update(n=len(prompts), steps=steps, cfg=cfg, style=style)
     return {"summary": summary, "text": format_report(rep), "images_en": en, "images_zh": zh, "report": rep}
+
+
+@torch.no_grad()
+def reference_report(vae, records: list[dict], images, n: int = 400, style: str = "long", batch: int = 64) -> dict:
+    """The ground-truth pictures of ``records`` (uint8 [N,128,128,3], the data stage's) scored as they are and after
+    an encode/decode through ``vae``, plus the shape classifier's accuracy on them:
+    {"classifier": check_shape_classifier(...), "truth": aggregate, "reconstruction": aggregate, "text"}."""
+    from .trainer import to_model_images
+
+    prompts = eval_prompts(records[:n], style)
+    scenes, images = [p["scene"] for p in prompts], images[: len(prompts)]
+    recon = []
+    for i in range(0, len(images), batch):
+        recon += model_to_pil(vae.decode(vae.encode(to_model_images(images[i:i + batch]))))
+    out = {"classifier": check_shape_classifier(scenes, images)}
+    for name, pics in (("truth", images), ("reconstruction", recon)):
+        out[name] = aggregate([evaluate_image(p["scene"], im, p["check_background"]) for p, im in zip(prompts, pics)])
+    c = out["classifier"]
+    lines = [f"shape classifier on the ground-truth pictures: {c['accuracy']:.3f} of {c['n']} objects ("
+             + ", ".join(f"{s} {v['accuracy']:.3f}" for s, v in c["by_shape"].items()) + ")",
+             f"{'category':<12}{'truth':>8}{'DC-AE':>8}{'n':>6}"]
+    for cat in CATEGORIES:
+        t, r = out["truth"][cat], out["reconstruction"][cat]
+        lines.append(f"{cat:<12}{t['accuracy']:8.3f}{r['accuracy']:8.3f}{t['n']:>6}")
+    out["text"] = "\n".join(lines)
+    return out
