@@ -57,6 +57,18 @@ def test_object_weighted_loss_counts_object_pixels_more():
     assert torch.equal(recon_loss(off_object, x), F.l1_loss(off_object, x) + F.mse_loss(off_object, x))
 
 
+def test_edge_weighted_loss_counts_outline_pixels_more():
+    x = -torch.ones(1, 3, 12, 12)  # black background
+    x[..., 2:8, 2:8] = 1.0  # a white square: its outline is rows/columns 1-2 and 7-8
+    on_edge, inside, far = x.clone(), x.clone(), x.clone()
+    on_edge[..., 2, 4] = 0.0  # the square's top row, next to the background
+    inside[..., 5, 5] = 0.0  # the middle of the square
+    far[..., 11, 11] = 0.0  # background far from the square
+    assert torch.allclose(recon_loss(on_edge, x, 0.0, 3.0), 4 * recon_loss(far, x, 0.0, 3.0))
+    assert torch.allclose(recon_loss(inside, x, 0.0, 3.0), recon_loss(far, x, 0.0, 3.0))
+    assert torch.allclose(recon_loss(on_edge, x, 4.0, 3.0), 8 * recon_loss(far, x, 4.0, 3.0))  # both weights add
+
+
 def test_dit_stage_loss_falls(tmp_path):
     tok = build_tiny_gemma_tokenizer()
     text = TextEncoder(build_tiny_gemma2(tok), tok, instruction="")

@@ -105,7 +105,7 @@ def stage_latents(work: Path, a) -> None:
 
 
 def stage_decoder(work: Path, a) -> None:
-    finetune_decoder(_vae(work), _images(work, "train"), work, steps=a.decoder_steps)
+    finetune_decoder(_vae(work), _images(work, "train"), work, steps=a.decoder_steps, edge_weight=a.decoder_edge_weight)
 
 
 def stage_text(work: Path, a) -> None:
@@ -171,6 +171,7 @@ def stage_eval(work: Path, a) -> None:
         en.save(work / "eval" / f"{rec['id']}_en.png")
         zh.save(work / "eval" / f"{rec['id']}_zh.png")
     summary = dict(report["summary"], shape_classifier=ref["classifier"]["accuracy"],
+                   reconstruction_object_shape=ref["reconstruction_shapes"]["accuracy"],
                    truth={k: v["accuracy"] for k, v in ref["truth"].items()},
                    reconstruction={k: v["accuracy"] for k, v in ref["reconstruction"].items()})
     (work / "eval.json").write_text(json.dumps(summary, indent=1))
@@ -208,6 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--decoder-steps", type=int, default=1500)
+    p.add_argument("--decoder-edge-weight", type=float, default=0.0,
+                   help="extra weight of the pixels along object outlines in the decoder stage's loss (0: the "
+                        "shipped recipe)")
     p.add_argument("--text-steps", type=int, default=3000)
     p.add_argument("--dit-steps", type=int, default=18000)
     p.add_argument("--batch", type=int, default=64)

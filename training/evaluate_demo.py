@@ -48,7 +48,8 @@ def evaluate_demo(parts, records: list[dict], n: int = 100, steps: int = 20, cfg
 def reference_report(vae, records: list[dict], images, n: int = 400, style: str = "long", batch: int = 64) -> dict:
     """The ground-truth pictures of ``records`` (uint8 [N,128,128,3], the data stage's) scored as they are and after
     an encode/decode through ``vae``, plus the shape classifier's accuracy on them:
-    {"classifier": check_shape_classifier(...), "truth": aggregate, "reconstruction": aggregate, "text"}."""
+    {"classifier": check_shape_classifier(truth), "reconstruction_shapes": check_shape_classifier(reconstructions),
+    "truth": aggregate, "reconstruction": aggregate, "text"}."""
     from .trainer import to_model_images
 
     prompts = eval_prompts(records[:n], style)
@@ -56,13 +57,17 @@ def reference_report(vae, records: list[dict], images, n: int = 400, style: str 
     recon = []
     for i in range(0, len(images), batch):
         recon += model_to_pil(vae.decode(vae.encode(to_model_images(images[i:i + batch]))))
-    out = {"classifier": check_shape_classifier(scenes, images)}
+    out = {"classifier": check_shape_classifier(scenes, images),
+           "reconstruction_shapes": check_shape_classifier(scenes, recon)}
     for name, pics in (("truth", images), ("reconstruction", recon)):
         out[name] = aggregate([evaluate_image(p["scene"], im, p["check_background"]) for p, im in zip(prompts, pics)])
-    c = out["classifier"]
-    lines = [f"shape classifier on the ground-truth pictures: {c['accuracy']:.3f} of {c['n']} objects ("
-             + ", ".join(f"{s} {v['accuracy']:.3f}" for s, v in c["by_shape"].items()) + ")",
-             f"{'category':<12}{'truth':>8}{'DC-AE':>8}{'n':>6}"]
+    lines = []
+    for key, what in (("classifier", "shape classifier on the ground-truth pictures"),
+                      ("reconstruction_shapes", "objects of the named shape through the DC-AE")):
+        c = out[key]
+        lines.append(f"{what}: {c['accuracy']:.3f} of {c['n']} ("
+                     + ", ".join(f"{s} {v['accuracy']:.3f}" for s, v in c["by_shape"].items()) + ")")
+    lines.append(f"{'category':<12}{'truth':>8}{'DC-AE':>8}{'n':>6}")
     for cat in CATEGORIES:
         t, r = out["truth"][cat], out["reconstruction"][cat]
         lines.append(f"{cat:<12}{t['accuracy']:8.3f}{r['accuracy']:8.3f}{t['n']:>6}")
