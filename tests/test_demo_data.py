@@ -517,3 +517,37 @@ def test_eval_prompts():
     assert len(prompts) == 5 and all(p["check_background"] is False for p in prompts)
     prompts = ev.eval_prompts(held, style="long")
     assert all(p["check_background"] and CJK.search(p["zh"]) for p in prompts)
+
+
+class _PoolingAutoencoder:
+    """A stand-in DC-AE: a latent of one value per `factor`² pixels, decoded by bilinear upsampling (an identity
+    for factor 1). Its coarser grid at 128² than at 256² loses more of each shape."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def encode(self, x):
+        import torch.nn.functional as F
+
+        return F.avg_pool2d(x, self.factor) if self.factor > 1 else x
+
+    def decode(self, z):
+        import torch.nn.functional as F
+
+        return F.interpolate(z, scale_factor=self.factor, mode="bilinear") if self.factor > 1 else z
+
+
+def test_reference_report_scores_truth_and_reconstructions_at_both_sizes():
+    from training.evaluate_demo import reference_report
+
+    _, held = sc.generate_records(0, 16, seed=0)
+    full = np.stack([sc.render_scene(sc.Scene.from_dict(r["scene"]), 256, 3) for r in held])
+    exact = reference_report(_PoolingAutoencoder(1), held, full)
+    assert exact["classifier"]["accuracy"] == 1.0 and set(exact["dcae"]) == {128, 256}
+    for agg in [exact["truth"]] + [v["aggregate"] for v in exact["dcae"].values()]:
+        assert all(v["accuracy"] == 1.0 for v in agg.values() if v["n"])
+    lossy = reference_report(_PoolingAutoencoder(8), held, full)
+    assert lossy["truth"] == exact["truth"]
+    coarse, fine = lossy["dcae"][128]["objects"]["accuracy"], lossy["dcae"][256]["objects"]["accuracy"]
+    assert coarse < fine and coarse < 0.8, (coarse, fine)
+    assert "DC-AE 256" in lossy["text"] and "shape classifier on the ground-truth pictures: 1.000" in lossy["text"]

@@ -10,7 +10,7 @@ Stages run in order and each resumes from what the previous run left in DIR:
   export   write the pipeline folder (default: twig_core/demo_model)
   eval     score held-out prompts with the pixel evaluator, English and Chinese, after the references: the shape
            classifier on the ground-truth pictures and the scores of those pictures through the DC-AE
-           (pictures in DIR/eval/, scores in DIR/eval.json)
+           at 128² and at the data stage's 256² (pictures in DIR/eval/, scores in DIR/eval.json)
   prompts  write the held-out prompts as DIR/heldout_prompts.jsonl, for python -m twig_core batch --eval
   lora     train the demo LoRA (a new colour word, pink / 粉色) on the exported model (DIR/lora/, written to
            twig_core/demo_loras), then measure how often pink appears without and with it
@@ -159,10 +159,11 @@ def stage_eval(work: Path, a) -> None:
     from twig_core.loader import load_pipeline
 
     from .evaluate_demo import evaluate_demo, reference_report
+    from .scenes import load_split
 
     parts = load_pipeline(a.out, dtype=torch.float32)
     records = _records(work, "heldout")
-    ref = reference_report(parts.vae, records, _images(work, "heldout"), n=a.eval_n)
+    ref = reference_report(parts.vae, records, load_split(work / "data", "heldout")[0], n=a.eval_n)
     print(ref["text"], flush=True)
     report = evaluate_demo(parts, records, n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg)
     print(report["text"])
@@ -171,9 +172,9 @@ def stage_eval(work: Path, a) -> None:
         en.save(work / "eval" / f"{rec['id']}_en.png")
         zh.save(work / "eval" / f"{rec['id']}_zh.png")
     summary = dict(report["summary"], shape_classifier=ref["classifier"]["accuracy"],
-                   reconstruction_object_shape=ref["reconstruction_shapes"]["accuracy"],
                    truth={k: v["accuracy"] for k, v in ref["truth"].items()},
-                   reconstruction={k: v["accuracy"] for k, v in ref["reconstruction"].items()})
+                   dcae={size: dict({k: v["accuracy"] for k, v in r["aggregate"].items()},
+                                    object_shape=r["objects"]["accuracy"]) for size, r in ref["dcae"].items()})
     (work / "eval.json").write_text(json.dumps(summary, indent=1))
 
 

@@ -1,9 +1,11 @@
 """Score a text-to-image model on held-out demo prompts with the pixel evaluator, English and Chinese; and the
 references it is read against: the scorer's shape classifier on the ground-truth pictures, and the same scorer on
-the pictures passed through the model's DC-AE (encode, decode), which bounds what any DiT can reach."""
+the pictures passed through the model's DC-AE (encode, decode), which bounds what any DiT on its latents can reach,
+at the demo's picture size and at the data stage's larger one."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from twig_core.image import model_to_pil
@@ -11,6 +13,7 @@ from twig_core.pipeline import sample_latents
 
 from .evaluate import (CATEGORIES, aggregate, by_order, check_shape_classifier, eval_prompts, evaluate_image,
                        evaluate_sets, format_report)
+from .demo import IMAGE_SIZE
 from .scenes import stated_order
 
 
@@ -45,31 +48,33 @@ def evaluate_demo(parts, records: list[dict], n: int = 100, steps: int = 20, cfg
 
 
 @torch.no_grad()
-def reference_report(vae, records: list[dict], images, n: int = 400, style: str = "long", batch: int = 64) -> dict:
-    """The ground-truth pictures of ``records`` (uint8 [N,128,128,3], the data stage's) scored as they are and after
-    an encode/decode through ``vae``, plus the shape classifier's accuracy on them:
-    {"classifier": check_shape_classifier(truth), "reconstruction_shapes": check_shape_classifier(reconstructions),
-    "truth": aggregate, "reconstruction": aggregate, "text"}."""
-    from .trainer import to_model_images
+def reference_report(vae, records: list[dict], images, n: int = 400, style: str = "long", batch: int = 32) -> dict:
+    """The ground-truth pictures of ``records`` (uint8 [N,S,S,3], the data stage's, S a multiple of 128) scored at
+    128² as they are and after an encode/decode through ``vae`` at 128² (the demo's latent grid, 4x4) and at S²
+    (a finer grid; decoded, then area-averaged to 128² for the scorer), plus the shape classifier's accuracy per
+    object on each: {"classifier": check_shape_classifier on the truth, "truth": aggregate, "dcae": {size:
+    {"aggregate", "objects": check_shape_classifier}}, "text"}."""
+    from .trainer import downsample_u8, to_model_images
 
     prompts = eval_prompts(records[:n], style)
-    scenes, images = [p["scene"] for p in prompts], images[: len(prompts)]
-    recon = []
-    for i in range(0, len(images), batch):
-        recon += model_to_pil(vae.decode(vae.encode(to_model_images(images[i:i + batch]))))
-    out = {"classifier": check_shape_classifier(scenes, images),
-           "reconstruction_shapes": check_shape_classifier(scenes, recon)}
-    for name, pics in (("truth", images), ("reconstruction", recon)):
-        out[name] = aggregate([evaluate_image(p["scene"], im, p["check_background"]) for p, im in zip(prompts, pics)])
-    lines = []
-    for key, what in (("classifier", "shape classifier on the ground-truth pictures"),
-                      ("reconstruction_shapes", "objects of the named shape through the DC-AE")):
-        c = out[key]
-        lines.append(f"{what}: {c['accuracy']:.3f} of {c['n']} ("
-                     + ", ".join(f"{s} {v['accuracy']:.3f}" for s, v in c["by_shape"].items()) + ")")
-    lines.append(f"{'category':<12}{'truth':>8}{'DC-AE':>8}{'n':>6}")
+    scenes, full = [p["scene"] for p in prompts], images[: len(prompts)]
+    truth = downsample_u8(full, IMAGE_SIZE)
+    def score(pictures) -> dict:
+        return aggregate([evaluate_image(p["scene"], im, p["check_background"]) for p, im in zip(prompts, pictures)])
+
+    out = {"classifier": check_shape_classifier(scenes, truth), "truth": score(truth), "dcae": {}}
+    for src in [truth] + ([full] if full.shape[1] != IMAGE_SIZE else []):
+        recon = np.concatenate([np.stack([np.asarray(im) for im in model_to_pil(
+            vae.decode(vae.encode(to_model_images(src[i:i + batch]))))]) for i in range(0, len(src), batch)])
+        recon = downsample_u8(recon, IMAGE_SIZE)
+        out["dcae"][src.shape[1]] = {"aggregate": score(recon), "objects": check_shape_classifier(scenes, recon)}
+    rows = [("shape classifier on the ground-truth pictures", out["classifier"])]
+    rows += [(f"objects of the named shape through the DC-AE at {k}²", v["objects"]) for k, v in out["dcae"].items()]
+    lines = [f"{what}: {c['accuracy']:.3f} of {c['n']} ("
+             + ", ".join(f"{s} {v['accuracy']:.3f}" for s, v in c["by_shape"].items()) + ")" for what, c in rows]
+    lines.append(f"{'category':<12}{'truth':>8}" + "".join(f"{f'DC-AE {k}':>10}" for k in out["dcae"]) + f"{'n':>6}")
     for cat in CATEGORIES:
-        t, r = out["truth"][cat], out["reconstruction"][cat]
-        lines.append(f"{cat:<12}{t['accuracy']:8.3f}{r['accuracy']:8.3f}{t['n']:>6}")
+        cells = "".join(f"{v['aggregate'][cat]['accuracy']:10.3f}" for v in out["dcae"].values())
+        lines.append(f"{cat:<12}{out['truth'][cat]['accuracy']:8.3f}{cells}{out['truth'][cat]['n']:>6}")
     out["text"] = "\n".join(lines)
     return out
