@@ -1,6 +1,7 @@
 """The demo trainer's stages learn on a tiny fixed batch and resume from their checkpoints."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -233,3 +234,22 @@ def test_lora_trains_only_the_adapters_and_merges_into_plain_weights(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh(x, t, emb, mask), adapted, atol=1e-5)
         assert torch.allclose(again(x, t, emb, mask), adapted, atol=1e-5)
+
+
+def test_the_recipe_at_256_encodes_8x8_latents_beside_the_128_ones(tmp_path):
+    from training.__main__ import _text_and_dit, main
+    from training.demo import DEMO_DCAE
+    from training.scenes import build_dataset
+    from training.trainer import Checkpoint
+
+    build_dataset(tmp_path / "data", n_train=3, n_heldout=1, size=256, supersample=1)
+    torch.manual_seed(0)
+    Checkpoint(tmp_path / "vae.ckpt").save(model=DCAE(DEMO_DCAE).state_dict(), step=1)
+    for size in (128, 256):
+        assert main(["demo", "--work", str(tmp_path), "--stage", "latents", "--size", str(size)]) == 0
+    assert torch.load(tmp_path / "latents.pt", weights_only=True).shape == (3, 32, 4, 4)
+    assert torch.load(tmp_path / "size256" / "latents.pt", weights_only=True).shape == (3, 32, 8, 8)
+    tok = build_tiny_gemma_tokenizer()
+    assert _text_and_dit(tmp_path, tok, True, 256)[1].config.sample_size == 8
+    with pytest.raises(SystemExit, match="give --out"):  # the shipped 128² model is never overwritten by a 256² one
+        main(["demo", "--work", str(tmp_path), "--stage", "export", "--size", "256"])

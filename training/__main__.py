@@ -14,7 +14,8 @@ Stages run in order and each resumes from what the previous run left in DIR:
   prompts  write the held-out prompts as DIR/heldout_prompts.jsonl, for python -m twig_core batch --eval
   lora     train the demo LoRA (a new colour word, pink / 粉色) on the exported model (DIR/lora/, written to
            twig_core/demo_loras), then measure how often pink appears without and with it
-``--stage all`` runs everything that is not finished yet. Fixed seeds throughout.
+``--stage all`` runs everything that is not finished yet. Fixed seeds throughout. ``--size 256`` runs the latents,
+dit, export and eval stages on 256² pictures (8x8 latents, the DC-AE keeps their shapes; files in DIR/size256).
 """
 
 from __future__ import annotations
@@ -33,14 +34,20 @@ from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, l
                       train_vae)
 
 
-def _images(work: Path, split: str) -> np.ndarray:
-    cache = work / f"{split}128.npy"
+def _images(work: Path, split: str, size: int = 128) -> np.ndarray:
+    cache = work / f"{split}{size}.npy"
     if not cache.exists():
         from .scenes import load_split
 
         images, _ = load_split(work / "data", split)
-        np.save(cache, downsample_u8(images, 128))
+        np.save(cache, downsample_u8(images, size))
     return np.load(cache)
+
+
+def _dit_work(work: Path, a) -> Path:
+    """Where the stages on latents (latents, dit, export's input, eval's output) keep their files: DIR at 128²,
+    DIR/size256 for ``--size 256`` (the data, DC-AE and text stages are shared: the DC-AE is convolutional)."""
+    return work if a.size == 128 else work / f"size{a.size}"
 
 
 def _records(work: Path, split: str) -> list[dict]:
@@ -68,7 +75,7 @@ def _vae(work: Path):
     return vae.eval()
 
 
-def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False):
+def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False, size: int = 128):
     from transformers import Gemma2Model
 
     from twig_core.text import TextEncoder
@@ -78,7 +85,7 @@ def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False):
 
     torch.manual_seed(0)
     text = TextEncoder(Gemma2Model(demo_gemma_config(len(tokenizer))), tokenizer, instruction="")
-    return text, TwigTransformer(DEMO_TRANSFORMER.replace(pos_embed=pos_embed))
+    return text, TwigTransformer(DEMO_TRANSFORMER.replace(pos_embed=pos_embed, sample_size=size // 32))
 
 
 def stage_data(work: Path, a) -> None:
@@ -98,10 +105,12 @@ def stage_vae(work: Path, a) -> None:
 
 
 def stage_latents(work: Path, a) -> None:
-    if (work / "latents.pt").exists():
+    out = _dit_work(work, a) / "latents.pt"
+    if out.exists():
         return
     vae = _vae(work)
-    torch.save(encode_all(vae, _images(work, "train")), work / "latents.pt")
+    out.parent.mkdir(exist_ok=True)
+    torch.save(encode_all(vae, _images(work, "train", a.size)), out)
 
 
 def stage_decoder(work: Path, a) -> None:
@@ -124,28 +133,32 @@ def _pretrained_text(work: Path, text) -> None:
 
 def stage_dit(work: Path, a) -> None:
     tok = _tokenizer(work)
-    text, dit = _text_and_dit(work, tok, a.pos_embed)
+    text, dit = _text_and_dit(work, tok, a.pos_embed, a.size)
     _pretrained_text(work, text)
-    latents = torch.load(work / "latents.pt", weights_only=True)
+    dw = _dit_work(work, a)
+    latents = torch.load(dw / "latents.pt", weights_only=True)
     if len(a.dit_restart) != len(a.restart_lr):
         raise SystemExit(f"--dit-restart gives {len(a.dit_restart)} cycles but --restart-lr {len(a.restart_lr)} rates")
     restarts = list(zip(a.dit_restart, a.restart_lr))
-    dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, work, steps=a.dit_steps, batch=a.batch,
+    dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, dw, steps=a.dit_steps, batch=a.batch,
                              lr=a.lr, bf16=a.bf16, train_text=False, restarts=restarts)
-    torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, work / "dit_ema.pt")
+    torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, dw / "dit_ema.pt")
 
 
 def stage_export(work: Path, a) -> None:
     from .export import export_pipeline
 
+    if a.size != 128 and Path(a.out).resolve() == DEMO_DIR.resolve():
+        raise SystemExit(f"--size {a.size}: give --out; {DEMO_DIR} holds the shipped 128² model")
     tok = _tokenizer(work)
-    text, dit = _text_and_dit(work, tok, a.pos_embed)
-    if (work / "dit_ema.pt").exists():
-        ema = torch.load(work / "dit_ema.pt", weights_only=True)
+    text, dit = _text_and_dit(work, tok, a.pos_embed, a.size)
+    dw = _dit_work(work, a)
+    if (dw / "dit_ema.pt").exists():
+        ema = torch.load(dw / "dit_ema.pt", weights_only=True)
         dit.load_state_dict(ema["transformer"])
         text.model.load_state_dict(ema["text"])
     else:  # training stopped early: the averaged DiT weights of the last checkpoint, the (frozen) text encoder
-        state = Checkpoint(work / "dit.ckpt").load()
+        state = Checkpoint(dw / "dit.ckpt").load()
         text.model.load_state_dict(state["text"])
         with torch.no_grad():
             for p, v in zip(dit.parameters(), state["ema"]):
@@ -165,17 +178,18 @@ def stage_eval(work: Path, a) -> None:
     records = _records(work, "heldout")
     ref = reference_report(parts.vae, records, load_split(work / "data", "heldout")[0], n=a.eval_n)
     print(ref["text"], flush=True)
-    report = evaluate_demo(parts, records, n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg)
+    report = evaluate_demo(parts, records, n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg, size=a.size)
     print(report["text"])
-    (work / "eval").mkdir(exist_ok=True)
+    dw = _dit_work(work, a)
+    (dw / "eval").mkdir(parents=True, exist_ok=True)
     for rec, en, zh in zip(records, report["images_en"], report["images_zh"]):
-        en.save(work / "eval" / f"{rec['id']}_en.png")
-        zh.save(work / "eval" / f"{rec['id']}_zh.png")
+        en.save(dw / "eval" / f"{rec['id']}_en.png")
+        zh.save(dw / "eval" / f"{rec['id']}_zh.png")
     summary = dict(report["summary"], shape_classifier=ref["classifier"]["accuracy"],
                    truth={k: v["accuracy"] for k, v in ref["truth"].items()},
                    dcae={size: dict({k: v["accuracy"] for k, v in r["aggregate"].items()},
                                     object_shape=r["objects"]["accuracy"]) for size, r in ref["dcae"].items()})
-    (work / "eval.json").write_text(json.dumps(summary, indent=1))
+    (dw / "eval.json").write_text(json.dumps(summary, indent=1))
 
 
 def stage_prompts(work: Path, a) -> None:
@@ -207,6 +221,9 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, help="working folder (data, checkpoints, logs)")
     p.add_argument("--stage", default="all", choices=(*STAGES, "all"))
     p.add_argument("--out", default=str(DEMO_DIR), help="where export writes the pipeline folder")
+    p.add_argument("--size", type=int, choices=(128, 256), default=128,
+                   help="picture size of the latents, DiT, export and eval stages: 128 (4x4 latents, the shipped "
+                        "model) or 256 (8x8, files in DIR/size256; untrained so far: export needs --out)")
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--decoder-steps", type=int, default=1500)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 from twig_core.image import model_to_pil
 from twig_core.pipeline import sample_latents
@@ -32,12 +33,14 @@ def generate_batch(parts, prompts: list[str], seed: int, steps: int, cfg: float,
 
 
 def evaluate_demo(parts, records: list[dict], n: int = 100, steps: int = 20, cfg: float = 4.5, seed: int = 0,
-                  style: str = "long") -> dict:
-    """{"summary": accuracies per category and language + agreement, "text": a printable table}."""
+                  style: str = "long", size: int = IMAGE_SIZE) -> dict:
+    """{"summary": accuracies per category and language + agreement, "text": a printable table}. Pictures drawn
+    at another ``size`` are scored area-averaged to 128², as ``reference_report`` scores its reconstructions."""
     prompts = eval_prompts(records[:n], style)
-    en = generate_batch(parts, [p["en"] for p in prompts], seed, steps, cfg)
-    zh = generate_batch(parts, [p["zh"] for p in prompts], seed, steps, cfg)
-    rep = evaluate_sets([p["scene"] for p in prompts], en, zh, [p["check_background"] for p in prompts])
+    en = generate_batch(parts, [p["en"] for p in prompts], seed, steps, cfg, size)
+    zh = generate_batch(parts, [p["zh"] for p in prompts], seed, steps, cfg, size)
+    scored = [[im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX) for im in pics] for pics in (en, zh)]
+    rep = evaluate_sets([p["scene"] for p in prompts], *scored, [p["check_background"] for p in prompts])
     rep["by_order"] = by_order([stated_order(p["en"]) for p in prompts], rep["results_en"], rep["results_zh"])
     summary = {lang: {cat: v["accuracy"] for cat, v in rep[lang].items()} for lang in ("en", "zh")}
     summary["agreement"] = rep["agreement"]
