@@ -604,7 +604,7 @@ def format_report(report: dict[str, Any]) -> str:
     for cat in CATEGORIES:
         en, zh = report["en"][cat], report["zh"][cat]
         ag = report["agreement"][cat]
-        f = lambda v: "   -" if math.isnan(v) else f"{v:8.3f}"  # noqa: E731
+        f = lambda v: f"{'-':>8}" if math.isnan(v) else f"{v:8.3f}"  # noqa: E731
         lines.append(f"{cat:<12}{f(en['accuracy'])}{f(zh['accuracy'])}{f(ag)}{en['n']:>6}")
     for table, title in (("by_shape", "shape"), ("by_place", "place")):
         if report.get(table):
