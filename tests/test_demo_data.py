@@ -1,6 +1,7 @@
 """Demo dataset: scene generator/renderer, captions, tokenizer and the programmatic evaluator."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -391,6 +392,100 @@ def test_evaluator_fails_wrong_shapes(kind_scenes):
         assert r["shape"] is False and r["color"] is True, (s.groups[0].shape, w.groups[0].shape, r["details"])
 
 
+def _single(shape, color, cx, cy, r, bg="white"):
+    return sc.Scene("single", [sc.Group(shape, color, instances=[sc.Instance(cx, cy, r)])], sc.Background([bg]))
+
+
+def test_shape_classifier_names_every_shape_it_is_shown():
+    """Each scene shape, drawn alone at the three sizes and several places, sharp and blurred: the classifier
+    names it; drawn as any other shape, it names that other shape, not the one the scene asks for."""
+    scenes, pictures, wrong = [], [], []
+    rng = np.random.default_rng(3)
+    for shape in sc.SHAPES:
+        for size, r in sc.SIZES.items():
+            for blur in (0.0, 0.8):
+                s = _single(shape, "red", *rng.uniform(0.3, 0.7, 2), r)
+                im = Image.fromarray(sc.render_scene(s, 128)).filter(ImageFilter.GaussianBlur(blur))
+                scenes.append(s)
+                pictures.append(np.asarray(im))
+                other = s.copy()
+                other.groups[0].shape = sc.SHAPES[(sc.SHAPES.index(shape) + 1 + len(wrong) % 6) % len(sc.SHAPES)]
+                wrong.append(sc.render_scene(other, 128))
+    chk = ev.check_shape_classifier(scenes, pictures)
+    assert chk["accuracy"] == 1.0 and chk["n"] == len(scenes), chk["confusion"]
+    assert set(chk["by_shape"]) == set(sc.SHAPES)
+    bad = ev.check_shape_classifier(scenes, wrong)
+    assert bad["accuracy"] == 0.0 and sum(bad["confusion"].values()) == len(scenes)
+    # an object that is not drawn at all counts as wrong
+    missing = ev.check_shape_classifier(scenes[:2], [np.full((128, 128, 3), 245, np.uint8)] * 2)
+    assert missing["accuracy"] == 0.0 and set(missing["confusion"]) == {(sc.SHAPES[0], "none")}
+
+
+def test_shape_classifier_on_the_data_stage_pictures():
+    """The held-out pictures as the data stage makes them (256², supersampled, area-averaged to 128²)."""
+    from training.trainer import downsample_u8
+
+    _, held = sc.generate_records(0, 60, seed=0)
+    pictures = downsample_u8(np.stack([sc.render_scene(sc.Scene.from_dict(r["scene"]), 256, 3) for r in held]), 128)
+    chk = ev.check_shape_classifier([r["scene"] for r in held], pictures)
+    assert chk["accuracy"] >= 0.98 and chk["n"] > len(held), chk
+
+
+def test_attribution_fails_swapped_colours(kind_scenes):
+    n = 0
+    for s in kind_scenes:
+        if len({g.shape for g in s.groups}) < 2:
+            assert ev.evaluate_image(s, sc.render_scene(s, 128))["attribution"] is None
+            continue
+        assert ev.evaluate_image(s, sc.render_scene(s, 128))["attribution"] is True
+        a, b = next((i, j) for i in range(len(s.groups)) for j in range(i + 1, len(s.groups))
+                    if s.groups[i].shape != s.groups[j].shape)
+        w = s.copy()
+        w.groups[a].color, w.groups[b].color = s.groups[b].color, s.groups[a].color
+        r = ev.evaluate_image(s, sc.render_scene(w, 128))
+        assert r["attribution"] is False and r["color"] is True, (s.key(), r["details"])
+        n += 1
+    assert n >= 10
+
+
+def test_two_objects_fail_when_merged_or_missing(kind_scenes):
+    n = 0
+    for s in kind_scenes:
+        r = ev.evaluate_image(s, sc.render_scene(s, 128))
+        if not (len(s.groups) == 2 and s.num_objects == 2):
+            assert r["two_object"] is None
+            continue
+        assert r["two_object"] is True
+        a, b = s.groups[0].instances[0], s.groups[1].instances[0]
+        d = math.hypot(b.cx - a.cx, b.cy - a.cy)
+        # the second object moved onto the first (half the sum of the radii, inside every shape's inner
+        # radius), then two circles in their place moved to touch (centres the sum of the radii apart)
+        for reach, circles in ((0.5, False), (1.0, True)):
+            w = s.copy()
+            k = reach * (a.r + b.r) / d
+            w.groups[1].instances[0] = sc.Instance(a.cx + (b.cx - a.cx) * k, a.cy + (b.cy - a.cy) * k, b.r)
+            if circles:
+                w.groups[0].shape = w.groups[1].shape = "circle"
+            r = ev.evaluate_image(s, sc.render_scene(w, 128))
+            assert r["two_object"] is False and r["color"] is True, (s.key(), circles, r["details"])
+        w = s.copy()
+        w.groups[1].instances = []
+        assert ev.evaluate_image(s, sc.render_scene(w, 128))["two_object"] is False
+        n += 1
+    assert n >= 8
+
+
+def test_blob_gap():
+    im = np.zeros((40, 40, 3), np.uint8)
+    im[5:15, 5:15] = sc.PALETTE["red"]
+    im[5:15, 18:28] = sc.PALETTE["blue"]  # columns 15-17 empty: nearest pixel centres 4 apart
+    blobs = ev.detect_blobs(im, ["red", "blue"], ev.EvalParams(min_area_frac=0.01))
+    assert ev.blob_gap(blobs["red"][0], blobs["blue"][0]) == pytest.approx(4.0)
+    im[20:30, 15:25] = sc.PALETTE["green"]
+    blobs = ev.detect_blobs(im, ["red", "green"], ev.EvalParams(min_area_frac=0.01))
+    assert ev.blob_gap(blobs["red"][0], blobs["green"][0]) == pytest.approx(math.hypot(6, 1))
+
+
 def test_evaluate_sets_and_agreement(kind_scenes, renders):
     scenes = kind_scenes[:12]
     en = renders[:12]
@@ -407,8 +502,11 @@ def test_evaluate_sets_and_agreement(kind_scenes, renders):
     assert sum(row["n"] for row in rep["by_place"].values()) == len(places)
     assert all(row["en"] == 1.0 for row in rep["by_place"].values())
     assert any(row["zh"] < 1.0 for row in rep["by_place"].values())
+    # per named shape: every named object group counted once
+    assert sum(row["n"] for row in rep["by_shape"].values()) == sum(len(s.groups) for s in scenes)
+    assert all(row["en"] == 1.0 for row in rep["by_shape"].values())
     text = ev.format_report(rep)
-    assert "overall" in text and all(k in text for k in rep["by_place"])
+    assert "overall" in text and all(k in text for k in (*rep["by_place"], *rep["by_shape"], "attribution"))
     with pytest.raises(TwigError):
         ev.evaluate_sets(scenes, en, zh[:3])
 
@@ -419,3 +517,37 @@ def test_eval_prompts():
     assert len(prompts) == 5 and all(p["check_background"] is False for p in prompts)
     prompts = ev.eval_prompts(held, style="long")
     assert all(p["check_background"] and CJK.search(p["zh"]) for p in prompts)
+
+
+class _PoolingAutoencoder:
+    """A stand-in DC-AE: a latent of one value per `factor`² pixels, decoded by bilinear upsampling (an identity
+    for factor 1). Its coarser grid at 128² than at 256² loses more of each shape."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def encode(self, x):
+        import torch.nn.functional as F
+
+        return F.avg_pool2d(x, self.factor) if self.factor > 1 else x
+
+    def decode(self, z):
+        import torch.nn.functional as F
+
+        return F.interpolate(z, scale_factor=self.factor, mode="bilinear") if self.factor > 1 else z
+
+
+def test_reference_report_scores_truth_and_reconstructions_at_both_sizes():
+    from training.evaluate_demo import reference_report
+
+    _, held = sc.generate_records(0, 16, seed=0)
+    full = np.stack([sc.render_scene(sc.Scene.from_dict(r["scene"]), 256, 3) for r in held])
+    exact = reference_report(_PoolingAutoencoder(1), held, full)
+    assert exact["classifier"]["accuracy"] == 1.0 and set(exact["dcae"]) == {128, 256}
+    for agg in [exact["truth"]] + [v["aggregate"] for v in exact["dcae"].values()]:
+        assert all(v["accuracy"] == 1.0 for v in agg.values() if v["n"])
+    lossy = reference_report(_PoolingAutoencoder(8), held, full)
+    assert lossy["truth"] == exact["truth"]
+    coarse, fine = lossy["dcae"][128]["objects"]["accuracy"], lossy["dcae"][256]["objects"]["accuracy"]
+    assert coarse < fine and coarse < 0.8, (coarse, fine)
+    assert "DC-AE 256" in lossy["text"] and "shape classifier on the ground-truth pictures: 1.000" in lossy["text"]

@@ -1,6 +1,7 @@
 """The demo trainer's stages learn on a tiny fixed batch and resume from their checkpoints."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -55,6 +56,18 @@ def test_object_weighted_loss_counts_object_pixels_more():
     assert torch.allclose(recon_loss(off_object, x), recon_loss(off_background, x))
     assert torch.allclose(recon_loss(off_object, x, 4.0), 5 * recon_loss(off_background, x, 4.0))
     assert torch.equal(recon_loss(off_object, x), F.l1_loss(off_object, x) + F.mse_loss(off_object, x))
+
+
+def test_edge_weighted_loss_counts_outline_pixels_more():
+    x = -torch.ones(1, 3, 12, 12)  # black background
+    x[..., 2:8, 2:8] = 1.0  # a white square: its outline is rows/columns 1-2 and 7-8
+    on_edge, inside, far = x.clone(), x.clone(), x.clone()
+    on_edge[..., 2, 4] = 0.0  # the square's top row, next to the background
+    inside[..., 5, 5] = 0.0  # the middle of the square
+    far[..., 11, 11] = 0.0  # background far from the square
+    assert torch.allclose(recon_loss(on_edge, x, 0.0, 3.0), 4 * recon_loss(far, x, 0.0, 3.0))
+    assert torch.allclose(recon_loss(inside, x, 0.0, 3.0), recon_loss(far, x, 0.0, 3.0))
+    assert torch.allclose(recon_loss(on_edge, x, 4.0, 3.0), 8 * recon_loss(far, x, 4.0, 3.0))  # both weights add
 
 
 def test_dit_stage_loss_falls(tmp_path):
@@ -221,3 +234,22 @@ def test_lora_trains_only_the_adapters_and_merges_into_plain_weights(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fresh(x, t, emb, mask), adapted, atol=1e-5)
         assert torch.allclose(again(x, t, emb, mask), adapted, atol=1e-5)
+
+
+def test_the_recipe_at_256_encodes_8x8_latents_beside_the_128_ones(tmp_path):
+    from training.__main__ import _text_and_dit, main
+    from training.demo import DEMO_DCAE
+    from training.scenes import build_dataset
+    from training.trainer import Checkpoint
+
+    build_dataset(tmp_path / "data", n_train=3, n_heldout=1, size=256, supersample=1)
+    torch.manual_seed(0)
+    Checkpoint(tmp_path / "vae.ckpt").save(model=DCAE(DEMO_DCAE).state_dict(), step=1)
+    for size in (128, 256):
+        assert main(["demo", "--work", str(tmp_path), "--stage", "latents", "--size", str(size)]) == 0
+    assert torch.load(tmp_path / "latents.pt", weights_only=True).shape == (3, 32, 4, 4)
+    assert torch.load(tmp_path / "size256" / "latents.pt", weights_only=True).shape == (3, 32, 8, 8)
+    tok = build_tiny_gemma_tokenizer()
+    assert _text_and_dit(tmp_path, tok, True, 256)[1].config.sample_size == 8
+    with pytest.raises(SystemExit, match="give --out"):  # the shipped 128² model is never overwritten by a 256² one
+        main(["demo", "--work", str(tmp_path), "--stage", "export", "--size", "256"])

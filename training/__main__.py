@@ -8,11 +8,14 @@ Stages run in order and each resumes from what the previous run left in DIR:
   text     pre-train Gemma-2 to read scenes out of captions (checkpoint DIR/text.ckpt)
   dit      train the DiT with flow matching, Gemma-2 frozen (checkpoint DIR/dit.ckpt)
   export   write the pipeline folder (default: twig_core/demo_model)
-  eval     score held-out prompts with the pixel evaluator, English and Chinese
+  eval     score held-out prompts with the pixel evaluator, English and Chinese, after the references: the shape
+           classifier on the ground-truth pictures and the scores of those pictures through the DC-AE
+           at 128² and at the data stage's 256² (pictures in DIR/eval/, scores in DIR/eval.json)
   prompts  write the held-out prompts as DIR/heldout_prompts.jsonl, for python -m twig_core batch --eval
   lora     train the demo LoRA (a new colour word, pink / 粉色) on the exported model (DIR/lora/, written to
            twig_core/demo_loras), then measure how often pink appears without and with it
-``--stage all`` runs everything that is not finished yet. Fixed seeds throughout.
+``--stage all`` runs everything that is not finished yet. Fixed seeds throughout. ``--size 256`` runs the latents,
+dit, export and eval stages on 256² pictures (8x8 latents, the DC-AE keeps their shapes; files in DIR/size256).
 """
 
 from __future__ import annotations
@@ -31,14 +34,20 @@ from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, l
                       train_vae)
 
 
-def _images(work: Path, split: str) -> np.ndarray:
-    cache = work / f"{split}128.npy"
+def _images(work: Path, split: str, size: int = 128) -> np.ndarray:
+    cache = work / f"{split}{size}.npy"
     if not cache.exists():
         from .scenes import load_split
 
         images, _ = load_split(work / "data", split)
-        np.save(cache, downsample_u8(images, 128))
+        np.save(cache, downsample_u8(images, size))
     return np.load(cache)
+
+
+def _dit_work(work: Path, a) -> Path:
+    """Where the stages on latents (latents, dit, export's input, eval's output) keep their files: DIR at 128²,
+    DIR/size256 for ``--size 256`` (the data, DC-AE and text stages are shared: the DC-AE is convolutional)."""
+    return work if a.size == 128 else work / f"size{a.size}"
 
 
 def _records(work: Path, split: str) -> list[dict]:
@@ -66,7 +75,7 @@ def _vae(work: Path):
     return vae.eval()
 
 
-def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False):
+def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False, size: int = 128):
     from transformers import Gemma2Model
 
     from twig_core.text import TextEncoder
@@ -76,7 +85,7 @@ def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False):
 
     torch.manual_seed(0)
     text = TextEncoder(Gemma2Model(demo_gemma_config(len(tokenizer))), tokenizer, instruction="")
-    return text, TwigTransformer(DEMO_TRANSFORMER.replace(pos_embed=pos_embed))
+    return text, TwigTransformer(DEMO_TRANSFORMER.replace(pos_embed=pos_embed, sample_size=size // 32))
 
 
 def stage_data(work: Path, a) -> None:
@@ -96,14 +105,16 @@ def stage_vae(work: Path, a) -> None:
 
 
 def stage_latents(work: Path, a) -> None:
-    if (work / "latents.pt").exists():
+    out = _dit_work(work, a) / "latents.pt"
+    if out.exists():
         return
     vae = _vae(work)
-    torch.save(encode_all(vae, _images(work, "train")), work / "latents.pt")
+    out.parent.mkdir(exist_ok=True)
+    torch.save(encode_all(vae, _images(work, "train", a.size)), out)
 
 
 def stage_decoder(work: Path, a) -> None:
-    finetune_decoder(_vae(work), _images(work, "train"), work, steps=a.decoder_steps)
+    finetune_decoder(_vae(work), _images(work, "train"), work, steps=a.decoder_steps, edge_weight=a.decoder_edge_weight)
 
 
 def stage_text(work: Path, a) -> None:
@@ -122,28 +133,32 @@ def _pretrained_text(work: Path, text) -> None:
 
 def stage_dit(work: Path, a) -> None:
     tok = _tokenizer(work)
-    text, dit = _text_and_dit(work, tok, a.pos_embed)
+    text, dit = _text_and_dit(work, tok, a.pos_embed, a.size)
     _pretrained_text(work, text)
-    latents = torch.load(work / "latents.pt", weights_only=True)
+    dw = _dit_work(work, a)
+    latents = torch.load(dw / "latents.pt", weights_only=True)
     if len(a.dit_restart) != len(a.restart_lr):
         raise SystemExit(f"--dit-restart gives {len(a.dit_restart)} cycles but --restart-lr {len(a.restart_lr)} rates")
     restarts = list(zip(a.dit_restart, a.restart_lr))
-    dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, work, steps=a.dit_steps, batch=a.batch,
+    dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, dw, steps=a.dit_steps, batch=a.batch,
                              lr=a.lr, bf16=a.bf16, train_text=False, restarts=restarts)
-    torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, work / "dit_ema.pt")
+    torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, dw / "dit_ema.pt")
 
 
 def stage_export(work: Path, a) -> None:
     from .export import export_pipeline
 
+    if a.size != 128 and Path(a.out).resolve() == DEMO_DIR.resolve():
+        raise SystemExit(f"--size {a.size}: give --out; {DEMO_DIR} holds the shipped 128² model")
     tok = _tokenizer(work)
-    text, dit = _text_and_dit(work, tok, a.pos_embed)
-    if (work / "dit_ema.pt").exists():
-        ema = torch.load(work / "dit_ema.pt", weights_only=True)
+    text, dit = _text_and_dit(work, tok, a.pos_embed, a.size)
+    dw = _dit_work(work, a)
+    if (dw / "dit_ema.pt").exists():
+        ema = torch.load(dw / "dit_ema.pt", weights_only=True)
         dit.load_state_dict(ema["transformer"])
         text.model.load_state_dict(ema["text"])
     else:  # training stopped early: the averaged DiT weights of the last checkpoint, the (frozen) text encoder
-        state = Checkpoint(work / "dit.ckpt").load()
+        state = Checkpoint(dw / "dit.ckpt").load()
         text.model.load_state_dict(state["text"])
         with torch.no_grad():
             for p, v in zip(dit.parameters(), state["ema"]):
@@ -156,12 +171,25 @@ def stage_export(work: Path, a) -> None:
 def stage_eval(work: Path, a) -> None:
     from twig_core.loader import load_pipeline
 
-    from .evaluate_demo import evaluate_demo
+    from .evaluate_demo import evaluate_demo, reference_report
+    from .scenes import load_split
 
     parts = load_pipeline(a.out, dtype=torch.float32)
-    report = evaluate_demo(parts, _records(work, "heldout"), n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg)
+    records = _records(work, "heldout")
+    ref = reference_report(parts.vae, records, load_split(work / "data", "heldout")[0], n=a.eval_n)
+    print(ref["text"], flush=True)
+    report = evaluate_demo(parts, records, n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg, size=a.size)
     print(report["text"])
-    (work / "eval.json").write_text(json.dumps(report["summary"], indent=1))
+    dw = _dit_work(work, a)
+    (dw / "eval").mkdir(parents=True, exist_ok=True)
+    for rec, en, zh in zip(records, report["images_en"], report["images_zh"]):
+        en.save(dw / "eval" / f"{rec['id']}_en.png")
+        zh.save(dw / "eval" / f"{rec['id']}_zh.png")
+    summary = dict(report["summary"], shape_classifier=ref["classifier"]["accuracy"],
+                   truth={k: v["accuracy"] for k, v in ref["truth"].items()},
+                   dcae={size: dict({k: v["accuracy"] for k, v in r["aggregate"].items()},
+                                    object_shape=r["objects"]["accuracy"]) for size, r in ref["dcae"].items()})
+    (dw / "eval.json").write_text(json.dumps(summary, indent=1))
 
 
 def stage_prompts(work: Path, a) -> None:
@@ -193,9 +221,15 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, help="working folder (data, checkpoints, logs)")
     p.add_argument("--stage", default="all", choices=(*STAGES, "all"))
     p.add_argument("--out", default=str(DEMO_DIR), help="where export writes the pipeline folder")
+    p.add_argument("--size", type=int, choices=(128, 256), default=128,
+                   help="picture size of the latents, DiT, export and eval stages: 128 (4x4 latents, the shipped "
+                        "model) or 256 (8x8, files in DIR/size256; untrained so far: export needs --out)")
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--decoder-steps", type=int, default=1500)
+    p.add_argument("--decoder-edge-weight", type=float, default=0.0,
+                   help="extra weight of the pixels along object outlines in the decoder stage's loss (0: the "
+                        "shipped recipe)")
     p.add_argument("--text-steps", type=int, default=3000)
     p.add_argument("--dit-steps", type=int, default=18000)
     p.add_argument("--batch", type=int, default=64)

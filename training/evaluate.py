@@ -5,7 +5,14 @@ measured from pixels:
 
   color       every object colour of the scene is present as a blob of reasonable area
   count       the number of blobs of each object colour equals the scene's count for that colour
-  shape       the blobs of each colour look like the stated shape (nearest of the shape templates, by IoU)
+  shape       the blobs of each colour look like the stated shape (nearest of the shape templates, by IoU);
+              every caption names the shape of each object, so this applies to every scene
+  attribution each named object in its named colour (GenEval's colour attribution): the object of each named
+              colour looks more like the shape named with that colour than like any other shape the prompt
+              names (a red square and a blue circle drawn as a red circle and a blue square fail); None
+              unless the prompt names at least two different shapes
+  two_object  both objects present and separate (GenEval's two objects): a blob of each named colour, at least
+              `sep_min_gap` apart; None unless the scene is exactly two single objects
   position    absolute positions ("on the left") and the pairwise relation ("A above B") hold for the blob
               centroids; None when the scene states no position
   background  the picture border has the stated background colour(s) (per half for two-tone backgrounds);
@@ -41,7 +48,8 @@ from .scenes import (
 
 # "count" scores every scene; "count13" only scenes whose requested counts are all 1-3 (the range the demo
 # model's count target is set for; "four green stars" is left out of it)
-CATEGORIES: tuple[str, ...] = ("color", "count", "count13", "shape", "position", "background", "overall")
+CATEGORIES: tuple[str, ...] = ("color", "count", "count13", "shape", "attribution", "two_object", "position",
+                               "background", "overall")
 
 _PAL = np.array([PALETTE[c] for c in COLOR_NAMES], dtype=np.float32)  # [K, 3]
 
@@ -59,6 +67,7 @@ class EvalParams:
     border_frac: float = 0.03  # width of the border ring used for the background check
     bg_split_band: float = 0.1  # ignore border pixels this close (fraction) to a two-tone split line
     bg_min_share: float = 0.5  # the expected colour must cover this share of its border region
+    sep_min_gap: float = 3 / 128  # two objects are separate when their nearest pixels are this far apart
 
 
 @dataclass
@@ -71,6 +80,7 @@ class Blob:
     shape: str = ""
     shape_iou: float = 0.0
     shape_scores: dict[str, float] = field(default_factory=dict)
+    mask: np.ndarray | None = field(default=None, repr=False, compare=False)  # bool, cropped to bbox
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,18 +314,28 @@ def detect_blobs(image: Any, colors: Iterable[str] | None = None, params: EvalPa
             my, mx = np.nonzero(m)
             blobs.append(Blob(cname, area, float((mx.mean() + x0 + 0.5) / w), float((my.mean() + y0 + 0.5) / h),
                               (int(my.min() + y0), int(mx.min() + x0), int(my.max() + y0 + 1),
-                               int(mx.max() + x0 + 1))))
-            blobs[-1]._mask = m  # type: ignore[attr-defined]  # kept for shape classification
+                               int(mx.max() + x0 + 1)),
+                              mask=m[my.min(): my.max() + 1, mx.min(): mx.max() + 1]))
         blobs.sort(key=lambda b: -b.area)
         if blobs:
             keep = p.rel_area_frac * blobs[0].area
             blobs = [b for b in blobs if b.area >= keep]
         for b in blobs:
-            b.shape, b.shape_scores = classify_shape(b._mask)  # type: ignore[attr-defined]
+            b.shape, b.shape_scores = classify_shape(b.mask)
             b.shape_iou = b.shape_scores[b.shape]
-            del b._mask  # type: ignore[attr-defined]
         out[cname] = blobs
     return out
+
+
+def blob_gap(a: Blob, b: Blob) -> float:
+    """Distance in pixels between the nearest pixel centres of two blobs (1 when they touch). Blobs of two
+    colours never share a pixel."""
+    def rim(blob: Blob) -> np.ndarray:  # outline pixels, picture coordinates
+        edge = blob.mask & ~erode(np.pad(blob.mask, 1), 1)[1:-1, 1:-1]
+        return np.argwhere(edge) + np.array(blob.bbox[:2])
+
+    pa, pb = rim(a), rim(b)
+    return float(np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1).min()))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -379,6 +399,19 @@ def background_ok(labels: np.ndarray, scene: Scene, params: EvalParams | None = 
     return ok, found
 
 
+def attribution_ok(scene: Scene, blobs: dict[str, list[Blob]]) -> bool | None:
+    """Each named colour's objects (its `count` largest blobs) look more like the shape named with that colour than
+    like any other shape the prompt names; None when the prompt names fewer than two shapes."""
+    named = {g.shape for g in scene.groups}
+    if len(named) < 2:
+        return None
+    for g in scene.groups:
+        bl = blobs[g.color][: g.count]
+        if not bl or any(b.shape_scores[g.shape] <= max(b.shape_scores[s] for s in named - {g.shape}) for b in bl):
+            return False
+    return True
+
+
 def evaluate_image(scene: Scene | dict, image: Any, check_background: bool = True,
                    params: EvalParams | None = None) -> dict[str, Any]:
     """Per-category booleans (None = not applicable) plus "details" for debugging."""
@@ -392,11 +425,15 @@ def evaluate_image(scene: Scene | dict, image: Any, check_background: bool = Tru
 
     color_ok = all(len(blobs[c]) > 0 for c in colors)
     count_ok = all(len(blobs[g.color]) == g.count for g in scene.groups)
-    shape_ok = True
-    for g in scene.groups:
-        bl = blobs[g.color][: g.count]
-        if not bl or any(b.shape != g.shape for b in bl):
-            shape_ok = False
+    # per named object group: its shape, and whether its `count` largest blobs all have it
+    shape_checks = [(g.shape, len(blobs[g.color]) > 0 and all(b.shape == g.shape for b in blobs[g.color][: g.count]))
+                    for g in scene.groups]
+    shape_ok = all(ok for _, ok in shape_checks)
+    attribution = attribution_ok(scene, blobs)
+    two_object = None
+    if len(scene.groups) == 2 and scene.num_objects == 2:
+        ba, bb = (blobs[g.color] for g in scene.groups)
+        two_object = bool(ba) and bool(bb) and blob_gap(ba[0], bb[0]) >= p.sep_min_gap * min(rgb.shape[:2])
 
     pos_checks = []  # (place, verdict) per stated place ("left", "top_right") or relation ("left_of")
     for g in scene.groups:
@@ -414,7 +451,8 @@ def evaluate_image(scene: Scene | dict, image: Any, check_background: bool = Tru
         background, bg_found = background_ok(labels, scene, p)
 
     res: dict[str, Any] = {"color": bool(color_ok), "count": bool(count_ok), "shape": bool(shape_ok),
-                           "position": position, "background": background}
+                           "attribution": attribution, "two_object": two_object, "position": position,
+                           "background": background}
     res["overall"] = all(v for v in res.values() if v is not None)
     res["count13"] = bool(count_ok) if all(g.count <= 3 for g in scene.groups) else None
     res["details"] = {
@@ -422,8 +460,34 @@ def evaluate_image(scene: Scene | dict, image: Any, check_background: bool = Tru
         "blobs": {c: [(round(b.cx, 3), round(b.cy, 3), b.area, b.shape) for b in blobs[c]] for c in colors},
         "background": bg_found,
         "position_checks": pos_checks,
+        "shape_checks": shape_checks,
     }
     return res
+
+
+def check_shape_classifier(scenes: Sequence[Scene | dict], images: Sequence[Any],
+                           params: EvalParams | None = None) -> dict[str, Any]:
+    """How often the scorer's shape classifier names the drawn shape on pictures whose truth is known (the data
+    stage's renders): per object, its colour's blobs (largest first, as many as the group has objects) against
+    the group's shape; a missing blob counts as wrong. {"accuracy", "n", "by_shape": {shape: {"accuracy", "n"}},
+    "confusion": {(true, called): count} of the wrong calls}."""
+    right: dict[str, int] = {}
+    total: dict[str, int] = {}
+    confusion: dict[tuple[str, str], int] = {}
+    for scene, image in zip(scenes, images):
+        scene = Scene.from_dict(scene) if isinstance(scene, dict) else scene
+        blobs = detect_blobs(image, [g.color for g in scene.groups], params)
+        for g in scene.groups:
+            called = [b.shape for b in blobs[g.color][: g.count]]
+            called += ["none"] * (g.count - len(called))
+            total[g.shape] = total.get(g.shape, 0) + g.count
+            right[g.shape] = right.get(g.shape, 0) + called.count(g.shape)
+            for c in called:
+                if c != g.shape:
+                    confusion[(g.shape, c)] = confusion.get((g.shape, c), 0) + 1
+    n = sum(total.values())
+    return {"accuracy": sum(right.values()) / max(n, 1), "n": n, "confusion": confusion,
+            "by_shape": {s: {"accuracy": right[s] / total[s], "n": total[s]} for s in sorted(total)}}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -457,7 +521,7 @@ def evaluate_sets(scenes: Sequence[Scene | dict], images_en: Sequence[Any], imag
                   params: EvalParams | None = None) -> dict[str, Any]:
     """Evaluate the pictures generated from the English and the Chinese prompt of each scene.
     Returns {"en": aggregate, "zh": aggregate, "agreement": {...}, "by_kind": {kind: {"en":..., "zh":...}},
-    "results_en": [...], "results_zh": [...]}."""
+    "by_place": ..., "by_shape": ..., "results_en": [...], "results_zh": [...]}."""
     if not (len(scenes) == len(images_en) == len(images_zh)):
         raise TwigError(f"evaluate_sets: {len(scenes)} scenes, {len(images_en)} en and {len(images_zh)} zh images")
     scenes = [Scene.from_dict(s) if isinstance(s, dict) else s for s in scenes]
@@ -469,20 +533,33 @@ def evaluate_sets(scenes: Sequence[Scene | dict], images_en: Sequence[Any], imag
         idx = [i for i, s in enumerate(scenes) if s.kind == kind]
         by_kind[kind] = {"en": aggregate([res_en[i] for i in idx]), "zh": aggregate([res_zh[i] for i in idx])}
     return {"en": aggregate(res_en), "zh": aggregate(res_zh), "agreement": agreement(res_en, res_zh),
-            "by_kind": by_kind, "by_place": by_place(res_en, res_zh), "results_en": res_en, "results_zh": res_zh}
+            "by_kind": by_kind, "by_place": by_place(res_en, res_zh), "by_shape": by_shape(res_en, res_zh),
+            "results_en": res_en, "results_zh": res_zh}
 
 
-def by_place(results_en: Sequence[dict[str, Any]], results_zh: Sequence[dict[str, Any]]) -> dict[str, dict]:
-    """Position accuracy per stated place or relation ("left", "top_right", "left_of"…), each check counted on
-    its own (a scene of three placed objects adds three): {place: {"n", "en", "zh"}}."""
+def _by_check(results_en: Sequence[dict[str, Any]], results_zh: Sequence[dict[str, Any]],
+              checks: str) -> dict[str, dict]:
+    """Accuracy per key of the (key, verdict) list ``details[checks]``, each check counted on its own:
+    {key: {"n", "en", "zh"}}."""
     out: dict[str, dict] = {}
     for re_, rz in zip(results_en, results_zh):
-        for (key, ok_en), (_, ok_zh) in zip(re_["details"]["position_checks"], rz["details"]["position_checks"]):
+        for (key, ok_en), (_, ok_zh) in zip(re_["details"][checks], rz["details"][checks]):
             row = out.setdefault(key, {"n": 0, "en": 0, "zh": 0})
             row["n"] += 1
             row["en"] += int(ok_en)
             row["zh"] += int(ok_zh)
     return {k: {"n": v["n"], "en": v["en"] / v["n"], "zh": v["zh"] / v["n"]} for k, v in sorted(out.items())}
+
+
+def by_place(results_en: Sequence[dict[str, Any]], results_zh: Sequence[dict[str, Any]]) -> dict[str, dict]:
+    """Position accuracy per stated place or relation ("left", "top_right", "left_of"…), each check counted on
+    its own (a scene of three placed objects adds three): {place: {"n", "en", "zh"}}."""
+    return _by_check(results_en, results_zh, "position_checks")
+
+
+def by_shape(results_en: Sequence[dict[str, Any]], results_zh: Sequence[dict[str, Any]]) -> dict[str, dict]:
+    """Shape accuracy per named shape, each named object group counted on its own: {shape: {"n", "en", "zh"}}."""
+    return _by_check(results_en, results_zh, "shape_checks")
 
 
 def by_order(orders: Sequence[str | None], results_en: Sequence[dict[str, Any]],
@@ -527,12 +604,13 @@ def format_report(report: dict[str, Any]) -> str:
     for cat in CATEGORIES:
         en, zh = report["en"][cat], report["zh"][cat]
         ag = report["agreement"][cat]
-        f = lambda v: "   -" if math.isnan(v) else f"{v:8.3f}"  # noqa: E731
+        f = lambda v: f"{'-':>8}" if math.isnan(v) else f"{v:8.3f}"  # noqa: E731
         lines.append(f"{cat:<12}{f(en['accuracy'])}{f(zh['accuracy'])}{f(ag)}{en['n']:>6}")
-    if report.get("by_place"):
-        lines.append(f"\n{'place':<12}{'en':>8}{'zh':>8}{'':>8}{'n':>6}")
-        for key, row in report["by_place"].items():
-            lines.append(f"{key:<12}{row['en']:8.3f}{row['zh']:8.3f}{'':>8}{row['n']:>6}")
+    for table, title in (("by_shape", "shape"), ("by_place", "place")):
+        if report.get(table):
+            lines.append(f"\n{title:<12}{'en':>8}{'zh':>8}{'':>8}{'n':>6}")
+            for key, row in report[table].items():
+                lines.append(f"{key:<12}{row['en']:8.3f}{row['zh']:8.3f}{'':>8}{row['n']:>6}")
     if report.get("by_order"):
         lines.append(f"\n{'relation':<12}{'en':>8}{'zh':>8}{'':>8}{'n':>6}")
         for key, row in report["by_order"].items():

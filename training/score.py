@@ -1,8 +1,9 @@
 """Score a finished batch with the demo model's pixel evaluator: ``python -m training.score PROMPTS OUT``.
 
 PROMPTS is the prompt file given to ``python -m twig_core batch`` (rows that carry a demo ``scene``, e.g. the
-recipe's ``--stage prompts`` output), OUT the folder it drew into. Prints position, colour, count, shape and
-background accuracy per prompt language; rows without a scene and images not drawn yet are left out.
+recipe's ``--stage prompts`` output), OUT the folder it drew into. Prints the accuracy of every evaluator category
+(colour, count, shape, colour attribution, two objects, position, background) per prompt language; rows without a
+scene and images not drawn yet are left out.
 """
 
 from __future__ import annotations

@@ -156,22 +156,30 @@ def train_vae(images: np.ndarray, work: str | os.PathLike, steps: int = 3000, ba
     return model.eval(), losses
 
 
-def recon_loss(y: torch.Tensor, x: torch.Tensor, object_weight: float = 0.0) -> torch.Tensor:
+def recon_loss(y: torch.Tensor, x: torch.Tensor, object_weight: float = 0.0, edge_weight: float = 0.0) -> torch.Tensor:
     """L1 + MSE between a decoded batch ``y`` and its pictures ``x`` ([B,3,H,W] in [-1,1]). ``object_weight`` > 0
     counts the pixels that differ from their picture's median colour (the objects, not the background)
-    1 + object_weight times: small objects are a sliver of the pixels, and a plain mean lets the decoder drop them."""
-    if not object_weight:
+    1 + object_weight times: small objects are a sliver of the pixels, and a plain mean lets the decoder drop them.
+    ``edge_weight`` > 0 adds that weight on the pixels next to a colour change (3x3 neighbourhood), the outlines
+    that tell a star or a square from a round blob."""
+    if not (object_weight or edge_weight):
         return F.l1_loss(y, x) + F.mse_loss(y, x)
-    background = x.flatten(2).median(-1).values[..., None, None]
-    w = 1.0 + object_weight * ((x - background).abs().amax(1, keepdim=True) > 0.1).float()
+    w = torch.ones_like(x[:, :1])
+    if object_weight:
+        background = x.flatten(2).median(-1).values[..., None, None]
+        w = w + object_weight * ((x - background).abs().amax(1, keepdim=True) > 0.1).float()
+    if edge_weight:
+        spread = F.max_pool2d(x, 3, 1, 1) + F.max_pool2d(-x, 3, 1, 1)  # local max - local min, per channel
+        w = w + edge_weight * (spread.amax(1, keepdim=True) > 0.1).float()
     err = y - x
     return (err.abs() * w).mean() + (err.square() * w).mean()
 
 
 def finetune_decoder(vae, images: np.ndarray, work: str | os.PathLike, steps: int = 1500, batch: int = 16,
-                     lr: float = 2e-4, object_weight: float = 4.0, seed: int = 0, save_every: int = 100):
+                     lr: float = 2e-4, object_weight: float = 4.0, edge_weight: float = 0.0, seed: int = 0,
+                     save_every: int = 100):
     """Train the DC-AE's decoder further on whole pictures with the encoder frozen, so latents already encoded
-    (and a DiT trained on them) stay valid; ``object_weight`` as in ``recon_loss``. Checkpoint
+    (and a DiT trained on them) stay valid; ``object_weight`` and ``edge_weight`` as in ``recon_loss``. Checkpoint
     ``work/decoder.ckpt`` holds the whole autoencoder. Returns (vae, losses of this run)."""
     ck, logf = open_stage(work, "decoder")
     state = ck.load()
@@ -203,7 +211,7 @@ def finetune_decoder(vae, images: np.ndarray, work: str | os.PathLike, steps: in
         with torch.no_grad():
             z = vae.encode_raw(x)
             z = z + 0.05 * z.std() * torch.randn(z.shape, generator=trng)
-        loss = recon_loss(vae.decode_raw(z), x, object_weight)
+        loss = recon_loss(vae.decode_raw(z), x, object_weight, edge_weight)
         losses.append(descend(opt, loss, params))
         if step % 20 == 0 or step == steps - 1:
             log(f"decoder step {step} loss {loss.item():.4f} lr {rate:.2e} "
