@@ -505,3 +505,41 @@ def test_quantized_layers_widen_their_blocks_on_the_inputs_device(tiny_checkpoin
         out = layer(torch.randn(shape, device="meta"))
         assert out.device.type == "meta" and out.shape[1] == layer.qshape[0]
         assert layer.qweight.device.type == "cpu"  # the stored blocks stay where the host put them
+
+
+def _mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_quantized_layers_release_their_mapped_pages_after_each_call(tmp_path):
+    """A layer whose Q8_0 blocks are a view of a mapped GGUF widens them for a call and then drops their pages
+    from the resident set (the file's mapping is back to a few pages), computes the same as the package's
+    dequantization, and maps them again on the next call with the same result."""
+    from twig_core.gguf_io import open_gguf, write_gguf
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 4096, generator=g)
+    path = tmp_path / "big.gguf"
+    write_gguf(str(path), "sana", [("lin.weight", tuple(w.shape), "Q8_0", lambda: w)])
+    f = open_gguf(str(path))
+    q = f["lin.weight"]
+    layer = torch.nn.Linear(4096, 512, bias=False, device="meta")
+    quant.attach(layer, "weight", q, torch.float32, "cpu")
+    ref = torch.from_numpy(gguf.quants.dequantize(gguf.GGUFReader(str(path)).tensors[0].data, T.Q8_0))
+    x = torch.randn(3, 4096, generator=g)
+    size_kib = q.raw.numel() // 1024
+    q.raw.sum()  # every page of the blocks resident
+    assert _mapped_rss_kib(path) >= size_kib
+    for _ in range(2):
+        y = layer(x)
+        torch.testing.assert_close(y, x @ ref.T, rtol=0, atol=0)
+        assert _mapped_rss_kib(path) < 64, "the blocks' pages stayed resident after the call"
