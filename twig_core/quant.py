@@ -287,7 +287,8 @@ class QuantizedLayer:
 
     def dequantized(self, dtype: torch.dtype, device=None) -> torch.Tensor:
         """The weight widened to ``dtype``; with ``device``, the blocks move there first and are widened there
-        (a host that leaves some layers on its offload device streams their blocks, not widened copies)."""
+        (a host that leaves some layers on its offload device streams their blocks, not widened copies).
+        Blocks mapped from a GGUF file then leave the resident set (``qrelease``, see gguf_io.MappedPages)."""
         scale = getattr(self, "qscale", None)
         if device is None:
             w = dequantize(self.qweight, self.qtype, self.qshape, dtype, scale)
