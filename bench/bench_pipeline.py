@@ -95,16 +95,19 @@ class _Split(threading.Thread):
         super().__init__(daemon=True)
         self.peak = (0, 0, 0)
 
+    def sample(self) -> bool:
+        try:
+            with open("/proc/self/status") as f:
+                v = {k: int(rest.split()[0]) / 2**20 for k, _, rest in (line.partition(":") for line in f)
+                     if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+        except OSError:
+            return False
+        if v.get("VmRSS", 0) > self.peak[0]:
+            self.peak = (v["VmRSS"], v.get("RssAnon", 0), v.get("RssFile", 0) + v.get("RssShmem", 0))
+        return True
+
     def run(self):
-        while True:
-            try:
-                with open("/proc/self/status") as f:
-                    v = {k: int(rest.split()[0]) / 2**20 for k, _, rest in (line.partition(":") for line in f)
-                         if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
-            except OSError:
-                return
-            if v.get("VmRSS", 0) > self.peak[0]:
-                self.peak = (v["VmRSS"], v.get("RssAnon", 0), v.get("RssFile", 0) + v.get("RssShmem", 0))
+        while self.sample():
             time.sleep(0.02)
 
 
@@ -118,6 +121,7 @@ def child(paths: dict[str, str], size: int, steps: int, text_dtype: str = "bf16"
     torch.set_grad_enabled(False)
     stages = {}
     split = _Split()
+    split.sample()
     split.start()
 
     def stage(name, t0):
