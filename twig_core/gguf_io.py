@@ -52,7 +52,7 @@ class MappedPages:
 
     def __init__(self, mm, start: int, end: int):
         page = mmap.PAGESIZE
-        self.mm, self.start, self.end = mm, -(-start // page) * page, end // page * page
+        self.mm, self.start, self.end = mm, -(-start // page) * page, min(end, len(mm)) // page * page
 
     def __call__(self) -> None:
         if self.end > self.start and hasattr(mmap, "MADV_DONTNEED") and not self.mm.closed:
