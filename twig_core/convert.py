@@ -1,5 +1,7 @@
 """The converter behind ``python -m twig_core convert IN OUT --type ...``: any transformer or Gemma-2 the loader
 reads (NVlabs .pth, diffusers folders, single files, GGUF, fp8) into a GGUF file or an fp8 safetensors file.
+GGUF files are written one tensor at a time (read, encoded, written; ``gguf_io.write_gguf``); Gemma-2 is read
+straight from its files (``gemma.open_text_encoder``), never built, the transformer is loaded as stored first.
 
 GGUF (``q8_0``, ``q6_k``, ``q5_k_m``, ``q5_0``, ``q4_k_m``, ``q4_0``, ``f16``, ``bf16``): BF16, Q8_0, Q5_0 and Q4_0
 blocks come from the ``gguf`` package's quantizer; it has none for K-quants, so Q4_K/Q5_K/Q6_K blocks come from

@@ -197,8 +197,8 @@ def nbytes(shape, qtype: str) -> int:
 
 def write_gguf(path: str, arch: str, tensors, metadata: dict | None = None, orig_shapes: dict | None = None):
     """Write a GGUF file whose ``general.architecture`` is ``arch``, tensor by tensor: ``tensors`` is a list of
-    (name, torch shape as stored, GGML type name, read) where ``read()`` gives the tensor (any float dtype, or a
-    QTensor) when its turn comes, so one tensor and its encoding are in memory at a time. ``metadata`` values
+    (name, torch shape as stored, GGML type name, read) where ``read()`` gives the tensor (any float dtype) when
+    its turn comes, so one tensor and its encoding are in memory at a time. ``metadata`` values
     are str, int, float, bool or lists of them; ``orig_shapes``: tensors stored flattened, with their torch
     shape (ComfyUI-GGUF's convention)."""
     import numpy as np
@@ -227,10 +227,7 @@ def write_gguf(path: str, arch: str, tensors, metadata: dict | None = None, orig
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for name, shape, qtype, read in tensors:
-            t = read()
-            t = t.dequantize() if isinstance(t, QTensor) else t
-            writer.write_tensor_data(encode(t.reshape(shape), qtype)[0])
-            del t
+            writer.write_tensor_data(encode(read().reshape(shape), qtype)[0])
     finally:
         writer.close()
     os.replace(tmp, path)
