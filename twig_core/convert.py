@@ -184,6 +184,7 @@ def convert(src, out, type_name: str, device="cpu") -> str:
             return dense_tensor(model, name)
     else:  # nothing built: each tensor read from the source, encoded and written before the next
         g = open_text_encoder(src)
+        g.meta_model()  # a file that is not a whole Gemma-2 is refused before anything is written
         if qtype == "fp8":  # ComfyUI's single-file layout: "model." names and the tokenizer as spiece_model
             pieces = _pieces(tokenizer_metadata(g.tokenizer, g.config.vocab_size))
             spiece = torch.frombuffer(bytearray(spiece_from_pieces(pieces)), dtype=torch.uint8)

@@ -66,13 +66,8 @@ def gemma2_config_from_shapes(sd: Mapping[str, torch.Tensor], label: str = "Gemm
 def _gemma2_from_weights(src: GemmaSource, dtype, device):
     """Build Gemma2Model on the meta device and assign its weights; non-persistent buffers (RoPE
     frequencies, embedding scale) come from a one-layer twin built for real."""
-    from transformers import Gemma2Model
-
     weights, config, label = src.weights, src.config, src.label
-    metas = {k: weights.meta(k) for k in src.names}
-    with torch.device("meta"):
-        model = Gemma2Model(config)
-    check_keys(model, metas, label, "Gemma-2")
+    model, metas = src.meta_model()
     dtype = dtype or dominant_dtype(metas)
     assign(model, weights, list(model.state_dict().keys()), dtype, device, label, check=False)
     small = {**config.to_dict(), "num_hidden_layers": 1, "vocab_size": 8, "intermediate_size": 8}
@@ -81,7 +76,7 @@ def _gemma2_from_weights(src: GemmaSource, dtype, device):
     twin_cfg = type(config).from_dict(small)
     twin_cfg._attn_implementation = config._attn_implementation
     with torch.device("cpu"):
-        twin = Gemma2Model(twin_cfg)
+        twin = type(model)(twin_cfg)
     twin_buffers = dict(twin.named_buffers())
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
@@ -117,6 +112,17 @@ class GemmaSource:
     def names(self) -> list[str]:
         # lm_head is tied to embed_tokens; spiece_model is the tokenizer riding along in ComfyUI files
         return [k for k in self.weights if k != "lm_head.weight" and k.rsplit(".", 1)[-1] != "spiece_model"]
+
+    def meta_model(self):
+        """(Gemma2Model on the meta device, name -> meta tensor of the weights), every name and shape checked
+        against the model first (TwigError naming the file)."""
+        from transformers import Gemma2Model
+
+        metas = {k: self.weights.meta(k) for k in self.names}
+        with torch.device("meta"):
+            model = Gemma2Model(self.config)
+        check_keys(model, metas, self.label, "Gemma-2")
+        return model, metas
 
 
 def open_text_encoder(path, tokenizer_path=None, *, expected_width: int | None = None, variant: str | None = None,
