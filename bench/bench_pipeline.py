@@ -5,7 +5,8 @@ safetensors, HF folder layout; the tokenizer is the demo model's, since only the
 the 1600M transformer as the fp16 NVlabs ``.pth`` Twig v0 alpha ships, and the DC-AE f32c32 (fp32
 safetensors). A fresh process then runs prompt encoding (Gemma in bf16) -> sampling (weights kept in fp16,
 computing in fp32) -> decoding (fp32), releasing each network before loading the next, and prints each
-stage's peak resident memory (VmHWM, reset between stages) and the overall peak.
+stage's peak resident memory (VmHWM, reset between stages), how the largest resident size sampled in the stage
+splits into anonymous memory and mapped file pages (a GGUF's blocks are mapped), and the overall peak.
 
     python bench/bench_pipeline.py [--steps 2] [--size 1024] [--dir DIR --keep]
     python bench/bench_pipeline.py --text-type q4_k_m --transformer-type q8_0   # small weights
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +45,30 @@ def _reset_peak() -> None:
         pass
 
 
+class _Split(threading.Thread):
+    """Reads /proc/self/status every 20 ms and keeps the largest VmRSS seen with its split: anonymous memory
+    (RssAnon) and file pages mapped (RssFile: the memory-mapped GGUF and the shared libraries)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak = (0, 0, 0)
+
+    def sample(self) -> bool:
+        try:
+            with open("/proc/self/status") as f:
+                v = {k: int(rest.split()[0]) / 2**20 for k, _, rest in (line.partition(":") for line in f)
+                     if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+        except OSError:
+            return False
+        if v.get("VmRSS", 0) > self.peak[0]:
+            self.peak = (v["VmRSS"], v.get("RssAnon", 0), v.get("RssFile", 0) + v.get("RssShmem", 0))
+        return True
+
+    def run(self):
+        while self.sample():
+            time.sleep(0.02)
+
+
 def child(paths: dict[str, str], size: int, steps: int, text_dtype: str = "bf16") -> dict:
     import torch
 
@@ -52,15 +78,21 @@ def child(paths: dict[str, str], size: int, steps: int, text_dtype: str = "bf16"
 
     torch.set_grad_enabled(False)
     stages = {}
+    split = _Split()
+    split.sample()
+    split.start()
 
     def stage(name, t0):
         gc.collect()
         stages[name] = {"peak_gib": peak_rss_mib() / 1024, "after_gib": current_rss_mib() / 1024,
-                        "seconds": time.perf_counter() - t0}
+                        "seconds": time.perf_counter() - t0, "anon_gib": split.peak[1], "file_gib": split.peak[2]}
         _reset_peak()
+        split.peak = (0, 0, 0)
 
-    stages["start"] = {"peak_gib": peak_rss_mib() / 1024, "after_gib": current_rss_mib() / 1024, "seconds": 0.0}
+    stages["start"] = {"peak_gib": peak_rss_mib() / 1024, "after_gib": current_rss_mib() / 1024, "seconds": 0.0,
+                       "anon_gib": split.peak[1], "file_gib": split.peak[2]}
     _reset_peak()
+    split.peak = (0, 0, 0)
     t0 = time.perf_counter()
     te = loader.load_text_encoder(paths["text"], dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[text_dtype])
     text_weights = quant_summary(te.model).split(" ")[0] or "bf16"
@@ -127,8 +159,8 @@ def main() -> None:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"whole pipeline, {a.size}x{a.size}, CPU, {time.strftime('%Y-%m-%d')}, image {res['image']}")
         for name, r in res["stages"].items():
-            print(f"  {name:<52} peak RSS {r['peak_gib']:5.2f} GiB   after {r['after_gib']:5.2f} GiB   "
-                  f"{r['seconds']:6.1f} s")
+            print(f"  {name:<52} peak RSS {r['peak_gib']:5.2f} GiB (anon {r['anon_gib']:4.2f} + file "
+                  f"{r['file_gib']:4.2f})   after {r['after_gib']:5.2f} GiB   {r['seconds']:6.1f} s")
         peak = max(r["peak_gib"] for r in res["stages"].values())
         target = "2.5" if a.text_type or a.transformer_type else "6"
         print(f"  overall peak RSS {peak:.2f} GiB ({peak * 2**30 / 1e9:.2f} GB); target <= {target} GB")

@@ -4,6 +4,7 @@ safetensors (ComfyUI's scaled_fp8 layout), fidelity bounds per type, and the err
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -505,3 +506,88 @@ def test_quantized_layers_widen_their_blocks_on_the_inputs_device(tiny_checkpoin
         out = layer(torch.randn(shape, device="meta"))
         assert out.device.type == "meta" and out.shape[1] == layer.qshape[0]
         assert layer.qweight.device.type == "cpu"  # the stored blocks stay where the host put them
+
+
+def _mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_quantized_layers_release_their_mapped_pages_after_each_call(tmp_path):
+    """A layer whose Q8_0 blocks are a view of a mapped GGUF widens them for a call and then drops their pages
+    from the resident set (the file's mapping is back to a few pages), computes the same as the package's
+    dequantization, and maps them again on the next call with the same result."""
+    from twig_core.gguf_io import open_gguf, write_gguf
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 4096, generator=g)
+    path = tmp_path / "big.gguf"
+    write_gguf(str(path), "sana", [("lin.weight", tuple(w.shape), "Q8_0", lambda: w)])
+    f = open_gguf(str(path))
+    q = f["lin.weight"]
+    layer = torch.nn.Linear(4096, 512, bias=False, device="meta")
+    quant.attach(layer, "weight", q, torch.float32, "cpu")
+    ref = torch.from_numpy(gguf.quants.dequantize(gguf.GGUFReader(str(path)).tensors[0].data, T.Q8_0))
+    x = torch.randn(3, 4096, generator=g)
+    size_kib = q.raw.numel() // 1024
+    q.raw.sum()  # every page of the blocks resident
+    assert _mapped_rss_kib(path) >= size_kib
+    for _ in range(2):
+        y = layer(x)
+        torch.testing.assert_close(y, x @ ref.T, rtol=0, atol=0)
+        assert _mapped_rss_kib(path) < 64, "the blocks' pages stayed resident after the call"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets /proc/self peak memory")
+def test_converter_holds_one_tensor_at_a_time_not_the_model(tiny_gemma, tmp_path):
+    """Converting a bf16 Gemma-2 (232 MB in fp32) to Q8_0 raises this process's peak resident memory by far less
+    than the model's size: tensors are read, encoded and written one at a time (building the model in fp32, as
+    the converter once did, adds at least its fp32 size). The written file still loads and equals the package's
+    dequantization."""
+    import shutil
+
+    from transformers import Gemma2Config, Gemma2Model
+
+    folder, _ = tiny_gemma
+    big = tmp_path / "wide_gemma"
+    big.mkdir()
+    for name in folder.iterdir():
+        if "token" in name.name or name.name == "special_tokens_map.json":
+            shutil.copy(name, big)
+    wide = dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=8, head_dim=64, num_attention_heads=8,
+                num_key_value_heads=4, layer_types=None)
+    cfg = Gemma2Config.from_dict({**Gemma2Config.from_pretrained(folder).to_dict(), **wide})
+    cfg.save_pretrained(big)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Gemma2Model(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    save_file({k: (torch.randn(s, generator=g) * 0.02).bfloat16() for k, s in shapes.items()},
+              str(big / "model.safetensors"))
+    fp32_kib = sum(math.prod(s) for s in shapes.values()) * 4 // 1024
+    convert(folder, tmp_path / "warm.gguf", "q8_0")  # everything the converter imports, imported
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident size
+    before = _status_kib("VmRSS")
+    convert(big, tmp_path / "big.gguf", "q8_0")
+    added = _status_kib("VmHWM") - before
+    assert added < fp32_kib / 4, f"converting added {added} KiB at its peak; the fp32 model is {fp32_kib} KiB"
+    in_file = _file_tensors(str(tmp_path / "big.gguf"))
+    te = load_text_encoder(tmp_path / "big.gguf", dtype=torch.float32)
+    w = te.model.layers[3].mlp.down_proj.dequantized(torch.float32)
+    np.testing.assert_array_equal(w.numpy(), in_file["blk.3.ffn_down.weight"][1])

@@ -1,5 +1,7 @@
 """The converter behind ``python -m twig_core convert IN OUT --type ...``: any transformer or Gemma-2 the loader
 reads (NVlabs .pth, diffusers folders, single files, GGUF, fp8) into a GGUF file or an fp8 safetensors file.
+GGUF files are written one tensor at a time (read, encoded, written; ``gguf_io.write_gguf``); Gemma-2 is read
+straight from its files (``gemma.open_text_encoder``), never built, the transformer is loaded as stored first.
 
 GGUF (``q8_0``, ``q6_k``, ``q5_k_m``, ``q5_0``, ``q4_k_m``, ``q4_0``, ``f16``, ``bf16``): BF16, Q8_0, Q5_0 and Q4_0
 blocks come from the ``gguf`` package's quantizer; it has none for K-quants, so Q4_K/Q5_K/Q6_K blocks come from
@@ -24,15 +26,18 @@ Gemma-2 goes out as ComfyUI's single text-encoder files do: ``model.``-prefixed 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import math
 import os
 
 import torch
 
 from . import keymap
 from .errors import TwigError
-from .gguf_io import ARCHITECTURES, CONFIG_KEY, encode, pick_type, write_gguf
-from .quant import QuantizedLayer
+from .gguf_io import ARCHITECTURES, CONFIG_KEY, pick_type, write_gguf
+from .quant import QTensor, QuantizedLayer
 from .tokenizer import spiece_from_pieces
 
 TYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_0": "Q5_0", "q4_k_m": "Q4_K", "q4_0": "Q4_0",
@@ -62,30 +67,46 @@ def dense_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
     return (mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]).detach()
 
 
+def dense_shape(model: torch.nn.Module, name: str) -> tuple[int, ...]:
+    """The shape of ``dense_tensor(model, name)``, nothing widened."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if isinstance(mod, QuantizedLayer) and leaf == "weight":
+        return tuple(mod.qshape)
+    return tuple((mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]).shape)
+
+
 def dense_state(model: torch.nn.Module):
     """(name, tensor) for every weight of a loaded model, quantized layers widened to fp32 one at a time."""
     return ((name, dense_tensor(model, name)) for name in dense_names(model))
 
 
-def _gguf_tensors(items, qtype: str, wide, orig_shapes: dict):
-    for name, t in items:
-        shape = tuple(t.shape)
-        if t.dim() == 4 and shape[2:] == (1, 1):  # a 1x1 convolution: a matrix, its shape in the metadata
+def _widened(t):
+    """A read weight as a plain tensor (a QTensor or fp8 weight widened to fp32)."""
+    return t.dequantize() if isinstance(t, QTensor) else t
+
+
+def _gguf_plan(shapes: dict, read, qtype: str, wide, orig_shapes: dict) -> list:
+    """(name, stored shape, GGML type, read) per tensor for ``gguf_io.write_gguf``, from shapes alone (nothing is
+    read here; ``read(name)`` is called when the writer reaches the tensor)."""
+    plan = []
+    for name, shape in shapes.items():
+        shape = stored = tuple(int(d) for d in shape)
+        if len(shape) == 4 and shape[2:] == (1, 1):  # a 1x1 convolution: a matrix, its shape in the metadata
             orig_shapes[name] = shape
-            t = t.reshape(shape[0], shape[1])
+            stored = shape[:2]
         mixed = qtype in ("Q4_K", "Q5_K") and any(part in name for part in MORE_BITS)
         want = "Q6_K" if mixed else qtype
-        if want in K_TYPES and t.dim() == 2 and t.shape[-1] % 256 and t.numel() % 256 == 0:
+        n = math.prod(stored)
+        if want in K_TYPES and len(stored) == 2 and stored[-1] % 256 and n % 256 == 0:
             # rows a K-quant block does not divide (Sana's 2240, 5600): rows of 256, the shape in the metadata
             orig_shapes[name] = shape
-            t = t.reshape(-1, 256)
-        kind = pick_type(name, tuple(t.shape), want, wide)
-        data, raw = encode(t, kind)
-        yield name, data, raw
+            stored = (n // 256, 256)
+        plan.append((name, stored, pick_type(name, stored, want, wide), functools.partial(read, name)))
+    return plan
 
 
-def _gemma_metadata(encoder) -> dict:
-    cfg = encoder.model.config
+def _gemma_metadata(cfg, tokenizer) -> dict:
     arch = ARCHITECTURES["text_encoder"]
     meta = {
         f"{arch}.context_length": int(cfg.max_position_embeddings),
@@ -101,7 +122,7 @@ def _gemma_metadata(encoder) -> dict:
         f"{arch}.attn_logit_softcapping": float(cfg.attn_logit_softcapping or 0.0),
         f"{arch}.final_logit_softcapping": float(cfg.final_logit_softcapping or 0.0),
     }
-    meta.update(tokenizer_metadata(encoder.tokenizer, cfg.vocab_size))
+    meta.update(tokenizer_metadata(tokenizer, cfg.vocab_size))
     return meta
 
 
@@ -139,7 +160,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
 def convert(src, out, type_name: str, device="cpu") -> str:
     """Convert the transformer or Gemma-2 at ``src`` into ``out``; returns a one-line summary."""
     from .layout import detect
-    from .loader import load_text_encoder, load_transformer
+    from .gemma import open_text_encoder
+    from .loader import load_transformer
 
     if type_name not in TYPES:
         raise TwigError(f"--type {type_name!r}: use one of {', '.join(TYPES)}")
@@ -151,27 +173,34 @@ def convert(src, out, type_name: str, device="cpu") -> str:
     if kind not in WIDE:
         raise TwigError(f"{src}: a DC-AE; only the transformer and Gemma-2 are converted (the VAE is small)")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if kind == "transformer":
+    if kind == "transformer":  # built with its weights as stored (fp16 stays fp16), written one at a time
         model = load_transformer(src, device=device)
-        if qtype == "fp8":
-            return _write_fp8(dense_state(model), out, {CONFIG_KEY: json.dumps(model.config.to_diffusers_config())})
         meta = {CONFIG_KEY: json.dumps(model.config.to_diffusers_config())}
-        items = dense_state(model)
-    else:
-        encoder = load_text_encoder(src, device=device)
-        model = encoder.model
+        if qtype == "fp8":
+            return _write_fp8(dense_state(model), out, meta)
+        shapes = {n: dense_shape(model, n) for n in dense_names(model)}
+
+        def read(name):
+            return dense_tensor(model, name)
+    else:  # nothing built: each tensor read from the source, encoded and written before the next
+        g = open_text_encoder(src)
+        g.meta_model()  # a file that is not a whole Gemma-2 is refused before anything is written
         if qtype == "fp8":  # ComfyUI's single-file layout: "model." names and the tokenizer as spiece_model
-            pieces = _pieces(tokenizer_metadata(encoder.tokenizer, model.config.vocab_size))
+            pieces = _pieces(tokenizer_metadata(g.tokenizer, g.config.vocab_size))
             spiece = torch.frombuffer(bytearray(spiece_from_pieces(pieces)), dtype=torch.uint8)
-            items = [("model." + n, t) for n, t in dense_state(model)] + [("spiece_model", spiece)]
-            return _write_fp8(items, out, {})
-        meta = _gemma_metadata(encoder)
-        names = keymap.rename_keys(dense_names(model), keymap.GEMMA_GGUF_KEYS, "from_ours")
-        items = ((new, dense_tensor(model, old) + (keymap.GEMMA_GGUF_NORM_OFFSET if old.endswith("norm.weight") else 0))
-                 for new, old in names.items())
+            items = (("model." + n, _widened(g.weights[n])) for n in g.names)
+            return _write_fp8(itertools.chain(items, [("spiece_model", spiece)]), out, {})
+        meta = _gemma_metadata(g.config, g.tokenizer)
+        names = keymap.rename_keys(g.names, keymap.GEMMA_GGUF_KEYS, "from_ours")
+        shapes = {new: g.weights.meta(old).shape for new, old in names.items()}
+
+        def read(name):
+            old = names[name]
+            t = _widened(g.weights[old])
+            return t.float() + keymap.GEMMA_GGUF_NORM_OFFSET if old.endswith("norm.weight") else t
     orig_shapes: dict = {}
-    tensors = list(_gguf_tensors(items, qtype, WIDE[kind], orig_shapes))
-    write_gguf(out, ARCHITECTURES[kind], tensors, meta, orig_shapes)
+    plan = _gguf_plan(shapes, read, qtype, WIDE[kind], orig_shapes)
+    write_gguf(out, ARCHITECTURES[kind], plan, meta, orig_shapes)
     return f"{out}: {kind} as GGUF {qtype} ({os.path.getsize(out) / 2**20:.1f} MiB)"
 
 

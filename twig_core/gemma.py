@@ -13,6 +13,8 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,17 +63,11 @@ def gemma2_config_from_shapes(sd: Mapping[str, torch.Tensor], label: str = "Gemm
     )
 
 
-def _gemma2_from_weights(weights: Weights, config, dtype, device, label: str):
+def _gemma2_from_weights(src: GemmaSource, dtype, device):
     """Build Gemma2Model on the meta device and assign its weights; non-persistent buffers (RoPE
     frequencies, embedding scale) come from a one-layer twin built for real."""
-    from transformers import Gemma2Model
-
-    # lm_head is tied to embed_tokens; spiece_model is the tokenizer riding along in ComfyUI files
-    keys = [k for k in weights if k != "lm_head.weight" and k.rsplit(".", 1)[-1] != "spiece_model"]
-    metas = {k: weights.meta(k) for k in keys}
-    with torch.device("meta"):
-        model = Gemma2Model(config)
-    check_keys(model, metas, label, "Gemma-2")
+    weights, config, label = src.weights, src.config, src.label
+    model, metas = src.meta_model()
     dtype = dtype or dominant_dtype(metas)
     assign(model, weights, list(model.state_dict().keys()), dtype, device, label, check=False)
     small = {**config.to_dict(), "num_hidden_layers": 1, "vocab_size": 8, "intermediate_size": 8}
@@ -80,7 +76,7 @@ def _gemma2_from_weights(weights: Weights, config, dtype, device, label: str):
     twin_cfg = type(config).from_dict(small)
     twin_cfg._attn_implementation = config._attn_implementation
     with torch.device("cpu"):
-        twin = Gemma2Model(twin_cfg)
+        twin = type(model)(twin_cfg)
     twin_buffers = dict(twin.named_buffers())
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:
@@ -96,6 +92,77 @@ def _gemma2_from_weights(weights: Weights, config, dtype, device, label: str):
                 twin_mod = twin.get_submodule(re.sub(r"^layers\.\d+", "layers.0", mod_name)) if mod_name else twin
                 setattr(mod, attr, getattr(twin_mod, attr).clone().to(device))
     return model.eval().requires_grad_(False)
+
+
+@dataclass
+class GemmaSource:
+    """Gemma-2 found at a path, nothing built: its weights under ``Gemma2Model``'s names (``names``, read one at
+    a time from ``weights``), config, tokenizer and the folder's prompt settings; or, for a Hugging Face folder
+    that transformers' own loader takes whole, only ``folder`` and ``tokenizer_folder`` (``weights`` None)."""
+
+    label: str
+    weights: Weights | None = None
+    config: Any = None
+    tokenizer: Any = None
+    settings: dict = field(default_factory=dict)
+    folder: str | None = None
+    tokenizer_folder: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        # lm_head is tied to embed_tokens; spiece_model is the tokenizer riding along in ComfyUI files
+        return [k for k in self.weights if k != "lm_head.weight" and k.rsplit(".", 1)[-1] != "spiece_model"]
+
+    def meta_model(self):
+        """(Gemma2Model on the meta device, name -> meta tensor of the weights), every name and shape checked
+        against the model first (TwigError naming the file)."""
+        from transformers import Gemma2Model
+
+        metas = {k: self.weights.meta(k) for k in self.names}
+        with torch.device("meta"):
+            model = Gemma2Model(self.config)
+        check_keys(model, metas, self.label, "Gemma-2")
+        return model, metas
+
+
+def open_text_encoder(path, tokenizer_path=None, *, expected_width: int | None = None, variant: str | None = None,
+                      dtype=None, whole_folder: bool = False) -> GemmaSource:
+    """Gemma-2 at ``path`` (see :func:`load_text_encoder`) as a :class:`GemmaSource`, its weights not read;
+    ``whole_folder``: a plain Hugging Face folder is left to transformers' loader."""
+    from .text import folder_settings
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise TwigError(f"not found: {path}")
+    if os.path.isdir(path):
+        folder = component_folder(path, "text_encoder")
+        cfg_path = os.path.join(folder, "config.json")
+        tok_dir = tokenizer_path if tokenizer_path is not None else tokenizer_dir(path, folder)
+        if not os.path.isfile(cfg_path):
+            raise TwigError(f"{folder}: no config.json; a Gemma-2 folder needs one (or pick the single file)")
+        cfg = read_json(cfg_path)
+        if config_kind(cfg) != "text_encoder":
+            raise wrong_config(folder, cfg, "Gemma-2 (Sana uses Gemma-2-2B)")
+        _check_width(cfg.get("hidden_size"), expected_width, folder)
+        sets = weight_sets(folder)
+        if whole_folder and variant is None and any(v is None for v, _ in sets) \
+                and (tok_dir is None or os.path.isdir(tok_dir)):
+            return GemmaSource(folder, folder=folder, tokenizer_folder=tok_dir)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        config._attn_implementation = "eager"
+        weights = network_weights(open_set(pick_weight_set(folder, variant, dtype)), "text_encoder")
+        tokenizer = read_tokenizer(tok_dir if tok_dir is not None else folder)
+        return GemmaSource(weights.label, weights, config, tokenizer, folder_settings(folder))
+    base = open_weights(path)
+    weights = network_weights(base, "text_encoder")
+    with named_errors(base.label):
+        config = gemma2_config_from_shapes(weights.meta_dict(), base.label)
+    _gguf_hyperparameters(base, config)
+    _check_width(config.hidden_size, expected_width, base.label)
+    tokenizer = read_tokenizer(tokenizer_path) if tokenizer_path is not None else file_tokenizer(base)
+    return GemmaSource(base.label, weights, config, tokenizer)
 
 
 def load_text_encoder(
@@ -118,49 +185,19 @@ def load_text_encoder(
     ``expected_width``: the transformer's caption width; a different hidden size is a TwigError. Other keyword
     arguments go to ``TextEncoder``.
     """
-    from .text import TextEncoder, folder_settings
+    from .text import TextEncoder
 
     device = torch.device(device)
     dtype = resolve_dtype("auto" if dtype is None else dtype, device, role="text")
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise TwigError(f"not found: {path}")
-    encoder = None
-    if os.path.isdir(path):
-        folder = component_folder(path, "text_encoder")
-        cfg_path = os.path.join(folder, "config.json")
-        tok_dir = tokenizer_path if tokenizer_path is not None else tokenizer_dir(path, folder)
-        if os.path.isfile(cfg_path):
-            cfg = read_json(cfg_path)
-            if config_kind(cfg) != "text_encoder":
-                raise wrong_config(folder, cfg, "Gemma-2 (Sana uses Gemma-2-2B)")
-            _check_width(cfg.get("hidden_size"), expected_width, folder)
-            sets = weight_sets(folder)
-            if variant is None and any(v is None for v, _ in sets) and (tok_dir is None or os.path.isdir(tok_dir)):
-                encoder = TextEncoder.from_pretrained(folder, dtype, device, tokenizer_folder=tok_dir, **kwargs)
-            else:
-                from transformers import AutoConfig
-
-                config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-                config._attn_implementation = "eager"
-                weights = open_set(pick_weight_set(folder, variant, dtype))
-                weights = network_weights(weights, "text_encoder")
-                model = _gemma2_from_weights(weights, config, dtype, device, weights.label)
-                tokenizer = read_tokenizer(tok_dir if tok_dir is not None else folder)
-                encoder = TextEncoder(model, tokenizer, **{**folder_settings(folder), **kwargs})
-        else:
-            raise TwigError(f"{folder}: no config.json; a Gemma-2 folder needs one (or pick the single file)")
+    src = open_text_encoder(path, tokenizer_path, expected_width=expected_width, variant=variant, dtype=dtype,
+                            whole_folder=True)
+    if src.weights is None:
+        encoder = TextEncoder.from_pretrained(src.folder, dtype, device, tokenizer_folder=src.tokenizer_folder,
+                                              **kwargs)
     else:
-        base = open_weights(path)
-        weights = network_weights(base, "text_encoder")
-        with named_errors(base.label):
-            config = gemma2_config_from_shapes(weights.meta_dict(), base.label)
-        _gguf_hyperparameters(base, config)
-        _check_width(config.hidden_size, expected_width, base.label)
-        tokenizer = read_tokenizer(tokenizer_path) if tokenizer_path is not None else file_tokenizer(base)
-        model = _gemma2_from_weights(weights, config, dtype, device, base.label)
-        encoder = TextEncoder(model, tokenizer, **kwargs)
-    _check_width(encoder.hidden_size, expected_width, path)
+        model = _gemma2_from_weights(src, dtype, device)
+        encoder = TextEncoder(model, src.tokenizer, **{**src.settings, **kwargs})
+    _check_width(encoder.hidden_size, expected_width, os.fspath(path))
     return encoder
 
 

@@ -3,19 +3,24 @@
 Reading: :class:`GGUFFile` is a ``twig_core.weights.Weights`` over a GGUF file mapped copy-on-write.
 F32/F16/BF16 tensors read as torch tensors, quantized ones as ``twig_core.quant.QTensor``; both are views of
 the file's pages (nothing is copied unless a dtype change asks for it; a write never reaches the file).
+A quantized tensor carries ``release``, a :class:`MappedPages` for its bytes: the layer holding it calls it once
+it has widened the blocks for a call, so the file's pages leave the process's resident set layer by layer (they
+stay in the page cache: the next call maps them again without reading the disk) and a network's memory in use
+is one layer of its file, not the whole file.
 Shapes: GGUF lists dimensions innermost first; the torch shape is the reverse, or ComfyUI-GGUF's
 ``comfy.gguf.orig_shape.<name>`` array when the writer flattened the tensor.
 ``general.architecture`` says what the file holds: "sana" (ours; ComfyUI-GGUF files carry their own names,
 e.g. "flux", and such a file is refused naming it), "gemma2" (llama.cpp's Gemma-2 layout, see
 ``twig_core.keymap.GEMMA_GGUF_KEYS``), or none (stable-diffusion.cpp style: the keys decide).
 
-Writing: :func:`write_gguf` stores (name, tensor) pairs under a GGML type chosen per tensor by
-:func:`pick_type`; ``twig_core.convert`` decides what goes in.
+Writing: :func:`write_gguf` stores tensors one at a time (each read, encoded and written before the next is
+read) under a GGML type chosen per tensor by :func:`pick_type`; ``twig_core.convert`` decides what goes in.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 
 import torch
@@ -37,6 +42,21 @@ def require_gguf(what: str):
         raise TwigError(f"{what}: GGUF files need the optional 'gguf' package: "
                         "pip install -r requirements-gguf.txt (or pip install 'gguf>=0.10')") from None
     return gguf
+
+
+class MappedPages:
+    """The whole memory pages of bytes ``[start, end)`` of a file mapped by ``mm`` (a ``mmap.mmap``); calling it
+    drops them from this process's resident set (``MADV_DONTNEED``; a copy-on-write map's untouched pages are
+    the file's, so a later read maps them again from the page cache). Pages shared with the neighbouring tensors
+    stay. A no-op where the platform has no ``madvise``."""
+
+    def __init__(self, mm, start: int, end: int):
+        page = mmap.PAGESIZE
+        self.mm, self.start, self.end = mm, -(-start // page) * page, min(end, len(mm)) // page * page
+
+    def __call__(self) -> None:
+        if self.end > self.start and hasattr(mmap, "MADV_DONTNEED") and not self.mm.closed:
+            self.mm.madvise(mmap.MADV_DONTNEED, self.start, self.end - self.start)
 
 
 class GGUFFile(Weights):
@@ -87,7 +107,11 @@ class GGUFFile(Weights):
         raw = torch.from_numpy(t.data)  # a view of the file's pages: loading holds about the file's size
         if qtype in FLOAT_TYPES:
             return raw.reshape(-1).view(torch.uint8).view(FLOAT_TYPES[qtype]).reshape(shape)
-        return QTensor(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1), qtype, shape)
+        q = QTensor(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1), qtype, shape)
+        mm = getattr(self._reader.data, "_mmap", None)  # numpy's memmap of the whole file, from byte 0
+        if mm is not None:
+            q.release = MappedPages(mm, int(t.data_offset), int(t.data_offset) + int(t.n_bytes))
+        return q
 
     def summary(self) -> str:
         """'Q8_0 x120, F32 x200' style count of the stored types."""
@@ -119,33 +143,66 @@ def pick_type(name: str, shape, qtype: str, wide: tuple[str, ...] = ()) -> str:
     return "F16"  # pragma: no cover
 
 
-def encode(tensor: torch.Tensor, qtype: str):
-    """(numpy data, raw GGML type) for ``gguf``'s writer: float types as arrays, the rest as blocks made by
-    the package's quantizer (BF16, Q8_0, Q4_0/1, Q5_0/1); it has none for K-quants, which come from
-    ``twig_core.quant.quantize_k`` (Q4_K, Q5_K, Q6_K)."""
+CHUNK = 1 << 22  # values encoded at a time: a tensor's fp32 copy and the quantizer's work stay this small
+
+
+def _encode_rows(rows: torch.Tensor, qtype: str, kind):
     import numpy as np
 
     from .quant import quantize_k
 
     gguf = require_gguf("writing GGUF")
-    t = tensor.detach().to("cpu", torch.float32).contiguous()
+    t = rows.to(torch.float32).contiguous()
     if qtype == "F32":
-        return t.numpy(), None
+        return t.numpy()
     if qtype == "F16":
-        return t.to(torch.float16).numpy(), None
-    kind = gguf.GGMLQuantizationType[qtype]
+        return t.to(torch.float16).numpy()
     if qtype in ("Q4_K", "Q5_K", "Q6_K"):
-        return quantize_k(t.reshape(-1, t.shape[-1]), qtype).numpy(), kind
+        return quantize_k(t, qtype).numpy()
     try:
-        return np.asarray(gguf.quants.quantize(t.numpy(), kind)), kind
+        return np.asarray(gguf.quants.quantize(t.numpy(), kind))
     except NotImplementedError:
         raise TwigError(f"the gguf package cannot quantize to {qtype}") from None
 
 
+def encode(tensor: torch.Tensor, qtype: str):
+    """(numpy data, raw GGML type) for ``gguf``'s writer: float types as arrays, the rest as blocks made by
+    the package's quantizer (BF16, Q8_0, Q4_0/1, Q5_0/1); it has none for K-quants, which come from
+    ``twig_core.quant.quantize_k`` (Q4_K, Q5_K, Q6_K). Rows go :data:`CHUNK` values at a time into the one
+    output array, so a wide copy of the whole tensor never exists (a bf16 embedding stays bf16 until encoded)."""
+    import numpy as np
+
+    gguf = require_gguf("writing GGUF")
+    kind = None if qtype in ("F32", "F16") else gguf.GGMLQuantizationType[qtype]
+    t = tensor.detach().to("cpu")
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, CHUNK // max(1, rows.shape[1]))
+    out = None
+    for i in range(0, rows.shape[0], step):
+        part = _encode_rows(rows[i:i + step], qtype, kind)
+        if out is None:
+            out = np.empty((rows.shape[0], *part.shape[1:]), dtype=part.dtype)
+        out[i:i + step] = part
+    return out.reshape(*t.shape[:-1], -1) if t.dim() > 1 else out.reshape(-1), kind
+
+
+def nbytes(shape, qtype: str) -> int:
+    """Bytes of a tensor of ``shape`` stored as ``qtype``."""
+    values, size = BLOCKS[qtype]
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n // values * size
+
+
 def write_gguf(path: str, arch: str, tensors, metadata: dict | None = None, orig_shapes: dict | None = None):
-    """Write ``tensors`` (an iterable of (name, numpy data, raw GGML type or None)) as a GGUF file whose
-    ``general.architecture`` is ``arch``; ``metadata`` values are str, int, float, bool or lists of them;
-    ``orig_shapes``: tensors stored flattened, with their torch shape (ComfyUI-GGUF's convention)."""
+    """Write a GGUF file whose ``general.architecture`` is ``arch``, tensor by tensor: ``tensors`` is a list of
+    (name, torch shape as stored, GGML type name, read) where ``read()`` gives the tensor (any float dtype) when
+    its turn comes, so one tensor and its encoding are in memory at a time. ``metadata`` values
+    are str, int, float, bool or lists of them; ``orig_shapes``: tensors stored flattened, with their torch
+    shape (ComfyUI-GGUF's convention)."""
+    import numpy as np
+
     gguf = require_gguf(path)
     tmp = path + ".part"
     writer = gguf.GGUFWriter(tmp, arch)
@@ -163,11 +220,14 @@ def write_gguf(path: str, arch: str, tensors, metadata: dict | None = None, orig
                 writer.add_array(key, list(value))
         for key, shape in (orig_shapes or {}).items():
             writer.add_array(f"comfy.gguf.orig_shape.{key}", [int(d) for d in shape])
-        for name, data, raw_type in tensors:
-            writer.add_tensor(name, data, raw_dtype=raw_type)
+        for name, shape, qtype, _ in tensors:  # declared first: the header lists every tensor's type and size
+            writer.add_tensor_info(name, [int(d) for d in shape], np.dtype(np.float32), nbytes(shape, qtype),
+                                   raw_dtype=gguf.GGMLQuantizationType[qtype])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for name, shape, qtype, read in tensors:
+            writer.write_tensor_data(encode(read().reshape(shape), qtype)[0])
     finally:
         writer.close()
     os.replace(tmp, path)

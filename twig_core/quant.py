@@ -225,6 +225,7 @@ class QTensor:
     dim 0 of the same type, which fused projections need)."""
 
     dtype = torch.uint8  # what it occupies; never counted as a float weight
+    release = None  # for blocks read from a mapped file: drops their pages (gguf_io.MappedPages)
 
     def __init__(self, raw: torch.Tensor, qtype: str, shape, scale: torch.Tensor | None = None):
         self.raw, self.qtype, self.shape, self.scale = raw, qtype, torch.Size(shape), scale
@@ -286,12 +287,18 @@ class QuantizedLayer:
 
     def dequantized(self, dtype: torch.dtype, device=None) -> torch.Tensor:
         """The weight widened to ``dtype``; with ``device``, the blocks move there first and are widened there
-        (a host that leaves some layers on its offload device streams their blocks, not widened copies)."""
+        (a host that leaves some layers on its offload device streams their blocks, not widened copies).
+        Blocks mapped from a GGUF file then leave the resident set (``qrelease``, see gguf_io.MappedPages)."""
         scale = getattr(self, "qscale", None)
         if device is None:
-            return dequantize(self.qweight, self.qtype, self.qshape, dtype, scale)
-        scale = None if scale is None else scale.to(device)
-        return dequantize(self.qweight.to(device), self.qtype, self.qshape, dtype, scale)
+            w = dequantize(self.qweight, self.qtype, self.qshape, dtype, scale)
+        else:
+            scale = None if scale is None else scale.to(device)
+            w = dequantize(self.qweight.to(device), self.qtype, self.qshape, dtype, scale)
+        release = getattr(self, "qrelease", None)
+        if release is not None:  # blocks mapped from a file: their pages leave the resident set until next call
+            release()
+        return w
 
     def stored(self) -> QTensor:
         """The weight as stored (shared, not copied), e.g. to give it to another layer."""
@@ -348,7 +355,7 @@ def attach(module: nn.Module, leaf: str, q: QTensor, wide_dtype: torch.dtype, de
     module.register_buffer("qweight", raw.reshape(q.shape[0], -1) if isinstance(module, nn.Embedding) else raw)
     if q.scale is not None:
         module.register_buffer("qscale", q.scale.to(device))
-    module.qtype, module.qshape, module.wide_dtype = q.qtype, q.shape, wide_dtype
+    module.qtype, module.qshape, module.wide_dtype, module.qrelease = q.qtype, q.shape, wide_dtype, q.release
 
 
 def quant_summary(model: nn.Module) -> str:
