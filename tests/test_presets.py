@@ -148,3 +148,25 @@ def test_cli_preset_fills_only_what_is_unset():
     _apply_preset(a, torch.device("cpu"))
     assert (a.dtype, a.weight_dtype) == (presets.resolve(presets.DEFAULT_PRESET).dtype,
                                         presets.resolve(presets.DEFAULT_PRESET).weight_dtype)
+
+
+def test_int8_products_over_a_q8_0_gguf(reference, tmp_path):
+    """GGUF Q8_0 weights feed the int8 products (widened once to make the packs, whose pages are then released):
+    one step stays within the fast preset's bound of diffusers fp32, and of the Q8_0 model computing in fp32."""
+    pytest.importorskip("gguf")
+    from twig_core.convert import convert
+
+    ref, folder = reference
+    out = tmp_path / "t.q8_0.gguf"
+    convert(folder, out, "q8_0")
+    floating = load_transformer(out, **weight_dtype_kwargs("same", torch.float32, "cpu"))
+    quick = load_transformer(out, **weight_dtype_kwargs("int8", torch.float32, "cpu"))
+    assert int8.enabled(quick) and not int8.enabled(floating)
+    x, t, ctx, mask = transformer_inputs(CFG, h=16, w=16, n=20)
+    with torch.no_grad():
+        want = ref(x, ctx, t, encoder_attention_mask=mask).sample
+        q8 = floating(x, t, ctx, mask)
+        got = quick(x, t, ctx, mask)
+        again = quick(x, t, ctx, mask)
+    assert torch.equal(got, again)  # the packs are kept
+    assert rel(got, q8) <= presets.STEP_ERROR["fast"] and rel(got, want) <= presets.STEP_ERROR["fast"]
