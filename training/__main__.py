@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from twig_core.catalog import DEMO_DIR, DEMO_LORA_DIR
+from twig_core.sampling import parse_cfg_interval
 
 from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
                       train_vae)
@@ -159,9 +160,10 @@ def stage_eval(work: Path, a) -> None:
     from .evaluate_demo import evaluate_demo
 
     parts = load_pipeline(a.out, dtype=torch.float32)
-    report = evaluate_demo(parts, _records(work, "heldout"), n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg)
+    report = evaluate_demo(parts, _records(work, "heldout"), n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg,
+                           cache=a.cache, cfg_interval=a.cfg_interval)
     print(report["text"])
-    (work / "eval.json").write_text(json.dumps(report["summary"], indent=1))
+    (work / (a.eval_out or "eval.json")).write_text(json.dumps(report["summary"], indent=1))
 
 
 def stage_prompts(work: Path, a) -> None:
@@ -215,6 +217,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-n", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-cfg", type=float, default=4.5)
+    p.add_argument("--cache", type=float, default=0.0, help="eval: step-cache threshold (0 = off)")
+    p.add_argument("--cfg-interval", type=parse_cfg_interval, default=None, metavar="LO,HI",
+                   help="eval: classifier-free guidance only for sigmas in LO … HI")
+    p.add_argument("--eval-out", default=None, help="eval: the summary's file name in --work (default eval.json)")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
