@@ -60,8 +60,9 @@ class TwigSampler:
         _check_cond("positive", positive)
         _check_cond("negative", negative)
         interval = None if (cfg_sigma_min, cfg_sigma_max) == (0.0, 1.0) else (float(cfg_sigma_min), float(cfg_sigma_max))
-        if cfg_sigma_min > cfg_sigma_max:
-            raise NodeError(f"Twig Sampler: cfg_sigma_min {cfg_sigma_min} is above cfg_sigma_max {cfg_sigma_max}")
+        if not 0.0 <= cfg_sigma_min <= cfg_sigma_max <= 1.0:
+            raise NodeError(f"Twig Sampler: cfg_sigma_min {cfg_sigma_min} … cfg_sigma_max {cfg_sigma_max} must be a "
+                            "range within 0 … 1")
         stats = Evaluations()
         init = _latent_samples(latent)
         mask = latent.get("noise_mask")
