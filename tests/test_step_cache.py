@@ -149,3 +149,24 @@ def test_the_command_line_names_the_bad_flag(flags, says, capsys):
 def test_parse_cfg_interval():
     assert sampling.parse_cfg_interval("0.2, 0.95") == (0.2, 0.95)
     assert sampling.parse_cfg_interval("") is None and sampling.parse_cfg_interval(None) is None
+
+
+def test_the_last_step_always_runs_in_full(model, conds, monkeypatch):
+    """Both samplers end on x = x0 of the last step, so the cache never serves that step."""
+    c, u = conds
+    seen = []
+    run = StepCache.run
+
+    def spy(self, *args):
+        out = run(self, *args)
+        seen.append(self.reused)
+        return out
+
+    monkeypatch.setattr(StepCache, "run", spy)
+    x = torch.randn(1, 32, 3, 4, generator=torch.Generator().manual_seed(8))
+    sigmas = sampling.flow_sigmas(6)
+    for final, last_reused in ((None, True), (float(sigmas[-2]), False)):
+        seen.clear()
+        denoise = sampling.make_denoiser(model, c, u, cache=sampling.CACHE_MAX, final_sigma=final)
+        sampling.sample(denoise, x, sigmas)
+        assert any(seen[:-1]) and seen[-1] is last_reused

@@ -91,7 +91,8 @@ def sample_latents(
         inpaint = (init_latent, noise, m)
     integer = sampling.get_sampler(sampler).integer_timesteps
     denoiser = sampling.make_denoiser(transformer, cond, uncond, cfg, integer_timesteps=integer, inpaint=inpaint,
-                                      cache=cache, cfg_interval=cfg_interval, stats=stats)
+                                      cache=cache, cfg_interval=cfg_interval, stats=stats,
+                                      final_sigma=float(sigmas[-2]))
     x = sampling.sample(denoiser, noise, sigmas, sampler, init=init_latent if denoise < 1.0 else None, callback=callback)
     if inpaint is not None:
         x = x * inpaint[2] + init_latent * (1 - inpaint[2])

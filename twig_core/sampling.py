@@ -230,6 +230,7 @@ def make_denoiser(
     cache: float = 0.0,
     cfg_interval: tuple[float, float] | None = None,
     stats: Evaluations | None = None,
+    final_sigma: float | None = None,
 ) -> Denoiser:
     """Wrap a flow-prediction transformer into ``denoise(x, sigma) -> x0``.
 
@@ -243,6 +244,8 @@ def make_denoiser(
     this (relative) since the last full step, the other blocks' residual of that step is reused.
     cfg_interval: (lo, hi): guidance only while lo <= sigma <= hi; outside, only the conditional half runs.
     stats: where to count transformer evaluations (``denoise.stats``, a new ``Evaluations`` by default).
+    final_sigma: the sigma of the schedule's last step: the cache never serves it, as its prediction is the
+    picture (both samplers end on x = x0).
     """
     check_settings(cache=cache, cfg_interval=cfg_interval)
     use_cfg = uncond is not None and cfg != 1.0
@@ -256,7 +259,7 @@ def make_denoiser(
             caches[batch, guided] = model.encode_caption(embeds.to(model.device), mask.to(model.device))
         return caches[batch, guided]
 
-    def step_cache(guided: bool) -> dict:
+    def step_cache(guided: bool, sigma: float) -> dict:
         """The step cache of this batch composition, emptied unless the previous step had the same one."""
         if not cache:
             return {}
@@ -264,6 +267,7 @@ def make_denoiser(
         if last[0] != guided:
             held.reset()
         last[0] = guided
+        held.may_reuse = final_sigma is None or sigma > final_sigma
         return {"step_cache": held}
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -274,7 +278,7 @@ def make_denoiser(
         guided = use_cfg and (cfg_interval is None or cfg_interval[0] <= sigma <= cfg_interval[1])
         xin = torch.cat([x, x]) if guided else x
         t = torch.full((xin.shape[0],), float(t_val), device=model.device)
-        extra = step_cache(guided)
+        extra = step_cache(guided, sigma)
         v = model(xin.to(model.device, model.dtype), t, caption_cache(x.shape[0], guided), **extra).float().to(x.device)
         denoise.stats.add(guided=guided, could_guide=use_cfg, share=extra["step_cache"].share if extra else 1.0)
         if guided:

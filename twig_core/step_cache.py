@@ -34,6 +34,7 @@ class StepCache:
         self.rest: torch.Tensor | None = None  # what blocks 1 … N-1 added at that step
         self.reused = False  # whether the last run skipped blocks 1 … N-1
         self.share = 1.0  # the part of the transformer body the last run computed (1/depth when reused)
+        self.may_reuse = True  # False: the next run computes in full whatever the change (the caller's choice)
 
     def reset(self) -> None:
         """Forget the last full step (its residuals belong to another trajectory or batch)."""
@@ -45,7 +46,7 @@ class StepCache:
         first = tokens.clone()
         tokens = run_block(0, tokens)
         first = first.neg_().add_(tokens)  # block 0's residual, in the input's memory
-        self.reused = (self.rest is not None and self.rest.shape == tokens.shape
+        self.reused = (self.may_reuse and self.rest is not None and self.rest.shape == tokens.shape
                        and relative_change(first, self.first) < self.threshold)
         self.share = 1.0 / depth if self.reused else 1.0
         if self.reused:
