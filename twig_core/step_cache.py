@@ -5,7 +5,9 @@ little, and how much block 0 changes the tokens tells early whether this step wi
 Each step runs block 0 and compares its residual (what block 0 added to the tokens) with the one of the last
 fully computed step: rel = mean|r - r_ref| / mean|r_ref|. Below the threshold, blocks 1 … N-1 are skipped and
 the residual they added at that full step is added to block 0's output instead; otherwise they run and their
-residual is kept. The reference moves only on full steps, so drift accumulates and forces a full step.
+residual is kept. The reference moves only on full steps, so drift accumulates and forces a full step. The
+caller may forbid reuse for a step (``may_reuse``): the denoiser does so for the schedule's last step, whose
+prediction becomes the picture.
 
 One :class:`StepCache` serves one batch composition (CFG pair or conditional half alone); the denoiser keeps
 one per composition (``sampling.make_denoiser``). Memory: two token tensors [b, h*w, width] in the compute
