@@ -139,7 +139,8 @@ def _generate(a: argparse.Namespace) -> list[Path]:
             callback=lambda info: bar.update(1), residency=parts.residency, cache=a.cache,
             cfg_interval=a.cfg_interval, stats=stats,
         )
-    print(f"done in {time.perf_counter() - started:.1f}s; {stats}", file=sys.stderr)
+    saved = f"; {stats}" if stats.computed < stats.full else ""
+    print(f"done in {time.perf_counter() - started:.1f}s{saved}", file=sys.stderr)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
