@@ -6,10 +6,11 @@ import torch
 
 from twig_core.devices import MAX_SEED
 from twig_core.pipeline import sample_latents
-from twig_core.sampling import MAX_STEPS, SAMPLER_TABLE, SAMPLERS
+from twig_core.sampling import CACHE_MAX, MAX_STEPS, SAMPLER_TABLE, SAMPLERS
+from twig_core.step_cache import Evaluations
 
 from . import host
-from .common import CATEGORY, CONDITIONING, MODEL, NodeError, node_errors
+from .common import CATEGORY, CONDITIONING, MODEL, NodeError, log, node_errors
 from .latent import _latent_samples
 from .preview import preview_image
 
@@ -40,7 +41,12 @@ class TwigSampler:
                 "sampler": (list(SAMPLERS), {"default": SAMPLERS[0], "tooltip": SAMPLER_HELP}),
                 "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1, "round": 0.01, "tooltip": "Flow schedule shift (Sana: 3.0; higher for larger images)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1.0 = from pure noise; lower keeps more of the input latent; 0 returns it unchanged."}),
-            }
+            },
+            "optional": {
+                "cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": CACHE_MAX, "step": 0.01, "tooltip": "Step cache: while the first block's change stays under this (relative), reuse the other blocks' work of the last full step. 0 = off."}),
+                "cfg_sigma_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Guidance only for noise levels (sigma) from this …"}),
+                "cfg_sigma_max": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "… to this; other steps run the prompt alone (one pass instead of two). 0 … 1 = always."}),
+            },
         }
 
     RETURN_TYPES = ("LATENT",)
@@ -49,9 +55,15 @@ class TwigSampler:
     CATEGORY = CATEGORY
 
     @node_errors("Twig Sampler")
-    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, shift, denoise):
+    def sample(self, model, positive, negative, latent, seed, steps, cfg, sampler, shift, denoise, cache=0.0,
+               cfg_sigma_min=0.0, cfg_sigma_max=1.0):
         _check_cond("positive", positive)
         _check_cond("negative", negative)
+        interval = None if (cfg_sigma_min, cfg_sigma_max) == (0.0, 1.0) else (float(cfg_sigma_min), float(cfg_sigma_max))
+        if not 0.0 <= cfg_sigma_min <= cfg_sigma_max <= 1.0:
+            raise NodeError(f"Twig Sampler: cfg_sigma_min {cfg_sigma_min} … cfg_sigma_max {cfg_sigma_max} must be a "
+                            "range within 0 … 1")
+        stats = Evaluations()
         init = _latent_samples(latent)
         mask = latent.get("noise_mask")
         host.check_interrupt()
@@ -78,7 +90,9 @@ class TwigSampler:
             samples = sample_latents(
                 transformer, positive, negative, steps=int(steps), cfg=float(cfg), seed=int(seed),
                 sampler=sampler, shift=float(shift), init_latent=init, denoise=float(denoise),
-                mask=mask, callback=callback,
+                mask=mask, callback=callback, cache=float(cache), cfg_interval=interval, stats=stats,
             )
+        if stats.computed < stats.full:
+            log.info("Twig Sampler: %s", stats)
         out["samples"] = samples
         return (out,)

@@ -506,6 +506,18 @@ def test_text_to_image_graph_end_to_end(parts, conds):
     assert img.shape == (1, 64, 64, 3)
 
 
+def test_sampler_node_fewer_evaluations_options(parts, conds):
+    """The optional inputs at their defaults give the plain run; set, they change it; a reversed range is refused."""
+    model = parts[0]
+    latent, _, _ = TwigEmptyLatent().generate("custom", 64, 64, 1)
+    args = (model, conds[0], conds[1], latent, 0, 4, 4.5, "flow_dpmpp_2m", 3.0, 1.0)
+    plain = TwigSampler().sample(*args)[0]["samples"]
+    assert torch.equal(TwigSampler().sample(*args, 0.0, 0.0, 1.0)[0]["samples"], plain)
+    assert not torch.equal(TwigSampler().sample(*args, 1.0, 0.5, 1.0)[0]["samples"], plain)
+    with pytest.raises(NodeError, match="cfg_sigma_min"):
+        TwigSampler().sample(*args, 0.0, 0.8, 0.2)
+
+
 def test_unload_node_releases_models_and_they_reload(parts, conds):
     model, te, vae = parts
     lat = {"samples": torch.zeros(1, 32, 2, 2)}

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from twig_core.catalog import DEMO_DIR, DEMO_LORA_DIR
+from twig_core.sampling import parse_cfg_interval
 
 from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
                       train_vae)
@@ -178,7 +179,8 @@ def stage_eval(work: Path, a) -> None:
     records = _records(work, "heldout")
     ref = reference_report(parts.vae, records, load_split(work / "data", "heldout")[0], n=a.eval_n)
     print(ref["text"], flush=True)
-    report = evaluate_demo(parts, records, n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg, size=a.size)
+    report = evaluate_demo(parts, records, n=a.eval_n, steps=a.eval_steps, cfg=a.eval_cfg, size=a.size,
+                           cache=a.cache, cfg_interval=a.cfg_interval)
     print(report["text"])
     dw = _dit_work(work, a)
     (dw / "eval").mkdir(parents=True, exist_ok=True)
@@ -189,7 +191,7 @@ def stage_eval(work: Path, a) -> None:
                    truth={k: v["accuracy"] for k, v in ref["truth"].items()},
                    dcae={size: dict({k: v["accuracy"] for k, v in r["aggregate"].items()},
                                     object_shape=r["objects"]["accuracy"]) for size, r in ref["dcae"].items()})
-    (dw / "eval.json").write_text(json.dumps(summary, indent=1))
+    (dw / (a.eval_out or "eval.json")).write_text(json.dumps(summary, indent=1))
 
 
 def stage_prompts(work: Path, a) -> None:
@@ -249,6 +251,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-n", type=int, default=400)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--eval-cfg", type=float, default=4.5)
+    p.add_argument("--cache", type=float, default=0.0, help="eval: step-cache threshold (0 = off)")
+    p.add_argument("--cfg-interval", type=parse_cfg_interval, default=None, metavar="LO,HI",
+                   help="eval: classifier-free guidance only for sigmas in LO … HI")
+    p.add_argument("--eval-out", default=None, help="eval: the summary's file name in --work (default eval.json)")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)

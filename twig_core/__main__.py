@@ -56,6 +56,11 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--sampler", default=SAMPLERS[0], choices=SAMPLERS)
     g.add_argument("--shift", type=float, default=3.0)
+    g.add_argument("--cache", type=float, default=0.0, metavar="THRESH",
+                   help="step cache: reuse the later blocks' work while the first block's change stays under THRESH "
+                        "(relative, 0 … 1; 0 = off; 0.3 is the fast choice)")
+    g.add_argument("--cfg-interval", default=None, metavar="LO,HI",
+                   help="guidance only while LO <= sigma <= HI; other steps run the prompt alone (one pass, not two)")
     g.add_argument("--max-length", type=int, default=300, help="prompt tokens kept (300 … 1200)")
     g.add_argument("--transformer", help="transformer checkpoint (file, .gguf or diffusers folder), or a pipeline folder "
                    f"(default: the embedded demo model, {DEMO_NAME}; $TWIG_DEMO_DIR moves it)")
@@ -125,6 +130,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     from .catalog import find_lora
     from .lora import apply_loras, parse_lora_arg
     from .pipeline import generate
+    from .step_cache import Evaluations
 
     _check(a, denoise=a.denoise if a.image else None)
     loras = [(find_lora(f), s) for f, s in map(parse_lora_arg, a.lora)]
@@ -143,15 +149,17 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     total = a.steps if init is None else max(1, round(a.steps * a.denoise))
     _warn_truncation(text_encoder, a.prompt, a.negative if a.cfg != 1.0 else None, a.max_length)
 
-    started = time.perf_counter()
+    started, stats = time.perf_counter(), Evaluations()
     with tqdm(total=total, desc="sampling", unit="step", file=sys.stderr) as bar:
         images = generate(
             transformer, vae, text_encoder, a.prompt, a.negative, width=width, height=height, batch_size=a.batch,
             steps=a.steps, cfg=a.cfg, seed=a.seed, sampler=a.sampler, shift=a.shift, max_length=a.max_length,
             image=init, denoise=a.denoise if init is not None else 1.0, tile_size=_tile(a.tile),
-            callback=lambda info: bar.update(1), residency=parts.residency,
+            callback=lambda info: bar.update(1), residency=parts.residency, cache=a.cache,
+            cfg_interval=a.cfg_interval, stats=stats,
         )
-    print(f"done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    saved = f"; {stats}" if stats.computed < stats.full else ""
+    print(f"done in {time.perf_counter() - started:.1f}s{saved}", file=sys.stderr)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
@@ -193,7 +201,7 @@ def _batch(a: argparse.Namespace) -> int:
                         _warn_truncation(parts.text_encoder, job.prompt, job.negative if job.cfg != 1.0 else None,
                                          a.max_length, f"{a.prompts} line {job.line}: ")
             draw = batch.drawer(parts, max_length=a.max_length, tile_size=_tile(a.tile),
-                                lora_root=Path(a.prompts).parent)
+                                lora_root=Path(a.prompts).parent, cache=a.cache, cfg_interval=a.cfg_interval)
         counts = batch.run(jobs, a.out, draw, world)
         if world.rank == 0:
             print(f"{len(jobs)} images in {a.out} ({counts['drawn']} drawn by rank 0, "
@@ -206,12 +214,13 @@ def _batch(a: argparse.Namespace) -> int:
 
 
 def _check(a: argparse.Namespace, denoise: float | None = None) -> None:
-    """The nodes' ranges for the options, before any model loads."""
-    from .sampling import check_settings
+    """The nodes' ranges for the options, before any model loads; --cfg-interval becomes a pair."""
+    from .sampling import check_settings, parse_cfg_interval
     from .text import check_max_length
 
+    a.cfg_interval = parse_cfg_interval(a.cfg_interval)
     check_settings(steps=a.steps, cfg=a.cfg, denoise=denoise, shift=a.shift, width=a.width, height=a.height,
-                   seed=a.seed)
+                   seed=a.seed, cache=a.cache)
     check_max_length(a.max_length)
 
 

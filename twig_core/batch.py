@@ -421,11 +421,12 @@ def write_manifest(out: Path, jobs: list[Job]) -> Path:
 
 
 def drawer(parts, *, max_length: int = 300, tile_size="auto", model_name: str = "Twig",
-           on_step: Callable[[dict], None] | None = None, lora_root: str | os.PathLike | None = None
-           ) -> Callable[[Job], tuple]:
+           on_step: Callable[[dict], None] | None = None, lora_root: str | os.PathLike | None = None,
+           cache: float = 0.0, cfg_interval: tuple[float, float] | None = None) -> Callable[[Job], tuple]:
     """``draw(job) -> (PIL image, pnginfo)`` over models loaded once (``loader.Parts``), one image a call. A job's
     LoRAs are applied for its image (files read once; a name that is no file is looked for in ``lora_root`` and
-    among the demo LoRAs, ``catalog.find_lora``)."""
+    among the demo LoRAs, ``catalog.find_lora``). ``cache`` and ``cfg_interval`` (``pipeline.sample_latents``)
+    hold for every row."""
     from . import catalog
     from . import image as img
     from .lora import apply_loras, read_lora
@@ -445,7 +446,7 @@ def drawer(parts, *, max_length: int = 300, tile_size="auto", model_name: str = 
         pixels = generate(parts.transformer, parts.vae, parts.text_encoder, job.prompt, job.negative, width=width,
                           height=height, batch_size=1, steps=job.steps, cfg=job.cfg, seed=job.seed,
                           sampler=job.sampler, shift=job.shift, max_length=max_length, tile_size=tile_size,
-                          callback=on_step, residency=parts.residency)
+                          callback=on_step, residency=parts.residency, cache=cache, cfg_interval=cfg_interval)
         info = img.png_info(job.prompt, job.negative, job.steps, job.cfg, job.seed, job.sampler, width, height,
                             model=model_name, loras=loras)
         return img.model_to_pil(pixels)[0], info

@@ -48,6 +48,9 @@ def sample_latents(
     denoise: float = 1.0,
     mask: torch.Tensor | None = None,
     callback: Callable[[dict], None] | None = None,
+    cache: float = 0.0,
+    cfg_interval: tuple[float, float] | None = None,
+    stats: sampling.Evaluations | None = None,
 ) -> torch.Tensor:
     """Sample model-space latents [B,C,h,w] (float32, CPU). The noise is drawn on the CPU (the same seed gives
     the same image on any device); the steps then run on the transformer's device.
@@ -55,6 +58,8 @@ def sample_latents(
     Text to image: give width/height (pixels, multiples of 32) and batch_size. Image to image: give
     ``init_latent`` and ``denoise`` < 1. Inpaint: also give ``mask`` (1 = regenerate); latents outside the
     mask come back exactly as they went in. ``denoise`` == 0 returns ``init_latent`` unchanged.
+    ``cache`` (step-cache threshold, 0 = off) and ``cfg_interval`` (guidance only for lo <= sigma <= hi) spend
+    fewer transformer evaluations (``sampling.make_denoiser``); ``stats`` (an ``Evaluations``) counts them.
     """
     channels = transformer.config.in_channels
     if init_latent is None:
@@ -85,7 +90,9 @@ def sample_latents(
         m = latent_mask(mask, shape[2], shape[3]).expand(shape[0], 1, -1, -1).to(device)
         inpaint = (init_latent, noise, m)
     integer = sampling.get_sampler(sampler).integer_timesteps
-    denoiser = sampling.make_denoiser(transformer, cond, uncond, cfg, integer_timesteps=integer, inpaint=inpaint)
+    denoiser = sampling.make_denoiser(transformer, cond, uncond, cfg, integer_timesteps=integer, inpaint=inpaint,
+                                      cache=cache, cfg_interval=cfg_interval, stats=stats,
+                                      final_sigma=float(sigmas[-2]))
     x = sampling.sample(denoiser, noise, sigmas, sampler, init=init_latent if denoise < 1.0 else None, callback=callback)
     if inpaint is not None:
         x = x * inpaint[2] + init_latent * (1 - inpaint[2])
@@ -114,12 +121,16 @@ def generate(
     tile_size: int | str | None = "auto",
     callback: Callable[[dict], None] | None = None,
     residency: Residency | None = None,
+    cache: float = 0.0,
+    cfg_interval: tuple[float, float] | None = None,
+    stats: sampling.Evaluations | None = None,
 ) -> torch.Tensor:
     """Prompt -> images [B,3,H,W] in [-1,1]. ``image`` ([B,3,H,W] in [-1,1]) switches to image to image.
 
     ``tile_size``: VAE tiles in latent pixels; "auto" tiles only images larger than 1024², None never tiles
     (see dcae_exec: out of memory, the VAE retries with smaller tiles). ``residency`` (``Parts.residency``)
-    puts each network on the device before it runs; with offloading, only that one.
+    puts each network on the device before it runs; with offloading, only that one. ``cache``,
+    ``cfg_interval`` and ``stats``: as for :func:`sample_latents`.
     """
     use = (residency or Residency()).use
     encoder = use(text_encoder)
@@ -133,7 +144,7 @@ def generate(
     latents = sample_latents(
         use(transformer), cond, uncond, width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg,
         seed=seed, sampler=sampler, shift=shift, init_latent=init, denoise=denoise if init is not None else 1.0,
-        mask=mask, callback=callback,
+        mask=mask, callback=callback, cache=cache, cfg_interval=cfg_interval, stats=stats,
     )
     with torch.no_grad():
         return dcae_exec.decode(use(vae), latents, tile_size=tile_size)[0].float().cpu()

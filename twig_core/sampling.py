@@ -20,6 +20,7 @@ import torch
 
 from .devices import MAX_SEED
 from .errors import TwigError
+from .step_cache import Evaluations, StepCache
 
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
 Callback = Callable[[dict], None]
@@ -27,14 +28,29 @@ Callback = Callable[[dict], None]
 
 CFG_MAX = 30.0  # the nodes' cfg widget range is 0 … CFG_MAX
 MAX_STEPS = 200  # and their steps widget range 1 … MAX_STEPS
+CACHE_MAX = 1.0  # and their step-cache threshold range 0 … CACHE_MAX
 
 
-def check_settings(*, steps=None, cfg=None, denoise=None, shift=None, width=None, height=None, seed=None) -> None:
+def check_settings(*, steps=None, cfg=None, denoise=None, shift=None, width=None, height=None, seed=None,
+                   cache=None, cfg_interval=None) -> None:
     """Raise TwigError when a sampling setting is outside the range the nodes offer; ``None`` skips a setting.
 
     The one check every front end runs (command line, batch rows and defaults, WebUI tab), so a value the
     nodes refuse is refused everywhere: steps 1 … 200, cfg 0 … 30, denoise in (0, 1], shift > 0, width and height
-    positive multiples of 32, seed 0 … 2**64 - 1 (:func:`check_seed`)."""
+    positive multiples of 32, seed 0 … 2**64 - 1 (:func:`check_seed`), cache (step-cache threshold) 0 … 1,
+    cfg_interval a pair (lo, hi) of sigmas with 0 <= lo <= hi <= 1."""
+    if cache is not None and (isinstance(cache, bool) or not isinstance(cache, (int, float))
+                              or not 0.0 <= cache <= CACHE_MAX):
+        raise TwigError(f"cache (--cache, the step-cache threshold) must be 0 (off) … {CACHE_MAX:g}, got {cache!r}")
+    if cfg_interval is not None:
+        try:
+            lo, hi = cfg_interval
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi)) and 0 <= lo <= hi <= 1
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise TwigError(f"cfg_interval (--cfg-interval) must be two sigmas lo,hi with 0 <= lo <= hi <= 1, "
+                            f"got {cfg_interval!r}")
     if seed is not None:
         check_seed(seed)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
@@ -49,6 +65,19 @@ def check_settings(*, steps=None, cfg=None, denoise=None, shift=None, width=None
         from .resolution import check_size
 
         check_size(64 if width is None else width, 64 if height is None else height)
+
+
+def parse_cfg_interval(text: str | None, field: str = "--cfg-interval") -> tuple[float, float] | None:
+    """``"LO,HI"`` (two sigmas) as a checked pair for ``make_denoiser``'s cfg_interval; None or "" gives None.
+    A TwigError names ``field``."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        lo, hi = (float(v) for v in str(text).split(","))
+        check_settings(cfg_interval=(lo, hi))
+    except ValueError:  # TwigError included
+        raise TwigError(f"{field} must be two sigmas LO,HI with 0 <= LO <= HI <= 1 (e.g. 0.2,0.95), got {text!r}") from None
+    return lo, hi
 
 
 def shift_sigma(sigma, shift: float):
@@ -198,6 +227,10 @@ def make_denoiser(
     cfg: float = 4.5,
     integer_timesteps: bool = False,
     inpaint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    cache: float = 0.0,
+    cfg_interval: tuple[float, float] | None = None,
+    stats: Evaluations | None = None,
+    final_sigma: float | None = None,
 ) -> Denoiser:
     """Wrap a flow-prediction transformer into ``denoise(x, sigma) -> x0``.
 
@@ -207,27 +240,48 @@ def make_denoiser(
     integer_timesteps: feed floor(sigma*1000) like the reference DPM-Solver scheduler does.
     inpaint: (x0_orig, noise, mask) in latent space, mask 1 = regenerate. Outside the mask the latent is pinned
     to the original re-noised to the current sigma, and the prediction there is the original itself.
+    cache: step-cache threshold (``twig_core.step_cache``; 0 = off): while block 0's residual changes less than
+    this (relative) since the last full step, the other blocks' residual of that step is reused.
+    cfg_interval: (lo, hi): guidance only while lo <= sigma <= hi; outside, only the conditional half runs.
+    stats: where to count transformer evaluations (``denoise.stats``, a new ``Evaluations`` by default).
+    final_sigma: the sigma of the schedule's last step: the cache never serves it, as its prediction is the
+    picture (both samplers end on x = x0).
     """
+    check_settings(cache=cache, cfg_interval=cfg_interval)
     use_cfg = uncond is not None and cfg != 1.0
-    caches = {}
+    caches, step_caches, last = {}, {}, [None]
 
-    def caption_cache(batch: int):
+    def caption_cache(batch: int, guided: bool):
         """Caption states for a latent batch: [uncond x batch; cond x batch] with CFG, else cond x batch."""
-        if batch not in caches:
-            parts = [uncond, cond] if use_cfg else [cond]
+        if (batch, guided) not in caches:
+            parts = [uncond, cond] if guided else [cond]
             embeds, mask = _stack([_expand(c, batch) for c in parts])
-            caches[batch] = model.encode_caption(embeds.to(model.device), mask.to(model.device))
-        return caches[batch]
+            caches[batch, guided] = model.encode_caption(embeds.to(model.device), mask.to(model.device))
+        return caches[batch, guided]
+
+    def step_cache(guided: bool, sigma: float) -> dict:
+        """The step cache of this batch composition, emptied unless the previous step had the same one."""
+        if not cache:
+            return {}
+        held = step_caches.setdefault(guided, StepCache(cache))
+        if last[0] != guided:
+            held.reset()
+        last[0] = guided
+        held.may_reuse = final_sigma is None or sigma > final_sigma
+        return {"step_cache": held}
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         if inpaint is not None:
             orig, noise, m = inpaint
             x = x * m + ((1 - sigma) * orig + sigma * noise) * (1 - m)
         t_val = math.floor(sigma * 1000) if integer_timesteps else sigma * 1000
-        xin = torch.cat([x, x]) if use_cfg else x
+        guided = use_cfg and (cfg_interval is None or cfg_interval[0] <= sigma <= cfg_interval[1])
+        xin = torch.cat([x, x]) if guided else x
         t = torch.full((xin.shape[0],), float(t_val), device=model.device)
-        v = model(xin.to(model.device, model.dtype), t, caption_cache(x.shape[0])).float().to(x.device)
-        if use_cfg:
+        extra = step_cache(guided, sigma)
+        v = model(xin.to(model.device, model.dtype), t, caption_cache(x.shape[0], guided), **extra).float().to(x.device)
+        denoise.stats.add(guided=guided, could_guide=use_cfg, share=extra["step_cache"].share if extra else 1.0)
+        if guided:
             v_u, v_c = v.chunk(2)
             v = v_u + cfg * (v_c - v_u)
         x0 = x - sigma * v
@@ -236,6 +290,7 @@ def make_denoiser(
         return x0
 
     denoise.compute_dtype = model.dtype  # for the NaN message: which overflow (if any) to suspect
+    denoise.stats = Evaluations() if stats is None else stats  # "N of M evaluations computed" for front ends
 
     return denoise
 

@@ -366,8 +366,10 @@ class TwigTransformer(nn.Module):
         t: torch.Tensor,
         context: torch.Tensor | CaptionCache,
         context_mask: torch.Tensor | None = None,
+        step_cache=None,
     ) -> torch.Tensor:
         """x: [b,C,h,w] latent; t: [b] timesteps (sigma*1000); context: caption states or a CaptionCache.
+        step_cache: a ``twig_core.step_cache.StepCache`` that runs the blocks and may skip all but block 0.
 
         Returns the flow velocity (noise - x0), [b,C,h,w].
         """
@@ -389,8 +391,16 @@ class TwigTransformer(nn.Module):
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
         temb = self.t_embedder(t, dtype)
         t6 = self.t_block(temb)
-        for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, t6, cache.block_kv(i, blk), cache.bias, (gh, gw))
+
+        def run_block(i: int, tokens: torch.Tensor) -> torch.Tensor:
+            blk = self.blocks[i]
+            return blk(tokens, t6, cache.block_kv(i, blk), cache.bias, (gh, gw))
+
+        if step_cache is None:
+            for i in range(len(self.blocks)):
+                tokens = run_block(i, tokens)
+        else:
+            tokens = step_cache.run(tokens, run_block, len(self.blocks))
         out = self.final_layer(tokens, temb)  # [b, gh*gw, p*p*C]
         out = out.view(b, gh, gw, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(b, cfg.out_channels, h, w)

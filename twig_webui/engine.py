@@ -59,6 +59,8 @@ class Settings:
     face: bool = False
     face_detector: str = ""
     face_denoise: float = 0.4
+    cache: float = 0.0  # step-cache threshold, 0 = off (twig_core.step_cache)
+    cfg_interval: tuple[float, float] | None = None  # guidance only for sigmas lo … hi; None = always
 
 
 @dataclass
@@ -358,7 +360,7 @@ class Engine:
         steps, batch = int(s.steps), int(s.batch_size)
         if steps < 1 or batch < 1:
             raise TwigError("steps and batch size must be at least 1")
-        check_settings(steps=steps, cfg=float(s.cfg))
+        check_settings(steps=steps, cfg=float(s.cfg), cache=float(s.cache), cfg_interval=s.cfg_interval)
         self.check()
         parts = self.load(s, progress)
         self.check()
@@ -397,7 +399,8 @@ class Engine:
         images = generate(
             parts.transformer, parts.vae, parts.text_encoder, prompt, s.negative or "", width=width, height=height,
             batch_size=batch, steps=steps, cfg=float(s.cfg), seed=seed, sampler=s.sampler,
-            max_length=int(s.max_length), callback=on_step, residency=parts.residency,
+            max_length=int(s.max_length), callback=on_step, residency=parts.residency, cache=float(s.cache),
+            cfg_interval=s.cfg_interval,
         )
         self.check()
         pixels = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous()  # [B,H,W,3] 0..1

@@ -1,0 +1,172 @@
+"""Fewer transformer evaluations: the first-block step cache and the CFG interval of ``make_denoiser``, against
+hand-built denoisers on a tiny random transformer, plus the evaluation count and the settings' checks."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from twig_core import sampling
+from twig_core.__main__ import main as cli
+from twig_core.errors import TwigError
+from twig_core.pipeline import sample_latents
+from twig_core.step_cache import StepCache
+
+from tests.builders import tiny_transformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_transformer()
+
+
+@pytest.fixture(scope="module")
+def conds(model):
+    channels = model.config.caption_channels
+    g = torch.Generator().manual_seed(3)
+    make = lambda n: SimpleNamespace(embeds=torch.randn(1, n, channels, generator=g),  # noqa: E731
+                                     mask=torch.tensor([[1] * (n - 2) + [0, 0]]))
+    return make(6), make(5)
+
+
+def velocity(model, x, sigma, *captions):
+    """The transformer's velocity for ``x`` under each caption in turn (one batch), computed plainly."""
+    embeds, mask = sampling._stack([sampling._expand(c, x.shape[0]) for c in captions])
+    xin = torch.cat([x] * len(captions))
+    with torch.no_grad():
+        return model(xin, torch.full((xin.shape[0],), sigma * 1000), embeds, mask)
+
+
+def reference(model, cond_, uncond, cfg):
+    """Today's denoiser, built by hand: both halves every step, mixed uncond + cfg * (cond - uncond)."""
+    def denoise(x, sigma):
+        v_u, v_c = velocity(model, x, sigma, uncond, cond_).chunk(2)
+        return x - sigma * (v_u + cfg * (v_c - v_u))
+    return denoise
+
+
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
+def test_off_is_bit_identical_to_plain_cfg(model, conds, sampler):
+    c, u = conds
+    x = torch.randn(2, 32, 3, 4, generator=torch.Generator().manual_seed(1))
+    sigmas = sampling.flow_sigmas(5, 3.0, sampler)
+    run = sampling.get_sampler(sampler).function
+    denoise = sampling.make_denoiser(model, c, u, 4.5, cache=0.0, cfg_interval=None)
+    got = run(denoise, x, sigmas)
+    assert torch.equal(got, run(reference(model, c, u, 4.5), x, sigmas))
+    assert denoise.stats.computed == denoise.stats.full == 10 and denoise.stats.reused == 0
+
+
+def test_a_huge_threshold_reuses_the_rest_residual_of_the_last_full_step(model, conds):
+    c, _ = conds
+    x = torch.randn(1, 32, 3, 4, generator=torch.Generator().manual_seed(2))
+    cc = model.encode_caption(c.embeds, c.mask)
+    held = StepCache(1e9)
+    with torch.no_grad():
+        full = model(x, torch.tensor([900.0]), cc, step_cache=held)
+        assert not held.reused and torch.equal(full, model(x, torch.tensor([900.0]), cc))
+        cached = model(x * 0.9, torch.tensor([700.0]), cc, step_cache=held)
+    assert held.reused and held.share == 1 / model.config.depth
+    # by hand: block 0 at the new step, plus what blocks 1 … N-1 added at the full step, then the final layer
+    with torch.no_grad():
+        def tokens_after(x, t, stop):
+            temb = model.t_embedder(torch.tensor([t]), torch.float32)
+            h = model.x_embedder(x)
+            first = model.blocks[0](h.clone(), model.t_block(temb), cc.block_kv(0, model.blocks[0]), cc.bias, (3, 4))
+            h = first.clone()
+            for i in range(1, stop):
+                h = model.blocks[i](h, model.t_block(temb), cc.block_kv(i, model.blocks[i]), cc.bias, (3, 4))
+            return first, h, temb
+        first_full, last_full, _ = tokens_after(x, 900.0, model.config.depth)
+        first_new, _, temb = tokens_after(x * 0.9, 700.0, 1)
+        out = model.final_layer(first_new + (last_full - first_full), temb)
+    want = out.view(1, 3, 4, 1, 1, 32).permute(0, 5, 1, 3, 2, 4).reshape(1, 32, 3, 4)
+    torch.testing.assert_close(cached, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(cached, model(x * 0.9, torch.tensor([700.0]), cc))
+
+
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
+def test_the_largest_threshold_drops_the_count_and_zero_never_reuses(model, conds, sampler):
+    c, u = conds
+    fast, never = sampling.Evaluations(), sampling.Evaluations()
+    args = dict(width=128, height=96, steps=8, seed=4, sampler=sampler)
+    plain = sample_latents(model, c, u, **args)
+    cached = sample_latents(model, c, u, cache=sampling.CACHE_MAX, stats=fast, **args)
+    tiny = sample_latents(model, c, u, cache=1e-30, stats=never, **args)
+    assert fast.reused > 0 and fast.computed < fast.full == 16
+    assert math.isclose(fast.computed, 2 * (8 - fast.reused) + 2 * fast.reused / model.config.depth)
+    assert never.reused == 0 and never.computed == 16 and torch.equal(tiny, plain)
+    assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+
+
+def test_cfg_interval_guides_inside_and_runs_the_prompt_alone_outside(model, conds):
+    c, u = conds
+    x = torch.randn(2, 32, 3, 4, generator=torch.Generator().manual_seed(5))
+    denoise = sampling.make_denoiser(model, c, u, 4.5, cfg_interval=(0.3, 0.8))
+    plain = reference(model, c, u, 4.5)
+    for sigma in (0.9, 0.8, 0.5, 0.3, 0.2, 0.6):  # out, edge, in, edge, out, in again: the batch changes back and forth
+        got = denoise(x, sigma)
+        if 0.3 <= sigma <= 0.8:
+            torch.testing.assert_close(got, plain(x, sigma), rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(got, x - sigma * velocity(model, x, sigma, c), rtol=1e-5, atol=1e-6)
+    assert denoise.stats.unguided == 2 and denoise.stats.computed == 10 and denoise.stats.full == 12
+
+
+def test_cache_and_interval_keep_inpainting_pinned(model, conds):
+    c, u = conds
+    init = torch.randn(1, 32, 3, 4, generator=torch.Generator().manual_seed(6))
+    mask = torch.zeros(1, 3, 4)
+    mask[:, :, :2] = 1
+    stats = sampling.Evaluations()
+    out = sample_latents(model, c, u, init_latent=init, mask=mask, steps=6, cache=0.5, cfg_interval=(0.4, 1.0),
+                         stats=stats)
+    assert torch.equal(out[..., 2:], init[..., 2:])
+    assert not torch.equal(out[..., :2], init[..., :2]) and stats.unguided > 0
+    assert stats.full / stats.computed == stats.ratio > 1
+
+
+@pytest.mark.parametrize("cache", [-0.1, 1.5, float("nan"), True, "0.2"])
+def test_bad_cache_thresholds_are_refused(model, conds, cache):
+    with pytest.raises(TwigError, match="cache"):
+        sampling.make_denoiser(model, conds[0], conds[1], cache=cache)
+
+
+@pytest.mark.parametrize("interval", [(0.9, 0.1), (0.0, 2.0), (-0.1, 0.5), (0.1,), "ab", (float("nan"), 0.5)])
+def test_bad_cfg_intervals_are_refused(model, conds, interval):
+    with pytest.raises(TwigError, match="cfg_interval"):
+        sampling.make_denoiser(model, conds[0], conds[1], cfg_interval=interval)
+
+
+@pytest.mark.parametrize("flags, says", [(["--cache", "-1"], "--cache"), (["--cfg-interval", "0.5"], "--cfg-interval"),
+                                         (["--cfg-interval", "0.9,0.2"], "--cfg-interval")])
+def test_the_command_line_names_the_bad_flag(flags, says, capsys):
+    assert cli(["generate", "--prompt", "a red circle", *flags]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_parse_cfg_interval():
+    assert sampling.parse_cfg_interval("0.2, 0.95") == (0.2, 0.95)
+    assert sampling.parse_cfg_interval("") is None and sampling.parse_cfg_interval(None) is None
+
+
+def test_the_last_step_always_runs_in_full(model, conds, monkeypatch):
+    """Both samplers end on x = x0 of the last step, so the cache never serves that step."""
+    c, u = conds
+    seen = []
+    run = StepCache.run
+
+    def spy(self, *args):
+        out = run(self, *args)
+        seen.append(self.reused)
+        return out
+
+    monkeypatch.setattr(StepCache, "run", spy)
+    x = torch.randn(1, 32, 3, 4, generator=torch.Generator().manual_seed(8))
+    sigmas = sampling.flow_sigmas(6)
+    for final, last_reused in ((None, True), (float(sigmas[-2]), False)):
+        seen.clear()
+        denoise = sampling.make_denoiser(model, c, u, cache=sampling.CACHE_MAX, final_sigma=final)
+        sampling.sample(denoise, x, sigmas)
+        assert any(seen[:-1]) and seen[-1] is last_reused

@@ -1,0 +1,97 @@
+"""Fewer transformer evaluations per picture: the first-block step cache and the count of evaluations.
+
+Step cache (the First-Block Cache idea): neighbouring sampling steps often change the transformer's output
+little, and how much block 0 changes the tokens tells early whether this step will differ from the last one.
+Each step runs block 0 and compares its residual (what block 0 added to the tokens) with the one of the last
+fully computed step: rel = mean|r - r_ref| / mean|r_ref|. Below the threshold, blocks 1 … N-1 are skipped and
+the residual they added at that full step is added to block 0's output instead; otherwise they run and their
+residual is kept. The reference moves only on full steps, so drift accumulates and forces a full step. The
+caller may forbid reuse for a step (``may_reuse``): the denoiser does so for the schedule's last step, whose
+prediction becomes the picture.
+
+One :class:`StepCache` serves one batch composition (CFG pair or conditional half alone); the denoiser keeps
+one per composition (``sampling.make_denoiser``). Memory: two token tensors [b, h*w, width] in the compute
+dtype between steps, two more during a step (1024², a CFG pair, width 2240, fp32: 18 MB each). Deciding
+reads one number back from the device per step.
+
+Unit of :class:`Evaluations`: the transformer body run over one latent image once ("image-evaluation"). Per
+latent in the batch, a step with classifier-free guidance costs 2 (unconditional and conditional), one
+without costs 1, and a step the cache serves costs block 0's share (1/depth) of that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+class StepCache:
+    """Reuse the residual of blocks 1 … N-1 while block 0's residual moves less than ``threshold`` (relative)."""
+
+    def __init__(self, threshold: float):
+        self.threshold = float(threshold)
+        self.first: torch.Tensor | None = None  # block 0's residual at the last full step
+        self.rest: torch.Tensor | None = None  # what blocks 1 … N-1 added at that step
+        self.reused = False  # whether the last run skipped blocks 1 … N-1
+        self.share = 1.0  # the part of the transformer body the last run computed (1/depth when reused)
+        self.may_reuse = True  # False: the next run computes in full whatever the change (the caller's choice)
+
+    def reset(self) -> None:
+        """Forget the last full step (its residuals belong to another trajectory or batch)."""
+        self.first = self.rest = None
+
+    def run(self, tokens: torch.Tensor, run_block: Callable[[int, torch.Tensor], torch.Tensor], depth: int):
+        """The tokens after all ``depth`` blocks; ``run_block(i, tokens)`` runs block i (it may update
+        ``tokens`` in place)."""
+        first = tokens.clone()
+        tokens = run_block(0, tokens)
+        first = first.neg_().add_(tokens)  # block 0's residual, in the input's memory
+        self.reused = (self.may_reuse and self.rest is not None and self.rest.shape == tokens.shape
+                       and relative_change(first, self.first) < self.threshold)
+        self.share = 1.0 / depth if self.reused else 1.0
+        if self.reused:
+            return tokens + self.rest
+        rest = tokens.clone()
+        for i in range(1, depth):
+            tokens = run_block(i, tokens)
+        self.first, self.rest = first, rest.neg_().add_(tokens)
+        return tokens
+
+
+def relative_change(new: torch.Tensor, ref: torch.Tensor) -> float:
+    """mean|new - ref| / mean|ref|, in fp32 (0 when both are zero)."""
+    diff = (new.float() - ref.float()).abs().mean()
+    scale = ref.float().abs().mean().clamp_min(torch.finfo(torch.float32).tiny)
+    return float(diff / scale)
+
+
+@dataclass
+class Evaluations:
+    """Transformer work of one sampling run, in image-evaluations per latent (see the module docstring).
+
+    ``full`` is what the same steps cost with neither the cache nor a CFG interval."""
+
+    computed: float = 0.0
+    full: float = 0.0
+    steps: int = 0
+    reused: int = 0  # steps the step cache served
+    unguided: int = 0  # steps outside the CFG interval (conditional half only)
+
+    def add(self, *, guided: bool, could_guide: bool, share: float = 1.0) -> None:
+        """Count one step: with CFG or not, whether the run could have guided, the part of the body computed."""
+        self.computed += (2.0 if guided else 1.0) * share
+        self.full += 2.0 if could_guide else 1.0
+        self.steps += 1
+        self.reused += share < 1.0
+        self.unguided += could_guide and not guided
+
+    @property
+    def ratio(self) -> float:
+        """How many times fewer evaluations than ``full`` (1.0 before any step)."""
+        return self.full / self.computed if self.computed else 1.0
+
+    def __str__(self) -> str:
+        return (f"{self.computed:.1f} of {self.full:g} transformer evaluations computed ({self.ratio:.2f}x fewer; "
+                f"{self.reused} of {self.steps} steps from the cache, {self.unguided} without CFG)")
