@@ -170,3 +170,26 @@ def test_int8_products_over_a_q8_0_gguf(reference, tmp_path):
         again = quick(x, t, ctx, mask)
     assert torch.equal(got, again)  # the packs are kept
     assert rel(got, q8) <= presets.STEP_ERROR["fast"] and rel(got, want) <= presets.STEP_ERROR["fast"]
+
+
+def test_tab_takes_the_presets_sampler_shortcuts_unless_set():
+    from twig_webui.engine import Engine, Settings
+
+    engine = Engine.__new__(Engine)  # only the host's device is asked
+    engine.host = argparse.Namespace(device=lambda: torch.device("cpu"))
+    fast = presets.resolve("fast")
+    assert engine.shortcuts(Settings(prompt="x", dtype="fast")) == {"cache": fast.cache, "cfg_interval": fast.cfg_interval}
+    assert engine.shortcuts(Settings(prompt="x", dtype="fast", cache=0.05)) == {"cache": 0.05, "cfg_interval": None}
+    assert engine.shortcuts(Settings(prompt="x", dtype="quality")) == {"cache": 0.0, "cfg_interval": None}
+    assert engine.shortcuts(Settings(prompt="x", dtype="fp32")) == {"cache": 0.0, "cfg_interval": None}
+
+
+def test_cli_fast_preset_sets_the_cache_unless_given():
+    from twig_core.__main__ import _apply_preset, _parser
+
+    a = _parser().parse_args(["generate", "--prompt", "x", "--preset", "fast"])
+    _apply_preset(a, torch.device("cpu"))
+    assert a.cache == presets.FAST_CACHE > 0
+    a = _parser().parse_args(["generate", "--prompt", "x", "--preset", "fast", "--cache", "0"])
+    _apply_preset(a, torch.device("cpu"))
+    assert a.cache == 0

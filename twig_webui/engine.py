@@ -59,8 +59,8 @@ class Settings:
     face: bool = False
     face_detector: str = ""
     face_denoise: float = 0.4
-    cache: float = 0.0  # step-cache threshold, 0 = off (twig_core.step_cache)
-    cfg_interval: tuple[float, float] | None = None  # guidance only for sigmas lo … hi; None = always
+    cache: float = 0.0  # step-cache threshold, 0 = off (twig_core.step_cache); 0 with a preset: the preset's
+    cfg_interval: tuple[float, float] | None = None  # guidance only for sigmas lo … hi; None = always (or the preset's)
 
 
 @dataclass
@@ -295,6 +295,14 @@ class Engine:
         self._tipo = self._tipo_key = None
         _free_memory()
 
+    def shortcuts(self, s: Settings) -> dict:
+        """The sampler shortcuts of a run: the settings' own, else (none set) those of the chosen preset."""
+        cache, interval = float(s.cache), s.cfg_interval
+        if s.dtype in PRESET_NAMES and not cache and interval is None:
+            preset = resolve_preset(s.dtype, self.host.device())
+            cache, interval = preset.cache, preset.cfg_interval
+        return {"cache": cache, "cfg_interval": interval}
+
     def load(self, s: Settings, progress: Progress | None = None):
         from twig_core import loader
         check_transformers()
@@ -399,8 +407,7 @@ class Engine:
         images = generate(
             parts.transformer, parts.vae, parts.text_encoder, prompt, s.negative or "", width=width, height=height,
             batch_size=batch, steps=steps, cfg=float(s.cfg), seed=seed, sampler=s.sampler,
-            max_length=int(s.max_length), callback=on_step, residency=parts.residency, cache=float(s.cache),
-            cfg_interval=s.cfg_interval,
+            max_length=int(s.max_length), callback=on_step, residency=parts.residency, **self.shortcuts(s),
         )
         self.check()
         pixels = ((images.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous()  # [B,H,W,3] 0..1
