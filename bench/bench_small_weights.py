@@ -88,7 +88,8 @@ def demo_scores(n: int, types: list[str]) -> None:
                   flush=True)
 
 
-def child(path: str, size: int, steps: int, dtype_name: str, out: str, weights: str | None = None) -> None:
+def child(path: str, size: int, steps: int, dtype_name: str, out: str, weights: str | None = None,
+          int8: bool = False) -> None:
     import torch
 
     from twig_core.loader import load_transformer
@@ -97,7 +98,7 @@ def child(path: str, size: int, steps: int, dtype_name: str, out: str, weights: 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     before = current_rss_mib()
     t0 = time.perf_counter()
-    model = load_transformer(path, dtype=weights and getattr(torch, weights), compute_dtype=dtype)
+    model = load_transformer(path, dtype=weights and getattr(torch, weights), compute_dtype=dtype, int8=int8)
     load_s = time.perf_counter() - t0
     load_mib = peak_rss_mib() - before  # what loading added at its peak (file pages mapped count as resident)
     g = torch.Generator().manual_seed(1)
@@ -114,7 +115,7 @@ def child(path: str, size: int, steps: int, dtype_name: str, out: str, weights: 
             times.append(time.perf_counter() - t1)
     torch.save(y.float(), out)
     print(json.dumps({"peak_mib": peak_rss_mib(), "load_mib": load_mib, "load_s": load_s, "step_s": min(times),
-                      "stored": quant_summary(model) or str(model.weight_dtype)}))
+                      "stored": (quant_summary(model) or str(model.weight_dtype)) + (" + int8 products" if int8 else "")}))
 
 
 def main() -> None:
@@ -127,12 +128,13 @@ def main() -> None:
     ap.add_argument("--dir")
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--weights", help=argparse.SUPPRESS)
+    ap.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--demo-scores", action="store_true")
     ap.add_argument("--n", type=int, default=50, help="held-out compositions for --demo-scores")
     ap.add_argument("--no-diffusers", action="store_true", help="leave out the diffusers row")
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], a.size, a.steps, a.dtype, a.child[1], a.weights)
+        return child(a.child[0], a.size, a.steps, a.dtype, a.child[1], a.weights, a.int8)
     if a.demo_scores:
         return demo_scores(a.n, a.types.split(","))
     import torch
@@ -151,6 +153,8 @@ def main() -> None:
                                cwd=ROOT, capture_output=True)
                 print(f"convert {ty}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             files[ty] = dst
+        if "q8_0" in files and a.dtype == "fp32":  # Q8_0 fed to the int8 products (the fast preset's weights)
+            files["q8_0+int8"] = files["q8_0"]
         ref, rows = None, {}
         print(f"| type ({a.dtype} compute, {a.size}², batch 2) | file MiB | peak RSS MiB | load s | step s | "
               "step vs bf16 | rel. error vs stored | load peak / file |")
@@ -159,7 +163,8 @@ def main() -> None:
             out = os.path.join(folder, f"y_{ty}.pt")
             done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", path, out,
                                    "--size", str(a.size), "--steps", str(a.steps), "--dtype", a.dtype]
-                                  + (["--weights", "bfloat16"] if ty == "bf16" else []),
+                                  + (["--weights", "bfloat16"] if ty == "bf16" else [])
+                                  + (["--int8"] if ty.endswith("+int8") else []),
                                   capture_output=True, text=True, check=True, cwd=ROOT)
             r = json.loads(done.stdout.strip().splitlines()[-1])
             rows[ty] = r
@@ -179,8 +184,9 @@ def main() -> None:
                                            "load_mib": float("nan")}
             best = min(("diffusers fp32", "diffusers bf16"), key=lambda k: rows[k]["step_s"])
             print(f"diffusers' fastest dtype here: {rows[best]['stored']} (the peer's best for the ratios)")
-            print(f"Q8_0 step vs diffusers' best: {rows['q8_0']['step_s'] / rows[best]['step_s']:.2f}x"
-                  if "q8_0" in rows else "")
+            for ty in ("q8_0", "q8_0+int8"):
+                if ty in rows:
+                    print(f"{ty} step vs diffusers' best: {rows[ty]['step_s'] / rows[best]['step_s']:.2f}x")
         for ty, r in rows.items():
             print(f"| {ty} ({r['stored']}) | {r['mib']:.0f} | {r['peak_mib']:.0f} | {r['load_s']:.1f} | "
                   f"{r['step_s']:.2f} | {r['step_s'] / rows['bf16']['step_s']:.2f}x | {r['err']:.4f} | "

@@ -125,6 +125,7 @@ def test_sampling_and_training_paths_agree_with_diffusers(monkeypatch, route):
     if route == "conv":
         monkeypatch.setattr(tr, "_CONV_ROUTE_MIN", 0)
         monkeypatch.setattr(tr, "_CONV_ROUTE_MIN_ROWS", 1)
+        monkeypatch.setattr(tr, "_CONV_ROUTE", True)
     cfg = TINY.replace(qk_norm=False)
     ref = diffusers_model(cfg)
     ours = ours_from(ref, cfg)
@@ -139,14 +140,18 @@ def test_sampling_and_training_paths_agree_with_diffusers(monkeypatch, route):
         [n for n, p in ours.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
 
 
-def test_dense_routes_agree():
+@pytest.mark.parametrize("conv_route", [True, False])
+def test_dense_routes_agree(monkeypatch, conv_route):
+    import twig_core.ops as tr
     from twig_core.ops import dense
+
+    monkeypatch.setattr(tr, "_CONV_ROUTE", conv_route)  # on AVX-512 CPUs, else F.linear throughout
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 100, 96, generator=g)
     w, b = torch.randn(200, 96, generator=g), torch.randn(200, generator=g)
     want = torch.nn.functional.linear(x, w, b)
-    got = dense(x, w, b)  # 300 rows x 96 x 200 is over the threshold: the 1x1 convolution route
+    got = dense(x, w, b)  # 300 rows x 96 x 200 is over the threshold: the 1x1 convolution route where taken
     assert got.shape == want.shape and got.is_contiguous()
     assert rel_err(got, want) <= 1e-5
     assert rel_err(dense(x, w.half()), torch.nn.functional.linear(x, w.half().float())) <= 1e-5

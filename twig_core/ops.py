@@ -13,6 +13,8 @@ from . import int8
 # below that (a handful of rows) torch would pick its slow reference convolution.
 _CONV_ROUTE_MIN = 1 << 22
 _CONV_ROUTE_MIN_ROWS = 64
+# oneDNN's fp32 kernels outrun sgemm on AVX-512 CPUs; on AVX2 ones sgemm is as fast or faster (bench/RESULTS.md)
+_CONV_ROUTE = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -21,7 +23,8 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
 
     Large fp32 products on CPU run as a 1x1 convolution over a channels-last view of the tokens: that goes to
     oneDNN, whose fp32 kernels outrun the BLAS sgemm behind ``torch.mm`` on AVX-512 CPUs (bench/RESULTS.md;
-    same result up to summation order). Elsewhere (GPU, bf16/fp16, small products) this is ``F.linear``.
+    same result up to summation order). Elsewhere (GPU, bf16/fp16, small products, CPUs without AVX-512) this
+    is ``F.linear``.
     A layer switched to int8 products gives an ``int8.Int8Weight``, multiplied by ``int8.dense``.
     """
     if isinstance(weight, int8.Int8Weight):
@@ -31,7 +34,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
     cout, cin = w.shape[0], w.shape[1]  # a Linear [out, in] or a 1x1 conv [out, in, 1, 1] weight
     rows = x.numel() // cin if cin else 0
     small = rows < _CONV_ROUTE_MIN_ROWS or rows * cin * cout < _CONV_ROUTE_MIN
-    if x.device.type != "cpu" or x.dtype != torch.float32 or small:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or small or not _CONV_ROUTE:
         return F.linear(x, w.reshape(cout, cin), b)
     lead = x.shape[:-1]
     y = F.conv2d(x.reshape(1, 1, rows, cin).permute(0, 3, 1, 2), w.reshape(cout, cin, 1, 1), b)
