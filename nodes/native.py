@@ -30,6 +30,7 @@ import types
 import torch
 
 from twig_core import memory
+from twig_core import int8 as twig_int8
 from twig_core import ops as twig_ops
 from twig_core.quant import QuantizedLayer, attach, quant_summary
 from twig_core.sampling import MAX_STEPS, SAMPLERS, _stack, flow_sigmas, get_sampler
@@ -72,13 +73,18 @@ def native_operations():
     manual_cast = comfy_name("comfy.ops", "manual_cast")
     cast_bias_weight = comfy_name("comfy.ops", "cast_bias_weight")
 
-    def weights(layer, x):
+    def cast(layer, x):
         out = cast_bias_weight(layer, x)  # (weight, bias), plus extras in some ComfyUI versions
         return twig_ops.with_adapters(layer, out[0], x.dtype), out[1]
 
+    def weights(layer, x):
+        if twig_int8.wants(layer, x):  # int8 products (CPU): packed once from the cast weight, then reused
+            return twig_int8.Int8Weight(layer, lambda: cast(layer, x)[0]), layer.bias
+        return cast(layer, x)
+
     class Linear(manual_cast.Linear):
         def forward_comfy_cast_weights(self, input):
-            return torch.nn.functional.linear(input, *weights(self, input))
+            return twig_ops.dense(input, *weights(self, input))
 
     class Conv2d(manual_cast.Conv2d):
         def forward_comfy_cast_weights(self, input):
@@ -117,6 +123,8 @@ def rebuild_for_host(transformer: TwigTransformer, operations) -> NativeTwigTran
         if isinstance(layer, QuantizedLayer):
             attach(native.get_submodule(name), "weight", layer.stored(), layer.wide_dtype, layer.qweight.device)
     native.load_state_dict(transformer.state_dict(), strict=True, assign=True)
+    if twig_int8.enabled(transformer):
+        twig_int8.enable(native)
     return native.eval().requires_grad_(False)
 
 

@@ -558,3 +558,39 @@ def test_native_lora_on_a_quantized_transformer_is_refused_by_name(comfy, tmp_pa
     plain = native_model(load_transformer(tmp_path / "t.safetensors", dtype=torch.float32), 3.0, _dcae_scale(), cpu,
                          cpu)
     assert patch_native(plain, lora).patches
+
+
+def test_int8_products_inside_comfy_follow_its_cast_layers_and_loras(comfy, parts, conds, tmp_path):
+    """A transformer loaded with int8 products keeps them when rebuilt from ComfyUI's cast layers: the Twig
+    Sampler's latent stays within the fast preset's bound of the fp32 one, a Twig LoRA stack reaches the int8
+    products (packs rebuilt), and taking it off gives the int8 latent back exactly."""
+    from nodes import host
+    from nodes.lora import LoraModel
+    from nodes.sampling import TwigSampler
+    from tests.builders import write_tiny_lora
+    from twig_core import int8, loader, presets
+    from twig_core.lora import read_lora
+
+    if int8.engine() is None:
+        pytest.skip("torch without a quantized CPU engine")
+    plain = parts[0]
+    cpu = torch.device("cpu")
+    quick = host.ManagedModel("transformer", plain.path, lambda device: loader.load_transformer(
+        plain.path, device=device, dtype=torch.float16, compute_dtype=torch.float32, int8=True),
+        cpu, cpu, torch.float32)
+    latent = empty(w=64, h=64)
+    pos, neg = conds
+
+    def sample(model):
+        return TwigSampler().sample(model, pos, neg, latent, 5, 3, 4.5, "flow_dpmpp_2m", 3.0, 1.0)[0]["samples"]
+
+    want = run_sampler(parts, conds, latent, seed=5, steps=3)["samples"]
+    got = sample(quick)
+    assert int8.enabled(quick.peek()) and int8.memory_bytes(quick.peek()) > 0
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert 0 < rel(got, want) <= presets.LATENT_ERROR["fast"]
+    files = [(read_lora(write_tiny_lora(tmp_path / "l.safetensors", seed=1)), 1.0)]
+    with_lora = sample(LoraModel(quick, files))
+    lora_fp32 = run_sampler((LoraModel(plain, files),), conds, latent, seed=5, steps=3)["samples"]
+    assert rel(with_lora, lora_fp32) <= presets.LATENT_ERROR["fast"] < rel(lora_fp32, want)
+    assert torch.equal(sample(quick), got)

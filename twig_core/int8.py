@@ -11,7 +11,7 @@ in fp32.
 
 Packs are made on first use from the layer's float weight as ``ops.weights`` would give it (GGUF/fp8 storage
 widened, LoRA adapters folded) and kept on the layer, one per slice; a changed LoRA stack (adapters or strengths)
-rebuilds them. The layer's own stored weight is left as it is, so switching int8 off gives the float model back
+rebuilds them, as does a host replacing or patching the weight. The layer's own stored weight is left as it is, so switching int8 off gives the float model back
 exactly. Error: each product's relative error is about 1.5-2.5% on Gaussian inputs; the preset table (``twig_core.presets``) states and tests what that makes of a step and of a whole run.
 
 Only CPU fp32 activations take this route; anything else (a GPU, bf16/fp16 compute, torch builds without the
@@ -89,8 +89,13 @@ def wants(layer: nn.Module, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and getattr(layer, "_twig_int8", None) is not None
 
 
-def _adapters_key(layer: nn.Module) -> tuple:
-    return tuple((id(a), a.strength) for a in getattr(layer, "twig_adapters", None) or ())
+def _source_key(layer: nn.Module) -> tuple:
+    """What the packs were made from: the LoRA stack (adapters and strengths), the weight tensor itself (a host
+    that patches weights, as ComfyUI's model patcher does, replaces or changes it) and a host's weight functions."""
+    w = layer._parameters.get("weight")
+    return (tuple((id(a), a.strength) for a in getattr(layer, "twig_adapters", None) or ()),
+            None if w is None else (id(w), w._version),
+            tuple(map(id, getattr(layer, "weight_function", None) or ())))
 
 
 class Int8Weight:
@@ -124,12 +129,12 @@ class Int8Weight:
 
     def packed(self, bias: torch.Tensor | None):
         """The packed int8 weight of this slice with ``bias`` (the caller's bias slice, which for a given slice
-        is always the same), made once and kept on the layer until its LoRA stack changes."""
+        is always the same), made once and kept on the layer until what it is made from changes."""
         cache = self.layer._twig_int8
-        adapters = _adapters_key(self.layer)
-        if cache.get("adapters", ()) != adapters:
+        source = _source_key(self.layer)
+        if cache.get("source") != source:
             cache.clear()
-            cache["adapters"] = adapters
+            cache["source"] = source
         key = self._key()
         hit = cache.get(key)
         if hit is None:
@@ -163,4 +168,4 @@ def dense(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Te
 def memory_bytes(model: nn.Module) -> int:
     """Bytes held by the packs made so far (one byte a weight, plus the per-channel scales and biases)."""
     return sum(v[1] for m in model.modules() for k, v in (getattr(m, "_twig_int8", None) or {}).items()
-               if k != "adapters")
+               if k != "source")
