@@ -92,7 +92,7 @@ def wants(layer: nn.Module, x: torch.Tensor) -> bool:
 def _source_key(layer: nn.Module) -> tuple:
     """What the packs were made from: the LoRA stack (adapters and strengths), the weight tensor itself (a host
     that patches weights, as ComfyUI's model patcher does, replaces or changes it) and a host's weight functions."""
-    w = layer._parameters.get("weight")
+    w = getattr(layer, "_parameters", {}).get("weight")
     return (tuple((id(a), a.strength) for a in getattr(layer, "twig_adapters", None) or ()),
             None if w is None else (id(w), w._version),
             tuple(map(id, getattr(layer, "weight_function", None) or ())))
