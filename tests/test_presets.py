@@ -121,7 +121,7 @@ def test_presets_resolve_per_device(monkeypatch):
     from twig_core import presets as P
 
     monkeypatch.setattr(P, "cpu_bf16", lambda: False)
-    assert (P.resolve("balanced", "cpu").dtype, P.resolve("balanced", "cpu").weight_dtype) == ("fp32", "fp16")
+    assert (P.resolve("balanced", "cpu").dtype, P.resolve("balanced", "cpu").weight_dtype) == ("fp32", "same")
     assert P.resolve("fast", "cpu").weight_dtype == "int8"
     monkeypatch.setattr(P, "cpu_bf16", lambda: True)
     assert P.resolve("balanced", "cpu").dtype == "bf16"

@@ -68,8 +68,8 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--vae", help="DC-AE file or folder")
     g.add_argument("--preset", default=None, choices=PRESET_NAMES,
                    help=f"precision preset (default {DEFAULT_PRESET}): quality = fp32; balanced = bf16 where the "
-                        "device has it natively, else fp16-held weights; fast = balanced plus sampler shortcuts, "
-                        "int8 products on a CPU. --dtype / --weight-dtype given as well win")
+                        "device has it natively (fp16 on older GPUs, fp32 on other CPUs); fast = the step cache, "
+                        "with int8 products on a CPU. --dtype / --weight-dtype / --cache given as well win")
     g.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help="compute dtype (default: the preset's)")
     g.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPE_CHOICES,
                    help="the transformer's weights in memory: same as --dtype, as stored in the file, fp16/bf16 "

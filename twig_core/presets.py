@@ -6,8 +6,9 @@ a sigma range), resolved for the device it runs on:
 
 - ``quality``: everything in fp32; what the parity tests hold to diffusers' fp32 output.
 - ``balanced``: bf16 where the device multiplies it natively (GPUs of compute capability 8 and up, CPUs with
-  AVX512-BF16 or AMX), else fp16 on other GPUs; on a CPU without native bf16, fp16-held weights computing in fp32
-  (half the memory, the same speed).
+  AVX512-BF16 or AMX), else fp16 on other GPUs; on a CPU without native bf16 it is ``quality``: fp32 is the
+  fastest there (bf16 products fall to slow kernels, and fp16-held weights widened on every call cost time;
+  ``--weight-dtype fp16`` still halves the memory).
 - ``fast``: the sampler shortcuts, with ``balanced``'s dtypes on a GPU; on a CPU, fp16-held weights whose
   large products run in int8 (``twig_core.int8``), the rest in fp32.
 
@@ -53,7 +54,7 @@ def resolve(name: str, device="cpu") -> Preset:
     if name == "quality":
         return Preset(name, "fp32", "same")
     if dev.type == "cpu":
-        balanced = Preset(name, "bf16", "same") if cpu_bf16() else Preset(name, "fp32", "fp16")
+        balanced = Preset(name, "bf16", "same") if cpu_bf16() else Preset(name, "fp32", "same")
     elif dev.type == "cuda" and not cuda_bf16(dev):
         balanced = Preset(name, "fp16", "same")
     else:

@@ -97,7 +97,7 @@ def build_ui(engine: Engine | None = None, *, theme=None):
                     vae = gr.Dropdown(label="VAE (DC-AE)", choices=vaes, value=FROM_MODEL, elem_id="twig_vae")
                 with gr.Row():
                     dtype = gr.Dropdown(label="Precision", choices=list(PRESET_NAMES), value=DEFAULT_PRESET, elem_id="twig_dtype",
-                                        info="quality: fp32; balanced: bf16 where native, else fp16-held weights; "
+                                        info="quality: fp32; balanced: bf16 where native (fp16 on older GPUs, fp32 on other CPUs); "
                                              "fast: sampler shortcuts, int8 products on a CPU")
                     max_length = gr.Slider(label="Max prompt tokens", minimum=100, maximum=1200, step=50, value=300,
                                            elem_id="twig_max_length")
