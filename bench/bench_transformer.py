@@ -53,7 +53,7 @@ def gemm_gflops(n_threads: int) -> dict[str, float]:
         "oneDNN": lambda: F.conv2d(a.view(1, 1, 2048, 2240).permute(0, 3, 1, 2), b.view(11200, 2240, 1, 1)),
     }
     if int8.engine() is not None:
-        w = int8.Int8Weight(argparse.Namespace(weight=b, _twig_int8={}), lambda: b)
+        w = int8.Int8Weight(argparse.Namespace(weight=b, _twig_int8={}, _twig_smooth={}), lambda: b)
         ways["int8"] = lambda: int8.dense(a, w, None)
     out = {}
     for name, fn in ways.items():

@@ -3,8 +3,10 @@
 A layer switched on with :func:`enable` hands ``ops.dense`` an :class:`Int8Weight` instead of a float tensor: a
 view of the layer's weight (and of any row or column slice the caller takes, as the fused q/k/v and the Mix-FFN's
 channel chunks do) that ``dense`` multiplies through torch's quantized CPU kernels (fbgemm / the x86 engine):
-the weight quantized once per output channel to int8 (symmetric, scale = max |w| / 127) and packed, the
-activations quantized per call over the whole tensor (dynamic, with a zero point chosen per call, to 7 bits: the
+the weight, smoothed (input channels rescaled as SmoothQuant does, from the activations of one fixed
+calibration step run when int8 is switched on, so that outlier channels of the activations move into the
+weights), quantized once per output channel to int8 (symmetric, scale = max |w| / 127) and packed, the
+activations divided by the same smoothing and quantized per call over the whole tensor (dynamic, with a zero point chosen per call, to 7 bits: the
 u8·s8 kernels add pairs of products in 16 bits, which full 8-bit activations overflow — that saturation made a
 step's error twice as large on random weights), products summed in int32 and scaled back to fp32, bias added
 in fp32.
@@ -73,11 +75,39 @@ def enable(model: nn.Module, on: bool = True) -> int:
         for name in TARGETS:
             layer = block.get_submodule(name)
             if on:
-                layer._twig_int8 = {}
+                layer._twig_int8, layer._twig_smooth = {}, {}
             else:
                 layer.__dict__.pop("_twig_int8", None)
+                layer.__dict__.pop("_twig_smooth", None)
             count += 1
+    if on and count:
+        calibrate(model)
     return count
+
+
+# The calibration input: one small latent of fixed noise at the middle of the schedule, a fixed caption.
+CALIBRATION_SIDE, CALIBRATION_CAPTION, CALIBRATION_SEED = 8, 16, 0
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module) -> None:
+    """Run ``model`` once on a fixed small input so every int8 layer fixes its smoothing scales and makes its
+    packs from that input's activations (the same for every run: images do not depend on what ran before),
+    without its LoRA stack (the base weights calibrate; adding or removing a LoRA keeps the smoothing)."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(CALIBRATION_SEED)
+    side = CALIBRATION_SIDE * cfg.patch_size
+    x = torch.randn(1, cfg.in_channels, side, side, generator=g)
+    ctx = torch.randn(1, CALIBRATION_CAPTION, cfg.caption_channels, generator=g)
+    device = next(model.parameters(), torch.empty(0)).device
+    if device.type != "cpu":
+        return  # int8 products run on the CPU only; a model elsewhere calibrates when it computes there
+    stacks = {m: m.__dict__.pop("twig_adapters") for m in model.modules() if "twig_adapters" in m.__dict__}
+    try:
+        model(x.to(device), torch.tensor([500.0], device=device), ctx.to(device))
+    finally:
+        for m, stack in stacks.items():
+            m.twig_adapters = stack
 
 
 def enabled(model: nn.Module) -> bool:
@@ -127,9 +157,9 @@ class Int8Weight:
         r, c = self.rows, self.cols
         return (r.start, r.stop, r.step, c.start, c.stop, c.step)
 
-    def packed(self, bias: torch.Tensor | None):
-        """The packed int8 weight of this slice with ``bias`` (the caller's bias slice, which for a given slice
-        is always the same), made once and kept on the layer until what it is made from changes."""
+    def packed(self, bias: torch.Tensor | None, x: torch.Tensor):
+        """(packed int8 weight, smoothing) of this slice with ``bias`` (the caller's bias slice, which for a
+        given slice is always the same), made once and kept on the layer until what it is made from changes."""
         cache = self.layer._twig_int8
         source = _source_key(self.layer)
         if cache.get("source") != source:
@@ -141,10 +171,22 @@ class Int8Weight:
             w = self.float_weight()[self.rows]
             w = w[:, self.cols].float()
             w = w.reshape(w.shape[0], w.shape[1])
-            # held: one byte a weight, fp64 scale and int64 zero point per channel, fp32 bias
-            held = w.numel() + 16 * w.shape[0] + (0 if bias is None else 4 * bias.numel())
-            hit = cache[key] = (pack(w, bias), held)
-        return hit[0]
+            smooth = self.layer._twig_smooth.get(key)
+            if smooth is None:  # fixed once, from the first activations this slice sees (the calibration's)
+                smooth = self.layer._twig_smooth[key] = smoothing(x, w)
+            # held: one byte a weight, fp64 scale and int64 zero point per channel, fp32 bias and smoothing
+            held = w.numel() + 16 * w.shape[0] + 4 * w.shape[1] + (0 if bias is None else 4 * bias.numel())
+            hit = cache[key] = (pack(w * smooth, bias), smooth, held)
+        return hit[0], hit[1]
+
+
+def smoothing(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per input channel j, s_j = sqrt(max|x_j| / max|w_j|) (SmoothQuant's balance): the product is computed as
+    (x / s) @ (w * s)^T, which moves activation outliers (channels far larger than the rest, as the Mix-FFN's
+    gated hidden layer has) into the weights, where each output channel has its own scale."""
+    ax = x.reshape(-1, x.shape[-1]).abs().amax(0).float().clamp_min(1e-5)
+    aw = w.abs().amax(0).clamp_min(1e-5)
+    return (ax / aw).sqrt_().clamp_(1e-3, 1e3)
 
 
 def pack(w: torch.Tensor, bias: torch.Tensor | None):
@@ -158,14 +200,14 @@ def pack(w: torch.Tensor, bias: torch.Tensor | None):
 
 def dense(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ w^T + bias`` through the int8 kernels (x: CPU fp32 [..., in])."""
-    packed = w.packed(bias)
+    packed, smooth = w.packed(bias, x)
     lead = x.shape[:-1]
     with _engine():
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, x.shape[-1]), packed, True)  # 7-bit activations
+        y = torch.ops.quantized.linear_dynamic((x / smooth).reshape(-1, x.shape[-1]), packed, True)  # 7-bit
     return y.view(*lead, y.shape[-1])
 
 
 def memory_bytes(model: nn.Module) -> int:
     """Bytes held by the packs made so far (one byte a weight, plus the per-channel scales and biases)."""
-    return sum(v[1] for m in model.modules() for k, v in (getattr(m, "_twig_int8", None) or {}).items()
+    return sum(v[2] for m in model.modules() for k, v in (getattr(m, "_twig_int8", None) or {}).items()
                if k != "source")

@@ -42,7 +42,7 @@ DEFAULT_PRESET = "balanced"
 FAST_CACHE = 0.2  # 1.7x fewer evaluations on the demo model (bench/RESULTS.md)
 FAST_CFG_INTERVAL: tuple[float, float] | None = None
 # Stated bounds, tested: relative error against diffusers fp32 of one step / of a run's final latent.
-STEP_ERROR = {"quality": 1e-5, "balanced": 1e-3, "fast": 1.5e-2}
+STEP_ERROR = {"quality": 1e-5, "balanced": 1e-3, "fast": 3e-2}
 LATENT_ERROR = {"quality": 1e-4, "balanced": 1e-3, "fast": 5e-2}
 
 
