@@ -157,7 +157,7 @@ def main() -> None:
     print(f"transformer CFG step (batch 2), 1600M width, {a.layers}/20 layers, {a.size}², caption {a.caption}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}; diffusers' best here: {best_label}")
     for label, r in res.items():
-        extra = f"  (first step {r['first']:.2f}s: makes the int8 packs)" if "int8" in label else ""
+        extra = f"  (first step {r['first']:.2f}s)" if "int8" in label else ""
         print(f"  {label:<18} {r['time']:7.2f}s  peak RSS {r['rss_gib']:6.2f} GiB   "
               f"ratio to diffusers' best: time {r['time'] / d['time']:.3f}  RSS {r['rss_gib'] / d['rss_gib']:.3f}{extra}")
     fp32_rate = max(gemm["sgemm"], gemm["oneDNN"]) * 1e9
