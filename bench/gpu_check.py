@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from bench.bench_pipeline import _write
+    from bench.common import write_full_size
     from twig_core import devices
 
     device = devices.default_device()
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     folder = a.dir or tempfile.mkdtemp(prefix="twig_gpu_check_")
     os.makedirs(folder, exist_ok=True)
     try:
-        paths = _write(folder)
+        paths = write_full_size(folder)
         for preset in [s.strip() for s in a.presets.split(",") if s.strip()]:
             transformer = paths["transformer"] if preset == "1600M" else _transformer_file(folder, preset)
             for offload in (False, True):
