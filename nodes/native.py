@@ -123,8 +123,8 @@ def rebuild_for_host(transformer: TwigTransformer, operations) -> NativeTwigTran
         if isinstance(layer, QuantizedLayer):
             attach(native.get_submodule(name), "weight", layer.stored(), layer.wide_dtype, layer.qweight.device)
     native.load_state_dict(transformer.state_dict(), strict=True, assign=True)
-    if twig_int8.enabled(transformer):
-        twig_int8.enable(native)
+    if twig_int8.enabled(transformer):  # the same weights: their smoothing and packs carry over
+        twig_int8.enable(native, like=transformer)
     return native.eval().requires_grad_(False)
 
 

@@ -64,23 +64,27 @@ def _engine():
 TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "mlp.inverted_conv.conv", "mlp.point_conv.conv")
 
 
-def enable(model: nn.Module, on: bool = True) -> int:
+def enable(model: nn.Module, on: bool = True, like: nn.Module | None = None) -> int:
     """Switch the int8 products of ``model``'s target layers on (or off, dropping their packs). Returns how many
-    layers were switched. Raises TwigError when turning on where this torch has no quantized CPU engine."""
+    layers were switched. ``like``: a model with the same layers and weights whose smoothing and packs to take
+    over instead of calibrating again (a host's rebuild of the same transformer). Raises TwigError when turning
+    on where this torch has no quantized CPU engine."""
     if on and engine() is None:
         raise TwigError("int8 weights need torch's quantized CPU engine (x86 or fbgemm), which this torch build "
                         "lacks; choose fp16, bf16 or same")
     count = 0
-    for block in getattr(model, "blocks", ()):
+    for i, block in enumerate(getattr(model, "blocks", ())):
         for name in TARGETS:
             layer = block.get_submodule(name)
             if on:
-                layer._twig_int8, layer._twig_smooth = {}, {}
+                source = None if like is None else like.blocks[i].get_submodule(name)
+                layer._twig_int8 = dict(getattr(source, "_twig_int8", {}))
+                layer._twig_smooth = dict(getattr(source, "_twig_smooth", {}))
             else:
                 layer.__dict__.pop("_twig_int8", None)
                 layer.__dict__.pop("_twig_smooth", None)
             count += 1
-    if on and count:
+    if on and count and like is None:
         calibrate(model)
     return count
 
