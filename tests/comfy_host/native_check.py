@@ -45,6 +45,18 @@ LATENTS = ("twig", "custom", "twig_c1", "custom_c1", "ks", "twig1", "ks_dpm", "t
 
 def graph(steps: int) -> dict:
     """Twig Sampler and two core samplers on the same prompt, seed and empty latent; every latent saved."""
+
+    def core_twig_dpm(model):  # core KSampler with Twig's DPM-Solver++ sampler and schedule from its lists
+        return {"class_type": "KSampler", "inputs": {
+            "model": model, "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "twig_flow_dpmpp_2m",
+            "scheduler": "twig_flow_dpmpp_2m", "positive": ["nenc", 0], "negative": ["nenc", 1],
+            "latent_image": ["lat", 0], "denoise": 1.0}}
+
+    def twig_dpm(model):
+        return {"class_type": "TwigSampler", "inputs": {
+            "model": model, "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
+            "steps": steps, "cfg": CFG, "sampler": "flow_dpmpp_2m", "shift": 3.0, "denoise": 1.0}}
+
     g = {
         "m": {"class_type": "TwigModelLoader", "inputs": {"model_name": DEMO, "dtype": "fp32"}},
         "te": {"class_type": "TwigTextEncoderLoader", "inputs": {"text_encoder_name": DEMO, "max_tokens": 300,
@@ -80,24 +92,14 @@ def graph(steps: int) -> dict:
         "twig1": {"class_type": "TwigSampler", "inputs": {
             "model": ["m", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
             "steps": 1, "cfg": CFG, "sampler": "flow_euler", "shift": 3.0, "denoise": 1.0}},
-        "ks_dpm": {"class_type": "KSampler", "inputs": {
-            "model": ["nm", 0], "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "twig_flow_dpmpp_2m",
-            "scheduler": "twig_flow_dpmpp_2m", "positive": ["nenc", 0], "negative": ["nenc", 1],
-            "latent_image": ["lat", 0], "denoise": 1.0}},
-        "twig_dpm": {"class_type": "TwigSampler", "inputs": {
-            "model": ["m", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
-            "steps": steps, "cfg": CFG, "sampler": "flow_dpmpp_2m", "shift": 3.0, "denoise": 1.0}},
+        "ks_dpm": core_twig_dpm(["nm", 0]),
+        "twig_dpm": twig_dpm(["m", 0]),
         # a LoRA on each path: ComfyUI's patches on the native MODEL, Twig's adapters on the Twig model
         "nl": {"class_type": "TwigLoraLoaderNative", "inputs": {"model": ["nm", 0], "lora": LORA,
                                                                 "strength": 1.0}},
         "tl": {"class_type": "TwigLoraLoader", "inputs": {"model": ["m", 0], "lora": LORA, "strength": 1.0}},
-        "ks_lora": {"class_type": "KSampler", "inputs": {
-            "model": ["nl", 0], "seed": SEED, "steps": steps, "cfg": CFG, "sampler_name": "twig_flow_dpmpp_2m",
-            "scheduler": "twig_flow_dpmpp_2m", "positive": ["nenc", 0], "negative": ["nenc", 1],
-            "latent_image": ["lat", 0], "denoise": 1.0}},
-        "twig_lora": {"class_type": "TwigSampler", "inputs": {
-            "model": ["tl", 0], "positive": ["enc", 0], "negative": ["enc", 1], "latent": ["lat", 0], "seed": SEED,
-            "steps": steps, "cfg": CFG, "sampler": "flow_dpmpp_2m", "shift": 3.0, "denoise": 1.0}},
+        "ks_lora": core_twig_dpm(["nl", 0]),
+        "twig_lora": twig_dpm(["tl", 0]),
         # the core VAE nodes on the native VAE: decode, tiled decode, encode
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["custom", 0], "vae": ["nv", 0]}},
         "dect": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["custom", 0], "vae": ["nv", 0], "tile_size": 64,
