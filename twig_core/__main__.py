@@ -163,16 +163,24 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     total = a.steps if init is None else max(1, round(a.steps * a.denoise))
     when_loaded(text_encoder, lambda encoder: _warn_truncation(encoder, a.prompt, a.negative if a.cfg != 1.0 else None,
                                                                a.max_length))
+    bars = []  # the progress bar opens with the transformer, after what loading the other networks prints
 
+    def open_bar(model):
+        bars.append(tqdm(total=total, desc="sampling", unit="step", file=sys.stderr))
+
+    when_loaded(transformer, open_bar)
     started, stats = time.perf_counter(), Evaluations()
-    with tqdm(total=total, desc="sampling", unit="step", file=sys.stderr) as bar:
+    try:
         images = generate(
             transformer, vae, text_encoder, a.prompt, a.negative, width=width, height=height, batch_size=a.batch,
             steps=a.steps, cfg=a.cfg, seed=a.seed, sampler=a.sampler, shift=a.shift, max_length=a.max_length,
             image=init, denoise=a.denoise if init is not None else 1.0, tile_size=_tile(a.tile),
-            callback=lambda info: bar.update(1), residency=parts.residency, cache=a.cache,
+            callback=lambda info: bars[-1].update(1), residency=parts.residency, cache=a.cache,
             cfg_interval=a.cfg_interval, stats=stats,
         )
+    finally:
+        for bar in bars:
+            bar.close()
     saved = f"; {stats}" if stats.computed < stats.full else ""
     print(f"done in {time.perf_counter() - started:.1f}s{saved}", file=sys.stderr)
     out = Path(a.out)
