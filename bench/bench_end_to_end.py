@@ -10,6 +10,9 @@ weights of the real full-size architectures (Gemma-2-2B text encoder, 1600M tran
 - ``twig`` (or ``twig-NAME`` per ``--twig-preset NAME``): ``python -m twig_core generate`` (its ``main``, called
   in the contender's process with the same arguments) on the published layout (fp16 NVlabs ``.pth``, Gemma-2
   folder, DC-AE safetensors; bench/common.py writes them), with ``--preset NAME`` and ``--twig-args`` passed on.
+  That is the command line's default one-shot mode: each network loaded when its stage comes and dropped after
+  (Gemma-2, the transformer, the DC-AE), so its peak RSS is the largest network's; ``--twig-args=--keep-loaded``
+  measures the mode with all three loaded first.
 
 Both draw 20 steps at CFG 4.5 by default. Per contender it prints text-encode, sampling and decode seconds (the
 span of the pipeline's own calls: diffusers' ``encode_prompt`` / transformer ``forward`` / ``vae.decode``,

@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--image", help="input image for image to image")
     g.add_argument("--denoise", type=float, default=0.6, help="strength for --image (0 … 1)")
     g.add_argument("--out", default="twig.png", help="output PNG (batch > 1 adds _1, _2 …)")
+    g.add_argument("--keep-loaded", action="store_true",
+                   help="load all three networks before starting (the default loads each only for its stage and "
+                        "drops it after: Gemma-2, then the transformer, then the VAE; peak memory is the largest "
+                        "one, not the sum)")
     b = sub.add_parser("batch", help="a prompt file (.txt, .jsonl, .csv) to one PNG per image; under torchrun the "
                        "processes share the work")
     b.add_argument("prompts", help="prompt file: .txt (a prompt a line), .jsonl or .csv with per-row overrides")
@@ -79,17 +83,20 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:1, mps … (default: cuda, else mps, when available)")
     g.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES,
                    help="keep only the running network on the GPU (Gemma-2, then the transformer, then the VAE); "
-                        "auto: on CUDA cards under 14 GiB")
+                        "auto: on CUDA cards under 14 GiB (generate without --keep-loaded holds one at a "
+                        "time anyway)")
     g.add_argument("--tile", default="auto", help="VAE tile size in latent pixels, 'auto' or 'none'")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="apply a LoRA (diffusers/PEFT, kohya or OneTrainer file; or a demo LoRA by name, e.g. "
                         "twig_demo_pink) at a strength (default 1); repeatable, stacked in order")
 
 
-def _load(a: argparse.Namespace, device: str | None = None):
-    """The three networks the options name (the embedded demo model by default), loaded once."""
+def _load(a: argparse.Namespace, device: str | None = None, lazy: bool = False):
+    """The three networks the options name (the embedded demo model by default), loaded once; ``lazy``: each
+    when its stage comes (``loader.load_parts``), its files checked now."""
     from . import loader
-    from .devices import pick_device
+    from .devices import pick_device, when_loaded
+    from .quant import quant_summary
 
     device = pick_device(device or a.device)
     _apply_preset(a, device)
@@ -101,12 +108,14 @@ def _load(a: argparse.Namespace, device: str | None = None):
                             f"({demo_location()})")
         print(f"using {DEMO_NAME} ({transformer_path}); it knows simple coloured shapes", file=sys.stderr)
     parts = loader.load_parts(transformer_path, a.text_encoder, a.vae, dtype=a.dtype, device=device,
-                              weight_dtype=a.weight_dtype, offload=a.offload)
-    from .quant import quant_summary
+                              weight_dtype=a.weight_dtype, offload=a.offload, lazy=lazy)
 
-    for what, model in (("transformer", parts.transformer), ("text encoder", parts.text_encoder.model)):
+    def say(what, model):
         if quant_summary(model):
             print(f"{what} weights: {quant_summary(model)}", file=sys.stderr)
+
+    when_loaded(parts.transformer, lambda model: say("transformer", model))
+    when_loaded(parts.text_encoder, lambda encoder: say("text encoder", encoder.model))
     return parts
 
 
@@ -128,36 +137,50 @@ def _generate(a: argparse.Namespace) -> list[Path]:
 
     from . import image as img
     from .catalog import find_lora
-    from .lora import apply_loras, parse_lora_arg
+    from .devices import when_loaded
+    from .lora import apply_loras, parse_lora_arg, read_lora
     from .pipeline import generate
     from .step_cache import Evaluations
 
     _check(a, denoise=a.denoise if a.image else None)
-    loras = [(find_lora(f), s) for f, s in map(parse_lora_arg, a.lora)]
-    parts = _load(a)
+    loras = [(read_lora(find_lora(f)), s) for f, s in map(parse_lora_arg, a.lora)]  # read before any network
+    if a.image and not Path(a.image).is_file():
+        raise TwigError(f"--image {a.image}: no such file")
+    parts = _load(a, lazy=not a.keep_loaded)
     transformer, text_encoder, vae = parts.transformer, parts.text_encoder, parts.vae
-    loras = apply_loras(transformer, loras)
+    applied = []  # the LoRA stack as applied, for the PNG's metadata
+
+    def with_loras(model):
+        applied[:] = apply_loras(model, loras)
+
+    when_loaded(transformer, with_loras)
     native = transformer.config.sample_size * 32
     width, height = a.width or native, a.height or native
     init = None
     if a.image:
-        path = Path(a.image)
-        if not path.is_file():
-            raise TwigError(f"--image {path}: no such file")
-        pic = Image.open(path)
+        pic = Image.open(a.image)
         init = img.pil_to_model(pic.resize((width, height), Image.LANCZOS))
     total = a.steps if init is None else max(1, round(a.steps * a.denoise))
-    _warn_truncation(text_encoder, a.prompt, a.negative if a.cfg != 1.0 else None, a.max_length)
+    when_loaded(text_encoder, lambda encoder: _warn_truncation(encoder, a.prompt, a.negative if a.cfg != 1.0 else None,
+                                                               a.max_length))
+    bars = []  # the progress bar opens with the transformer, after what loading the other networks prints
 
+    def open_bar(model):
+        bars.append(tqdm(total=total, desc="sampling", unit="step", file=sys.stderr))
+
+    when_loaded(transformer, open_bar)
     started, stats = time.perf_counter(), Evaluations()
-    with tqdm(total=total, desc="sampling", unit="step", file=sys.stderr) as bar:
+    try:
         images = generate(
             transformer, vae, text_encoder, a.prompt, a.negative, width=width, height=height, batch_size=a.batch,
             steps=a.steps, cfg=a.cfg, seed=a.seed, sampler=a.sampler, shift=a.shift, max_length=a.max_length,
             image=init, denoise=a.denoise if init is not None else 1.0, tile_size=_tile(a.tile),
-            callback=lambda info: bar.update(1), residency=parts.residency, cache=a.cache,
+            callback=lambda info: bars[-1].update(1), residency=parts.residency, cache=a.cache,
             cfg_interval=a.cfg_interval, stats=stats,
         )
+    finally:
+        for bar in bars:
+            bar.close()
     saved = f"; {stats}" if stats.computed < stats.full else ""
     print(f"done in {time.perf_counter() - started:.1f}s{saved}", file=sys.stderr)
     out = Path(a.out)
@@ -166,7 +189,7 @@ def _generate(a: argparse.Namespace) -> list[Path]:
     for i, pic in enumerate(img.model_to_pil(images)):
         path = out if i == 0 else out.with_name(f"{out.stem}_{i}{out.suffix}")
         pic.save(path, pnginfo=img.png_info(a.prompt, a.negative, a.steps, a.cfg, a.seed, a.sampler, width, height,
-                                                   batch_index=i, loras=loras))
+                                                   batch_index=i, loras=applied))
         written.append(path)
         print(path)
     return written

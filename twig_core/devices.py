@@ -9,6 +9,8 @@ model manager) are layered on top by the host glue.
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from .errors import TwigError
@@ -179,21 +181,61 @@ def wants_offload(choice, device) -> bool:
     return torch.cuda.get_device_properties(dev.index or 0).total_memory < OFFLOAD_BELOW_BYTES
 
 
+class Deferred:
+    """A network named but not loaded yet: ``get()`` loads it (once, until ``release()`` drops it) and runs the
+    ``on_load`` hooks on it; ``config`` is what is known without loading (the transformer's, else None). With
+    deferred parts a one-shot run holds one network at a time (see Residency)."""
+
+    def __init__(self, name: str, load, config=None):
+        self.name, self.config, self.on_load = name, config, []
+        self._load, self._model = load, None
+
+    def get(self):
+        if self._model is None:
+            model = self._load()
+            for hook in self.on_load:
+                hook(model)
+            self._model = model
+        return self._model
+
+    def release(self) -> None:
+        self._model = None
+
+    def __repr__(self):
+        return f"Deferred({self.name}, {'loaded' if self._model is not None else 'not loaded'})"
+
+
+def when_loaded(network, hook) -> None:
+    """``hook(model)`` on a loaded network now; on a :class:`Deferred` one each time it loads."""
+    if isinstance(network, Deferred):
+        network.on_load.append(hook)
+    else:
+        hook(network)
+
+
 class Residency:
     """Which networks sit on the run ``device``. With ``offload`` only the one in use: ``use(network)`` moves
     it there and the one used before back to CPU memory (Gemma-2 leaves before sampling, the transformer
-    before decoding). Without, ``use`` returns each network where it was loaded."""
+    before decoding). Without, ``use`` returns each network where it was loaded. A :class:`Deferred` network
+    is loaded by ``use`` and dropped (its memory returned) when another network is used."""
 
     def __init__(self, device="cpu", offload: bool = False):
         self.device = torch.device(device)
         self.offload = bool(offload)
-        self._held = None  # the network moved to the device last
+        self._held = None  # the network moved to the device (or loaded) last
 
     def use(self, network):
-        if not self.offload or network is None:
+        if network is None or not (self.offload or isinstance(network, Deferred)):
             return network
         if self._held is not None and self._held is not network:
-            self._held.to("cpu")
-            clear_cache()
+            self._put_away(self._held)
         self._held = network
-        return network.to(self.device)
+        return network.get() if isinstance(network, Deferred) else network.to(self.device)
+
+    def _put_away(self, network) -> None:
+        if isinstance(network, Deferred):
+            network.release()
+            gc.collect()  # modules can sit in reference cycles; their tensors (or file mappings) go now
+        else:
+            network.to("cpu")
+        clear_cache()

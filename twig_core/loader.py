@@ -18,12 +18,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .devices import WEIGHT_DTYPE_CHOICES, Residency, resolve_dtype, wants_offload, weight_dtype_kwargs  # noqa: F401
+from .devices import WEIGHT_DTYPE_CHOICES, resolve_dtype, weight_dtype_kwargs  # noqa: F401  (re-exported)
+from .devices import Deferred, Residency, wants_offload
 from .devices import text_dtype as _text_dtype
 from .errors import TwigError
 from .gemma import gemma2_config_from_shapes, load_text_encoder
-from .layout import KIND_NAMES, classify, component_folder, detect, pick_weight_set
-from .networks import load_transformer, load_vae
+from .layout import KIND_NAMES, classify, component_folder, detect, open_source, pick_weight_set
+from .networks import load_transformer, load_vae, read_transformer_config
 from .tokenizer import load_tokenizer, tokenizer_from_spiece
 from .weights import PrefixedWeights, SafetensorsFile, TorchFile, UnionWeights, Weights, open_weights
 
@@ -54,7 +55,7 @@ __all__ = [
 @dataclass
 class Parts:
     """The three networks of a text-to-image run, and where they run (``residency.use(network)`` before each
-    use puts it on the device; see devices.Residency)."""
+    use puts it on the device, or loads it when it is a ``devices.Deferred``; see devices.Residency)."""
 
     transformer: Any
     text_encoder: Any
@@ -63,15 +64,20 @@ class Parts:
 
 
 def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu", weight_dtype=None,
-               offload=False) -> Parts:
+               offload=False, lazy=False) -> Parts:
     """Load the three networks. ``transformer`` may be a pipeline folder (or an all-in-one file), in which
     case a missing ``text_encoder``/``vae`` is taken from it. ``dtype`` is resolved per network for ``device``
     ("auto": see devices.resolve_dtype). ``weight_dtype`` keeps the transformer's and the VAE's weights in
     that dtype ("stored": as in the file) while they compute in ``dtype``. ``offload`` (devices.wants_offload:
-    "auto", "on", "off"): the networks load into CPU memory and each goes to ``device`` only while it runs."""
+    "auto", "on", "off"): the networks load into CPU memory and each goes to ``device`` only while it runs.
+
+    ``lazy``: nothing is loaded now; each part is a ``devices.Deferred`` (the transformer's with its config)
+    that ``parts.residency.use`` loads onto ``device`` when its stage comes and drops when the next one does,
+    so a one-shot run holds one network at a time (``offload`` is then moot). Each path is checked now, so a
+    wrong file fails before the first network loads."""
     if transformer is None:
         raise TwigError("no transformer given (a checkpoint file, a diffusers folder or a pipeline folder)")
-    residency = Residency(device, wants_offload(offload, device))
+    residency = Residency(device, wants_offload(offload, device) and not lazy)
     dtypes = {role: resolve_dtype(dtype, device, role) for role in ("diffusion", "vae", "text")}
     kind = detect(transformer)
     if kind not in ("pipeline", "transformer"):
@@ -89,11 +95,29 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
     if vae is None:
         raise TwigError(f"{transformer}: holds no VAE; give a DC-AE file or folder")
     home = "cpu" if residency.offload else device
-    model = load_transformer(transformer, device=home, **weight_dtype_kwargs(weight_dtype, dtypes["diffusion"], device))
-    te = load_text_encoder(text_encoder, dtype=_text_dtype(dtypes["text"], device), device=home,
-                           expected_width=model.config.caption_channels)
-    ae = load_vae(vae, device=home, **weight_dtype_kwargs(weight_dtype, dtypes["vae"], device, "vae"))
-    return Parts(model, te, ae, residency)
+    transformer_kw = weight_dtype_kwargs(weight_dtype, dtypes["diffusion"], device)
+    vae_kw = weight_dtype_kwargs(weight_dtype, dtypes["vae"], device, "vae")
+
+    def transformer_():
+        return load_transformer(transformer, device=home, **transformer_kw)
+
+    def text_encoder_(width):
+        return load_text_encoder(text_encoder, dtype=_text_dtype(dtypes["text"], device), device=home,
+                                 expected_width=width)
+
+    def vae_():
+        return load_vae(vae, device=home, **vae_kw)
+
+    if not lazy:
+        model = transformer_()
+        return Parts(model, text_encoder_(model.config.caption_channels), vae_(), residency)
+    config = read_transformer_config(transformer, device=device, dtype=transformer_kw["dtype"])
+    transformer_kw["config"] = config  # read once: the load builds this config without inferring it again
+    open_source(text_encoder, "text_encoder")  # the right kind of file, headers only
+    open_source(vae, "vae", dtype=vae_kw["dtype"])
+    return Parts(Deferred("transformer", transformer_, config),
+                 Deferred("text encoder", lambda: text_encoder_(config.caption_channels)),
+                 Deferred("VAE", vae_), residency)
 
 
 def load_pipeline(path, dtype=None, device="cpu", offload=False) -> Parts:

@@ -57,28 +57,8 @@ def load_transformer(
 
     dtype = resolve_dtype(dtype, device)
     compute_dtype = resolve_dtype(compute_dtype, device)
-    src = open_source(path, "transformer", variant, dtype)
+    src, config, ours_meta, diffusers_names = _open_transformer(path, variant, dtype, pos_embed, config, overrides)
     label = src.label
-    diffusers_names = keymap.is_diffusers_transformer(src.weights.keys())
-    metas = src.weights.meta_dict()
-    ours_meta = keymap.rename(metas, keymap.TRANSFORMER_KEYS, "to_ours") if diffusers_names else metas
-    guess = False  # config inferred from tensor shapes: head counts are not among them
-    with named_errors(label):
-        if config is None:
-            if src.config is not None:
-                config = TransformerConfig.from_diffusers_config(src.config, label)
-                if pos_embed is not None:
-                    config = config.replace(pos_embed=bool(pos_embed))
-                if overrides:
-                    config = config.replace(**overrides)
-            else:
-                config = TransformerConfig.from_state_dict(ours_meta, pos_embed=pos_embed, **overrides)
-                guess = True
-    if guess:
-        config = _heads_beside(path, config, overrides)
-    _check_fits(config, ours_meta, label)
-    for name in keymap.NVLABS_UNUSED:
-        ours_meta.pop(name, None)
     try:
         with torch.device("meta"):
             model = TwigTransformer(config, compute_dtype=compute_dtype)
@@ -103,6 +83,40 @@ def load_transformer(
                             f"{str(model.dtype).removeprefix('torch.')}")
         int8_products.enable(model)
     return model.eval()
+
+
+def read_transformer_config(path, dtype=None, device="cpu", *, pos_embed: bool | None = None,
+                            variant: str | None = None, config: TransformerConfig | None = None, **overrides):
+    """The config :func:`load_transformer` would build for the same arguments (checked against the tensor
+    shapes), read from the file's header and shapes without reading the weights."""
+    return _open_transformer(path, variant, resolve_dtype(dtype, device), pos_embed, config, overrides)[1]
+
+
+def _open_transformer(path, variant, dtype, pos_embed, config, overrides):
+    """(source, config, every tensor's meta under our names less NVlabs' unused ones, diffusers names?)."""
+    src = open_source(path, "transformer", variant, dtype)
+    label = src.label
+    diffusers_names = keymap.is_diffusers_transformer(src.weights.keys())
+    metas = src.weights.meta_dict()
+    ours_meta = keymap.rename(metas, keymap.TRANSFORMER_KEYS, "to_ours") if diffusers_names else metas
+    guess = False  # config inferred from tensor shapes: head counts are not among them
+    with named_errors(label):
+        if config is None:
+            if src.config is not None:
+                config = TransformerConfig.from_diffusers_config(src.config, label)
+                if pos_embed is not None:
+                    config = config.replace(pos_embed=bool(pos_embed))
+                if overrides:
+                    config = config.replace(**overrides)
+            else:
+                config = TransformerConfig.from_state_dict(ours_meta, pos_embed=pos_embed, **overrides)
+                guess = True
+    if guess:
+        config = _heads_beside(path, config, overrides)
+    _check_fits(config, ours_meta, label)
+    for name in keymap.NVLABS_UNUSED:
+        ours_meta.pop(name, None)
+    return src, config, ours_meta, diffusers_names
 
 
 def _check_fits(config: TransformerConfig, meta: dict, label: str) -> None:
@@ -137,7 +151,7 @@ def _heads_beside(path, config: TransformerConfig, overrides: dict) -> Transform
         warnings.warn(f"{path}: width {config.width} is not a published Sana size and the file does not store its "
                       f"attention heads; guessed {config.heads} linear heads and {config.cross_heads} cross heads. "
                       "If the output looks wrong, put a config.json beside it (num_attention_heads, "
-                      "num_cross_attention_heads) or pass heads= / cross_heads=", stacklevel=3)
+                      "num_cross_attention_heads) or pass heads= / cross_heads=", stacklevel=4)
     return config.replace(**stated) if stated else config
 
 

@@ -130,17 +130,17 @@ def generate(
     ``tile_size``: VAE tiles in latent pixels; "auto" tiles only images larger than 1024², None never tiles
     (see dcae_exec: out of memory, the VAE retries with smaller tiles). ``residency`` (``Parts.residency``)
     puts each network on the device before it runs; with offloading, only that one. ``cache``,
-    ``cfg_interval`` and ``stats``: as for :func:`sample_latents`.
+    ``cfg_interval`` and ``stats``: as for :func:`sample_latents`. Each network is used in one stretch (image to
+    image: VAE encode, text, transformer, VAE decode) and no reference to it is kept after its stage, so
+    deferred parts (``loader.load_parts(lazy=True)``) are held one at a time.
     """
     use = (residency or Residency()).use
-    encoder = use(text_encoder)
-    cond = encoder.encode([prompt], max_length=max_length, use_instruction=True)
-    uncond = encoder.encode([negative], max_length=max_length, use_instruction=False) if cfg != 1.0 else None
     init = None
-    if image is not None:
+    if image is not None:  # first: with deferred networks the VAE is then loaded and dropped before Gemma-2 loads
         check_size(image.shape[-1], image.shape[-2])
         with torch.no_grad():
             init = dcae_exec.encode(use(vae), image.float(), tile_size=tile_size)[0].float().cpu()
+    cond, uncond = _encode(use(text_encoder), prompt, negative if cfg != 1.0 else None, max_length)
     latents = sample_latents(
         use(transformer), cond, uncond, width=width, height=height, batch_size=batch_size, steps=steps, cfg=cfg,
         seed=seed, sampler=sampler, shift=shift, init_latent=init, denoise=denoise if init is not None else 1.0,
@@ -148,3 +148,11 @@ def generate(
     )
     with torch.no_grad():
         return dcae_exec.decode(use(vae), latents, tile_size=tile_size)[0].float().cpu()
+
+
+def _encode(encoder, prompt: str, negative: str | None, max_length: int):
+    """(cond, uncond or None); a function of its own so that no reference to the encoder outlives it."""
+    cond = encoder.encode([prompt], max_length=max_length, use_instruction=True)
+    if negative is None:
+        return cond, None
+    return cond, encoder.encode([negative], max_length=max_length, use_instruction=False)
