@@ -110,10 +110,11 @@ def build_fast_tokenizer(vocab_size: int = 600):
                                    unk_token="<unk>")
 
 
-def tiny_gemma2_config(vocab_size: int):
+def tiny_gemma2_config(vocab_size: int, **sizes):
+    """The tiny Gemma-2's config; ``sizes`` replace any of its fields (e.g. a wider model)."""
     from transformers import Gemma2Config
 
-    return Gemma2Config(
+    fields = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -128,14 +129,16 @@ def tiny_gemma2_config(vocab_size: int):
         bos_token_id=2,
         attn_implementation="eager",
     )
+    return Gemma2Config(**{**fields, **sizes})
 
 
-def build_tiny_gemma2(tokenizer, seed: int = 0, causal_lm: bool = False):
-    """A random tiny Gemma-2 (eval mode, float32). Norm weights are randomized too, so nothing is trivial."""
+def build_tiny_gemma2(tokenizer, seed: int = 0, causal_lm: bool = False, **sizes):
+    """A random tiny Gemma-2 (eval mode, float32; ``sizes``: config fields to change, see tiny_gemma2_config).
+    Norm weights are randomized too, so nothing is trivial."""
     from transformers import Gemma2ForCausalLM, Gemma2Model
 
     torch.manual_seed(seed)
-    config = tiny_gemma2_config(len(tokenizer))
+    config = tiny_gemma2_config(len(tokenizer), **sizes)
     model = (Gemma2ForCausalLM if causal_lm else Gemma2Model)(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -144,10 +147,10 @@ def build_tiny_gemma2(tokenizer, seed: int = 0, causal_lm: bool = False):
     return model.eval()
 
 
-def save_tiny_gemma2_folder(path: str | os.PathLike, seed: int = 0, causal_lm: bool = False):
+def save_tiny_gemma2_folder(path: str | os.PathLike, seed: int = 0, causal_lm: bool = False, **sizes):
     """Save a tiny Gemma-2 + tokenizer as a plain Hugging Face folder; returns (model, tokenizer)."""
     tokenizer = build_tiny_gemma_tokenizer()
-    model = build_tiny_gemma2(tokenizer, seed=seed, causal_lm=causal_lm)
+    model = build_tiny_gemma2(tokenizer, seed=seed, causal_lm=causal_lm, **sizes)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return model, tokenizer

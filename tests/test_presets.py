@@ -207,3 +207,92 @@ def test_cli_fast_preset_sets_the_cache_unless_given():
     a = _parser().parse_args(["generate", "--prompt", "x", "--preset", "fast", "--cache", "0"])
     _apply_preset(a, torch.device("cpu"))
     assert a.cache == 0
+
+
+# Gemma-2 for the text-encoder bounds: the tiny one of the other tests and a wider one (hundreds of channels a
+# product, four layers), each saved as a Hugging Face folder; the reference is transformers' own fp32 Gemma2Model.
+GEMMAS = {"tiny": {}, "wide": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64)}
+TEXT_PROMPTS = ("A small, fluffy white cat curled up on a windowsill", "a red bus in the rain; 一辆红色的公共汽车", "")
+
+
+@pytest.fixture(scope="module", params=sorted(GEMMAS))
+def gemma(request, tmp_path_factory):
+    from tests.builders import save_tiny_gemma2_folder
+    from twig_core.text import TextEncoder
+
+    folder = tmp_path_factory.mktemp("gemma") / request.param
+    model, tokenizer = save_tiny_gemma2_folder(folder, seed=1, **GEMMAS[request.param])
+    return folder, TextEncoder(model, tokenizer)
+
+
+def text_states(encoder):
+    """Every prompt's final states over its kept tokens (mask), positive (with Sana's instruction) and negative."""
+    out = []
+    for prompt in TEXT_PROMPTS:
+        for instruction in (True, False):
+            c = encoder.encode(prompt, 300, use_instruction=instruction)
+            out.append(c.embeds[c.mask.bool()])
+    return out
+
+
+def load_text_preset(folder, name):
+    """Gemma-2 as load_parts loads it for the preset on the CPU."""
+    from twig_core.gemma import load_text_encoder
+
+    p = presets.resolve(name, "cpu")
+    return load_text_encoder(folder, dtype=resolve_dtype(p.dtype, "cpu", "text"), int8=p.weight_dtype == "int8")
+
+
+@pytest.mark.parametrize("name", presets.PRESET_NAMES)
+def test_each_preset_keeps_its_text_error_bound(gemma, name):
+    folder, ref = gemma
+    encoder = load_text_preset(folder, name)
+    errors = [rel(g, w) for g, w in zip(text_states(encoder), text_states(ref))]
+    assert max(errors) <= presets.TEXT_ERROR[name], f"{name}: final states off by {max(errors):.2e}"
+    assert int8.enabled(encoder.model) == (presets.resolve(name, "cpu").weight_dtype == "int8")
+
+
+def test_text_int8_switches_off_exactly_and_does_not_depend_on_what_ran_before(gemma):
+    folder, ref = gemma
+    from twig_core.gemma import load_text_encoder
+
+    encoder = load_text_encoder(folder, dtype=torch.float32, int8=True)
+    assert sum(isinstance(m, torch.nn.Linear) and int8.enabled(m) for m in encoder.model.modules()) == \
+        len(int8.TEXT_TARGETS) * encoder.model.config.num_hidden_layers
+    quick = text_states(encoder)
+    assert int8.memory_bytes(encoder.model) > 0
+    encoder.encode(["something else entirely", "and more, 更多"], 40)  # other inputs, other lengths
+    assert encoder.use_int8(False) == len(int8.TEXT_TARGETS) * encoder.model.config.num_hidden_layers
+    assert not int8.enabled(encoder.model)
+    assert all(type(m) is torch.nn.Linear for n, m in encoder.model.named_modules() if n.endswith(int8.TEXT_TARGETS))
+    assert all(torch.equal(g, w) for g, w in zip(text_states(encoder), text_states(ref)))  # fp32 again, exactly
+    encoder.use_int8()
+    assert all(torch.equal(g, w) for g, w in zip(text_states(encoder), quick))  # the same calibration, bit for bit
+
+
+def test_text_int8_over_a_q8_0_gguf(gemma, tmp_path):
+    """GGUF-held Gemma linears (twig_core.quant) take the int8 products too, within the fast bound of fp32."""
+    pytest.importorskip("gguf")
+    from twig_core.convert import convert
+    from twig_core.gemma import load_text_encoder
+    from twig_core.quant import QuantizedLayer
+
+    folder, ref = gemma
+    out = tmp_path / "gemma.q8_0.gguf"
+    convert(folder, out, "q8_0")
+    encoder = load_text_encoder(out, dtype=torch.float32, int8=True)
+    assert isinstance(encoder.model.layers[0].mlp.down_proj, QuantizedLayer) and int8.enabled(encoder.model)
+    errors = [rel(g, w) for g, w in zip(text_states(encoder), text_states(ref))]
+    assert max(errors) <= presets.TEXT_ERROR["fast"]
+
+
+def test_text_int8_is_for_the_cpu_in_fp32_and_the_int8_choice_turns_it_on(gemma, tiny_pipeline):
+    from twig_core import loader
+
+    folder, _ = gemma
+    with pytest.raises(TwigError, match="int8 products run on the CPU computing in fp32"):
+        loader.load_text_encoder(folder, dtype=torch.bfloat16, int8=True)
+    for weight_dtype, dtype, on in (("int8", "fp32", True), ("int8", "bf16", False), ("same", "fp32", False)):
+        parts = loader.load_parts(tiny_pipeline, dtype=dtype, weight_dtype=weight_dtype)
+        assert int8.enabled(parts.text_encoder.model) == on, (weight_dtype, dtype)

@@ -1,4 +1,5 @@
-"""int8 matrix products for the transformer's large layers on CPU (the ``int8`` weight choice).
+"""int8 matrix products for the large layers on CPU: the transformer's (the ``int8`` weight choice, :func:`enable`)
+and Gemma-2's linears (:func:`enable_linears` with ``TEXT_TARGETS``, switched by ``TextEncoder.use_int8``).
 
 A layer switched on with :func:`enable` hands ``ops.dense`` an :class:`Int8Weight` instead of a float tensor: a
 view of the layer's weight (and of any row or column slice the caller takes, as the fused q/k/v and the Mix-FFN's
@@ -9,7 +10,9 @@ weights), quantized once per output channel to int8 (symmetric, scale = max |w| 
 activations divided by the same smoothing and quantized per call over the whole tensor (dynamic, with a zero point chosen per call, to 7 bits: the
 u8·s8 kernels add pairs of products in 16 bits, which full 8-bit activations overflow — that saturation made a
 step's error twice as large on random weights), products summed in int32 and scaled back to fp32, bias added
-in fp32.
+in fp32. Layers switched on ``per_token`` (Gemma-2's) scale every row of the activations to a maximum of 1 first
+and the product's rows back after, so the 7-bit scale is in effect one per token: Gemma's gated MLP and attention
+outputs differ enough between tokens that one scale over the tensor gave its final states half again the error.
 
 Packs are made on first use from the layer's float weight as ``ops.weights`` would give it (GGUF/fp8 storage
 widened, LoRA adapters folded) and kept on the layer, one per slice; a changed LoRA stack (adapters or strengths)
@@ -64,28 +67,76 @@ def _engine():
 TARGETS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "mlp.inverted_conv.conv", "mlp.point_conv.conv")
 
 
+def _require_engine(on: bool) -> None:
+    if on and engine() is None:
+        raise TwigError("int8 weights need torch's quantized CPU engine (x86 or fbgemm), which this torch build "
+                        "lacks; choose fp16, bf16 or same")
+
+
+def _switch(layer: nn.Module, on: bool, source: nn.Module | None = None, per_token: bool = False) -> None:
+    """Mark ``layer`` to compute in int8 (taking over ``source``'s smoothing and packs when given; ``per_token``:
+    one activation scale per row, see ``dense``) or in float again (its packs and smoothing dropped)."""
+    if on:
+        layer._twig_int8 = dict(getattr(source, "_twig_int8", {}))
+        layer._twig_smooth = dict(getattr(source, "_twig_smooth", {}))
+        layer._twig_per_token = per_token
+    else:
+        for name in ("_twig_int8", "_twig_smooth", "_twig_per_token"):
+            layer.__dict__.pop(name, None)
+
+
 def enable(model: nn.Module, on: bool = True, like: nn.Module | None = None) -> int:
     """Switch the int8 products of ``model``'s target layers on (or off, dropping their packs). Returns how many
     layers were switched. ``like``: a model with the same layers and weights whose smoothing and packs to take
     over instead of calibrating again (a host's rebuild of the same transformer). Raises TwigError when turning
     on where this torch has no quantized CPU engine."""
-    if on and engine() is None:
-        raise TwigError("int8 weights need torch's quantized CPU engine (x86 or fbgemm), which this torch build "
-                        "lacks; choose fp16, bf16 or same")
+    _require_engine(on)
     count = 0
     for i, block in enumerate(getattr(model, "blocks", ())):
         for name in TARGETS:
-            layer = block.get_submodule(name)
-            if on:
-                source = None if like is None else like.blocks[i].get_submodule(name)
-                layer._twig_int8 = dict(getattr(source, "_twig_int8", {}))
-                layer._twig_smooth = dict(getattr(source, "_twig_smooth", {}))
-            else:
-                layer.__dict__.pop("_twig_int8", None)
-                layer.__dict__.pop("_twig_smooth", None)
+            _switch(block.get_submodule(name), on, None if like is None else like.blocks[i].get_submodule(name))
             count += 1
     if on and count and like is None:
         calibrate(model)
+    return count
+
+
+# Gemma-2's layers that compute in int8 (inside every decoder layer): attention's q/k/v/o projections and the MLP's
+# gate/up/down, nearly all of its multiply-adds. The embedding lookup, the norms, RoPE and the attention products
+# themselves (softmax with soft-capping) stay float.
+TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def enable_linears(model: nn.Module, names, on: bool = True, calibrate=None, per_token: bool = True) -> int:
+    """Switch int8 products on (or off) for the Linear layers of ``model`` whose qualified names end with one of
+    ``names`` (e.g. ``"mlp.down_proj"``), in a model built from plain ``nn.Linear`` (transformers' Gemma-2). A plain
+    Linear computes through ``ops.dense`` while switched on (its class becomes ``ops.Linear``) and gets its own
+    class back when switched off, so the float model returns exactly; a layer that already computes through
+    ``ops.weights`` (GGUF-held, ``twig_core.quant``) keeps its class. ``calibrate``: called once after switching
+    on, to run ``model`` on a fixed input that fixes every layer's smoothing. ``per_token``: one activation
+    scale per row (token), as ``dense`` describes. Returns how many layers were
+    switched; TwigError for another kind of layer, or where this torch has no quantized CPU engine."""
+    from . import ops
+    from .quant import QuantizedLayer
+
+    _require_engine(on)
+    count = 0
+    for full, layer in model.named_modules():
+        if not any(full == n or full.endswith("." + n) for n in names):
+            continue
+        if on and type(layer) is nn.Linear:
+            layer._twig_float_class = nn.Linear
+            layer.__class__ = ops.Linear
+        elif not on and "_twig_float_class" in layer.__dict__:
+            layer.__class__ = layer.__dict__.pop("_twig_float_class")
+        elif on and not isinstance(layer, (ops.Linear, QuantizedLayer)):
+            raise TwigError(f"{full}: a {type(layer).__name__} cannot compute in int8 (only Linear layers can)")
+        _switch(layer, on, per_token=per_token)
+        count += 1
+    if on and count and calibrate is not None:
+        with torch.no_grad():
+            calibrate()
     return count
 
 
@@ -203,11 +254,19 @@ def pack(w: torch.Tensor, bias: torch.Tensor | None):
 
 
 def dense(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ w^T + bias`` through the int8 kernels (x: CPU fp32 [..., in])."""
-    packed, smooth = w.packed(bias, x)
+    """``x @ w^T + bias`` through the int8 kernels (x: CPU fp32 [..., in]). A layer switched on ``per_token``
+    quantizes its activations with one scale per row (token) instead of one over the tensor."""
+    per_token = getattr(w.layer, "_twig_per_token", False)
+    packed, smooth = w.packed(None if per_token else bias, x)
     lead = x.shape[:-1]
+    x = (x / smooth).reshape(-1, x.shape[-1])
+    if per_token:  # every row to a maximum of 1: the kernel's one scale over the tensor is then one per token
+        size = x.abs().amax(1, keepdim=True).clamp_min_(1e-12)
+        x = x.div_(size)
     with _engine():
-        y = torch.ops.quantized.linear_dynamic((x / smooth).reshape(-1, x.shape[-1]), packed, True)  # 7-bit
+        y = torch.ops.quantized.linear_dynamic(x, packed, True)  # 7-bit
+    if per_token:
+        y = y.mul_(size) if bias is None else torch.addcmul(bias.float(), y, size)
     return y.view(*lead, y.shape[-1])
 
 
