@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tests.builders import (TINY_CORPUS, TINY_TRANSFORMER, save_tiny_gemma2_folder, tiny_transformer,
                             transformer_inputs)
 from twig_core import keymap, quant
-from twig_core.convert import convert, dense_state
+from twig_core.convert import convert
 from twig_core.errors import TwigError
 from twig_core.loader import detect, load_text_encoder, load_transformer
 
@@ -65,9 +65,22 @@ def _file_tensors(path):
     return out
 
 
+def _dense_state(model):
+    """name -> the weight each layer of a loaded model computes with, in its checkpoint's name (a quantized
+    layer's blocks widened to fp32, as it widens them), in the model's order."""
+    out = {}
+    for name, t in model.state_dict().items():
+        mod_name, _, leaf = name.rpartition(".")
+        if leaf == "qweight":
+            out[f"{mod_name}.weight"] = model.get_submodule(mod_name).dequantized(torch.float32)
+        elif leaf != "qscale":
+            out[name] = t
+    return out
+
+
 def _weights_of(model):
     """name -> the weight each layer computes with (quantized layers widened), fp32."""
-    return {name: t.float() for name, t in dense_state(model)}
+    return {name: t.float() for name, t in _dense_state(model).items()}
 
 
 @pytest.fixture(scope="module")
@@ -591,3 +604,160 @@ def test_converter_holds_one_tensor_at_a_time_not_the_model(tiny_gemma, tmp_path
     te = load_text_encoder(tmp_path / "big.gguf", dtype=torch.float32)
     w = te.model.layers[3].mlp.down_proj.dequantized(torch.float32)
     np.testing.assert_array_equal(w.numpy(), in_file["blk.3.ffn_down.weight"][1])
+
+
+def _built_model_conversion(src, out, type_name):
+    """What the converter wrote when it loaded the transformer whole first: every weight of the loaded model, in
+    its order, through the same GGUF plan, or (fp8) collected in a dict and saved by safetensors' own writer."""
+    import json
+
+    from twig_core import convert as conv
+    from twig_core.gguf_io import ARCHITECTURES, CONFIG_KEY, write_gguf
+
+    model = load_transformer(src)
+    weights = _dense_state(model)
+    meta = {CONFIG_KEY: json.dumps(model.config.to_diffusers_config())}
+    if type_name == "fp8":
+        sd = {}
+        for name, t in weights.items():
+            t = t.detach().float()
+            if name.endswith(".weight") and t.dim() in (2, 4) and t.shape[2:] in ((), (1, 1)) \
+                    and "scale_shift_table" not in name and t.numel() > 1024:
+                scale = t.reshape(t.shape[0], -1).abs().amax(1).clamp_min(1e-12) / conv.FP8_MAX
+                sd[name] = (t / scale.reshape(-1, *[1] * (t.dim() - 1))).to(torch.float8_e4m3fn)
+                sd[name[: -len("weight")] + "scale_weight"] = scale
+            else:
+                sd[name] = t.contiguous()
+        sd["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+        save_file(sd, str(out), metadata=meta)
+        return
+    orig_shapes = {}
+    plan = conv._gguf_plan({n: tuple(t.shape) for n, t in weights.items()}, weights.__getitem__,
+                           conv.TYPES[type_name], conv.WIDE["transformer"], orig_shapes)
+    write_gguf(str(out), ARCHITECTURES["transformer"], plan, meta, orig_shapes)
+
+
+@pytest.fixture(scope="module")
+def transformer_sources(tmp_path_factory):
+    """The tiny transformer as an NVlabs fp16 .pth (with the unused tensors), a diffusers fp16 folder, a
+    safetensors file of mixed dtypes, and a Q8_0 GGUF."""
+    import json
+
+    d = tmp_path_factory.mktemp("sources")
+    sd = tiny_transformer(seed=3).state_dict()
+    nv = {k: v.half() for k, v in sd.items()}
+    nv["pos_embed"], nv["y_embedder.y_embedding"] = torch.zeros(1, 16, 64).half(), torch.zeros(300, 64).half()
+    torch.save({"state_dict": nv}, d / "nvlabs.pth")
+    (d / "diffusers").mkdir()
+    save_file({k: v.half() for k, v in keymap.ours_to_diffusers(sd).items()},
+              str(d / "diffusers" / "diffusion_pytorch_model.safetensors"))
+    (d / "diffusers" / "config.json").write_text(json.dumps(
+        {"_class_name": "SanaTransformer2DModel", **TINY_TRANSFORMER.to_diffusers_config()}))
+    save_file({**sd, "blocks.0.attn.qkv.weight": sd["blocks.0.attn.qkv.weight"].bfloat16()}, str(d / "mixed.safetensors"))
+    convert(d / "mixed.safetensors", d / "q8.gguf", "q8_0")
+    return {p.name: p for p in (d / "nvlabs.pth", d / "diffusers", d / "mixed.safetensors", d / "q8.gguf")}
+
+
+@pytest.mark.parametrize("type_name", ["q4_k_m", "f16", "fp8"])
+def test_streamed_transformer_conversion_equals_the_built_models(transformer_sources, tmp_path, type_name):
+    """The converter reads the transformer tensor by tensor without building it; the file it writes is byte for
+    byte the one written from the whole loaded model (fp8: the one safetensors' save_file writes). From a
+    quantized source the tensors are the same, listed in the checkpoint's order."""
+    ext = "safetensors" if type_name == "fp8" else "gguf"
+    for name, src in transformer_sources.items():
+        got, want = tmp_path / f"{name}.got.{ext}", tmp_path / f"{name}.want.{ext}"
+        convert(src, got, type_name)
+        _built_model_conversion(src, want, type_name)
+        if name.endswith(".gguf") and ext == "gguf":
+            mine, ref = _file_tensors(str(got)), _file_tensors(str(want))
+            assert list(mine) != list(ref) and set(mine) == set(ref)
+            for k, (qtype, values, shape) in ref.items():
+                assert mine[k][0] == qtype and mine[k][2] == shape, k
+                np.testing.assert_array_equal(mine[k][1], values, err_msg=k)
+            continue
+        assert got.read_bytes() == want.read_bytes(), name
+
+
+def test_streamed_conversion_refuses_a_partial_transformer_before_writing(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    _, src = tiny_checkpoint
+    sd = load_file(str(src))
+    del sd["blocks.1.attn.proj.weight"]
+    sd["blocks.0.cross_attn.q_linear.weight"] = sd["blocks.0.cross_attn.q_linear.weight"][:, :32].contiguous()
+    save_file(sd, str(tmp_path / "partial.safetensors"))
+    for type_name, out in (("q8_0", tmp_path / "p.gguf"), ("fp8", tmp_path / "p.safetensors")):
+        with pytest.raises(TwigError) as err:
+            convert(tmp_path / "partial.safetensors", out, type_name)
+        with pytest.raises(TwigError) as loader_err:
+            load_transformer(tmp_path / "partial.safetensors")
+        assert str(err.value) == str(loader_err.value)
+        assert "partial.safetensors" in str(err.value) and "blocks.1.attn.proj.weight" in str(err.value)
+        assert not out.exists() and not (tmp_path / (out.name + ".part")).exists()
+
+
+def test_safetensors_writer_equals_save_file(tmp_path):
+    from safetensors import safe_open
+
+    from twig_core.weights import SafetensorsFile, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"b.weight": torch.randn(5, 7, generator=g).to(torch.float8_e4m3fn), "b.scale_weight": torch.rand(5),
+          "a.bias": torch.randn(3, generator=g).half(), "z": torch.arange(9, dtype=torch.uint8),
+          "m": torch.randn(2, 3, generator=g).bfloat16(), "e": torch.zeros(0, dtype=torch.float8_e4m3fn),
+          "i": torch.arange(4), "\u00e9t\u00e9": torch.ones(1)}
+    for metadata in (None, {}, {"twig.diffusers_config": '{"a": "\\"\u00e9\\n"}'}):
+        entries = [(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in sd.items()]
+        write_safetensors(str(tmp_path / "ours.safetensors"), entries, metadata)
+        save_file(sd, str(tmp_path / "ref.safetensors"), metadata=metadata)
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "ours.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+        for k, v in sd.items():
+            assert torch.equal(f.get_tensor(k).view(torch.uint8), v.view(torch.uint8)), k
+    ours = SafetensorsFile(str(tmp_path / "ours.safetensors"))
+    assert torch.equal(ours["m"], sd["m"]) and ours.metadata == metadata
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets /proc/self peak memory")
+@pytest.mark.parametrize("source", ["nvlabs.pth", "model.safetensors"])
+def test_transformer_conversion_holds_one_tensor_at_a_time(tmp_path, source):
+    """Converting an fp16 transformer (276 MB in fp32) to Q8_0 GGUF and to fp8 raises this process's peak resident
+    memory by far less than the model's size: nothing is built, tensors are read, encoded and written one at a
+    time, and a memory-mapped .pth's pages leave the resident set once written (building the model first, as
+    the converter once did, adds at least its fp16 size, half the fp32 one)."""
+    import ctypes
+    import gc
+
+    from twig_core.transformer import TwigTransformer
+
+    cfg = TINY_TRANSFORMER.replace(width=512, depth=16, heads=16, cross_heads=8, caption_channels=512)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in TwigTransformer(cfg).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (torch.randn(s, generator=g) * 0.05).half() for k, s in shapes.items()}
+    src = tmp_path / source
+    torch.save({"state_dict": sd}, src) if source.endswith(".pth") else save_file(sd, str(src))
+    fp32_kib = sum(math.prod(s) for s in shapes.values()) * 4 // 1024
+    del sd
+    model, small = tiny_transformer(), tmp_path / "small.safetensors"
+    save_file(model.state_dict(), str(small))
+    for type_name in ("q8_0", "fp8"):  # everything the converter imports, imported
+        convert(small, tmp_path / f"warm.{type_name}", type_name)
+    for type_name, out in (("q8_0", tmp_path / "big.gguf"), ("fp8", tmp_path / "big.safetensors")):
+        gc.collect()
+        ctypes.CDLL(None).malloc_trim(0)  # the source's making freed its heap: give it back, so none is reused
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+        before = _status_kib("VmRSS")
+        convert(src, out, type_name)
+        added = _status_kib("VmHWM") - before
+        # q8_0: the built model held fp32/2 (fp16) at least; fp8: that and the fp8 copy, 3/4 of fp32. What is left
+        # is about one tensor's fp32 temporaries and the heap they leave (fp8 makes several per weight)
+        bound = fp32_kib / (4 if type_name == "q8_0" else 2)
+        assert added < bound, f"{type_name}: converting added {added} KiB at its peak; fp32 is {fp32_kib} KiB"
+    loaded = load_transformer(tmp_path / "big.gguf", dtype=torch.float32)
+    w = loaded.blocks[7].mlp.point_conv.conv.dequantized(torch.float32)
+    np.testing.assert_array_equal(w.numpy(), _file_tensors(str(tmp_path / "big.gguf"))["blocks.7.mlp.point_conv.conv.weight"][1])
+    fp8 = load_transformer(tmp_path / "big.safetensors", dtype=torch.float32)
+    assert fp8.blocks[7].attn.qkv.qweight.dtype == torch.float8_e4m3fn

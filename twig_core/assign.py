@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import TwigError
-from .quant import QTensor, attach
+from .quant import QTensor, attach, keeps_quantized
 from .weights import shortlist
 
 def check_keys(model: nn.Module, got: Mapping[str, torch.Tensor], label: str, what: str, hint: str = ""):
@@ -62,9 +62,7 @@ def assign(model: nn.Module, tensors, names, dtype: torch.dtype, device, label: 
         if isinstance(t, QTensor):  # GGUF blocks or fp8: kept narrow in their layer
             attach(mod, leaf, t, dtype, device)
             continue
-        if t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        t = t.to(device)
+        t = _cast(t, dtype).to(device)
         if leaf in mod._parameters:
             mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
         else:
@@ -72,6 +70,21 @@ def assign(model: nn.Module, tensors, names, dtype: torch.dtype, device, label: 
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if check and left:
         raise TwigError(f"{label}: tensors left unloaded: {shortlist(left)}")  # pragma: no cover
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+
+
+def widened(model: nn.Module, name: str, t, dtype: torch.dtype) -> torch.Tensor:
+    """The weight ``name`` of a meta-device ``model`` as ``assign`` would give it from ``t`` (same ``dtype``),
+    as a plain tensor on the CPU: floats in ``dtype``; a quantized one widened as its layer gives it
+    (``dequantized(fp32)`` where ``attach`` keeps it quantized, else ``dtype``). What a converter reads."""
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if isinstance(t, QTensor):
+        return t.dequantize(torch.float32 if keeps_quantized(mod, leaf, t) else dtype)
+    return _cast(t, dtype)
 
 
 @contextlib.contextmanager

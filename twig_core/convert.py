@@ -1,7 +1,11 @@
 """The converter behind ``python -m twig_core convert IN OUT --type ...``: any transformer or Gemma-2 the loader
 reads (NVlabs .pth, diffusers folders, single files, GGUF, fp8) into a GGUF file or an fp8 safetensors file.
-GGUF files are written one tensor at a time (read, encoded, written; ``gguf_io.write_gguf``); Gemma-2 is read
-straight from its files (``gemma.open_text_encoder``), never built, the transformer is loaded as stored first.
+Nothing is built: the source is found and every name and shape checked against the architecture its config
+implies (``networks.open_transformer``, ``gemma.open_text_encoder``: a wrong or partial file gets the loader's
+error before anything is written), then each tensor is read from the source files, encoded and written before
+the next (GGUF: ``gguf_io.write_gguf``; fp8: ``weights.write_safetensors``). The transformer's weights are what
+the loaded model would hold (stored dtype, unified to the dominant one; quantized sources widened as their layers
+widen them, ``assign.widened``).
 
 GGUF (``q8_0``, ``q6_k``, ``q5_k_m``, ``q5_0``, ``q4_k_m``, ``q4_0``, ``f16``, ``bf16``): BF16, Q8_0, Q5_0 and Q4_0
 blocks come from the ``gguf`` package's quantizer; it has none for K-quants, so Q4_K/Q5_K/Q6_K blocks come from
@@ -27,7 +31,6 @@ Gemma-2 goes out as ComfyUI's single text-encoder files do: ``model.``-prefixed 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import math
 import os
@@ -37,8 +40,9 @@ import torch
 from . import keymap
 from .errors import TwigError
 from .gguf_io import ARCHITECTURES, CONFIG_KEY, pick_type, write_gguf
-from .quant import QTensor, QuantizedLayer
+from .quant import QTensor
 from .tokenizer import spiece_from_pieces
+from .weights import write_safetensors
 
 TYPES = {"q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_0": "Q5_0", "q4_k_m": "Q4_K", "q4_0": "Q4_0",
          "f16": "F16", "bf16": "BF16", "fp8": "fp8"}
@@ -46,39 +50,6 @@ K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 MORE_BITS = ("attn_v.", "ffn_down.", "token_embd.", "mlp.point_conv.")  # Q6_K in the _k_m mixes
 WIDE = {"transformer": ("scale_shift_table",), "text_encoder": ()}
 FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
-
-
-def dense_names(model: torch.nn.Module) -> list[str]:
-    """The weight names of a loaded model as in its checkpoint (a quantized layer's blocks are its weight)."""
-    names = []
-    for name in model.state_dict():
-        mod_name, _, leaf = name.rpartition(".")
-        if leaf != "qscale":
-            names.append(f"{mod_name}.weight" if leaf == "qweight" else name)
-    return names
-
-
-def dense_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
-    """One weight of a loaded model, a quantized layer's widened to fp32 (only when asked for)."""
-    mod_name, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    if isinstance(mod, QuantizedLayer) and leaf == "weight":
-        return mod.dequantized(torch.float32)
-    return (mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]).detach()
-
-
-def dense_shape(model: torch.nn.Module, name: str) -> tuple[int, ...]:
-    """The shape of ``dense_tensor(model, name)``, nothing widened."""
-    mod_name, _, leaf = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    if isinstance(mod, QuantizedLayer) and leaf == "weight":
-        return tuple(mod.qshape)
-    return tuple((mod._parameters[leaf] if leaf in mod._parameters else mod._buffers[leaf]).shape)
-
-
-def dense_state(model: torch.nn.Module):
-    """(name, tensor) for every weight of a loaded model, quantized layers widened to fp32 one at a time."""
-    return ((name, dense_tensor(model, name)) for name in dense_names(model))
 
 
 def _widened(t):
@@ -157,11 +128,11 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     return out
 
 
-def convert(src, out, type_name: str, device="cpu") -> str:
+def convert(src, out, type_name: str) -> str:
     """Convert the transformer or Gemma-2 at ``src`` into ``out``; returns a one-line summary."""
-    from .layout import detect
     from .gemma import open_text_encoder
-    from .loader import load_transformer
+    from .layout import detect
+    from .networks import open_transformer
 
     if type_name not in TYPES:
         raise TwigError(f"--type {type_name!r}: use one of {', '.join(TYPES)}")
@@ -173,23 +144,23 @@ def convert(src, out, type_name: str, device="cpu") -> str:
     if kind not in WIDE:
         raise TwigError(f"{src}: a DC-AE; only the transformer and Gemma-2 are converted (the VAE is small)")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if kind == "transformer":  # built with its weights as stored (fp16 stays fp16), written one at a time
-        model = load_transformer(src, device=device)
-        meta = {CONFIG_KEY: json.dumps(model.config.to_diffusers_config())}
+    # nothing built: every name and shape checked first, then each tensor read, encoded and written before the next
+    if kind == "transformer":  # weights as the loaded model holds them (stored dtype; quantized ones widened)
+        t = open_transformer(src)
+        meta = {CONFIG_KEY: json.dumps(t.config.to_diffusers_config())}
+        shapes = {n: tuple(v.shape) for n, v in t.model.state_dict().items()}
+        read = t.read
         if qtype == "fp8":
-            return _write_fp8(dense_state(model), out, meta)
-        shapes = {n: dense_shape(model, n) for n in dense_names(model)}
-
-        def read(name):
-            return dense_tensor(model, name)
-    else:  # nothing built: each tensor read from the source, encoded and written before the next
+            return _write_fp8(shapes, read, out, meta)
+    else:
         g = open_text_encoder(src)
         g.meta_model()  # a file that is not a whole Gemma-2 is refused before anything is written
         if qtype == "fp8":  # ComfyUI's single-file layout: "model." names and the tokenizer as spiece_model
             pieces = _pieces(tokenizer_metadata(g.tokenizer, g.config.vocab_size))
             spiece = torch.frombuffer(bytearray(spiece_from_pieces(pieces)), dtype=torch.uint8)
-            items = (("model." + n, _widened(g.weights[n])) for n in g.names)
-            return _write_fp8(itertools.chain(items, [("spiece_model", spiece)]), out, {})
+            shapes = {"model." + n: tuple(g.weights.meta(n).shape) for n in g.names}
+            return _write_fp8(shapes, lambda name: _widened(g.weights[name[len("model."):]]), out, {},
+                              {"spiece_model": spiece})
         meta = _gemma_metadata(g.config, g.tokenizer)
         names = keymap.rename_keys(g.names, keymap.GEMMA_GGUF_KEYS, "from_ours")
         shapes = {new: g.weights.meta(old).shape for new, old in names.items()}
@@ -208,27 +179,45 @@ def _pieces(meta: dict) -> list[tuple[str, float, int]]:
     return list(zip(meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.scores"], meta["tokenizer.ggml.token_type"]))
 
 
-def _write_fp8(items, out: str, metadata: dict) -> str:
-    from safetensors.torch import save_file
-
+def _write_fp8(shapes: dict, read, out: str, metadata: dict, extra: dict | None = None) -> str:
+    """fp8 safetensors from ``shapes`` (name -> shape of a float weight) and ``read(name)``, written one tensor at
+    a time (``weights.write_safetensors``): whether a weight goes fp8 with a per-row scale follows from its name
+    and shape alone. A scale is written before its weight (safetensors' order), so such a weight is read twice,
+    its scale kept meanwhile. ``extra``: tensors written as they are (Gemma's ``spiece_model``)."""
     fp8 = getattr(torch, "float8_e4m3fn", None)
     if fp8 is None:
         raise TwigError("this torch has no float8_e4m3fn (torch >= 2.1 needed for fp8)")
-    sd = {}
-    for name, t in items:
-        if not t.is_floating_point():
-            sd[name] = t.contiguous()
-            continue
-        t = t.detach().float().cpu()
-        if name.endswith(".weight") and t.dim() in (2, 4) and t.shape[1:] in (t.shape[1:2], t.shape[1:2] + (1, 1)) \
-                and not any(w in name for w in WIDE["transformer"]) and t.numel() > 1024:
-            scale = t.reshape(t.shape[0], -1).abs().amax(1).clamp_min(1e-12) / FP8_MAX
-            sd[name] = (t / scale.reshape(-1, *[1] * (t.dim() - 1))).to(fp8)
-            sd[name[: -len("weight")] + "scale_weight"] = scale
+    scales: dict[str, torch.Tensor] = {}
+
+    def wide(name):
+        return read(name).detach().float().cpu()
+
+    def scale(name):
+        shape = shapes[name]
+        if name not in scales:
+            lo, hi = torch.aminmax(wide(name).reshape(shape[0], -1), dim=1)  # the largest |w| per row, no |w| copy
+            scales[name] = torch.maximum(hi, -lo).clamp_min(1e-12) / FP8_MAX
+        return scales[name]
+
+    def narrow(name):
+        t, s = wide(name), scale(name)
+        del scales[name]
+        return (t / s.reshape(-1, *[1] * (t.dim() - 1))).to(fp8)
+
+    entries = []
+    for name, shape in shapes.items():
+        shape = tuple(int(d) for d in shape)
+        if name.endswith(".weight") and len(shape) in (2, 4) and shape[2:] in ((), (1, 1)) \
+                and not any(w in name for w in WIDE["transformer"]) and math.prod(shape) > 1024:
+            entries.append((name, fp8, shape, functools.partial(narrow, name)))
+            entries.append((name[: -len("weight")] + "scale_weight", torch.float32, shape[:1],
+                            functools.partial(scale, name)))
         else:
-            sd[name] = t.contiguous()
-    sd["scaled_fp8"] = torch.zeros(0, dtype=fp8)
+            entries.append((name, torch.float32, shape, lambda name=name: wide(name).contiguous()))
+    for name, t in (extra or {}).items():
+        entries.append((name, t.dtype, tuple(t.shape), lambda t=t: t.contiguous()))
+    entries.append(("scaled_fp8", fp8, (0,), lambda: torch.zeros(0, dtype=fp8)))
     tmp = out + ".part"
-    save_file(sd, tmp, metadata=metadata)
+    write_safetensors(tmp, entries, metadata)
     os.replace(tmp, out)
     return f"{out}: fp8 e4m3fn with per-row scales ({os.path.getsize(out) / 2**20:.1f} MiB)"

@@ -1,7 +1,7 @@
 """The key tables: one per network, mapping every published checkpoint layout onto our names.
 
-Every table is a tuple of :class:`Row`, and one function, :func:`rename`, applies a table either way
-(``"to_ours"`` or ``"from_ours"``). Names hold placeholders: ``{i}``/``{s}``/``{b}``/``{m}`` block, stage and
+Every table is a tuple of :class:`Row`, and one view, :class:`Renamed`, applies a table either way
+(``"to_ours"`` or ``"from_ours"``), building each tensor when it is read (:func:`rename`: all of them at once). Names hold placeholders: ``{i}``/``{s}``/``{b}``/``{m}`` block, stage and
 multi-scale indices, ``{p}`` weight or bias, ``{n}`` a norm's tensors (which may be BatchNorm's).
 
 Transformer (``TRANSFORMER_KEYS``, theirs = diffusers ``SanaTransformer2DModel``): our transformer uses the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -206,35 +207,76 @@ def _rules(table: tuple[Row, ...], direction: str):
     return tuple(rules)
 
 
-def rename(sd, table: tuple[Row, ...], direction: str) -> dict[str, torch.Tensor]:
-    """A state dict with every key in ``table`` renamed, ``"to_ours"`` or ``"from_ours"``: fused tensors are
-    concatenated or split along dim 0, 1x1 convolution weights squeezed or unsqueezed. Keys the table does not
-    know (or a group with a member missing) keep their own name, so a strict load names them."""
-    out: dict[str, torch.Tensor] = {}
+def _plan(keys, table: tuple[Row, ...], direction: str) -> dict[str, tuple]:
+    """new name -> (names read, part index, parts, row) for :class:`Renamed`; nothing is read. ``row`` None: a key
+    the table does not know (or a group with a member missing) keeps its own name, so a strict load names it."""
+    keys = list(keys)
+    present = set(keys)
+    plan: dict[str, tuple] = {}
     used: set[str] = set()
-    rules = _rules(tuple(table), direction)
-    for key in sd:
-        for rx, read, write, from_theirs, row in rules:
+    for key in keys:
+        for rx, read, write, _, row in _rules(tuple(table), direction):
             m = rx.match(key)
             if not m:
                 continue
-            names = [_fill(n, m) for n in read] if len(read) > 1 else [key]
-            if any(n not in sd for n in names):
+            names = tuple(_fill(n, m) for n in read) if len(read) > 1 else (key,)
+            if any(n not in present for n in names):
                 break
-            value = torch.cat([sd[n] for n in names], 0) if len(names) > 1 else sd[key]
-            if row.conv1x1 and from_theirs:
-                value = value.reshape(value.shape[0], -1)
-            parts = value.chunk(len(write), 0) if len(write) > 1 else (value,)
-            for name, part in zip(write, parts):
-                if row.conv1x1 and not from_theirs:
-                    part = part.reshape(*part.shape, 1, 1)
-                out[_fill(name, m)] = part.contiguous()
+            for j, name in enumerate(write):
+                plan[_fill(name, m)] = (names, j, len(write), row)
             used.update(names)
             break
-    for key in sd:
-        if key not in used and key not in out:
-            out[key] = sd[key]
-    return out
+    for key in keys:
+        if key not in used and key not in plan:
+            plan[key] = ((key,), 0, 1, None)
+    return plan
+
+
+class Renamed(Mapping):
+    """``sd`` with every key in ``table`` renamed, ``"to_ours"`` or ``"from_ours"``, each tensor built only when
+    asked for (fused tensors concatenated or split along dim 0, 1x1 convolution weights squeezed or unsqueezed),
+    so a converter can read one tensor at a time. Keys the table does not know keep their own name."""
+
+    def __init__(self, sd, table: tuple[Row, ...], direction: str):
+        self.sd, self.from_theirs = sd, direction == "to_ours"
+        self.plan = _plan(sd, table, direction)
+        self._split = (None, None)  # the last tensor split into parts: its names and value, read once
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self):
+        return len(self.plan)
+
+    def release(self, name: str) -> None:
+        """Pass ``release`` on to the source tensors ``name`` is built from, where the source has it."""
+        if hasattr(self.sd, "release"):
+            for n in self.plan[name][0]:
+                self.sd.release(n)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        names, part, parts, row = self.plan[name]
+        if row is None:
+            return self.sd[name]
+        if parts > 1 and self._split[0] == names:
+            value = self._split[1]
+        else:
+            value = torch.cat([self.sd[n] for n in names], 0) if len(names) > 1 else self.sd[names[0]]
+            if row.conv1x1 and self.from_theirs:
+                value = value.reshape(value.shape[0], -1)
+            self._split = (names, value) if parts > 1 else (None, None)
+        if parts > 1:
+            value = value.chunk(parts, 0)[part]
+            if part == parts - 1:
+                self._split = (None, None)
+        if row.conv1x1 and not self.from_theirs:
+            value = value.reshape(*value.shape, 1, 1)
+        return value.contiguous()
+
+
+def rename(sd, table: tuple[Row, ...], direction: str) -> dict[str, torch.Tensor]:
+    """:class:`Renamed` read whole into a dict (each tensor of ``sd`` read once)."""
+    return dict(Renamed(sd, table, direction).items())
 
 
 def rename_keys(keys, table: tuple[Row, ...], direction: str) -> dict[str, str]:

@@ -8,8 +8,10 @@
 - DC-AE: diffusers ``AutoencoderDC`` files/folders and the original MIT-Han-Lab layout, with any prefix; the
   encoder can be left on disk until first used (``DCAE.defer_encoder``).
 
-Each config comes from a diffusers ``config.json`` when there is one, else from the tensor shapes
-(``TransformerConfig.from_state_dict``, ``DCAEConfig.from_state_dict``); names go through ``twig_core.keymap``.
+``open_transformer`` finds and checks a transformer without reading it (what ``load_transformer`` fills and
+the converter streams from). Each config comes from a diffusers ``config.json`` when there is one, else from the
+tensor shapes (``TransformerConfig.from_state_dict``, ``DCAEConfig.from_state_dict``); names go through
+``twig_core.keymap``.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from . import keymap
-from .assign import assign, check_keys, dominant_dtype, named_errors
+from .assign import assign, check_keys, dominant_dtype, named_errors, widened
 from .config import CROSS_HEADS_BY_WIDTH, TransformerConfig, heads_from_config
 from .devices import resolve_dtype
 from .errors import TwigError
@@ -29,30 +33,37 @@ from .layout import config_kind, open_source, read_json
 from .weights import PrefixedWeights, UnionWeights, Weights
 
 
-def load_transformer(
-    path,
-    dtype=None,
-    device="cpu",
-    *,
-    compute_dtype=None,
-    pos_embed: bool | None = None,
-    variant: str | None = None,
-    config: TransformerConfig | None = None,
-    int8: bool = False,
-    **overrides,
-):
-    """Load a Sana/Twig transformer from any supported file or folder.
+@dataclass
+class TransformerSource:
+    """A transformer found at a path, nothing read: the checked model on the meta device, ``tensors`` (our name
+    -> the stored tensor, read when asked for; a diffusers layout renamed as it is read) and ``dtype`` (the
+    weights' dtype in memory: the one asked for, else the file's dominant float dtype)."""
 
-    ``dtype``: the weights' dtype in memory. None keeps the stored dtype (fp16 stays fp16); else
-    "fp16"/"bf16"/"fp32"/"auto" or a torch.dtype. ``compute_dtype``: the dtype the model runs in (None: the
-    weights' dtype); e.g. fp16-stored weights computing in fp32 take half the memory of an fp32 model.
-    ``pos_embed`` forces the sin-cos positional embedding on/off (default: a diffusers config.json decides,
-    else the rule in ``TransformerConfig.from_state_dict``: on for 2K/4K checkpoints).
-    ``variant`` picks a diffusers weight variant ("fp16", "bf16"); by default the one matching ``dtype``, else
-    the full-precision one. ``config`` replaces inference entirely; ``overrides`` set single config fields
-    (e.g. ``cross_heads=``). ``int8``: the blocks' large products run in int8 on the CPU (``twig_core.int8``;
-    the weights stay as loaded, computing in fp32 elsewhere).
-    """
+    label: str
+    config: TransformerConfig
+    model: torch.nn.Module
+    tensors: Mapping
+    dtype: torch.dtype
+    _last: str | None = None
+
+    def names(self) -> list[str]:
+        return list(self.model.state_dict())
+
+    def read(self, name: str) -> torch.Tensor:
+        """One weight as the loaded model computes with it (``assign.widened``), read now; the tensor read before
+        it is released (``Weights.release``: a mapped file's pages leave the resident set), so reading them
+        one by one holds one at a time."""
+        if self._last is not None and hasattr(self.tensors, "release"):
+            self.tensors.release(self._last)
+        self._last = name
+        return widened(self.model, name, self.tensors[name], self.dtype)
+
+
+def open_transformer(path, dtype=None, device="cpu", *, compute_dtype=None, pos_embed: bool | None = None,
+                     variant: str | None = None, config: TransformerConfig | None = None,
+                     **overrides) -> TransformerSource:
+    """The transformer at ``path`` (arguments as :func:`load_transformer`) built on the meta device, every name
+    and shape checked against the architecture its config implies, no tensor read."""
     from .transformer import TwigTransformer
 
     dtype = resolve_dtype(dtype, device)
@@ -68,18 +79,34 @@ def load_transformer(
     if any(k.startswith(("cfg_embedder", "logvar_linear", "time_embed.guidance")) for k in ours_meta):
         hint = " (guidance-embedded / Sana Sprint checkpoints are not supported)"
     check_keys(model, ours_meta, label, f"transformer {_describe(config)}", hint)
-    dtype = dtype or dominant_dtype(ours_meta)
-    names = list(model.state_dict().keys())
-    if diffusers_names:
-        tensors = keymap.rename(src.weights, keymap.TRANSFORMER_KEYS, "to_ours")
-        assign(model, tensors, names, dtype, device, label, pop=True)
-    else:
-        assign(model, src.weights, names, dtype, device, label)
+    tensors = keymap.Renamed(src.weights, keymap.TRANSFORMER_KEYS, "to_ours") if diffusers_names else src.weights
+    return TransformerSource(label, config, model, tensors, dtype or dominant_dtype(ours_meta))
+
+
+def load_transformer(path, dtype=None, device="cpu", *, compute_dtype=None, pos_embed: bool | None = None,
+                     variant: str | None = None, config: TransformerConfig | None = None, int8: bool = False,
+                     **overrides):
+    """Load a Sana/Twig transformer from any supported file or folder.
+
+    ``dtype``: the weights' dtype in memory. None keeps the stored dtype (fp16 stays fp16); else
+    "fp16"/"bf16"/"fp32"/"auto" or a torch.dtype. ``compute_dtype``: the dtype the model runs in (None: the
+    weights' dtype); e.g. fp16-stored weights computing in fp32 take half the memory of an fp32 model.
+    ``pos_embed`` forces the sin-cos positional embedding on/off (default: a diffusers config.json decides,
+    else the rule in ``TransformerConfig.from_state_dict``: on for 2K/4K checkpoints).
+    ``variant`` picks a diffusers weight variant ("fp16", "bf16"); by default the one matching ``dtype``, else
+    the full-precision one. ``config`` replaces inference entirely; ``overrides`` set single config fields
+    (e.g. ``cross_heads=``). ``int8``: the blocks' large products run in int8 on the CPU (``twig_core.int8``;
+    the weights stay as loaded, computing in fp32 elsewhere).
+    """
+    src = open_transformer(path, dtype, device, compute_dtype=compute_dtype, pos_embed=pos_embed, variant=variant,
+                           config=config, **overrides)
+    model = src.model
+    assign(model, src.tensors, src.names(), src.dtype, device, src.label)
     if int8:
         from . import int8 as int8_products
 
         if torch.device(device).type != "cpu" or model.dtype != torch.float32:
-            raise TwigError(f"{label}: int8 products run on the CPU computing in fp32, not on {device} in "
+            raise TwigError(f"{src.label}: int8 products run on the CPU computing in fp32, not on {device} in "
                             f"{str(model.dtype).removeprefix('torch.')}")
         int8_products.enable(model)
     return model.eval()

@@ -336,12 +336,18 @@ def _quantized_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def attach(module: nn.Module, leaf: str, q: QTensor, wide_dtype: torch.dtype, device) -> None:
-    """Put quantized ``q`` in ``module.<leaf>``: kept quantized when it is the weight of a Linear, Conv2d or
-    Embedding (row blocks must not straddle the Embedding's rows), else widened to ``wide_dtype`` now."""
-    kinds = (nn.Linear, nn.Conv2d, nn.Embedding)
+def keeps_quantized(module: nn.Module, leaf: str, q: QTensor) -> bool:
+    """Whether :func:`attach` keeps ``q`` quantized in ``module.<leaf>``: the weight of a Linear, Conv2d or
+    Embedding (row blocks must not straddle the Embedding's rows), not a float GGML type."""
     rows_ok = not isinstance(module, nn.Embedding) or q.shape[-1] % BLOCKS[q.qtype][0] == 0
-    if leaf != "weight" or not isinstance(module, kinds) or q.qtype in FLOAT_TYPES or not rows_ok:
+    return leaf == "weight" and isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)) \
+        and q.qtype not in FLOAT_TYPES and rows_ok
+
+
+def attach(module: nn.Module, leaf: str, q: QTensor, wide_dtype: torch.dtype, device) -> None:
+    """Put quantized ``q`` in ``module.<leaf>``: kept quantized where :func:`keeps_quantized` says so, else
+    widened to ``wide_dtype`` now."""
+    if not keeps_quantized(module, leaf, q):
         t = q.dequantize(wide_dtype).to(device)
         if leaf in module._parameters:
             module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
@@ -416,6 +422,9 @@ class Fp8Weights(Weights):
 
     def file_of(self, key):
         return self.base.file_of(key)
+
+    def release(self, key):
+        self.base.release(key)
 
     def __getitem__(self, key):
         if key not in self._metas or key.endswith(self._AUX):

@@ -1,11 +1,12 @@
 """Weight files read safely: a name -> tensor mapping over a safetensors, PyTorch or GGUF file, or several.
 
 A file's type is sniffed from its first bytes, not its extension. ``.safetensors`` is read by a small reader
-(header validated against the file size, then one tensor at a time straight into its final buffer). PyTorch
-files go only through ``torch.load(weights_only=True)`` (memory-mapped when the file is a zip archive): a
-pickle that would construct anything but tensors and plain containers is refused with a TwigError naming the
-file, and nothing in it runs. GGUF files go to ``twig_core.gguf_io`` and float8 safetensors through
-``twig_core.quant.fp8_view`` (their weights stay narrow in memory). ``meta(name)`` gives a tensor's shape and dtype without reading it.
+(header validated against the file size, then one tensor at a time straight into its final buffer) and written
+by one (``write_safetensors``: header first, then one tensor at a time). PyTorch files go only through
+``torch.load(weights_only=True)`` (memory-mapped when the file is a zip archive): a pickle that would construct
+anything but tensors and plain containers is refused with a TwigError naming the file, and nothing in it runs.
+GGUF files go to ``twig_core.gguf_io`` and float8 safetensors through ``twig_core.quant.fp8_view`` (their
+weights stay narrow in memory). ``meta(name)`` gives a tensor's shape and dtype without reading it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
         _ST_DTYPES[_name] = getattr(torch, _attr)
 
 _MAX_HEADER = 256 * 1024 * 1024
+# the order safetensors' own writer puts dtypes in (widest alignment first; then by name)
+_ST_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8",
+             "BOOL")
 
 
 def shortlist(items, n: int = 5) -> str:
@@ -70,6 +74,10 @@ class Weights(Mapping):
 
     def file_of(self, key: str) -> str:
         return self.label
+
+    def release(self, key: str) -> None:
+        """Done with tensor ``key`` for now: a reader that maps its file drops the tensor's pages from this
+        process's resident set (they stay in the page cache; a later read maps them again). A no-op elsewhere."""
 
 
 class SafetensorsFile(Weights):
@@ -138,6 +146,45 @@ class SafetensorsFile(Weights):
         return buf.view(dtype).reshape(shape)
 
 
+def drop_pages(address: int, size: int) -> None:
+    """``MADV_DONTNEED`` on the whole pages of ``[address, address + size)`` of a read-only file mapping (Linux and
+    macOS; a no-op elsewhere): the pages leave the resident set and are read back from the file when touched."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + size) // page * page
+    if end <= start or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(mmap.MADV_DONTNEED))
+
+
+def write_safetensors(path: str, entries, metadata: dict | None = None) -> None:
+    """Write a .safetensors file tensor by tensor: ``entries`` are (name, dtype, shape, read) and ``read()``
+    gives the tensor when its turn comes, so one is in memory at a time. The header (8-byte little-endian
+    length, JSON padded with spaces to 8 bytes) is known from dtypes and shapes and goes first; names are in
+    safetensors' own order, so the bytes are those ``safetensors.torch.save_file`` writes for the same tensors."""
+    st_name = {v: k for k, v in _ST_DTYPES.items()}
+    entries = sorted(entries, key=lambda e: (_ST_ORDER.index(st_name[e[1]]), e[0]))
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
+    at = 0
+    for name, dtype, shape, _ in entries:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": st_name[dtype], "shape": [int(d) for d in shape], "data_offsets": [at, at + n]}
+        at += n
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name, dtype, shape, read in entries:
+            t = read()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise TwigError(f"{path}: tensor {name!r} came as {t.dtype} {tuple(t.shape)}, declared {dtype} "
+                                f"{tuple(shape)}")
+            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
 def _unwrap_checkpoint(obj: Any, path: str) -> dict[str, torch.Tensor]:
     """The tensor dict inside a loaded PyTorch checkpoint (a bare state dict, or under ``state_dict``,
     ``model``, ``module`` or ``ema``, the way training scripts nest it)."""
@@ -167,6 +214,7 @@ class TorchFile(Weights):
         import pickle
 
         self.path = self.label = path
+        self._mapped = False  # tensors are views of the file's pages (mmap)
         try:
             if path.endswith(".safetensors"):
                 # a PyTorch file named .safetensors: torch.load picks the safetensors reader by the name and fails
@@ -176,6 +224,7 @@ class TorchFile(Weights):
             else:
                 try:
                     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
+                    self._mapped = zip_format
                 except pickle.UnpicklingError:
                     raise
                 except Exception:
@@ -206,6 +255,11 @@ class TorchFile(Weights):
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._sd[key]
 
+    def release(self, key: str) -> None:
+        if self._mapped:  # never on anonymous memory, which MADV_DONTNEED would zero
+            t = self._sd[key]
+            drop_pages(t.data_ptr(), t.numel() * t.element_size())
+
 
 class UnionWeights(Weights):
     """Several files seen as one mapping (sharded checkpoints)."""
@@ -229,6 +283,9 @@ class UnionWeights(Weights):
 
     def file_of(self, key):
         return self._where[key].label
+
+    def release(self, key):
+        self._where[key].release(key)
 
 
 class PrefixedWeights(Weights):
@@ -254,6 +311,9 @@ class PrefixedWeights(Weights):
 
     def file_of(self, key):
         return self.base.file_of(self.prefix + key)
+
+    def release(self, key):
+        self.base.release(self.prefix + key)
 
 
 def open_weights(path: str | os.PathLike) -> Weights:
