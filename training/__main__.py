@@ -111,7 +111,8 @@ def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False, size: int = IM
     torch.manual_seed(0)
     text = TextEncoder(Gemma2Model(demo_gemma_config(len(tokenizer))), tokenizer, instruction="")
     # positions of a larger grid are the 128² grid's, interpolated: the 128² weights start a larger model as they are
-    cfg = DEMO_TRANSFORMER.replace(pos_embed=pos_embed, sample_size=size // 32, pos_interpolation_scale=size / IMAGE_SIZE)
+    cfg = DEMO_TRANSFORMER.replace(pos_embed=pos_embed, sample_size=size // 32,
+                                   pos_interpolation_scale=size / IMAGE_SIZE)
     return text, TwigTransformer(cfg)
 
 
@@ -330,7 +331,8 @@ def main(argv=None) -> int:
                    help="seed: the exported pipeline folder to start from (default: the shipped model)")
     p.add_argument("--size", type=int, choices=(128, 256), default=128,
                    help="picture size of the latents, DiT, export and eval stages: 128 (4x4 latents, the shipped "
-                        "model) or 256 (8x8, files in DIR/size256; untrained so far: export needs --out)")
+                        "model) or 256 (8x8, files in DIR/size256; its DiT starts from the 128² one; export "
+                        "needs --out)")
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--decoder-steps", type=int, default=1500)
@@ -372,7 +374,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    names = [n for s in a.stage for n in (list(STAGES)[1:] if s == "all" else [s])]
+    names = [n for s in a.stage for n in ([k for k in STAGES if k != "seed"] if s == "all" else [s])]
     for name in names:
         log(f"stage {name}")
         STAGES[name](work, a)
