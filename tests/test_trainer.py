@@ -253,3 +253,110 @@ def test_the_recipe_at_256_encodes_8x8_latents_beside_the_128_ones(tmp_path):
     assert _text_and_dit(tmp_path, tok, True, 256)[1].config.sample_size == 8
     with pytest.raises(SystemExit, match="give --out"):  # the shipped 128² model is never overwritten by a 256² one
         main(["demo", "--work", str(tmp_path), "--stage", "export", "--size", "256"])
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """A work folder seeded from the shipped demo model (the seed stage's default source)."""
+    from training.__main__ import main
+    from twig_core.catalog import DEMO_DIR, is_pipeline_folder
+
+    if not is_pipeline_folder(str(DEMO_DIR)):
+        pytest.skip("the demo model's weights are not in this checkout")
+    work = tmp_path_factory.mktemp("seeded")
+    assert main(["demo", "--work", str(work), "--stage", "seed"]) == 0
+    return work
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return {f"{p.parent.name}/{k}": v for p in sorted(folder.glob("*/*.safetensors")) for k, v in load_file(p).items()}
+
+
+def test_a_seeded_work_folder_exports_the_pipeline_it_came_from(seeded, tmp_path):
+    import json
+    import shutil
+
+    from training.__main__ import main
+    from twig_core.catalog import DEMO_DIR
+
+    work = tmp_path / "work"
+    shutil.copytree(seeded, work)
+    before = {p.name: p.stat().st_mtime_ns for p in work.iterdir()}
+    # the stages the seed replaces skip, and seeding again changes nothing
+    assert main(["demo", "--work", str(work), "--stage", "seed", "vae", "decoder", "text"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in work.iterdir()} == before
+    assert main(["demo", "--work", str(work), "--stage", "export", "--out", str(tmp_path / "out")]) == 0
+    shipped, again = _tensors(DEMO_DIR), _tensors(tmp_path / "out")
+    assert len(shipped) > 200 and set(again) == set(shipped)
+    assert all(torch.equal(again[k], v) for k, v in shipped.items())
+    for cfg in ("transformer/config.json", "vae/config.json", "text_encoder/twig_text.json", "model_index.json",
+                "tokenizer/tokenizer.json"):
+        assert json.loads((tmp_path / "out" / cfg).read_text()) == json.loads((DEMO_DIR / cfg).read_text()), cfg
+    trained = tmp_path / "trained"  # a folder with a recipe's own training is never overwritten
+    trained.mkdir()
+    (trained / "vae.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="seed an empty work folder"):
+        main(["demo", "--work", str(trained), "--stage", "seed"])
+
+
+def test_the_256_dit_starts_from_every_128_weight_and_a_stopped_run_resumes(seeded, tmp_path, monkeypatch):
+    import argparse
+    import shutil
+
+    import training.trainer
+    from training.__main__ import _init_dit, _text_and_dit, _tokenizer, main
+    from training.scenes import build_dataset
+
+    work = tmp_path / "work"
+    shutil.copytree(seeded, work)
+    build_dataset(work / "data", n_train=4, n_heldout=1, size=256, supersample=1)
+    init = torch.load(work / "dit_ema.pt", weights_only=True)["transformer"]
+    # the 256² model reads a 4x4 latent exactly as the 128² one: its positions are the 4x4 grid's, interpolated
+    tok = _tokenizer(work)
+    small, large = _text_and_dit(work, tok, True, 128)[1], _text_and_dit(work, tok, True, 256)[1]
+    small.load_state_dict(init)
+    large.load_state_dict(init)
+    x, emb, mask = torch.randn(2, 32, 4, 4), torch.randn(2, 5, 192), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        assert torch.equal(small(x, torch.tensor([300.0, 800.0]), emb, mask),
+                           large(x, torch.tensor([300.0, 800.0]), emb, mask))
+        assert large(torch.randn(1, 32, 8, 8), torch.tensor([500.0]), emb[:1], mask[:1]).shape == (1, 32, 8, 8)
+
+    run = ["demo", "--work", str(work), "--size", "256", "--mix-128", "--batch", "2", "--fp32", "--dit-restart",
+           "none", "--dit-warmup", "1", "--save-minutes", "0"]
+    assert main([*run, "--stage", "latents"]) == 0
+    assert torch.load(work / "latents.pt", weights_only=True).shape == (4, 32, 4, 4)  # --mix-128's 128² batches
+    # learning rate 0: the weights stay the 128² ones, so every tensor must have come from them
+    assert main([*run, "--stage", "dit", "--dit-steps", "2", "--lr", "0"]) == 0
+    out = torch.load(work / "size256" / "dit_ema.pt", weights_only=True)["transformer"]
+    assert set(out) == set(init) and all(torch.equal(out[k], v) for k, v in init.items())
+
+    calls = {"n": 0}
+    descend = training.trainer.descend
+
+    def stop_on_the_second(*args):  # the run is stopped during its second step (checkpoints every step)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return descend(*args)
+
+    monkeypatch.setattr(training.trainer, "descend", stop_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        main([*run, "--stage", "dit", "--dit-steps", "5", "--lr", "1e-3"])
+    monkeypatch.undo()
+    assert torch.load(work / "size256" / "dit.ckpt", weights_only=True)["step"] == 3
+    assert main([*run, "--stage", "dit", "--dit-steps", "5", "--lr", "1e-3"]) == 0
+    log = (work / "size256" / "dit.log").read_text()
+    assert "resumed dit at step 2" in log and "resumed dit at step 3" in log
+    assert "dit step 4 " in log and "dit step 2 " not in log.split("resumed dit at step 3")[1]
+    assert torch.load(work / "size256" / "dit.ckpt", weights_only=True)["step"] == 5
+    out = torch.load(work / "size256" / "dit_ema.pt", weights_only=True)["transformer"]
+    assert not all(torch.equal(out[k], v) for k, v in init.items())  # and it trained
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"transformer": {k: v for k, v in list(init.items())[1:]}}, bad)
+    a = argparse.Namespace(size=256, dit_init=str(bad))
+    with pytest.raises(SystemExit, match="not this recipe's DiT weights"):
+        _init_dit(tmp_path / "fresh", a, large)

@@ -1,6 +1,10 @@
 """Reproduce the embedded demo model: ``python -m training demo --work DIR [--stage STAGE]``.
 
 Stages run in order and each resumes from what the previous run left in DIR:
+  seed     (only when named) fill an empty DIR from an exported pipeline folder (--from, default the shipped model)
+           instead of the vae, decoder and text stages: tokenizer/, vae.ckpt + vae_scale.json (the exported DC-AE
+           holds the tuned decoder), text.ckpt, and its DiT as DIR/dit_ema.pt (the 128² result); those three stages
+           then skip, and export at 128² writes the same pipeline again
   data     render the scenes (256², area-averaged to 128²) and train the tokenizer
   vae      train the DC-AE                          (checkpoint DIR/vae.ckpt)
   latents  encode the training pictures              (DIR/latents.pt)
@@ -14,14 +18,23 @@ Stages run in order and each resumes from what the previous run left in DIR:
   prompts  write the held-out prompts as DIR/heldout_prompts.jsonl, for python -m twig_core batch --eval
   lora     train the demo LoRA (a new colour word, pink / 粉色) on the exported model (DIR/lora/, written to
            twig_core/demo_loras), then measure how often pink appears without and with it
-``--stage all`` runs everything that is not finished yet. Fixed seeds throughout. ``--size 256`` runs the latents,
-dit, export and eval stages on 256² pictures (8x8 latents, the DC-AE keeps their shapes; files in DIR/size256).
+``--stage all`` runs everything but seed that is not finished yet; several stages may be named, run in the order
+given. Fixed seeds throughout. ``--size 256`` runs the latents, dit, export and eval stages on 256² pictures (8x8
+latents, the DC-AE keeps their shapes; files in DIR/size256). Its DiT starts from the 128² weights (DIR/dit_ema.pt,
+or ``--dit-init``): every weight carries over, and the sin-cos positions of the 8x8 grid are those of the 4x4 one
+interpolated (interpolation scale size/128), so a fine-tune suffices; ``--mix-128`` alternates 256² and 128² batches
+so the one DiT keeps drawing 128² pictures. The 256² model from the shipped one, about 2 h on an idle 2-core CPU
+(OMP_NUM_THREADS=2), resumable (rerun the same command: each stage goes on from its files, the DiT from its
+checkpoint of at most 5 minutes before, ``--save-minutes``):
+  python -m training demo --work DIR --size 256 --stage seed data latents dit export eval --out DIR/pipeline256
+      --fp32 --dit-steps 2000 --dit-restart none --dit-warmup 100 --lr 2e-4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,8 +44,14 @@ import torch
 from twig_core.catalog import DEMO_DIR, DEMO_LORA_DIR
 from twig_core.sampling import parse_cfg_interval
 
+from .demo import IMAGE_SIZE
 from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
                       train_vae)
+
+# the files the seed stage writes, in place of the vae, decoder and text stages' training
+SEEDED = ("tokenizer", "vae.ckpt", "vae_scale.json", "text.ckpt", "dit_ema.pt")
+# peak learning rate of each --dit-restart cycle when --restart-lr is not given
+RESTART_LR = (2e-4, 1.5e-4, 1.5e-4)
 
 
 def _images(work: Path, split: str, size: int = 128) -> np.ndarray:
@@ -61,14 +80,19 @@ def _tokenizer(work: Path):
     return AutoTokenizer.from_pretrained(work / "tokenizer", local_files_only=True)
 
 
-def _vae(work: Path):
+def _vae_model(scaling_factor: float | None = None):
+    """The recipe's DC-AE (random weights) with ``scaling_factor`` (default: the config's)."""
     from twig_core.dcae import DCAE
 
     from .demo import DEMO_DCAE
 
+    return DCAE(DEMO_DCAE.replace(scaling_factor=scaling_factor or DEMO_DCAE.scaling_factor))
+
+
+def _vae(work: Path):
     state = Checkpoint(work / "vae.ckpt").load()
     meta = json.loads((work / "vae_scale.json").read_text()) if (work / "vae_scale.json").exists() else {}
-    vae = DCAE(DEMO_DCAE.replace(scaling_factor=meta.get("scaling_factor", DEMO_DCAE.scaling_factor)))
+    vae = _vae_model(meta.get("scaling_factor"))
     vae.load_state_dict(state["model"])
     tuned = Checkpoint(work / "decoder.ckpt").load()
     if tuned is not None:  # the decoder stage changed the decoder only: latents encoded before it stay valid
@@ -76,7 +100,7 @@ def _vae(work: Path):
     return vae.eval()
 
 
-def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False, size: int = 128):
+def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False, size: int = IMAGE_SIZE):
     from transformers import Gemma2Model
 
     from twig_core.text import TextEncoder
@@ -86,7 +110,52 @@ def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False, size: int = 12
 
     torch.manual_seed(0)
     text = TextEncoder(Gemma2Model(demo_gemma_config(len(tokenizer))), tokenizer, instruction="")
-    return text, TwigTransformer(DEMO_TRANSFORMER.replace(pos_embed=pos_embed, sample_size=size // 32))
+    # positions of a larger grid are the 128² grid's, interpolated: the 128² weights start a larger model as they are
+    cfg = DEMO_TRANSFORMER.replace(pos_embed=pos_embed, sample_size=size // 32,
+                                   pos_interpolation_scale=size / IMAGE_SIZE)
+    return text, TwigTransformer(cfg)
+
+
+def _seeded(work: Path, stage: str) -> bool:
+    """Whether DIR was filled by the seed stage (and ``stage``, one it replaces, is skipped)."""
+    mark = work / "seed.json"
+    if mark.exists():
+        log(f"{stage}: skipped, {work} is seeded from {json.loads(mark.read_text())['from']}")
+    return mark.exists()
+
+
+def stage_seed(work: Path, a) -> None:
+    from twig_core.loader import load_pipeline
+
+    if _seeded(work, "seed"):
+        return
+    there = [n for n in SEEDED if (work / n).exists()]
+    if there:
+        raise SystemExit(f"{work} already holds {', '.join(there)}: seed an empty work folder")
+    src = Path(a.seed_from)
+    if not (src / "tokenizer").is_dir():
+        raise SystemExit(f"{src}: not an exported pipeline folder (no tokenizer/)")
+    parts = load_pipeline(src, dtype=torch.float32)
+    parts.vae.load_encoder()  # the loader defers it until a first encode
+    text, dit = _text_and_dit(work, _tokenizer(src), a.pos_embed)
+    if parts.transformer.config != dit.config:
+        raise SystemExit(f"{src / 'transformer'}: {parts.transformer.config} is not the recipe's 128² DiT {dit.config}"
+                         " (give the same --pos-embed choice it was trained with)")
+    vae = _vae_model(parts.vae.config.scaling_factor)
+    if parts.vae.config != vae.config:
+        raise SystemExit(f"{src / 'vae'}: {parts.vae.config} is not the recipe's DC-AE")
+    try:
+        text.model.load_state_dict(parts.text_encoder.model.state_dict())
+        dit.load_state_dict(parts.transformer.state_dict())
+    except RuntimeError as e:
+        raise SystemExit(f"{src}: its text encoder or DiT is not the recipe's: {e}") from None
+    shutil.copytree(src / "tokenizer", work / "tokenizer")
+    Checkpoint(work / "vae.ckpt").save(model=parts.vae.state_dict())
+    (work / "vae_scale.json").write_text(json.dumps({"scaling_factor": parts.vae.config.scaling_factor}))
+    Checkpoint(work / "text.ckpt").save(text=text.model.state_dict())
+    torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, work / "dit_ema.pt")
+    (work / "seed.json").write_text(json.dumps({"from": str(src.resolve())}))
+    log(f"seeded {work} from {src}")
 
 
 def stage_data(work: Path, a) -> None:
@@ -100,25 +169,33 @@ def stage_data(work: Path, a) -> None:
 
 
 def stage_vae(work: Path, a) -> None:
+    if _seeded(work, "vae"):
+        return
     images = _images(work, "train")
     vae, _ = train_vae(images, work, steps=a.vae_steps, batch=16, lr=1e-3, crop=64, full_from=0.9)
     (work / "vae_scale.json").write_text(json.dumps({"scaling_factor": latent_scale(vae, images)}))
 
 
+def _mixed(a) -> bool:
+    return a.mix_128 and a.size != IMAGE_SIZE
+
+
 def stage_latents(work: Path, a) -> None:
-    out = _dit_work(work, a) / "latents.pt"
-    if out.exists():
-        return
-    vae = _vae(work)
-    out.parent.mkdir(exist_ok=True)
-    torch.save(encode_all(vae, _images(work, "train", a.size)), out)
+    for size, out in ((a.size, _dit_work(work, a)), *([(IMAGE_SIZE, work)] if _mixed(a) else [])):
+        if not (out / "latents.pt").exists():
+            out.mkdir(exist_ok=True)
+            torch.save(encode_all(_vae(work), _images(work, "train", size)), out / "latents.pt")
 
 
 def stage_decoder(work: Path, a) -> None:
+    if _seeded(work, "decoder"):
+        return
     finetune_decoder(_vae(work), _images(work, "train"), work, steps=a.decoder_steps, edge_weight=a.decoder_edge_weight)
 
 
 def stage_text(work: Path, a) -> None:
+    if _seeded(work, "text"):
+        return
     from .text_pretrain import pretrain_text
 
     text, _ = _text_and_dit(work, _tokenizer(work))
@@ -132,17 +209,39 @@ def _pretrained_text(work: Path, text) -> None:
     text.model.load_state_dict(state["text"])
 
 
+def _init_dit(work: Path, a, dit) -> None:
+    """A DiT stage that starts afresh begins from ``--dit-init`` (a ``dit_ema.pt`` as this recipe writes), or at a
+    larger size from the 128² result DIR/dit_ema.pt when there is one; every tensor must fit. A run with a
+    checkpoint resumes from it instead."""
+    if (_dit_work(work, a) / "dit.ckpt").exists():
+        return
+    path = Path(a.dit_init) if a.dit_init else work / "dit_ema.pt" if a.size != IMAGE_SIZE else None
+    if path is None or not (a.dit_init or path.exists()):
+        return
+    if not path.is_file():
+        raise SystemExit(f"--dit-init {path}: not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        dit.load_state_dict(state["transformer"])
+    except (KeyError, RuntimeError) as e:
+        raise SystemExit(f"{path}: not this recipe's DiT weights ({type(e).__name__}: {e})") from None
+    log(f"the DiT starts from {path} ({len(state['transformer'])} tensors)")
+
+
 def stage_dit(work: Path, a) -> None:
     tok = _tokenizer(work)
     text, dit = _text_and_dit(work, tok, a.pos_embed, a.size)
     _pretrained_text(work, text)
+    _init_dit(work, a, dit)
     dw = _dit_work(work, a)
-    latents = torch.load(dw / "latents.pt", weights_only=True)
-    if len(a.dit_restart) != len(a.restart_lr):
-        raise SystemExit(f"--dit-restart gives {len(a.dit_restart)} cycles but --restart-lr {len(a.restart_lr)} rates")
-    restarts = list(zip(a.dit_restart, a.restart_lr))
+    latents = [torch.load(d / "latents.pt", weights_only=True) for d in (dw, *([work] if _mixed(a) else []))]
+    lengths = [n for n in a.dit_restart if n != "none"]
+    rates = a.restart_lr if a.restart_lr is not None else RESTART_LR[:len(lengths)]
+    if len(lengths) != len(rates):
+        raise SystemExit(f"--dit-restart gives {len(lengths)} cycles but --restart-lr {len(rates)} rates")
     dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, dw, steps=a.dit_steps, batch=a.batch,
-                             lr=a.lr, bf16=a.bf16, train_text=False, restarts=restarts)
+                             lr=a.lr, bf16=a.bf16, train_text=False, restarts=list(zip(lengths, rates)),
+                             warmup=a.dit_warmup, save_seconds=60 * a.save_minutes)
     torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, dw / "dit_ema.pt")
 
 
@@ -210,10 +309,14 @@ def stage_lora(work: Path, a) -> None:
     log(report_pink(a.out, out))
 
 
-# every stage, in the order ``--stage all`` runs them
-STAGES = {"data": stage_data, "vae": stage_vae, "latents": stage_latents, "decoder": stage_decoder,
+# every stage, in the order ``--stage all`` runs them (all but seed)
+STAGES = {"seed": stage_seed, "data": stage_data, "vae": stage_vae, "latents": stage_latents, "decoder": stage_decoder,
           "text": stage_text, "dit": stage_dit, "export": stage_export, "eval": stage_eval,
           "prompts": stage_prompts, "lora": stage_lora}
+
+
+def _steps_or_none(v: str):
+    return v if v == "none" else int(v)
 
 
 def main(argv=None) -> int:
@@ -221,11 +324,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["demo"])
     p.add_argument("--work", required=True, help="working folder (data, checkpoints, logs)")
-    p.add_argument("--stage", default="all", choices=(*STAGES, "all"))
+    p.add_argument("--stage", nargs="+", default=["all"], choices=(*STAGES, "all"),
+                   help="the stages to run, in the order given (all: every stage but seed)")
     p.add_argument("--out", default=str(DEMO_DIR), help="where export writes the pipeline folder")
+    p.add_argument("--from", dest="seed_from", default=str(DEMO_DIR),
+                   help="seed: the exported pipeline folder to start from (default: the shipped model)")
     p.add_argument("--size", type=int, choices=(128, 256), default=128,
                    help="picture size of the latents, DiT, export and eval stages: 128 (4x4 latents, the shipped "
-                        "model) or 256 (8x8, files in DIR/size256; untrained so far: export needs --out)")
+                        "model) or 256 (8x8, files in DIR/size256; its DiT starts from the 128² one; export "
+                        "needs --out)")
     p.add_argument("--n-train", type=int, default=20000)
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--decoder-steps", type=int, default=1500)
@@ -236,11 +343,20 @@ def main(argv=None) -> int:
     p.add_argument("--dit-steps", type=int, default=18000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--dit-restart", type=int, nargs="*", default=[12000, 8000, 10000],
+    p.add_argument("--dit-restart", type=_steps_or_none, nargs="*", default=[12000, 8000, 10000],
                    help="steps of each further DiT learning-rate cycle (warm restart) after --dit-steps; none: no "
                         "restart")
-    p.add_argument("--restart-lr", type=float, nargs="*", default=[2e-4, 1.5e-4, 1.5e-4],
-                   help="peak learning rate of each of those cycles")
+    p.add_argument("--restart-lr", type=float, nargs="*", default=None,
+                   help=f"peak learning rate of each of those cycles (default {', '.join(map(str, RESTART_LR))})")
+    p.add_argument("--dit-warmup", type=int, default=200, help="steps of learning-rate warm-up of each DiT cycle")
+    p.add_argument("--dit-init", default=None,
+                   help="dit: the weights a fresh DiT run starts from (a dit_ema.pt; at --size 256 by default "
+                        "DIR/dit_ema.pt, the 128² result, when there is one)")
+    p.add_argument("--mix-128", action="store_true",
+                   help="dit at --size 256: every other batch is a 128² one (DIR/latents.pt, which the latents stage "
+                        "then writes too), so the one DiT draws both sizes")
+    p.add_argument("--save-minutes", type=float, default=5.0,
+                   help="dit: a checkpoint at least this often (and every 100 steps)")
     p.add_argument("--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast in the DiT stage")
     p.add_argument("--pos-embed", action=argparse.BooleanOptionalAction, default=True,
                    help="DiT with the sin-cos positional embedding (as Sana's 2K/4K models; default), or without "
@@ -258,7 +374,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    for name in STAGES if a.stage == "all" else (a.stage,):
+    names = [n for s in a.stage for n in ([k for k in STAGES if k != "seed"] if s == "all" else [s])]
+    for name in names:
         log(f"stage {name}")
         STAGES[name](work, a)
     return 0

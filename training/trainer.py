@@ -328,21 +328,28 @@ class EMA:
 def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transformer, work: str | os.PathLike,
               steps: int = 4000, batch: int = 64, lr: float = 5e-4, max_length: int = 144, seed: int = 0,
               p_uncond: float = 0.1, ema_decay: float = 0.998, save_every: int = 100, params=None,
-              bf16: bool = False, train_text: bool = True, restarts=(), warmup: int = 200):
+              bf16: bool = False, train_text: bool = True, restarts=(), warmup: int = 200,
+              save_seconds: float | None = None):
     """Flow-matching training of ``transformer`` (and the text encoder's model when ``train_text``; ``params``
     restricts the trainable set further, e.g. to LoRA weights). ``train_text=False`` keeps the text encoder frozen
     and runs it without gradients, as Sana/Twig train with Gemma frozen.
-    ``latents`` are model-space [N,C,h,w] aligned with ``records``.
+    ``latents`` are model-space [N,C,h,w] aligned with ``records``, or a list of such tensors at different grids
+    (e.g. 8x8 and 4x4): step i draws its batch from ``latents[i % len(latents)]``, so one model learns every size.
     ``bf16``: bfloat16 autocast for the forward pass (about 1.5x faster on CPUs with AVX512-BF16).
     ``warmup``: steps of linear learning-rate warm-up at the start of each cycle.
     ``restarts``: (steps, peak lr) pairs, further cosine cycles after the first (``steps`` at ``lr``); a run that
     stopped at the end of one cycle goes on into the next from its checkpoint.
     The batch order is drawn from ``seed`` plus the step a run (or a cycle) starts at, so resuming from a
     checkpoint saved at a cycle's end continues exactly as an uninterrupted run would.
+    Checkpoints (``work/dit.ckpt``) every ``save_every`` steps and, with ``save_seconds``, also once that many seconds
+    passed since the last one, so a stopped run loses little whatever a step costs.
     Returns (transformer, text_encoder, losses of this run) with the averaged (EMA) weights loaded."""
     ck, logf = open_stage(work, "dit")
-    if len(latents) != len(records):
-        raise TwigError(f"{len(latents)} latents but {len(records)} caption records")
+    grids = list(latents) if isinstance(latents, (list, tuple)) else [latents]
+    for lat in grids:
+        if len(lat) != len(records):
+            raise TwigError(f"{len(lat)} latents ({'x'.join(map(str, lat.shape[-2:]))}) but {len(records)} caption "
+                            "records")
     modules = [transformer, text_encoder.model] if train_text else [transformer]
     trainable = list(params) if params is not None else [p for m in modules for p in m.parameters()]
     device = transformer.device  # batches are drawn on the CPU, then moved
@@ -364,7 +371,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
     cycles = [(steps, lr), *restarts]
     total = sum(n for n, _ in cycles)
     losses = []
-    t0 = time.time()
+    t0 = saved = time.time()
     for step in range(start, total):
         first, length, peak = cycle_at(step, cycles)
         if step == start or step == first:
@@ -374,7 +381,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         for g in opt.param_groups:
             g["lr"] = rate
         idx = rng.integers(0, len(records), batch)
-        xt, t, target = (v.to(device) for v in flow_batch(latents[idx].float(), trng))
+        xt, t, target = (v.to(device) for v in flow_batch(grids[step % len(grids)][idx].float(), trng))
         with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=bf16):
             embeds, mask = encode_batch(text_encoder, pick_captions(records, idx, rng, p_uncond), max_length,
                                         train=train_text)
@@ -385,9 +392,11 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         if step % 25 == 0 or step == total - 1:
             log(f"dit step {step} loss {loss.item():.4f} lr {rate:.2e} "
                 f"({(time.time() - t0) / (step - start + 1):.2f}s/step)", logf)
-        if (step + 1) % save_every == 0 or step == total - 1:
+        if ((step + 1) % save_every == 0 or step == total - 1
+                or (save_seconds is not None and time.time() - saved >= save_seconds)):
             ck.save(transformer=transformer.state_dict(), text=text_encoder.model.state_dict(), opt=opt.state_dict(),
                     ema=ema.state(), step=step + 1)
+            saved = time.time()
     for m in modules:
         m.eval()
     ema.swap()  # leave the averaged weights in the models
