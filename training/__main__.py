@@ -275,6 +275,10 @@ def stage_eval(work: Path, a) -> None:
     from .scenes import load_split
 
     parts = load_pipeline(a.out, dtype=torch.float32)
+    if a.int8:  # the fast preset's products (twig_core.int8)
+        from twig_core import int8
+
+        int8.enable(parts.transformer)
     records = _records(work, "heldout")
     ref = reference_report(parts.vae, records, load_split(work / "data", "heldout")[0], n=a.eval_n)
     print(ref["text"], flush=True)
@@ -370,6 +374,7 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=float, default=0.0, help="eval: step-cache threshold (0 = off)")
     p.add_argument("--cfg-interval", type=parse_cfg_interval, default=None, metavar="LO,HI",
                    help="eval: classifier-free guidance only for sigmas in LO … HI")
+    p.add_argument("--int8", action="store_true", help="eval: the transformer's int8 products (the fast preset)")
     p.add_argument("--eval-out", default=None, help="eval: the summary's file name in --work (default eval.json)")
     a = p.parse_args(argv)
     work = Path(a.work)
