@@ -296,3 +296,6 @@ def test_text_int8_is_for_the_cpu_in_fp32_and_the_int8_choice_turns_it_on(gemma,
     for weight_dtype, dtype, on in (("int8", "fp32", True), ("int8", "bf16", False), ("same", "fp32", False)):
         parts = loader.load_parts(tiny_pipeline, dtype=dtype, weight_dtype=weight_dtype)
         assert int8.enabled(parts.text_encoder.model) == on, (weight_dtype, dtype)
+    # a one-shot run (networks loaded for their stage only) packs the transformer but keeps Gemma in fp32
+    parts = loader.load_parts(tiny_pipeline, dtype="fp32", weight_dtype="int8", lazy=True)
+    assert int8.enabled(parts.transformer.get()) and not int8.enabled(parts.text_encoder.get().model)

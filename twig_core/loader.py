@@ -71,7 +71,7 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
     case a missing ``text_encoder``/``vae`` is taken from it. ``dtype`` is resolved per network for ``device``
     ("auto": see devices.resolve_dtype). ``weight_dtype`` keeps the transformer's and the VAE's weights in
     that dtype ("stored": as in the file) while they compute in ``dtype``; "int8" on a CPU also runs Gemma-2's
-    linears in int8 when it computes in fp32 (``TextEncoder.use_int8``). ``offload`` (devices.wants_offload:
+    linears in int8 when it computes in fp32 and is not ``lazy`` (``TextEncoder.use_int8``). ``offload`` (devices.wants_offload:
     "auto", "on", "off"): the networks load into CPU memory and each goes to ``device`` only while it runs.
 
     ``lazy``: nothing is loaded now; each part is a ``devices.Deferred`` (the transformer's with its config)
@@ -106,7 +106,10 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
 
     text = _text_dtype(dtypes["text"], device)
     # the "int8" weight choice (the fast preset on a CPU) runs Gemma's linears in int8 too, where it computes in fp32
-    int8 = weight_dtype == "int8" and torch.device(device).type == "cpu" and text in (None, torch.float32)
+    # and stays loaded: packing them takes longer than the int8 products save on one prompt pair, so a one-shot
+    # (lazy) run keeps Gemma in fp32
+    int8 = (weight_dtype == "int8" and torch.device(device).type == "cpu" and text in (None, torch.float32)
+            and not lazy)
 
     def text_encoder_(width):
         return load_text_encoder(text_encoder, dtype=text, device=home, expected_width=width, int8=int8)
