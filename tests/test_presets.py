@@ -11,6 +11,7 @@ from tests.builders import transformer_inputs
 from tests.test_transformer import diffusers_model
 
 from twig_core import int8, presets, sampling
+from twig_core.catalog import DEMO_DIR
 from twig_core.config import TransformerConfig
 from twig_core.devices import resolve_dtype, weight_dtype_kwargs
 from twig_core.errors import TwigError
@@ -73,6 +74,37 @@ def test_each_preset_keeps_its_latent_error_bound(reference, name):
     model, p = load_preset(folder, name)
     err = rel(run(model, p), run(fp32, presets.resolve("quality")))
     assert err <= presets.LATENT_ERROR[name], f"{name}: final latent off by {err:.2e}"
+
+
+@pytest.mark.skipif(not (DEMO_DIR / "model_index.json").is_file(), reason="the embedded demo model is not here")
+def test_fast_keeps_its_bounds_on_trained_weights():
+    """The random models above have no trained activations; the embedded demo model has: fast's step against
+    diffusers fp32 on its weights with a real caption, and a whole 20-step run's latent against the fp32 run."""
+    from diffusers import SanaTransformer2DModel
+
+    from twig_core.loader import load_pipeline
+
+    parts = load_pipeline(DEMO_DIR, dtype=torch.float32)
+    ref = SanaTransformer2DModel.from_pretrained(DEMO_DIR / "transformer", torch_dtype=torch.float32).eval()
+    fast = load_transformer(DEMO_DIR / "transformer", **weight_dtype_kwargs("int8", torch.float32, "cpu"))
+    cond = parts.text_encoder.encode(["a red triangle on the left and a blue square on the right"], max_length=300,
+                                     use_instruction=True)
+    uncond = parts.text_encoder.encode([""], max_length=300, use_instruction=False)
+    x = torch.randn(2, 32, 4, 4, generator=torch.Generator().manual_seed(0))
+    ctx, mask = cond.embeds.expand(2, -1, -1), cond.mask.expand(2, -1)
+    with torch.no_grad():
+        for t in (900.0, 500.0, 150.0):
+            want = ref(x, ctx, torch.tensor([t, t]), encoder_attention_mask=mask).sample
+            err = rel(fast(x, torch.tensor([t, t]), ctx, mask), want)
+            assert err <= presets.STEP_ERROR["fast"], f"t={t:g}: one step off by {err:.2e}"
+
+    def latent(model, cache):
+        den = sampling.make_denoiser(model, cond, uncond, 4.5, cache=cache)
+        with torch.no_grad():
+            return sampling.sample(den, sampling.noise_like((1, 32, 4, 4), 7), sampling.flow_sigmas(20, 3.0))
+
+    err = rel(latent(fast, presets.resolve("fast").cache), latent(parts.transformer, 0.0))
+    assert err <= presets.LATENT_ERROR["fast"], f"final latent off by {err:.2e}"
 
 
 def test_int8_switches_off_exactly_and_rebuilds_packs_for_loras(reference, tmp_path):

@@ -7,12 +7,13 @@ channel chunks do) that ``dense`` multiplies through torch's quantized CPU kerne
 the weight, smoothed (input channels rescaled as SmoothQuant does, from the activations of one fixed
 calibration step run when int8 is switched on, so that outlier channels of the activations move into the
 weights), quantized once per output channel to int8 (symmetric, scale = max |w| / 127) and packed, the
-activations divided by the same smoothing and quantized per call over the whole tensor (dynamic, with a zero point chosen per call, to 7 bits: the
-u8·s8 kernels add pairs of products in 16 bits, which full 8-bit activations overflow — that saturation made a
-step's error twice as large on random weights), products summed in int32 and scaled back to fp32, bias added
-in fp32. Layers switched on ``per_token`` (Gemma-2's) scale every row of the activations to a maximum of 1 first
-and the product's rows back after, so the 7-bit scale is in effect one per token: Gemma's gated MLP and attention
-outputs differ enough between tokens that one scale over the tensor gave its final states half again the error.
+activations divided by the same smoothing, each row (token) scaled to a maximum of 1 and quantized per call
+(dynamic, with a zero point chosen per call, to 7 bits: the u8·s8 kernels add pairs of products in 16 bits, which
+full 8-bit activations overflow — that saturation made a step's error twice as large on random weights),
+products summed in int32, scaled back to fp32 row by row, bias added in fp32. The per-row scaling makes the
+kernels' one activation scale in effect one per token: tokens differ enough (Gemma's gated MLP and attention
+outputs; the trained demo transformer's Mix-FFN projection) that one scale over the tensor gave Gemma's final
+states half again the error and the demo transformer's step about twice the error.
 
 Packs are made on first use from the layer's float weight as ``ops.weights`` would give it (GGUF/fp8 storage
 widened, LoRA adapters folded) and kept on the layer, one per slice; a changed LoRA stack (adapters or strengths)
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import TwigError
+from .weights import trim_heap
 
 # torch's quantized CPU engines able to run the packed int8 products, preferred first
 ENGINES = ("x86", "fbgemm")
@@ -73,15 +75,14 @@ def _require_engine(on: bool) -> None:
                         "lacks; choose fp16, bf16 or same")
 
 
-def _switch(layer: nn.Module, on: bool, source: nn.Module | None = None, per_token: bool = False) -> None:
-    """Mark ``layer`` to compute in int8 (taking over ``source``'s smoothing and packs when given; ``per_token``:
-    one activation scale per row, see ``dense``) or in float again (its packs and smoothing dropped)."""
+def _switch(layer: nn.Module, on: bool, source: nn.Module | None = None) -> None:
+    """Mark ``layer`` to compute in int8 (taking over ``source``'s smoothing and packs when given) or in float
+    again (its packs and smoothing dropped)."""
     if on:
         layer._twig_int8 = dict(getattr(source, "_twig_int8", {}))
         layer._twig_smooth = dict(getattr(source, "_twig_smooth", {}))
-        layer._twig_per_token = per_token
     else:
-        for name in ("_twig_int8", "_twig_smooth", "_twig_per_token"):
+        for name in ("_twig_int8", "_twig_smooth"):
             layer.__dict__.pop(name, None)
 
 
@@ -108,14 +109,13 @@ TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def enable_linears(model: nn.Module, names, on: bool = True, calibrate=None, per_token: bool = True) -> int:
+def enable_linears(model: nn.Module, names, on: bool = True, calibrate=None) -> int:
     """Switch int8 products on (or off) for the Linear layers of ``model`` whose qualified names end with one of
     ``names`` (e.g. ``"mlp.down_proj"``), in a model built from plain ``nn.Linear`` (transformers' Gemma-2). A plain
     Linear computes through ``ops.dense`` while switched on (its class becomes ``ops.Linear``) and gets its own
     class back when switched off, so the float model returns exactly; a layer that already computes through
     ``ops.weights`` (GGUF-held, ``twig_core.quant``) keeps its class. ``calibrate``: called once after switching
-    on, to run ``model`` on a fixed input that fixes every layer's smoothing. ``per_token``: one activation
-    scale per row (token), as ``dense`` describes. Returns how many layers were
+    on, to run ``model`` on a fixed input that fixes every layer's smoothing. Returns how many layers were
     switched; TwigError for another kind of layer, or where this torch has no quantized CPU engine."""
     from . import ops
     from .quant import QuantizedLayer
@@ -132,7 +132,7 @@ def enable_linears(model: nn.Module, names, on: bool = True, calibrate=None, per
             layer.__class__ = layer.__dict__.pop("_twig_float_class")
         elif on and not isinstance(layer, (ops.Linear, QuantizedLayer)):
             raise TwigError(f"{full}: a {type(layer).__name__} cannot compute in int8 (only Linear layers can)")
-        _switch(layer, on, per_token=per_token)
+        _switch(layer, on)
         count += 1
     if on and count and calibrate is not None:
         with torch.no_grad():
@@ -212,9 +212,9 @@ class Int8Weight:
         r, c = self.rows, self.cols
         return (r.start, r.stop, r.step, c.start, c.stop, c.step)
 
-    def packed(self, bias: torch.Tensor | None, x: torch.Tensor):
-        """(packed int8 weight, smoothing) of this slice with ``bias`` (the caller's bias slice, which for a
-        given slice is always the same), made once and kept on the layer until what it is made from changes."""
+    def packed(self, x: torch.Tensor):
+        """(packed int8 weight, smoothing) of this slice (``dense`` adds the bias), made once and kept on the layer
+        until what it is made from changes."""
         cache = self.layer._twig_int8
         source = _source_key(self.layer)
         if cache.get("source") != source:
@@ -229,9 +229,11 @@ class Int8Weight:
             smooth = self.layer._twig_smooth.get(key)
             if smooth is None:  # fixed once, from the first activations this slice sees (the calibration's)
                 smooth = self.layer._twig_smooth[key] = smoothing(x, w)
-            # held: one byte a weight, fp64 scale and int64 zero point per channel, fp32 bias and smoothing
-            held = w.numel() + 16 * w.shape[0] + 4 * w.shape[1] + (0 if bias is None else 4 * bias.numel())
-            hit = cache[key] = (pack(w * smooth, bias), smooth, held)
+            # held: one byte a weight, fp64 scale and int64 zero point per channel, fp32 smoothing
+            held = w.numel() + 16 * w.shape[0] + 4 * w.shape[1]
+            hit = cache[key] = (pack(w * smooth), smooth, held)
+            del w
+            trim_heap()  # the widened and smoothed copies' memory goes back to the system now
         return hit[0], hit[1]
 
 
@@ -244,29 +246,24 @@ def smoothing(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (ax / aw).sqrt_().clamp_(1e-3, 1e3)
 
 
-def pack(w: torch.Tensor, bias: torch.Tensor | None):
-    """``w`` [out, in] quantized per output channel to int8 and packed with ``bias`` for ``linear_dynamic``."""
+def pack(w: torch.Tensor):
+    """``w`` [out, in] quantized per output channel to int8 and packed for ``linear_dynamic``."""
     scale = (w.abs().amax(dim=1).double() / 127.0).clamp_min(1e-12)
     zero = torch.zeros(w.shape[0], dtype=torch.long)
     with _engine():
         q = torch.quantize_per_channel(w.float().contiguous(), scale, zero, 0, torch.qint8)
-        return torch.ops.quantized.linear_prepack(q, None if bias is None else bias.float().contiguous())
+        return torch.ops.quantized.linear_prepack(q, None)
 
 
 def dense(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ w^T + bias`` through the int8 kernels (x: CPU fp32 [..., in]). A layer switched on ``per_token``
-    quantizes its activations with one scale per row (token) instead of one over the tensor."""
-    per_token = getattr(w.layer, "_twig_per_token", False)
-    packed, smooth = w.packed(None if per_token else bias, x)
+    """``x @ w^T + bias`` through the int8 kernels (x: CPU fp32 [..., in]), one activation scale per row."""
+    packed, smooth = w.packed(x)
     lead = x.shape[:-1]
     x = (x / smooth).reshape(-1, x.shape[-1])
-    if per_token:  # every row to a maximum of 1: the kernel's one scale over the tensor is then one per token
-        size = x.abs().amax(1, keepdim=True).clamp_min_(1e-12)
-        x = x.div_(size)
+    size = x.abs().amax(1, keepdim=True).clamp_min_(1e-12)  # every row to a maximum of 1
     with _engine():
-        y = torch.ops.quantized.linear_dynamic(x, packed, True)  # 7-bit
-    if per_token:
-        y = y.mul_(size) if bias is None else torch.addcmul(bias.float(), y, size)
+        y = torch.ops.quantized.linear_dynamic(x.div_(size), packed, True)  # 7-bit
+    y = y.mul_(size) if bias is None else torch.addcmul(bias.float(), y, size)
     return y.view(*lead, y.shape[-1])
 
 
