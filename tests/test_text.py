@@ -219,6 +219,7 @@ def test_from_pretrained_errors(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "weights.bin.moved")
     with pytest.raises(TwigError, match="weights"):
         TextEncoder.from_pretrained(tmp_path)
+    (tmp_path / "weights.bin.moved").rename(tmp_path / "model.safetensors")
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(TwigError, match="tokenizer"):
         TextEncoder.from_pretrained(tmp_path)

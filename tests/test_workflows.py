@@ -408,6 +408,9 @@ def test_token_count_matches_encoding_and_never_loads_weights(model_env, monkeyp
     monkeypatch.setattr(twig_loader, "load_text_encoder", no_weights)
     monkeypatch.setattr(transformers.Gemma2Model, "from_pretrained", no_weights)
     monkeypatch.setattr(TextEncoder, "from_pretrained", no_weights)
+    from twig_core import gemma
+
+    monkeypatch.setattr(gemma, "_gemma2_from_weights", no_weights)  # where every Gemma-2 gets its weights
     long_zh = build.ZH_LONG_PROMPT
     for prompt, n in ((build.DEMO_EN, 300), (build.DEMO_ZH, 300), (long_zh, 300), (long_zh, 1200), ("", 300)):
         got = tokens.count(catalog.DEMO_NAME, n, prompt, "blurry")

@@ -1,8 +1,8 @@
 """The Gemma-2 text encoder from files: its config inferred from tensor shapes, the model built on the meta
 device and filled from the weights, with its tokenizer.
 
-Understood: Hugging Face folders (through ``TextEncoder.from_pretrained`` when the plain weight set is there),
-diffusers pipeline folders (``text_encoder/`` + ``tokenizer/``), single files as ComfyUI ships them
+Understood: Hugging Face folders (read tensor by tensor like every other source: transformers' own loader held a
+bf16 folder's tensors beside the fp32 model, 15 GB at its peak for Gemma-2-2B against 11 GB), diffusers pipeline folders (``text_encoder/`` + ``tokenizer/``), single files as ComfyUI ships them
 (weights, optionally prefixed, plus a ``spiece_model`` uint8 tensor holding the sentencepiece model), and
 llama.cpp Gemma-2 GGUF files (hyper-parameters and tokenizer from their metadata, see ``twig_core.gguf_io``).
 """
@@ -22,7 +22,7 @@ from .assign import assign, check_keys, dominant_dtype, named_errors
 from .devices import resolve_dtype
 from .errors import TwigError
 from .layout import (component_folder, config_kind, network_weights, open_set, pick_weight_set, read_json,
-                     weight_sets, wrong_config)
+                     wrong_config)
 from .tokenizer import file_tokenizer, read_tokenizer, tokenizer_dir
 from .weights import Weights, open_weights, shortlist
 
@@ -97,16 +97,13 @@ def _gemma2_from_weights(src: GemmaSource, dtype, device):
 @dataclass
 class GemmaSource:
     """Gemma-2 found at a path, nothing built: its weights under ``Gemma2Model``'s names (``names``, read one at
-    a time from ``weights``), config, tokenizer and the folder's prompt settings; or, for a Hugging Face folder
-    that transformers' own loader takes whole, only ``folder`` and ``tokenizer_folder`` (``weights`` None)."""
+    a time from ``weights``), config, tokenizer and the folder's prompt settings."""
 
     label: str
-    weights: Weights | None = None
+    weights: Weights
     config: Any = None
     tokenizer: Any = None
     settings: dict = field(default_factory=dict)
-    folder: str | None = None
-    tokenizer_folder: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -126,9 +123,8 @@ class GemmaSource:
 
 
 def open_text_encoder(path, tokenizer_path=None, *, expected_width: int | None = None, variant: str | None = None,
-                      dtype=None, whole_folder: bool = False) -> GemmaSource:
-    """Gemma-2 at ``path`` (see :func:`load_text_encoder`) as a :class:`GemmaSource`, its weights not read;
-    ``whole_folder``: a plain Hugging Face folder is left to transformers' loader."""
+                      dtype=None) -> GemmaSource:
+    """Gemma-2 at ``path`` (see :func:`load_text_encoder`) as a :class:`GemmaSource`, its weights not read;"""
     from .text import folder_settings
 
     path = os.fspath(path)
@@ -136,6 +132,9 @@ def open_text_encoder(path, tokenizer_path=None, *, expected_width: int | None =
         raise TwigError(f"not found: {path}")
     if os.path.isdir(path):
         folder = component_folder(path, "text_encoder")
+        if not os.path.isfile(os.path.join(folder, "config.json")) \
+                and os.path.isfile(os.path.join(path, "text_encoder", "config.json")):
+            folder = os.path.join(path, "text_encoder")  # a pipeline's two folders without its model_index.json
         cfg_path = os.path.join(folder, "config.json")
         tok_dir = tokenizer_path if tokenizer_path is not None else tokenizer_dir(path, folder)
         if not os.path.isfile(cfg_path):
@@ -143,11 +142,10 @@ def open_text_encoder(path, tokenizer_path=None, *, expected_width: int | None =
         cfg = read_json(cfg_path)
         if config_kind(cfg) != "text_encoder":
             raise wrong_config(folder, cfg, "Gemma-2 (Sana uses Gemma-2-2B)")
+        if cfg.get("model_type", "gemma2") != "gemma2":
+            raise TwigError(f"{cfg_path}: model_type is {cfg['model_type']!r}, expected 'gemma2' (Sana uses "
+                            "Gemma-2-2B-it)")
         _check_width(cfg.get("hidden_size"), expected_width, folder)
-        sets = weight_sets(folder)
-        if whole_folder and variant is None and any(v is None for v, _ in sets) \
-                and (tok_dir is None or os.path.isdir(tok_dir)):
-            return GemmaSource(folder, folder=folder, tokenizer_folder=tok_dir)
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
@@ -191,14 +189,9 @@ def load_text_encoder(
 
     device = torch.device(device)
     dtype = resolve_dtype("auto" if dtype is None else dtype, device, role="text")
-    src = open_text_encoder(path, tokenizer_path, expected_width=expected_width, variant=variant, dtype=dtype,
-                            whole_folder=True)
-    if src.weights is None:
-        encoder = TextEncoder.from_pretrained(src.folder, dtype, device, tokenizer_folder=src.tokenizer_folder,
-                                              **kwargs)
-    else:
-        model = _gemma2_from_weights(src, dtype, device)
-        encoder = TextEncoder(model, src.tokenizer, **{**src.settings, **kwargs})
+    src = open_text_encoder(path, tokenizer_path, expected_width=expected_width, variant=variant, dtype=dtype)
+    model = _gemma2_from_weights(src, dtype, device)
+    encoder = TextEncoder(model, src.tokenizer, **{**src.settings, **kwargs})
     _check_width(encoder.hidden_size, expected_width, os.fspath(path))
     if int8:
         if device.type != "cpu" or encoder.dtype != torch.float32:

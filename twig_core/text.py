@@ -19,7 +19,7 @@ The negative prompt takes the plain path: no instruction, ``max_length`` tokens,
 then keeps everything). Sana uses ``max_length = 300``; Twig allows up to 1200.
 
 Gemma-2 soft-caps its attention logits; only the "eager" (and flash/flex) attention paths in
-transformers apply the cap, which is why :meth:`TextEncoder.from_pretrained` asks for "eager". Gemma-2
+transformers apply the cap, which is why the loader (``twig_core.gemma``) asks for "eager". Gemma-2
 overflows in float16: load it in bfloat16 (GPU) or float32 (CPU). On the CPU in float32 its linears can
 compute in int8 (:meth:`TextEncoder.use_int8`, the ``fast`` preset; ``twig_core.int8``).
 """
@@ -278,77 +278,12 @@ class TextEncoder:
     # -- loading -----------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(
-        cls,
-        folder: str | os.PathLike,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str = "cpu",
-        *,
-        tokenizer_folder: str | os.PathLike | None = None,
-        attn_implementation: str = "eager",
-        **kwargs,
-    ) -> "TextEncoder":
-        """Load a local Gemma-2 folder (config.json, *.safetensors, tokenizer files); nothing is downloaded.
+    def from_pretrained(cls, folder, dtype=None, device="cpu", *, tokenizer_folder=None, **kwargs) -> "TextEncoder":
+        """A local Gemma-2 folder (Hugging Face or a diffusers pipeline's ``text_encoder/`` + ``tokenizer/``) as
+        :func:`twig_core.gemma.load_text_encoder` loads it; nothing is downloaded."""
+        from .gemma import load_text_encoder
 
-        ``folder`` may be a plain Hugging Face Gemma-2 folder (``Gemma2Model`` or ``Gemma2ForCausalLM``
-        weights) or a diffusers Sana folder holding ``text_encoder/`` and ``tokenizer/``. The tokenizer is
-        read from ``tokenizer_folder`` if given, else from the model folder. ``dtype`` defaults to bfloat16
-        on CUDA and float32 elsewhere. Other keyword arguments go to :class:`TextEncoder`.
-        """
-        import transformers
-        from transformers import AutoConfig, AutoTokenizer, Gemma2Model
-
-        folder = os.fspath(folder)
-        if not os.path.isdir(folder):
-            raise TwigError(f"text encoder folder not found: {folder}")
-        model_dir = folder
-        if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-            os.path.join(folder, "text_encoder", "config.json")
-        ):
-            model_dir = os.path.join(folder, "text_encoder")
-            if tokenizer_folder is None and os.path.isdir(os.path.join(folder, "tokenizer")):
-                tokenizer_folder = os.path.join(folder, "tokenizer")
-        tok_dir = os.fspath(tokenizer_folder) if tokenizer_folder is not None else model_dir
-
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise TwigError(f"no config.json in text encoder folder {model_dir}")
-        tok_files = ("tokenizer.json", "tokenizer.model")
-        if not any(os.path.isfile(os.path.join(tok_dir, f)) for f in tok_files):
-            raise TwigError(f"no tokenizer.json or tokenizer.model in tokenizer folder {tok_dir}")
-
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-        if getattr(config, "model_type", None) != "gemma2":
-            raise TwigError(
-                f"{os.path.join(model_dir, 'config.json')}: model_type is {getattr(config, 'model_type', None)!r}, "
-                "expected 'gemma2' (Sana uses Gemma-2-2B-it)"
-            )
-
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-        dtype_kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-        try:
-            model, info = Gemma2Model.from_pretrained(
-                model_dir,
-                config=config,
-                local_files_only=True,
-                trust_remote_code=False,
-                attn_implementation=attn_implementation,
-                output_loading_info=True,
-                **dtype_kw,
-            )
-        except OSError as e:
-            raise TwigError(f"cannot load Gemma-2 weights from {model_dir}: {e}") from e
-        missing = list(info.get("missing_keys", []))
-        if missing:
-            shown = ", ".join(sorted(missing)[:5])
-            raise TwigError(f"Gemma-2 weights in {model_dir} lack {len(missing)} tensors (e.g. {shown})")
-        model = model.to(device).eval().requires_grad_(False)
-
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True, trust_remote_code=False)
-        return cls(model, tokenizer, **{**folder_settings(model_dir), **kwargs})
+        return load_text_encoder(folder, dtype=dtype, device=device, tokenizer_path=tokenizer_folder, **kwargs)
 
     # -- properties --------------------------------------------------------------------------------
 

@@ -184,17 +184,17 @@ def read_tokenizer(path):
         sub = os.path.join(path, "tokenizer")
         if is_pipeline_dir(path) and os.path.isdir(sub):
             path = sub
+        model_file = os.path.join(path, "tokenizer.model")
+        # a tokenizer_config.json alone is no tokenizer (transformers would build one with an empty vocabulary)
+        if not any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer.model")):
+            raise TwigError(f"{path}: no tokenizer.json or tokenizer.model in this folder")
         if any(os.path.isfile(os.path.join(path, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
             try:
                 return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
             except Exception as e:
-                if not os.path.isfile(os.path.join(path, "tokenizer.model")):
+                if not os.path.isfile(model_file):
                     raise TwigError(f"{path}: cannot load the tokenizer: {e}") from None
-        model_file = os.path.join(path, "tokenizer.model")
-        if os.path.isfile(model_file):
-            path = model_file
-        else:
-            raise TwigError(f"{path}: no tokenizer.json or tokenizer.model in this folder")
+        path = model_file
     if path.endswith(".json"):
         from transformers import PreTrainedTokenizerFast
 
