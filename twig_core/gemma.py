@@ -1,8 +1,9 @@
 """The Gemma-2 text encoder from files: its config inferred from tensor shapes, the model built on the meta
 device and filled from the weights, with its tokenizer.
 
-Understood: Hugging Face folders (read tensor by tensor like every other source: transformers' own loader held a
-bf16 folder's tensors beside the fp32 model, 15 GB at its peak for Gemma-2-2B against 11 GB), diffusers pipeline folders (``text_encoder/`` + ``tokenizer/``), single files as ComfyUI ships them
+Understood: Hugging Face folders (read tensor by tensor like every other source, never through transformers' own
+loader, which holds a file's tensors beside the converted model), diffusers pipeline folders (``text_encoder/`` +
+``tokenizer/``), single files as ComfyUI ships them
 (weights, optionally prefixed, plus a ``spiece_model`` uint8 tensor holding the sentencepiece model), and
 llama.cpp Gemma-2 GGUF files (hyper-parameters and tokenizer from their metadata, see ``twig_core.gguf_io``).
 """
@@ -124,7 +125,7 @@ class GemmaSource:
 
 def open_text_encoder(path, tokenizer_path=None, *, expected_width: int | None = None, variant: str | None = None,
                       dtype=None) -> GemmaSource:
-    """Gemma-2 at ``path`` (see :func:`load_text_encoder`) as a :class:`GemmaSource`, its weights not read;"""
+    """Gemma-2 at ``path`` (see :func:`load_text_encoder`) as a :class:`GemmaSource`, its weights not read."""
     from .text import folder_settings
 
     path = os.fspath(path)
@@ -194,9 +195,9 @@ def load_text_encoder(
     encoder = TextEncoder(model, src.tokenizer, **{**src.settings, **kwargs})
     _check_width(encoder.hidden_size, expected_width, os.fspath(path))
     if int8:
-        if device.type != "cpu" or encoder.dtype != torch.float32:
-            raise TwigError(f"{os.fspath(path)}: int8 products run on the CPU computing in fp32, not on {device} in "
-                            f"{str(encoder.dtype).removeprefix('torch.')}")
+        from .int8 import require_cpu_fp32
+
+        require_cpu_fp32(os.fspath(path), device, encoder.dtype)
         encoder.use_int8()
     return encoder
 

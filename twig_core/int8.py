@@ -75,6 +75,13 @@ def _require_engine(on: bool) -> None:
                         "lacks; choose fp16, bf16 or same")
 
 
+def require_cpu_fp32(label: str, device, dtype: torch.dtype) -> None:
+    """TwigError naming ``label`` unless a network on ``device`` computing in ``dtype`` can take int8 products."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32:
+        raise TwigError(f"{label}: int8 products run on the CPU computing in fp32, not on {device} in "
+                        f"{str(dtype).removeprefix('torch.')}")
+
+
 def _switch(layer: nn.Module, on: bool, source: nn.Module | None = None) -> None:
     """Mark ``layer`` to compute in int8 (taking over ``source``'s smoothing and packs when given) or in float
     again (its packs and smoothing dropped)."""
@@ -268,6 +275,6 @@ def dense(x: torch.Tensor, w: Int8Weight, bias: torch.Tensor | None) -> torch.Te
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """Bytes held by the packs made so far (one byte a weight, plus the per-channel scales and biases)."""
+    """Bytes held by the packs made so far (one byte a weight, plus the per-channel scales and smoothing)."""
     return sum(v[2] for m in model.modules() for k, v in (getattr(m, "_twig_int8", None) or {}).items()
                if k != "source")

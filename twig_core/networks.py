@@ -105,9 +105,7 @@ def load_transformer(path, dtype=None, device="cpu", *, compute_dtype=None, pos_
     if int8:
         from . import int8 as int8_products
 
-        if torch.device(device).type != "cpu" or model.dtype != torch.float32:
-            raise TwigError(f"{src.label}: int8 products run on the CPU computing in fp32, not on {device} in "
-                            f"{str(model.dtype).removeprefix('torch.')}")
+        int8_products.require_cpu_fp32(src.label, device, model.dtype)
         int8_products.enable(model)
     return model.eval()
 
