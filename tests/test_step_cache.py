@@ -86,6 +86,55 @@ def test_a_huge_threshold_reuses_the_rest_residual_of_the_last_full_step(model, 
     assert not torch.allclose(cached, model(x * 0.9, torch.tensor([700.0]), cc))
 
 
+def test_each_row_decides_alone_and_gets_what_it_would_get_alone(model, conds):
+    """A batch of two pictures with their own captions (different masks): one barely moves between the steps and
+    is served from the cache, the other moves and is computed in full; each row equals the same picture run
+    alone with a cache of its own."""
+    (c, u), g = conds, torch.Generator().manual_seed(7)
+    embeds, mask = sampling._stack([sampling._expand(c, 1), sampling._expand(u, 1)])
+    x = torch.randn(2, 32, 3, 4, generator=g)
+    moved = x.clone()
+    moved[1] = torch.randn(32, 3, 4, generator=g)
+    depth = model.config.depth
+    with torch.no_grad():
+        batch = StepCache(0.05)
+        cc = model.encode_caption(embeds, mask)
+        model(x, torch.tensor([800.0, 800.0]), cc, step_cache=batch)
+        got = model(moved, torch.tensor([800.0, 800.0]), cc, step_cache=batch)
+        assert batch.reused and batch.share == pytest.approx((1 + 1 / depth) / 2)
+        for row, caption in enumerate((c, u)):
+            alone = StepCache(0.05)
+            one = model.encode_caption(caption.embeds, caption.mask)
+            model(x[row:row + 1], torch.tensor([800.0]), one, step_cache=alone)
+            want = model(moved[row:row + 1], torch.tensor([800.0]), one, step_cache=alone)
+            assert alone.reused == (row == 0)
+            torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-6)
+        # and the computed row moved the batch's reference: the same input again is now served for both rows
+        model(moved, torch.tensor([800.0, 800.0]), cc, step_cache=batch)
+        assert batch.share == pytest.approx(1 / depth)
+
+
+def test_a_guided_batch_renders_each_picture_as_it_would_alone(model, conds):
+    """CFG pairs of two pictures in one batch: each picture's halves are decided together, the pictures apart.
+    At this threshold the two pictures alone take the cache at different steps; batched, both come out as
+    they did alone and the batch computes what the two runs did together."""
+    c, u = conds
+    x = torch.randn(2, 32, 3, 4, generator=torch.Generator().manual_seed(8))
+    sigmas = sampling.flow_sigmas(8, 3.0)
+
+    def render(latents):
+        den = sampling.make_denoiser(model, c, u, 4.5, cache=0.05)
+        with torch.no_grad():
+            return sampling.sample(den, latents, sigmas), den.stats
+
+    both, stats = render(x)
+    alone = [render(x[i:i + 1]) for i in range(2)]
+    assert alone[0][1].reused != alone[1][1].reused
+    for i, (picture, _) in enumerate(alone):
+        torch.testing.assert_close(both[i:i + 1], picture, rtol=1e-4, atol=1e-5)
+    assert stats.computed == pytest.approx(sum(s.computed for _, s in alone) / 2)
+
+
 @pytest.mark.parametrize("sampler", sampling.SAMPLERS)
 def test_the_largest_threshold_drops_the_count_and_zero_never_reuses(model, conds, sampler):
     c, u = conds

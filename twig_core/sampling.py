@@ -263,7 +263,7 @@ def make_denoiser(
         """The step cache of this batch composition, emptied unless the previous step had the same one."""
         if not cache:
             return {}
-        held = step_caches.setdefault(guided, StepCache(cache))
+        held = step_caches.setdefault(guided, StepCache(cache, halves=2 if guided else 1))
         if last[0] != guided:
             held.reset()
         last[0] = guided

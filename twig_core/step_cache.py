@@ -9,10 +9,16 @@ residual is kept. The reference moves only on full steps, so drift accumulates a
 caller may forbid reuse for a step (``may_reuse``): the denoiser does so for the schedule's last step, whose
 prediction becomes the picture.
 
+The decision is made for each picture of the batch on its own: rows never interact inside the blocks, so a
+batch gives every picture what it would get alone, and a picture whose tokens moved is computed in full even
+when the rest of the batch is served from the cache. A picture's halves (unconditional and conditional rows of
+a CFG pair) are decided together: serving one half from the cache while the other is computed breaks the
+guidance difference, which CFG multiplies (on the demo model a run's latent moved by 94% instead of 9%).
+
 One :class:`StepCache` serves one batch composition (CFG pair or conditional half alone); the denoiser keeps
 one per composition (``sampling.make_denoiser``). Memory: two token tensors [b, h*w, width] in the compute
 dtype between steps, two more during a step (1024², a CFG pair, width 2240, fp32: 18 MB each). Deciding
-reads one number back from the device per step.
+reads one number per row back from the device per step.
 
 Unit of :class:`Evaluations`: the transformer body run over one latent image once ("image-evaluation"). Per
 latent in the batch, a step with classifier-free guidance costs 2 (unconditional and conditional), one
@@ -28,43 +34,60 @@ import torch
 
 
 class StepCache:
-    """Reuse the residual of blocks 1 … N-1 while block 0's residual moves less than ``threshold`` (relative)."""
+    """Reuse the residual of blocks 1 … N-1, row by row, while block 0's residual moves less than ``threshold``
+    (relative)."""
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, halves: int = 1):
         self.threshold = float(threshold)
-        self.first: torch.Tensor | None = None  # block 0's residual at the last full step
+        self.halves = halves  # the batch is ``halves`` stacked blocks of the same pictures (2: a CFG pair)
+        self.first: torch.Tensor | None = None  # block 0's residual at each row's last full step
         self.rest: torch.Tensor | None = None  # what blocks 1 … N-1 added at that step
-        self.reused = False  # whether the last run skipped blocks 1 … N-1
-        self.share = 1.0  # the part of the transformer body the last run computed (1/depth when reused)
+        self.reused = False  # whether the last run skipped blocks 1 … N-1 for any row
+        self.share = 1.0  # the part of the transformer body the last run computed (1/depth for a reused row)
         self.may_reuse = True  # False: the next run computes in full whatever the change (the caller's choice)
 
     def reset(self) -> None:
         """Forget the last full step (its residuals belong to another trajectory or batch)."""
         self.first = self.rest = None
 
-    def run(self, tokens: torch.Tensor, run_block: Callable[[int, torch.Tensor], torch.Tensor], depth: int):
-        """The tokens after all ``depth`` blocks; ``run_block(i, tokens)`` runs block i (it may update
-        ``tokens`` in place)."""
+    def run(self, tokens: torch.Tensor, run_block: Callable[..., torch.Tensor], depth: int):
+        """The tokens [b, n, d] after all ``depth`` blocks; ``run_block(i, tokens, rows=None)`` runs block i over
+        the whole batch or over the batch rows ``rows`` (it may update ``tokens`` in place)."""
         first = tokens.clone()
         tokens = run_block(0, tokens)
         first = first.neg_().add_(tokens)  # block 0's residual, in the input's memory
-        self.reused = (self.may_reuse and self.rest is not None and self.rest.shape == tokens.shape
-                       and relative_change(first, self.first) < self.threshold)
-        self.share = 1.0 / depth if self.reused else 1.0
-        if self.reused:
+        b = tokens.shape[0]
+        if self.may_reuse and self.rest is not None and self.rest.shape == tokens.shape:
+            reuse = (relative_change(first, self.first, self.halves) < self.threshold).repeat(self.halves)
+        else:
+            reuse = torch.zeros(b, dtype=torch.bool)
+        served = int(reuse.sum())
+        self.reused = served > 0
+        self.share = (b - served + served / depth) / b
+        if served == b:
             return tokens + self.rest
-        rest = tokens.clone()
+        todo = None if served == 0 else (~reuse).nonzero().flatten().to(tokens.device)
+        part = tokens if todo is None else tokens[todo]
+        start = part.clone()
         for i in range(1, depth):
-            tokens = run_block(i, tokens)
-        self.first, self.rest = first, rest.neg_().add_(tokens)
-        return tokens
+            part = run_block(i, part) if todo is None else run_block(i, part, todo)
+        if todo is None:
+            self.first, self.rest = first, start.neg_().add_(part)
+            return part
+        out = tokens.add_(self.rest)  # the reused rows; the computed ones are written over next
+        out[todo] = part
+        self.first[todo] = first[todo]
+        self.rest[todo] = part - start
+        return out
 
 
-def relative_change(new: torch.Tensor, ref: torch.Tensor) -> float:
-    """mean|new - ref| / mean|ref|, in fp32 (0 when both are zero)."""
-    diff = (new.float() - ref.float()).abs().mean()
-    scale = ref.float().abs().mean().clamp_min(torch.finfo(torch.float32).tiny)
-    return float(diff / scale)
+def relative_change(new: torch.Tensor, ref: torch.Tensor, halves: int = 1) -> torch.Tensor:
+    """mean|new - ref| / mean|ref| in fp32 (0 where both are zero) for each picture of a batch of ``halves``
+    stacked blocks of pictures (picture p: rows p, p + b/halves, …), on the CPU."""
+    def per_picture(t):
+        return t.abs().flatten(1).mean(1).view(halves, -1).sum(0)
+    diff = per_picture(new.float() - ref.float())
+    return (diff / per_picture(ref.float()).clamp_min(torch.finfo(torch.float32).tiny)).cpu()
 
 
 @dataclass

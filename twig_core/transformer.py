@@ -392,9 +392,16 @@ class TwigTransformer(nn.Module):
         temb = self.t_embedder(t, dtype)
         t6 = self.t_block(temb)
 
-        def run_block(i: int, tokens: torch.Tensor) -> torch.Tensor:
+        def run_block(i: int, tokens: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+            """Block i over ``tokens``: the whole batch, or only the batch rows ``rows`` (indices) when given."""
             blk = self.blocks[i]
-            return blk(tokens, t6, cache.block_kv(i, blk), cache.bias, (gh, gw))
+            mod, kv, bias = t6, cache.block_kv(i, blk), cache.bias
+            if rows is not None:
+                mod = t6[rows]
+                if cache.batch > 1:
+                    kv = tuple(part[rows] for part in kv)
+                    bias = None if bias is None else bias[rows]
+            return blk(tokens, mod, kv, bias, (gh, gw))
 
         if step_cache is None:
             for i in range(len(self.blocks)):
