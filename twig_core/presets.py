@@ -41,7 +41,7 @@ class Preset:
 PRESET_NAMES = ("quality", "balanced", "fast")
 DEFAULT_PRESET = "balanced"
 # The sampler shortcuts of ``fast``.
-FAST_CACHE = 0.2  # 1.7x fewer evaluations on the demo model (bench/RESULTS.md)
+FAST_CACHE = 0.2  # what it saves and costs on the demo model: bench/RESULTS.md
 FAST_CFG_INTERVAL: tuple[float, float] | None = None
 # Stated bounds, tested: relative error against diffusers fp32 of one step / of a run's final latent.
 # fast: on random weights (the tests' models, the full-size 1600M) int8 moves a step by about 1-2.6% and a run's
