@@ -9,7 +9,7 @@ these give the same values while using less memory and fewer multiplications:
   3x3 conv" (no upsampled copy, 16 instead of 36 multiply-adds per pair), adding its shortcut as each phase
   is written (also as a row stream, for the banded and streamed decodes);
 - on CPU a GLUMBConv runs its hidden channels in chunks whose temporaries stay about one decode band, and the
-  streamed ResBlocks' wide 3x3 convolutions run as Winograd F(4x4,3x3).
+  streamed ResBlocks' 3x3 convolutions of 128 channels or more run as Winograd F(4x4,3x3).
 
 Which of these apply is decided once per run by the entry (``dcae_exec.decode``/``encode``) and carried by
 its ``Run``, which also records which kernels ran.
@@ -263,24 +263,20 @@ def _upsample_stream(bands, h: int, weight: torch.Tensor, bias: torch.Tensor | N
 # ---- Winograd 3x3 convolution ---------------------------------------------------------------------------------
 
 # 4x4 output tile after the output transform: 36 products per 16 outputs instead of 144. Used for the CPU decode's
-# widest ResBlocks, where the 36 channel products (grouped 1x1 convolutions) dominate and the transforms (small
-# matrix products over each tile) stay cheap; on fewer channels the transforms outweigh the saving.
-_WINOGRAD_MIN_CHANNELS = 256
+# ResBlocks of at least this many channels, where the 36 channel products (one batched matrix product) dominate
+# and the transforms (1-D, along rows then columns, each one matrix product over the whole band) stay cheap.
+_WINOGRAD_MIN_CHANNELS = 128
 # Interpolation points of the Toom-Cook construction (plus the point at infinity). These are about 2.5x more
 # accurate in fp32 than the common (0, +-1, +-2): relative error ~3e-6 of a 3x3 convolution's largest output.
 _WINOGRAD_POINTS = (0.0, -1.0, 1.0, 0.5, -2.0)
-# Transformed kernels up to this many elements (16 MB in fp32: 256 channels) run as one grouped convolution;
-# larger ones (512 channels: 38 MB) one frequency at a time, so that one frequency's weights stay in cache
-# (faster for those, slower for smaller ones).
-_WINOGRAD_GROUPED_MAX = 1 << 22
 
 
 @functools.lru_cache(maxsize=None)
 def _winograd_transforms(device: torch.device) -> tuple:
-    """(input transform [36,36], output transform [16,36], kernel transform [36,9]) of F(4x4,3x3), fp32: the 2-D
-    transforms are Kronecker products of the 1-D ones, A^T [4,6], G [6,3] and B^T [6,6]. A^T and G follow from
-    the points (G scaled by the Lagrange denominators); B^T is solved for from the defining identity
-    A^T ((G g) * (B^T d)) = the 4 outputs of correlating the 6 inputs d with the 3 taps g, for all d and g."""
+    """(input transform B^T [6,6], output transform A^T [4,6], kernel transform G [6,3]) of F(4,3), fp32; the 2-D
+    transforms apply each along rows, then along columns. A^T and G follow from the points (G scaled by the
+    Lagrange denominators); B^T is solved for from the defining identity A^T ((G g) * (B^T d)) = the 4 outputs of
+    correlating the 6 inputs d with the 3 taps g, for all d and g."""
     m, r, n = 4, 3, 6
     p = torch.tensor(_WINOGRAD_POINTS, dtype=torch.float64)
     at, g = torch.zeros(m, n, dtype=torch.float64), torch.zeros(n, r, dtype=torch.float64)
@@ -294,43 +290,45 @@ def _winograd_transforms(device: torch.device) -> tuple:
                        torch.eye(n, dtype=torch.float64)).reshape(m * r * n, n * n)
     rhs = torch.tensor([float(l == i + k) for i in range(m) for k in range(r) for l in range(n)], dtype=torch.float64)
     bt = torch.linalg.lstsq(eqs, rhs[:, None]).solution.view(n, n)
-    return tuple(torch.kron(t, t).float().to(device) for t in (bt, at, g))
+    return tuple(t.float().to(device) for t in (bt, at, g))
 
 
 def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A 3x3 kernel [O, I, 3, 3] transformed for _conv3x3_rows: [36*O, I, 1, 1], group k holding frequency k."""
-    o, i = weight.shape[:2]
-    kg = _winograd_transforms(weight.device)[2]
-    return (weight.float().reshape(o * i, 9) @ kg.T).T.reshape(36 * o, i, 1, 1).contiguous()
+    """A 3x3 kernel [O, I, 3, 3] transformed for _conv3x3_rows: [36, I, O], frequency (column k, row l) at 6k+l."""
+    g = _winograd_transforms(weight.device)[2]
+    u = torch.einsum("li,kj,oxij->klxo", g, g, weight.float())
+    return u.reshape(36, weight.shape[1], weight.shape[0]).contiguous()
 
 
 def _conv3x3_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   wino: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=(0, 1)) for a window x [B, C, R+2, W] (channels-last, fp32): R rows.
-    With ``wino`` (_winograd_weight(weight)) it runs as Winograd F(4x4,3x3) over 4x4 output tiles."""
+    With ``wino`` (_winograd_weight(weight)) it runs as Winograd F(4x4,3x3) over 4x4 output tiles: the input
+    transform along rows over the whole band (windows of 6 rows every 4), then along columns, the 36 frequencies'
+    channel products as one batched product, the output transform along rows, then columns."""
     if wino is None:
         return F.conv2d(x, weight, bias, padding=(0, 1))
     bt, at, _ = _winograd_transforms(x.device)
     b, c, h, w = x.shape
     o, r = weight.shape[0], h - 2
     tr, tc = -(-r // 4), -(-w // 4)
-    p = nhwc(channels_last(F.pad(x, (1, 1 + 4 * tc - w, 0, 4 * tr - r))))  # [B, 4tr+2, 4tc+2, C], zeros beyond
-    sb, sh, sw, sc = p.stride()
-    tiles = p.as_strided((b, tr, tc, 6, 6, c), (sb, 4 * sh, 4 * sw, sh, sw, sc)).reshape(-1, 36, c)
-    t = tiles.shape[0]
-    v = torch.matmul(bt, tiles)  # [T, 36, C]: transformed input tiles
-    del tiles
-    vc = nchw(v.view(1, t, 1, 36 * c))
-    if wino.numel() <= _WINOGRAD_GROUPED_MAX:  # the 36 products as one grouped 1x1 convolution
-        prod = nhwc(F.conv2d(vc, wino, groups=36)).view(t, 36, o)
-    else:  # one at a time, so that one frequency's weights stay in cache
-        prod = v.new_empty(t, 36, o)
-        for k in range(36):
-            prod[:, k] = nhwc(F.conv2d(vc[:, k * c:(k + 1) * c], wino[k * o:(k + 1) * o])).view(t, o)
-    del v, vc
-    y = torch.matmul(at, prod)  # [T, 16, O]: output tiles
+    wp = 4 * tc + 2
+    p = nhwc(F.pad(x, (1, 1 + 4 * tc - w, 0, 4 * tr - r))).contiguous()  # [B, 4tr+2, wp, C], zeros beyond
+    sb, sh = p.stride()[:2]
+    rows = p.as_strided((6, b, tr, wp * c), (sh, sb, 4 * sh, 1)).reshape(6, -1)  # row l of each tile row
+    v = (bt @ rows).view(6, b, tr, wp, c)  # [row freq, B, tr, wp, C]
+    del rows
+    s = v.stride()
+    cols = v.as_strided((6, 6, b, tr, tc, c), (s[3], s[0], s[1], s[2], 4 * s[3], s[4])).reshape(6, -1)
+    t = b * tr * tc
+    v = (bt @ cols).view(36, t, c)  # [36 (column freq, row freq), T, C]: transformed input tiles
+    del cols
+    prod = torch.bmm(v, wino)  # [36, T, O]
+    del v
+    y = torch.matmul(at, prod.view(6, 6, t * o))  # [column freq, 4 rows, T*O]
     del prod
-    y = y.view(b, tr, tc, 4, 4, o).permute(0, 1, 3, 2, 4, 5).reshape(b, 4 * tr, 4 * tc, o)
+    y = (at @ y.view(6, -1)).view(4, 4, b, tr, tc, o)  # [4 columns, 4 rows, B, tr, tc, O]: output tiles
+    y = y.permute(2, 3, 1, 4, 0, 5).reshape(b, 4 * tr, 4 * tc, o)
     if bias is not None:
         y.add_(bias)
     y = nchw(y)[:, :, :r, :w]
