@@ -269,6 +269,9 @@ _WINOGRAD_MIN_CHANNELS = 128
 # Interpolation points of the Toom-Cook construction (plus the point at infinity). These are about 2.5x more
 # accurate in fp32 than the common (0, +-1, +-2): relative error ~3e-6 of a 3x3 convolution's largest output.
 _WINOGRAD_POINTS = (0.0, -1.0, 1.0, 0.5, -2.0)
+# Transformed tiles (elements) computed at a time: a few tile rows, so that the transforms' temporaries (each up
+# to 2.25x the input rows they cover) stay in the last-level cache instead of streaming through memory.
+_WINOGRAD_CHUNK = 1 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -303,9 +306,10 @@ def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
 def _conv3x3_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   wino: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=(0, 1)) for a window x [B, C, R+2, W] (channels-last, fp32): R rows.
-    With ``wino`` (_winograd_weight(weight)) it runs as Winograd F(4x4,3x3) over 4x4 output tiles: the input
-    transform along rows over the whole band (windows of 6 rows every 4), then along columns, the 36 frequencies'
-    channel products as one batched product, the output transform along rows, then columns."""
+    With ``wino`` (_winograd_weight(weight)) it runs as Winograd F(4x4,3x3) over 4x4 output tiles, a few tile
+    rows at a time (_WINOGRAD_CHUNK): the input transform along rows (windows of 6 rows every 4), then along
+    columns, each one matrix product over all those tiles, the 36 frequencies' channel products as one batched
+    product, the output transform along rows, then columns."""
     if wino is None:
         return F.conv2d(x, weight, bias, padding=(0, 1))
     bt, at, _ = _winograd_transforms(x.device)
@@ -315,20 +319,26 @@ def _conv3x3_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     wp = 4 * tc + 2
     p = nhwc(F.pad(x, (1, 1 + 4 * tc - w, 0, 4 * tr - r))).contiguous()  # [B, 4tr+2, wp, C], zeros beyond
     sb, sh = p.stride()[:2]
-    rows = p.as_strided((6, b, tr, wp * c), (sh, sb, 4 * sh, 1)).reshape(6, -1)  # row l of each tile row
-    v = (bt @ rows).view(6, b, tr, wp, c)  # [row freq, B, tr, wp, C]
-    del rows
-    s = v.stride()
-    cols = v.as_strided((6, 6, b, tr, tc, c), (s[3], s[0], s[1], s[2], 4 * s[3], s[4])).reshape(6, -1)
-    t = b * tr * tc
-    v = (bt @ cols).view(36, t, c)  # [36 (column freq, row freq), T, C]: transformed input tiles
-    del cols
-    prod = torch.bmm(v, wino)  # [36, T, O]
-    del v
-    y = torch.matmul(at, prod.view(6, 6, t * o))  # [column freq, 4 rows, T*O]
-    del prod
-    y = (at @ y.view(6, -1)).view(4, 4, b, tr, tc, o)  # [4 columns, 4 rows, B, tr, tc, O]: output tiles
-    y = y.permute(2, 3, 1, 4, 0, 5).reshape(b, 4 * tr, 4 * tc, o)
+    y = p.new_empty(b, tr, 4, tc, 4, o)
+    step = max(1, _WINOGRAD_CHUNK // (36 * b * tc * max(c, o)))  # tile rows at a time
+    for i0 in range(0, tr, step):
+        g = min(step, tr - i0)
+        rows = p[:, 4 * i0:].as_strided((6, b, g, wp * c), (sh, sb, 4 * sh, 1)).reshape(6, -1)  # row j of each tile
+        v = (bt @ rows).view(6, b, g, wp, c)  # [row freq, B, g, wp, C]
+        del rows
+        s = v.stride()
+        cols = v.as_strided((6, 6, b, g, tc, c), (s[3], s[0], s[1], s[2], 4 * s[3], s[4])).reshape(6, -1)
+        t = b * g * tc
+        v = (bt @ cols).view(36, t, c)  # [36 (column freq, row freq), T, C]: transformed input tiles
+        del cols
+        prod = torch.bmm(v, wino)  # [36, T, O]
+        del v
+        z = torch.matmul(at, prod.view(6, 6, t * o))  # [column freq, 4 rows, T*O]
+        del prod
+        z = (at @ z.view(6, -1)).view(4, 4, b, g, tc, o)  # [4 columns, 4 rows, B, g, tc, O]: output tiles
+        y[:, i0:i0 + g].copy_(z.permute(2, 3, 1, 4, 0, 5))
+        del z
+    y = y.view(b, 4 * tr, 4 * tc, o)
     if bias is not None:
         y.add_(bias)
     y = nchw(y)[:, :, :r, :w]
