@@ -327,10 +327,10 @@ def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def _winograd(x: torch.Tensor, wino: torch.Tensor, r: int, cols: int = 0) -> torch.Tensor:
     """The valid correlation of x [B, C, H, W] (fp32) plus ``cols`` zero columns on each side with the r x r
-    kernel that ``wino`` (_winograd_weight) holds: pixel-major [B, H-r+1, W+2*cols-r+1, O], as Winograd F(4x4,rxr) over 4x4 output tiles, a few tile rows at a
-    time (_WINOGRAD_CHUNK): the input transform along rows (windows of r+3 rows every 4), then along columns,
-    each one matrix product over all those tiles, the frequencies' channel products as one batched product, the
-    output transform along rows, then columns."""
+    kernel that ``wino`` (_winograd_weight) holds: pixel-major [B, H-r+1, W+2*cols-r+1, O], as Winograd
+    F(4x4,rxr) over 4x4 output tiles, a few tile rows at a time (_WINOGRAD_CHUNK): the input transform along
+    rows (windows of r+3 rows every 4), then along columns, each one matrix product over all those tiles, the
+    frequencies' channel products as one batched product, the output transform along rows, then columns."""
     n = r + 3
     bt, at, _ = _winograd_transforms(x.device, r)
     b, c, h, w = x.shape
@@ -347,10 +347,10 @@ def _winograd(x: torch.Tensor, wino: torch.Tensor, r: int, cols: int = 0) -> tor
         v = (bt @ rows).view(n, b, g, wp, c)  # [row freq, B, g, wp, C]
         del rows
         s = v.stride()
-        cols = v.as_strided((n, n, b, g, tc, c), (s[3], s[0], s[1], s[2], 4 * s[3], s[4])).reshape(n, -1)
+        tiles = v.as_strided((n, n, b, g, tc, c), (s[3], s[0], s[1], s[2], 4 * s[3], s[4])).reshape(n, -1)
         t = b * g * tc
-        v = (bt @ cols).view(n * n, t, c)  # [(column freq, row freq), T, C]: transformed input tiles
-        del cols
+        v = (bt @ tiles).view(n * n, t, c)  # [(column freq, row freq), T, C]: transformed input tiles
+        del tiles
         prod = torch.bmm(v, wino)  # [n*n, T, O]
         del v
         z = torch.matmul(at, prod.view(n, n, t * o))  # [column freq, 4 rows, T*O]
