@@ -405,10 +405,12 @@ def test_glumbconv_chunks_match_diffusers(monkeypatch):
     chunks = []
     for band in (kernels.CPU_BAND, 126 * 100, 126 * 64, 1):
         monkeypatch.setattr(kernels, "CPU_BAND", band)
-        chunks.append(kernels.ffn_chunk(x, band))
+        chunks.append((kernels.ffn_chunk(x, band), kernels.ffn_chunk(x, band, 192)))
         with torch.no_grad():
             assert _max_diff(kernels.forward(ours, x.clone(), run), want) <= 2e-5 * want.abs().max().item(), band
-    assert chunks == [(1 << 21) // 126, 100, 64, 64]  # one chunk, two of 96, three of 64, the floor of 64
+    # one chunk; 100 channels (two of 96), but 64 where 192 are split (a multiple of 64 dividing them); the floor
+    assert chunks == [((1 << 21) // 126,) * 2, (100, 64), (64, 64), (64, 64)]
+    assert kernels.ffn_chunk(x, 126 * 100, 200) == 100  # no multiple of 64 divides 200
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
