@@ -55,8 +55,9 @@ class Run:
     running out of memory, in order; ``widened``: an fp16 decode overflowed and ran again in fp32. ``device``
     and ``inplace`` (no autograd) select the kernels;
     ``kernels`` maps the name of each special kernel that ran ("attention bands", "resblock bands", "resblock
-    stream", "upsample bands", "upsample stream", "winograd 3x3", "direct 3x3": the streamed ResBlock convs)
-    to the band heights (rows) it ran on, None where not known."""
+    stream", "upsample bands", "upsample stream", "winograd 3x3", "direct 3x3": the streamed ResBlock convs,
+    "winograd 2x2", "direct 2x2": the up blocks' folded convs) to the band heights (rows) it ran on, None where
+    not known."""
 
     strategy: str
     device: str = "cpu"
@@ -196,9 +197,10 @@ def _append(held: torch.Tensor | None, band: torch.Tensor) -> torch.Tensor:
 
 
 def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   shortcut_repeats: int | None = None, rows: int | None = None, run: Run | None = None) -> torch.Tensor:
+                   shortcut_repeats: int | None = None, rows: int | None = None,
+                   run: Run | None = None) -> torch.Tensor:
     """conv3x3(nearest_upsample_2x(x)) without the upsampled input (see _upsample_stream), over bands of
-    ``rows`` source rows (default: all at once). Returns a channels-last tensor."""
+    ``rows`` source rows (default: all at once). Returns a channels-last tensor. ``run`` records the kernel."""
     bsz, _, h, w = x.shape
     out = torch.empty(bsz, h, 2, w, 2, weight.shape[0], dtype=x.dtype, device=x.device)
     for _ in _upsample_stream(_bands(x, rows or h), h, weight, bias, shortcut_repeats, out, run):
@@ -286,8 +288,8 @@ def _upsample_stream(bands, h: int, weight: torch.Tensor, bias: torch.Tensor | N
 # (one batched matrix product) dominate and the transforms (1-D, along rows then columns, each one matrix product
 # over a few tile rows) stay cheap: the CPU decode's ResBlocks of at least this many channels...
 _WINOGRAD_MIN_CHANNELS = 128
-# ... and its up blocks whose transformed 2x2 kernels (25 per channel pair, 25/16 of the phase kernels' 4x4
-# taps) hold at most this many elements: 64 MB in fp32, up to 512 -> 256 channels; the wider, low-resolution
+# ... and its up blocks whose transformed 2x2 kernels (25 per pair of input and phase-output channels, against
+# 4 taps) hold at most this many elements: 64 MB in fp32, up to 512 -> 256 channels; the wider, low-resolution
 # up blocks keep the direct convolution.
 _WINOGRAD_UP_MAX = 1 << 24
 # Interpolation points of the Toom-Cook construction (plus the point at infinity), per kernel size. For 3 taps
