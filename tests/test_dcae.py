@@ -151,17 +151,23 @@ def test_training_path_parity_and_gradients(cfg):
     assert not missing, missing
 
 
+@pytest.mark.parametrize("winograd", [True, False], ids=["winograd", "direct"])
 @pytest.mark.parametrize("shape", [(1, 5, 6, 7, 3), (2, 16, 9, 4, 24)])
-def test_upsample_conv_equals_interpolate_then_conv(shape):
-    from twig_core.dcae_exec.kernels import _upsample_conv
+def test_upsample_conv_equals_interpolate_then_conv(shape, winograd, monkeypatch):
+    """The up blocks' folded 2x2 phase convolution (on CPU as Winograd F(4x4,2x2) up to a kernel size, direct
+    beyond) equals nearest 2x upsampling then the 3x3 convolution."""
+    from twig_core.dcae_exec.kernels import Run, _upsample_conv
 
+    monkeypatch.setattr(kernels, "_WINOGRAD_UP_MAX", 1 << 40 if winograd else 0)
     b, cin, h, w, cout = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(b, cin, h, w, generator=g)
     wt, bias = torch.randn(cout, cin, 3, 3, generator=g), torch.randn(cout, generator=g)
     want = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), wt, bias, padding=1)
-    got = _upsample_conv(x, wt, bias)
+    run = Run("banded")
+    got = _upsample_conv(x, wt, bias, run=run)
     assert got.shape == want.shape and rel_err(got, want) <= 1e-5
+    assert set(run.kernels) == {"winograd 2x2" if winograd else "direct 2x2"}
     assert rel_err(_upsample_conv(x, wt, None), want - bias[:, None, None]) <= 1e-5
 
 
@@ -336,13 +342,22 @@ def test_banded_decode_equals_plain(cfg):
     assert 1 in rolled and max(rolled) > 1  # ResBlocks ran in bands of one row and of several
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-frequency"])
-def test_winograd_conv_equals_direct(grouped, monkeypatch):
-    """The Winograd F(4x4,3x3) path of the wide ResBlocks' convolutions gives the direct convolution (to fp32
+def test_winograd_conv_equals_direct():
+    """The Winograd F(4x4,3x3) path of the ResBlocks' convolutions gives the direct convolution (to fp32
     rounding) for windows whose rows and columns are not multiples of the 4x4 tile, batch 2, with and without
-    bias, with the 36 channel products grouped or one at a time."""
-    monkeypatch.setattr(kernels, "_WINOGRAD_GROUPED_MAX", 1 << 40 if grouped else 0)
+    bias; so does F(4x4,2x2) (the up blocks' phase kernels), with and without zero columns added, whatever
+    number of tile rows it takes at a time."""
     torch.manual_seed(0)
+    for r in (2, 3):
+        for cols, chunk in ((0, 1), (1, 1 << 20)):
+            x = torch.randn(2, 24, 11, 9)
+            weight = torch.randn(16, 24, r, r) / (r * r * 24) ** 0.5
+            want = F.conv2d(F.pad(x, (cols, cols)).double(), weight.double()).permute(0, 2, 3, 1)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(kernels, "_WINOGRAD_MIN_TILES", chunk)
+                mp.setattr(kernels, "_WINOGRAD_CHUNK", chunk)
+                got = kernels._winograd(kernels.channels_last(x), kernels._winograd_weight(weight), r, cols)
+            assert got.shape == want.shape and _max_diff(got.double(), want) <= 1e-5 * want.abs().max().item()
     for b, c, o, r, w in [(2, 24, 16, 7, 10), (1, 40, 40, 16, 32), (2, 8, 12, 1, 1), (1, 16, 16, 5, 4)]:
         x = kernels.channels_last(torch.randn(b, c, r + 2, w))
         weight, bias = torch.randn(o, c, 3, 3) / (9 * c) ** 0.5, torch.randn(o)
@@ -355,7 +370,7 @@ def test_winograd_conv_equals_direct(grouped, monkeypatch):
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_DCAE], ids=["sana-like", "f32"])
 def test_banded_decode_with_winograd_resblocks(cfg, monkeypatch):
-    """With every ResBlock taking the Winograd path (the real decoder's 256- and 512-channel stages do), the
+    """With every ResBlock taking the Winograd path (the real decoder's 128- to 512-channel stages do), the
     banded decode stays within fp32 rounding of the plain one."""
     m = _random(cfg)
     z = torch.randn(2, cfg.latent_channels, 7, 5)
@@ -390,10 +405,12 @@ def test_glumbconv_chunks_match_diffusers(monkeypatch):
     chunks = []
     for band in (kernels.CPU_BAND, 126 * 100, 126 * 64, 1):
         monkeypatch.setattr(kernels, "CPU_BAND", band)
-        chunks.append(kernels.ffn_chunk(x, band))
+        chunks.append((kernels.ffn_chunk(x, band), kernels.ffn_chunk(x, band, 192)))
         with torch.no_grad():
             assert _max_diff(kernels.forward(ours, x.clone(), run), want) <= 2e-5 * want.abs().max().item(), band
-    assert chunks == [(1 << 21) // 126, 100, 64, 64]  # one chunk, two of 96, three of 64, the floor of 64
+    # one chunk; 100 channels (two of 96), but 64 where 192 are split (a multiple of 64 dividing them); the floor
+    assert chunks == [((1 << 21) // 126,) * 2, (100, 64), (64, 64), (64, 64)]
+    assert kernels.ffn_chunk(x, 126 * 100, 200) == 100  # no multiple of 64 divides 200
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

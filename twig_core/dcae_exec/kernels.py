@@ -6,10 +6,10 @@ these give the same values while using less memory and fewer multiplications:
 
 - without autograd, norms, activations and residual sums overwrite their temporaries;
 - an interpolating up block convolves its source pixels with the four phase kernels of "nearest 2x, then
-  3x3 conv" (no upsampled copy, 16 instead of 36 multiply-adds per pair), adding its shortcut as each phase
-  is written (also as a row stream, for the banded and streamed decodes);
+  3x3 conv" (no upsampled copy, 16 instead of 36 multiply-adds per pair; on CPU as Winograd F(4x4,2x2)),
+  adding its shortcut as each phase is written (also as a row stream, for the banded and streamed decodes);
 - on CPU a GLUMBConv runs its hidden channels in chunks whose temporaries stay about one decode band, and the
-  streamed ResBlocks' wide 3x3 convolutions run as Winograd F(4x4,3x3).
+  streamed ResBlocks' 3x3 convolutions of 128 channels or more run as Winograd F(4x4,3x3).
 
 Which of these apply is decided once per run by the entry (``dcae_exec.decode``/``encode``) and carried by
 its ``Run``, which also records which kernels ran.
@@ -55,8 +55,9 @@ class Run:
     running out of memory, in order; ``widened``: an fp16 decode overflowed and ran again in fp32. ``device``
     and ``inplace`` (no autograd) select the kernels;
     ``kernels`` maps the name of each special kernel that ran ("attention bands", "resblock bands", "resblock
-    stream", "upsample bands", "upsample stream", "winograd 3x3", "direct 3x3": the streamed ResBlock convs)
-    to the band heights (rows) it ran on, None where not known."""
+    stream", "upsample bands", "upsample stream", "winograd 3x3", "direct 3x3": the streamed ResBlock convs,
+    "winograd 2x2", "direct 2x2": the up blocks' folded convs) to the band heights (rows) it ran on, None where
+    not known."""
 
     strategy: str
     device: str = "cpu"
@@ -95,7 +96,7 @@ def forward(m: nn.Module, x: torch.Tensor, run: Run) -> torch.Tensor:
     if isinstance(m, EfficientViTBlock):
         return forward(m.conv_out, forward(m.attn, x, run), run)
     if isinstance(m, GLUMBConv):
-        y = m.bottleneck(x, ffn_chunk(x, CPU_BAND) if run.cpu else None)
+        y = m.bottleneck(x, ffn_chunk(x, CPU_BAND, m.conv_point.weight.shape[1]) if run.cpu else None)
         return norm_(m.norm, y).add_(x) if run.inplace else x + m.norm(y)
     if isinstance(m, UpBlock):
         return upblock(m, x, run)
@@ -130,10 +131,17 @@ def act_(act: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return act(y)
 
 
-def ffn_chunk(x: torch.Tensor, band: int) -> int:
+def ffn_chunk(x: torch.Tensor, band: int, hidden: int | None = None) -> int:
     """Hidden channels per GLUMBConv chunk on CPU: each chunk's map-sized temporaries hold about ``band``
-    elements per batch item (cache-sized and reused by the allocator), at least FFN_MIN_CHUNK channels."""
-    return max(FFN_MIN_CHUNK, band // (x.numel() // x.shape[1]))
+    elements per batch item (cache-sized and reused by the allocator), at least FFN_MIN_CHUNK channels. When
+    that splits the ``hidden`` channels, the largest multiple of FFN_MIN_CHUNK below it that divides them, if
+    any: the chunks' products then have widths sgemm runs at full speed (an even split of 2048 channels into
+    five chunks of 410 ran 10-15% slower than eight of 256)."""
+    chunk = max(FFN_MIN_CHUNK, band // (x.numel() // x.shape[1]))
+    if hidden is None or chunk >= hidden:
+        return chunk
+    fits = [c for c in range(FFN_MIN_CHUNK, chunk + 1, FFN_MIN_CHUNK) if hidden % c == 0]
+    return fits[-1] if fits else chunk
 
 
 def upblock(m: UpBlock, x: torch.Tensor, run: Run, rows: int | None = None) -> torch.Tensor:
@@ -141,7 +149,7 @@ def upblock(m: UpBlock, x: torch.Tensor, run: Run, rows: int | None = None) -> t
     adding the shortcut as it writes when in place."""
     if m.interpolate:
         fused = m.shortcut and run.inplace and 4 % m.repeats == 0
-        y = _upsample_conv(x, m.conv.weight, m.conv.bias, m.repeats if fused else None, rows)
+        y = _upsample_conv(x, m.conv.weight, m.conv.bias, m.repeats if fused else None, rows, run)
         if fused or not m.shortcut:
             return y
     else:
@@ -189,18 +197,19 @@ def _append(held: torch.Tensor | None, band: torch.Tensor) -> torch.Tensor:
 
 
 def _upsample_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   shortcut_repeats: int | None = None, rows: int | None = None) -> torch.Tensor:
+                   shortcut_repeats: int | None = None, rows: int | None = None,
+                   run: Run | None = None) -> torch.Tensor:
     """conv3x3(nearest_upsample_2x(x)) without the upsampled input (see _upsample_stream), over bands of
-    ``rows`` source rows (default: all at once). Returns a channels-last tensor."""
+    ``rows`` source rows (default: all at once). Returns a channels-last tensor. ``run`` records the kernel."""
     bsz, _, h, w = x.shape
     out = torch.empty(bsz, h, 2, w, 2, weight.shape[0], dtype=x.dtype, device=x.device)
-    for _ in _upsample_stream(_bands(x, rows or h), h, weight, bias, shortcut_repeats, out):
+    for _ in _upsample_stream(_bands(x, rows or h), h, weight, bias, shortcut_repeats, out, run):
         pass
     return nchw(out.view(bsz, 2 * h, 2 * w, -1))
 
 
 def _upsample_stream(bands, h: int, weight: torch.Tensor, bias: torch.Tensor | None,
-                     shortcut_repeats: int | None = None, out: torch.Tensor | None = None):
+                     shortcut_repeats: int | None = None, out: torch.Tensor | None = None, run: Run | None = None):
     """conv3x3(nearest_upsample_2x(x)) for a map x of h rows arriving as consecutive row bands; yields the
     output as consecutive bands (twice their source rows), channels-last; into ``out`` ([B, h, 2, W, 2, Cout])
     when given.
@@ -212,6 +221,8 @@ def _upsample_stream(bands, h: int, weight: torch.Tensor, bias: torch.Tensor | N
     Row j of that convolution's result (padded rows j, j+1) feeds source rows j-1 and j, so the last result row
     of a band is kept for the next: none is computed twice, and only a band's worth of the 4*Cout-channel
     result exists at once.
+    On CPU in fp32 that 2x2 convolution runs as Winograd F(4x4,2x2) (_winograd) unless its transformed kernels
+    would exceed _WINOGRAD_UP_MAX elements.
 
     With ``shortcut_repeats`` (r dividing 4) it also adds UpBlock's shortcut, pixel_shuffle(x with each channel
     repeated r times): output channel c of phase k = 2a+b reads source channel (4c+k)//r, i.e. channels k//r,
@@ -219,7 +230,7 @@ def _upsample_stream(bands, h: int, weight: torch.Tensor, bias: torch.Tensor | N
     cout = weight.shape[0]
     held, first = None, 0  # source rows first.. held
     kept, done = None, 0  # result row ``done`` (the last one computed), source rows emitted: [0, done)
-    kernels = b4 = None
+    kernels = b4 = wino = None
     for band in bands:
         if kernels is None:
             wt = weight.to(band.dtype)
@@ -230,11 +241,21 @@ def _upsample_stream(bands, h: int, weight: torch.Tensor, bias: torch.Tensor | N
                 return torch.stack([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], dim)
 
             kernels = torch.cat([fold(fold(wt, 2, a), 3, b) for a in (0, 1) for b in (0, 1)])  # [4*Cout,Cin,2,2]
+            cpu = run.cpu if run is not None else band.device.type == "cpu"
+            if cpu and band.dtype == torch.float32 and 25 * kernels[:, :, 0, 0].numel() <= _WINOGRAD_UP_MAX:
+                wino = _winograd_weight(kernels)
+            if run is not None:
+                run.ran("winograd 2x2" if wino is not None else "direct 2x2")
         held = _append(held, band)
         have = first + held.shape[-2]
         end = have if have < h else h + 1  # result rows up to end-1 need source rows up to end-1
         e0 = 0 if kept is None else done + 1
-        res = nhwc(F.conv2d(_rows(held, first, e0 - 1, end, cols=1), kernels, b4))  # result rows e0..end-1
+        if wino is None:
+            res = nhwc(F.conv2d(_rows(held, first, e0 - 1, end, cols=1), kernels, b4))  # result rows e0..end-1
+        else:
+            res = _winograd(_rows(held, first, e0 - 1, end), wino, 2, cols=1)
+            if b4 is not None:
+                res.add_(b4)
         if kept is not None:
             res = torch.cat([kept, res], dim=1)  # result rows done..end-1
         i0, i1 = done, end - 1  # source rows whose outputs are complete
@@ -260,78 +281,102 @@ def _upsample_stream(bands, h: int, weight: torch.Tensor, bias: torch.Tensor | N
         held, first = held[:, :, done - first:], done  # the next result row reads source rows from done on
 
 
-# ---- Winograd 3x3 convolution ---------------------------------------------------------------------------------
+# ---- Winograd convolutions ------------------------------------------------------------------------------------
 
-# 4x4 output tile after the output transform: 36 products per 16 outputs instead of 144. Used for the CPU decode's
-# widest ResBlocks, where the 36 channel products (grouped 1x1 convolutions) dominate and the transforms (small
-# matrix products over each tile) stay cheap; on fewer channels the transforms outweigh the saving.
-_WINOGRAD_MIN_CHANNELS = 256
-# Interpolation points of the Toom-Cook construction (plus the point at infinity). These are about 2.5x more
-# accurate in fp32 than the common (0, +-1, +-2): relative error ~3e-6 of a 3x3 convolution's largest output.
-_WINOGRAD_POINTS = (0.0, -1.0, 1.0, 0.5, -2.0)
-# Transformed kernels up to this many elements (16 MB in fp32: 256 channels) run as one grouped convolution;
-# larger ones (512 channels: 38 MB) one frequency at a time, so that one frequency's weights stay in cache
-# (faster for those, slower for smaller ones).
-_WINOGRAD_GROUPED_MAX = 1 << 22
+# Output tiles of 4x4 after the output transform: a 3x3 kernel takes 36 products per 16 outputs instead of 144
+# (F(4x4,3x3)), the up blocks' 2x2 phase kernels 25 instead of 64 (F(4x4,2x2)). Used where the channel products
+# (one batched matrix product) dominate and the transforms (1-D, along rows then columns, each one matrix product
+# over a few tile rows) stay cheap: the CPU decode's ResBlocks of at least this many channels...
+_WINOGRAD_MIN_CHANNELS = 128
+# ... and its up blocks whose transformed 2x2 kernels (25 per pair of input and phase-output channels, against
+# 4 taps) hold at most this many elements: 64 MB in fp32, up to 512 -> 256 channels; the wider, low-resolution
+# up blocks keep the direct convolution.
+_WINOGRAD_UP_MAX = 1 << 24
+# Interpolation points of the Toom-Cook construction (plus the point at infinity), per kernel size. For 3 taps
+# these are about 2.5x more accurate in fp32 than the common (0, +-1, +-2): relative error ~3e-6 of a
+# convolution's largest output.
+_WINOGRAD_POINTS = {3: (0.0, -1.0, 1.0, 0.5, -2.0), 2: (0.0, -1.0, 1.0, -2.0)}
+# Transformed tiles (elements) computed at a time: a few tile rows, so that the transforms' temporaries (each up
+# to 2.25x the input rows they cover) stay in the last-level cache instead of streaming through memory.
+_WINOGRAD_CHUNK = 1 << 20
+# ... but at least this many tiles, the rows of each frequency's channel product (fewer: the product streams the
+# frequency's weights for too little work).
+_WINOGRAD_MIN_TILES = 128
 
 
 @functools.lru_cache(maxsize=None)
-def _winograd_transforms(device: torch.device) -> tuple:
-    """(input transform [36,36], output transform [16,36], kernel transform [36,9]) of F(4x4,3x3), fp32: the 2-D
-    transforms are Kronecker products of the 1-D ones, A^T [4,6], G [6,3] and B^T [6,6]. A^T and G follow from
-    the points (G scaled by the Lagrange denominators); B^T is solved for from the defining identity
-    A^T ((G g) * (B^T d)) = the 4 outputs of correlating the 6 inputs d with the 3 taps g, for all d and g."""
-    m, r, n = 4, 3, 6
-    p = torch.tensor(_WINOGRAD_POINTS, dtype=torch.float64)
+def _winograd_transforms(device: torch.device, r: int = 3) -> tuple:
+    """(input transform B^T [n,n], output transform A^T [4,n], kernel transform G [n,r]) of F(4,r), n = r + 3,
+    fp32; the 2-D transforms apply each along rows, then along columns. A^T and G follow from the points (G
+    scaled by the Lagrange denominators); B^T is solved for from the defining identity A^T ((G g) * (B^T d)) =
+    the 4 outputs of correlating the n inputs d with the r taps g, for all d and g."""
+    m, n = 4, r + 3
+    p = torch.tensor(_WINOGRAD_POINTS[r], dtype=torch.float64)
     at, g = torch.zeros(m, n, dtype=torch.float64), torch.zeros(n, r, dtype=torch.float64)
     for j in range(n - 1):
         others = torch.cat([p[:j], p[j + 1:]])
         at[:, j] = p[j] ** torch.arange(m)
         g[j] = p[j] ** torch.arange(r) / torch.prod(p[j] - others)
     at[m - 1, n - 1] = g[n - 1, r - 1] = 1.0
-    # sum_j at[i,j] g[j,k] bt[j,l] = [l == i+k]: a linear system in the 36 entries of bt
+    # sum_j at[i,j] g[j,k] bt[j,l] = [l == i+k]: a linear system in the n*n entries of bt
     eqs = torch.einsum("ij,jk,jJ,lL->iklJL", at, g, torch.eye(n, dtype=torch.float64),
                        torch.eye(n, dtype=torch.float64)).reshape(m * r * n, n * n)
     rhs = torch.tensor([float(l == i + k) for i in range(m) for k in range(r) for l in range(n)], dtype=torch.float64)
     bt = torch.linalg.lstsq(eqs, rhs[:, None]).solution.view(n, n)
-    return tuple(torch.kron(t, t).float().to(device) for t in (bt, at, g))
+    return tuple(t.float().to(device) for t in (bt, at, g))
 
 
 def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A 3x3 kernel [O, I, 3, 3] transformed for _conv3x3_rows: [36*O, I, 1, 1], group k holding frequency k."""
-    o, i = weight.shape[:2]
-    kg = _winograd_transforms(weight.device)[2]
-    return (weight.float().reshape(o * i, 9) @ kg.T).T.reshape(36 * o, i, 1, 1).contiguous()
+    """A kernel [O, I, r, r] (r = 2 or 3) transformed for _winograd: [n*n, I, O], n = r + 3, frequency (column k,
+    row l) at n*k + l."""
+    o, i, r = weight.shape[:3]
+    g = _winograd_transforms(weight.device, r)[2]
+    return torch.einsum("li,kj,oxij->klxo", g, g, weight.float()).reshape(-1, i, o).contiguous()
+
+
+def _winograd(x: torch.Tensor, wino: torch.Tensor, r: int, cols: int = 0) -> torch.Tensor:
+    """The valid correlation of x [B, C, H, W] (fp32) plus ``cols`` zero columns on each side with the r x r
+    kernel that ``wino`` (_winograd_weight) holds: pixel-major [B, H-r+1, W+2*cols-r+1, O], as Winograd
+    F(4x4,rxr) over 4x4 output tiles, a few tile rows at a time (_WINOGRAD_CHUNK): the input transform along
+    rows (windows of r+3 rows every 4), then along columns, each one matrix product over all those tiles, the
+    frequencies' channel products as one batched product, the output transform along rows, then columns."""
+    n = r + 3
+    bt, at, _ = _winograd_transforms(x.device, r)
+    b, c, h, w = x.shape
+    o, rh, rw = wino.shape[-1], h - r + 1, w + 2 * cols - r + 1
+    tr, tc = -(-rh // 4), -(-rw // 4)
+    wp = 4 * tc + r - 1
+    p = nhwc(F.pad(x, (cols, wp - w - cols, 0, 4 * tr + r - 1 - h))).contiguous()  # [B, 4tr+r-1, wp, C], zeros beyond
+    sb, sh = p.stride()[:2]
+    y = p.new_empty(b, tr, 4, tc, 4, o)
+    step = max(-(-_WINOGRAD_MIN_TILES // (b * tc)), _WINOGRAD_CHUNK // (n * n * b * tc * max(c, o)))  # tile rows
+    for i0 in range(0, tr, step):
+        g = min(step, tr - i0)
+        rows = p[:, 4 * i0:].as_strided((n, b, g, wp * c), (sh, sb, 4 * sh, 1)).reshape(n, -1)  # row j of each tile
+        v = (bt @ rows).view(n, b, g, wp, c)  # [row freq, B, g, wp, C]
+        del rows
+        s = v.stride()
+        tiles = v.as_strided((n, n, b, g, tc, c), (s[3], s[0], s[1], s[2], 4 * s[3], s[4])).reshape(n, -1)
+        t = b * g * tc
+        v = (bt @ tiles).view(n * n, t, c)  # [(column freq, row freq), T, C]: transformed input tiles
+        del tiles
+        prod = torch.bmm(v, wino)  # [n*n, T, O]
+        del v
+        z = torch.matmul(at, prod.view(n, n, t * o))  # [column freq, 4 rows, T*O]
+        del prod
+        z = (at @ z.view(n, -1)).view(4, 4, b, g, tc, o)  # [4 columns, 4 rows, B, g, tc, O]: output tiles
+        y[:, i0:i0 + g].copy_(z.permute(2, 3, 1, 4, 0, 5))
+        del z
+    return y.view(b, 4 * tr, 4 * tc, o)[:, :rh, :rw]
 
 
 def _conv3x3_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   wino: torch.Tensor | None = None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=(0, 1)) for a window x [B, C, R+2, W] (channels-last, fp32): R rows.
-    With ``wino`` (_winograd_weight(weight)) it runs as Winograd F(4x4,3x3) over 4x4 output tiles."""
+    With ``wino`` (_winograd_weight(weight)) it runs as Winograd F(4x4,3x3) (_winograd)."""
     if wino is None:
         return F.conv2d(x, weight, bias, padding=(0, 1))
-    bt, at, _ = _winograd_transforms(x.device)
-    b, c, h, w = x.shape
-    o, r = weight.shape[0], h - 2
-    tr, tc = -(-r // 4), -(-w // 4)
-    p = nhwc(channels_last(F.pad(x, (1, 1 + 4 * tc - w, 0, 4 * tr - r))))  # [B, 4tr+2, 4tc+2, C], zeros beyond
-    sb, sh, sw, sc = p.stride()
-    tiles = p.as_strided((b, tr, tc, 6, 6, c), (sb, 4 * sh, 4 * sw, sh, sw, sc)).reshape(-1, 36, c)
-    t = tiles.shape[0]
-    v = torch.matmul(bt, tiles)  # [T, 36, C]: transformed input tiles
-    del tiles
-    vc = nchw(v.view(1, t, 1, 36 * c))
-    if wino.numel() <= _WINOGRAD_GROUPED_MAX:  # the 36 products as one grouped 1x1 convolution
-        prod = nhwc(F.conv2d(vc, wino, groups=36)).view(t, 36, o)
-    else:  # one at a time, so that one frequency's weights stay in cache
-        prod = v.new_empty(t, 36, o)
-        for k in range(36):
-            prod[:, k] = nhwc(F.conv2d(vc[:, k * c:(k + 1) * c], wino[k * o:(k + 1) * o])).view(t, o)
-    del v, vc
-    y = torch.matmul(at, prod)  # [T, 16, O]: output tiles
-    del prod
-    y = y.view(b, tr, tc, 4, 4, o).permute(0, 1, 3, 2, 4, 5).reshape(b, 4 * tr, 4 * tc, o)
+    y = _winograd(x, wino, 3, cols=1)
     if bias is not None:
         y.add_(bias)
-    y = nchw(y)[:, :, :r, :w]
-    return y if (r, w) == (4 * tr, 4 * tc) else channels_last(y)
+    return channels_last(nchw(y))

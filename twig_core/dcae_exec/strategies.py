@@ -389,7 +389,7 @@ def _stream(m: nn.Module, bands, h: int, run: Run):
         return
     if isinstance(m, UpBlock) and m.interpolate and (not m.shortcut or 4 % m.repeats == 0):
         run.ran("upsample stream")
-        yield from _upsample_stream(bands, h, m.conv.weight, m.conv.bias, m.repeats if m.shortcut else None)
+        yield from _upsample_stream(bands, h, m.conv.weight, m.conv.bias, m.repeats if m.shortcut else None, run=run)
         return
     r, s = _reach(m, 0), _upscale(m)
     held, first, done = None, 0, 0  # input rows from ``first``; output emitted for input rows [0, done)
