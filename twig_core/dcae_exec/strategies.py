@@ -37,6 +37,7 @@ from ..dcae import (
     _pointwise,
 )
 from ..ops import channels_last
+from ..weights import trim_heap
 from . import kernels
 from .kernels import (
     Run,
@@ -410,7 +411,9 @@ def decode_streamed(decoder: Decoder, z: torch.Tensor, run: Run) -> torch.Tensor
     in row bands of about ``run.band`` elements per batch item (see _head_step), then the tail streamed: each
     of its layers takes the previous one's output band by band and passes its own on (see _stream), so the
     tail needs no whole-map tensor, no tiles and no halo work, at any size. Every tail layer holds a band or
-    two at once: half-size bands (at least 4 rows) bound that, for a lower peak at about the same speed."""
+    two at once: half-size bands (at least 4 rows) bound that, for a lower peak at about the same speed. On CPU
+    the C heap's free memory goes back to the system after each output band (weights.trim_heap): the layers'
+    band-sized temporaries, freed in between longer-lived ones, otherwise stay resident in malloc's arena."""
     plan = decode_plan(decoder)
     x = decoder.embed(z)
     for m in plan.head:
@@ -426,6 +429,9 @@ def decode_streamed(decoder: Decoder, z: torch.Tensor, run: Run) -> torch.Tensor
             out = y.new_empty(y.shape[0], y.shape[1], h, y.shape[-1])
         out[:, :, i:i + y.shape[-2]] = y
         i += y.shape[-2]
+        del y
+        if run.cpu:
+            trim_heap()
     return out
 
 
