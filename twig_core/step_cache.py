@@ -13,12 +13,12 @@ The decision is made for each picture of the batch on its own: rows never intera
 batch gives every picture what it would get alone, and a picture whose tokens moved is computed in full even
 when the rest of the batch is served from the cache. A picture's halves (unconditional and conditional rows of
 a CFG pair) are decided together: serving one half from the cache while the other is computed breaks the
-guidance difference, which CFG multiplies (on the demo model a run's latent moved by 94% instead of 9%).
+guidance difference, which CFG multiplies (measured: bench/RESULTS.md).
 
 One :class:`StepCache` serves one batch composition (CFG pair or conditional half alone); the denoiser keeps
 one per composition (``sampling.make_denoiser``). Memory: two token tensors [b, h*w, width] in the compute
 dtype between steps, two more during a step (1024², a CFG pair, width 2240, fp32: 18 MB each). Deciding
-reads one number per row back from the device per step.
+reads one number per picture back from the device per step.
 
 Unit of :class:`Evaluations`: the transformer body run over one latent image once ("image-evaluation"). Per
 latent in the batch, a step with classifier-free guidance costs 2 (unconditional and conditional), one
@@ -99,7 +99,7 @@ class Evaluations:
     computed: float = 0.0
     full: float = 0.0
     steps: int = 0
-    reused: int = 0  # steps the step cache served
+    reused: int = 0  # steps the step cache served (for at least one picture of the batch)
     unguided: int = 0  # steps outside the CFG interval (conditional half only)
 
     def add(self, *, guided: bool, could_guide: bool, share: float = 1.0) -> None:
