@@ -135,8 +135,7 @@ def ffn_chunk(x: torch.Tensor, band: int, hidden: int | None = None) -> int:
     """Hidden channels per GLUMBConv chunk on CPU: each chunk's map-sized temporaries hold about ``band``
     elements per batch item (cache-sized and reused by the allocator), at least FFN_MIN_CHUNK channels. When
     that splits the ``hidden`` channels, the largest multiple of FFN_MIN_CHUNK below it that divides them, if
-    any: the chunks' products then have widths sgemm runs at full speed (an even split of 2048 channels into
-    five chunks of 410 ran 10-15% slower than eight of 256)."""
+    any: the chunks' products then have widths sgemm runs at full speed (bench/RESULTS.md)."""
     chunk = max(FFN_MIN_CHUNK, band // (x.numel() // x.shape[1]))
     if hidden is None or chunk >= hidden:
         return chunk
