@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
 import socket
 import subprocess
 import sys

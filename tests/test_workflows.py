@@ -103,7 +103,7 @@ def test_readme_has_the_workflow_table_nodes_and_model_folders():
     section = readme.split("## Example workflows", 1)[1].split("\n## ", 1)[0]
     assert build.readme_table(build.workflows()) in section  # regenerate with: python workflows/build.py --readme-table
     for name in (build.TWIG, build.GEMMA, build.DCAE):
-        assert f"models/" in section and name in section
+        assert "models/" in section and name in section
     node_section = readme.split("## Nodes", 1)[1].split("\n## ", 1)[0]
     for display in nodes.NODE_DISPLAY_NAME_MAPPINGS.values():
         assert display in node_section, display
