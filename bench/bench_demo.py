@@ -25,7 +25,7 @@ def main(argv=None) -> None:
 
     from twig_core.catalog import DEMO_DIR
     from twig_core.loader import load_pipeline
-    from twig_core.pipeline import sample_latents
+    from twig_core.pipeline import generate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="*", default=[f"{DEMO_DIR}:128"], help="pipeline folder[:picture side]")
@@ -41,11 +41,8 @@ def main(argv=None) -> None:
         for _ in range(a.repeat):
             start = time.perf_counter()
             with torch.no_grad():
-                cond = parts.text_encoder.encode([PROMPT])
-                uncond = parts.text_encoder.encode([""], use_instruction=False)
-                latent = sample_latents(parts.transformer, cond, uncond, width=int(size), height=int(size),
-                                        steps=a.steps, cfg=4.5, seed=1)
-                parts.vae.decode(latent)
+                generate(parts.transformer, parts.vae, parts.text_encoder, PROMPT, width=int(size), height=int(size),
+                         steps=a.steps, cfg=4.5, seed=1)
             best = min(best, time.perf_counter() - start)
         print(f"  {folder} at {size}²: {best:.3f} s per picture (best of {a.repeat})")
 
