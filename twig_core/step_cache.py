@@ -34,16 +34,16 @@ import torch
 
 
 class StepCache:
-    """Reuse the residual of blocks 1 … N-1, row by row, while block 0's residual moves less than ``threshold``
-    (relative)."""
+    """Reuse the residual of blocks 1 … N-1, picture by picture, while block 0's residual moves less than
+    ``threshold`` (relative)."""
 
     def __init__(self, threshold: float, halves: int = 1):
         self.threshold = float(threshold)
         self.halves = halves  # the batch is ``halves`` stacked blocks of the same pictures (2: a CFG pair)
-        self.first: torch.Tensor | None = None  # block 0's residual at each row's last full step
+        self.first: torch.Tensor | None = None  # block 0's residual at each picture's last full step
         self.rest: torch.Tensor | None = None  # what blocks 1 … N-1 added at that step
-        self.reused = False  # whether the last run skipped blocks 1 … N-1 for any row
-        self.share = 1.0  # the part of the transformer body the last run computed (1/depth for a reused row)
+        self.reused = False  # whether the last run skipped blocks 1 … N-1 for any picture
+        self.share = 1.0  # the part of the transformer body the last run computed (1/depth for a reused picture)
         self.may_reuse = True  # False: the next run computes in full whatever the change (the caller's choice)
 
     def reset(self) -> None:
