@@ -511,6 +511,29 @@ def test_evaluate_sets_and_agreement(kind_scenes, renders):
         ev.evaluate_sets(scenes, en, zh[:3])
 
 
+def test_paired_change_counts_pictures_lost_and_gained(kind_scenes, renders):
+    scenes = [s.to_dict() for s in kind_scenes[:12]]
+    flipped = [np.ascontiguousarray(im[:, ::-1]) if i % 3 == 0 else im for i, im in enumerate(renders[:12])]
+    rep = ev.evaluate_sets(scenes, renders[:12], flipped, check_background=False)
+    base, other = ev.verdicts(rep["results_en"]), ev.verdicts(rep["results_zh"])
+    assert len(base) == 12 and all(len(v) == len(ev.CATEGORIES) for v in base)
+    change = ev.paired_change(base, other)
+    j = ev.CATEGORIES.index("position")
+    pairs = [(b[j], o[j]) for b, o in zip(base, other) if b[j] is not None and o[j] is not None]
+    lost = sum(b and not o for b, o in pairs)
+    assert lost > 0 and change["position"]["lost"] == lost and change["position"]["gained"] == 0
+    # the change is the accuracies' difference over the pictures both runs score, in points
+    assert change["position"]["change"] == pytest.approx(-100 * lost / len(pairs))
+    assert change["position"]["n"] == len(pairs) and change["position"]["se"] > 0
+    assert change["color"] == {"change": 0.0, "lost": 0, "gained": 0, "n": 12, "se": 0.0}
+    # the reverse comparison gains what this one lost; a run against itself changes nothing
+    assert ev.paired_change(other, base)["position"]["gained"] == lost
+    assert all(c["lost"] == c["gained"] == 0 for c in ev.paired_change(base, base).values())
+    assert "position" in ev.format_change({"en": base, "zh": base}, {"en": other, "zh": base})
+    with pytest.raises(TwigError):
+        ev.paired_change(base, other[:3])
+
+
 def test_eval_prompts():
     _, held = sc.generate_records(0, 5, seed=0)
     prompts = ev.eval_prompts(held, style="short")

@@ -516,6 +516,42 @@ def agreement(results_a: Sequence[dict[str, Any]], results_b: Sequence[dict[str,
     return out
 
 
+def verdicts(results: Sequence[dict[str, Any]]) -> list[list[bool | None]]:
+    """Each picture's verdicts in ``CATEGORIES`` order (None = not applicable): what a summary file keeps so that
+    two runs on the same scenes can be compared picture by picture (:func:`paired_change`)."""
+    return [[None if r.get(cat) is None else bool(r[cat]) for cat in CATEGORIES] for r in results]
+
+
+def paired_change(base: Sequence[Sequence[bool | None]], other: Sequence[Sequence[bool | None]]) -> dict[str, dict]:
+    """Per category, how ``other``'s verdicts differ from ``base``'s on the same pictures (both from
+    :func:`verdicts`): {"change": accuracy difference in points, "lost": pictures right in base and wrong in other,
+    "gained": the reverse, "n": pictures where both apply, "se": the standard error of the change in points, from
+    the spread of the per-picture differences (a paired comparison: pictures both runs get right or wrong add no
+    noise)}."""
+    if len(base) != len(other):
+        raise TwigError(f"paired_change: {len(base)} vs {len(other)} pictures")
+    out = {}
+    for j, cat in enumerate(CATEGORIES):
+        d = np.array([int(o[j]) - int(b[j]) for b, o in zip(base, other) if b[j] is not None and o[j] is not None])
+        n = len(d)
+        out[cat] = {"change": 100 * float(d.mean()) if n else float("nan"), "lost": int((d < 0).sum()),
+                    "gained": int((d > 0).sum()), "n": n,
+                    "se": 100 * float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")}
+    return out
+
+
+def format_change(base: dict, other: dict) -> str:
+    """A table of :func:`paired_change` per language for two summary files' "verdicts" ({"en": .., "zh": ..})."""
+    lines = [f"{'category':<12}{'lang':>5}{'change':>9}{'± se':>7}{'lost':>6}{'gained':>7}{'n':>6}"]
+    for cat in CATEGORIES:
+        for lang in ("en", "zh"):
+            c = paired_change(base[lang], other[lang])[cat]
+            if c["n"]:
+                lines.append(f"{cat:<12}{lang:>5}{c['change']:+9.2f}{c['se']:7.2f}{c['lost']:6d}{c['gained']:7d}"
+                             f"{c['n']:6d}")
+    return "\n".join(lines)
+
+
 def evaluate_sets(scenes: Sequence[Scene | dict], images_en: Sequence[Any], images_zh: Sequence[Any],
                   check_background: bool | Sequence[bool] = True,
                   params: EvalParams | None = None) -> dict[str, Any]:

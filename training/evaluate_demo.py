@@ -14,7 +14,7 @@ from twig_core.pipeline import sample_latents
 from twig_core.step_cache import Evaluations
 
 from .evaluate import (CATEGORIES, aggregate, by_order, check_shape_classifier, eval_prompts, evaluate_image,
-                       evaluate_sets, format_report)
+                       evaluate_sets, format_report, verdicts)
 from .demo import IMAGE_SIZE
 from .scenes import stated_order
 
@@ -54,6 +54,7 @@ def evaluate_demo(parts, records: list[dict], n: int = 100, steps: int = 20, cfg
     summary["agreement"] = rep["agreement"]
     summary["position_by_relation_order"] = rep["by_order"]
     summary["shape_by_name"] = rep["by_shape"]
+    summary["verdicts"] = {"en": verdicts(rep["results_en"]), "zh": verdicts(rep["results_zh"])}
     summary.update(n=len(prompts), steps=steps, cfg=cfg, style=style, cache=cache, cfg_interval=cfg_interval,
                    evaluations={"computed": stats.computed, "full": stats.full, "ratio": stats.ratio})
     return {"summary": summary, "text": f"{format_report(rep)}\n{stats}", "images_en": en, "images_zh": zh,
