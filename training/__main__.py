@@ -19,12 +19,12 @@ Stages run in order and each resumes from what the previous run left in DIR:
   lora     train the demo LoRA (a new colour word, pink / 粉色) on the exported model (DIR/lora/, written to
            twig_core/demo_loras), then measure how often pink appears without and with it
 ``--stage all`` runs everything but seed that is not finished yet; several stages may be named, run in the order
-given. Fixed seeds throughout. ``--size 256`` runs the latents, dit, export and eval stages on 256² pictures (8x8
-latents, the DC-AE keeps their shapes; files in DIR/size256). Its DiT starts from the 128² weights (DIR/dit_ema.pt,
-or ``--dit-init``): every weight carries over, and the sin-cos positions of the 8x8 grid are those of the 4x4 one
-interpolated (interpolation scale size/128), so a fine-tune suffices; ``--mix-128`` alternates 256² and 128² batches
-so the one DiT keeps drawing 128² pictures. The 256² model from the shipped one, about 2 h on an idle 2-core CPU
-(OMP_NUM_THREADS=2), resumable (rerun the same command: each stage goes on from its files, the DiT from its
+given. Fixed seeds throughout. ``--size 256`` runs the latents, decoder, dit, export and eval stages on 256²
+pictures (8x8 latents, the DC-AE keeps their shapes; files in DIR/size256; the decoder goes on from the 128² one).
+Its DiT starts from the 128² weights (DIR/dit_ema.pt, or ``--dit-init``): every weight carries over, and the sin-cos
+positions of the 8x8 grid are those of the 4x4 one interpolated (interpolation scale size/128), so a fine-tune
+suffices; ``--mix-128`` alternates 256² and 128² batches so the one DiT keeps drawing 128² pictures. The 256² model
+from the shipped one, about 2 h on an idle 2-core CPU (OMP_NUM_THREADS=2), resumable (rerun the same command: each stage goes on from its files, the DiT from its
 checkpoint of at most 5 minutes before, ``--save-minutes``):
   python -m training demo --work DIR --size 256 --stage seed data latents dit export eval --out DIR/pipeline256
       --fp32 --dit-steps 2000 --dit-restart none --dit-warmup 100 --lr 2e-4
@@ -89,14 +89,17 @@ def _vae_model(scaling_factor: float | None = None):
     return DCAE(DEMO_DCAE.replace(scaling_factor=scaling_factor or DEMO_DCAE.scaling_factor))
 
 
-def _vae(work: Path):
+def _vae(work: Path, a=None):
+    """The recipe's DC-AE: DIR/vae.ckpt, with the decoder stage's decoder (DIR/decoder.ckpt) and, for the stages
+    of a larger ``a.size``, that size's own (DIR/size256/decoder.ckpt) when there is one."""
     state = Checkpoint(work / "vae.ckpt").load()
     meta = json.loads((work / "vae_scale.json").read_text()) if (work / "vae_scale.json").exists() else {}
     vae = _vae_model(meta.get("scaling_factor"))
     vae.load_state_dict(state["model"])
-    tuned = Checkpoint(work / "decoder.ckpt").load()
-    if tuned is not None:  # the decoder stage changed the decoder only: latents encoded before it stay valid
-        vae.load_state_dict(tuned["model"])
+    for folder in dict.fromkeys([work, work if a is None else _dit_work(work, a)]):
+        tuned = Checkpoint(folder / "decoder.ckpt").load()
+        if tuned is not None:  # the decoder stage changed the decoder only: latents encoded before it stay valid
+            vae.load_state_dict(tuned["model"])
     return vae.eval()
 
 
@@ -188,9 +191,11 @@ def stage_latents(work: Path, a) -> None:
 
 
 def stage_decoder(work: Path, a) -> None:
-    if _seeded(work, "decoder"):
+    if a.size == IMAGE_SIZE and _seeded(work, "decoder"):
         return
-    finetune_decoder(_vae(work), _images(work, "train"), work, steps=a.decoder_steps, edge_weight=a.decoder_edge_weight)
+    # at a larger size the decoder goes on from the 128² one on that size's pictures, into DIR/size256/decoder.ckpt
+    finetune_decoder(_vae(work), _images(work, "train", a.size), _dit_work(work, a), steps=a.decoder_steps,
+                     edge_weight=a.decoder_edge_weight)
 
 
 def stage_text(work: Path, a) -> None:
@@ -264,7 +269,7 @@ def stage_export(work: Path, a) -> None:
             for p, v in zip(dit.parameters(), state["ema"]):
                 p.copy_(v)
         log(f"exporting the averaged weights of step {state['step']}")
-    export_pipeline(Path(a.out), dit, _vae(work), text, dtype=torch.float16)
+    export_pipeline(Path(a.out), dit, _vae(work, a), text, dtype=torch.float16)
     log(f"exported to {a.out}")
 
 
@@ -295,6 +300,14 @@ def stage_eval(work: Path, a) -> None:
                    dcae={size: dict({k: v["accuracy"] for k, v in r["aggregate"].items()},
                                     object_shape=r["objects"]["accuracy"]) for size, r in ref["dcae"].items()})
     (dw / (a.eval_out or "eval.json")).write_text(json.dumps(summary, indent=1))
+    if a.eval_against:
+        from .evaluate import format_change
+
+        base = json.loads((dw / a.eval_against).read_text())
+        if "verdicts" not in base:
+            raise SystemExit(f"{dw / a.eval_against}: no per-picture verdicts (written by an older eval stage)")
+        print(f"change against {a.eval_against}, picture by picture:\n"
+              + format_change(base["verdicts"], summary["verdicts"]))
 
 
 def stage_prompts(work: Path, a) -> None:
@@ -376,6 +389,9 @@ def main(argv=None) -> int:
                    help="eval: classifier-free guidance only for sigmas in LO … HI")
     p.add_argument("--int8", action="store_true", help="eval: the transformer's int8 products (the fast preset)")
     p.add_argument("--eval-out", default=None, help="eval: the summary's file name in --work (default eval.json)")
+    p.add_argument("--eval-against", default=None, metavar="NAME.json",
+                   help="eval: also print each category's change against an earlier summary in --work, picture by "
+                        "picture (pictures lost and gained, standard error of the change)")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
