@@ -840,6 +840,11 @@ def test_pipeline_folder(tmp_path, spiece, gemma):
     save_file(nvlabs_sd(ours()), tmp_path / "other.safetensors")
     with pytest.raises(TwigError, match=r"width 64 does not match the transformer's caption width 48"):
         loader.load_parts(tmp_path / "other.safetensors", root, root)
+    # the same sub-folders without model_index.json (copied out of a pipeline): each network is still found
+    os.remove(root / "model_index.json")
+    assert loader.load_vae(root).config == TINY_AE
+    assert loader.load_transformer(root).config == cfg
+    assert loader.load_parts(root, root, root).text_encoder.hidden_size == 64
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -133,9 +133,6 @@ def open_text_encoder(path, tokenizer_path=None, *, expected_width: int | None =
         raise TwigError(f"not found: {path}")
     if os.path.isdir(path):
         folder = component_folder(path, "text_encoder")
-        if not os.path.isfile(os.path.join(folder, "config.json")) \
-                and os.path.isfile(os.path.join(path, "text_encoder", "config.json")):
-            folder = os.path.join(path, "text_encoder")  # a pipeline's two folders without its model_index.json
         cfg_path = os.path.join(folder, "config.json")
         tok_dir = tokenizer_path if tokenizer_path is not None else tokenizer_dir(path, folder)
         if not os.path.isfile(cfg_path):

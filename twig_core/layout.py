@@ -182,8 +182,12 @@ class Source:
 
 
 def component_folder(path: str, kind: str) -> str:
+    """The folder holding network ``kind``: ``path`` itself, or its diffusers sub-folder (``text_encoder/`` …) in
+    a pipeline folder, or in a folder that holds only the pipeline's sub-folders (no model_index.json, no
+    config.json of its own)."""
     sub = os.path.join(path, _COMPONENT_DIRS[kind])
-    if os.path.isdir(sub) and is_pipeline_dir(path):
+    if os.path.isdir(sub) and (is_pipeline_dir(path) or (not os.path.isfile(os.path.join(path, "config.json"))
+                                                         and os.path.isfile(os.path.join(sub, "config.json")))):
         return sub
     return path
 
