@@ -2,7 +2,7 @@
 + prompt sequence, ``TextEncoder.forward``) against Twig's ``TextEncoder.encode`` (the instruction's keys/values
 made on the first prompt, reused for the next), in fp32; optionally transformers bf16 and the ``fast`` preset's
 int8 linears (``TextEncoder.use_int8``). Each contender encodes two different positive prompts in a row (Sana's
-instruction, 300 tokens), then the empty negative, in one process; prints each time and the states' error against
+instruction, 300 tokens), then the empty negative, in one process, taking turns; prints each time and the states' error against
 transformers fp32.
 
     python bench/bench_text.py --layers 2                             # random weights, fewer layers
@@ -74,11 +74,11 @@ def main() -> None:
         contenders["twig fast (int8)"] = (quick, quick.encode)
 
     inputs = [(PROMPTS[0], True), (PROMPTS[1], True), ("", False)]
-    times, states = {}, {}
-    for name, (te, run) in contenders.items():
+    times, states = {name: [] for name in contenders}, {name: [] for name in contenders}
+    for te, run in contenders.values():
         run("a", max_length=8, use_instruction=False)  # warm-up that leaves no prefix behind
-        times[name], states[name] = [], []
-        for text, instruction in inputs:
+    for text, instruction in inputs:  # contenders take turns, so a busy machine slows them alike
+        for name, (te, run) in contenders.items():
             t0 = time.perf_counter()
             states[name].append(run(text, use_instruction=instruction).embeds.float())
             times[name].append(time.perf_counter() - t0)
