@@ -535,7 +535,7 @@ class TextEncoder:
         where the full forward must run: older transformers, a row that does not start with the prefix, or a
         sequence reaching Gemma-2's sliding window (only the full forward's mask applies the window)."""
         make_cache = _layered_cache()
-        if make_cache is None or torch.is_grad_enabled():
+        if make_cache is None:
             return None
         prefix = self._prefix_ids()
         n, total = len(prefix), ids.shape[1]
