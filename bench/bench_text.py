@@ -1,9 +1,12 @@
-"""Prompt encoding with Gemma-2-2B's architecture (random weights, fewer layers for speed): what diffusers runs
-(transformers' Gemma2Model through the same Sana prompt handling) in fp32 and in bf16, against the ``fast``
-preset's int8 linears (``TextEncoder.use_int8``), one positive prompt (Sana's instruction, 300 tokens) and the
-empty negative, in one process; prints each time, its ratio to the best float one, and the int8 states' error.
+"""Prompt encoding with Gemma-2-2B: what diffusers runs (transformers' Gemma2Model over the whole padded instruction
++ prompt sequence, ``TextEncoder.forward``) against Twig's ``TextEncoder.encode`` (the instruction's keys/values
+made on the first prompt, reused for the next), in fp32; optionally transformers bf16 and the ``fast`` preset's
+int8 linears (``TextEncoder.use_int8``). Each contender encodes two different positive prompts in a row (Sana's
+instruction, 300 tokens), then the empty negative, in one process, taking turns; prints each time and the states' error against
+transformers fp32.
 
-    python bench/bench_text.py --layers 2
+    python bench/bench_text.py --layers 2                             # random weights, fewer layers
+    python bench/bench_text.py --folder /tmp/e2e/gemma-2-2b --no-bf16 --no-int8   # a Gemma-2 folder, all layers
 """
 
 from __future__ import annotations
@@ -20,55 +23,71 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.common import GEMMA_2_2B  # noqa: E402
 
+PROMPTS = ("a red fox standing in fresh snow at dawn, soft light, detailed fur; 一只站在雪地里的红狐狸",
+           "an old lighthouse on a cliff in a storm, waves breaking, dramatic clouds, oil painting")
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=2, help="Gemma layers (26 in Gemma-2-2B; time is per layer)")
-    p.add_argument("--repeats", type=int, default=2, help="timed encodes per contender (the best counts)")
+    p.add_argument("--folder", help="a Gemma-2 folder to load in fp32 (else random weights in Gemma-2-2B's shape)")
+    p.add_argument("--layers", type=int, default=2, help="Gemma layers without --folder (26 in Gemma-2-2B)")
     p.add_argument("--no-bf16", action="store_true", help="leave out transformers bf16 (CPUs without native bf16, "
                    "where it is several times slower than fp32)")
+    p.add_argument("--no-int8", action="store_true", help="leave out the int8 linears")
     a = p.parse_args()
-    from transformers import Gemma2Config, Gemma2Model
-
-    from twig_core.catalog import DEMO_DIR
     from twig_core.text import TextEncoder
-    from twig_core.tokenizer import read_tokenizer
 
     torch.set_grad_enabled(False)
-    tokenizer = read_tokenizer(DEMO_DIR / "tokenizer")
-    torch.manual_seed(0)  # the vocabulary is the tokenizer's: the embedding's size does not change the time
-    config = Gemma2Config(**{**GEMMA_2_2B, "num_hidden_layers": a.layers, "vocab_size": len(tokenizer)})
-    config._attn_implementation = "eager"
-    model = Gemma2Model(config).eval()
-    prompt = "a red fox standing in fresh snow at dawn, soft light, detailed fur; 一只站在雪地里的红狐狸"
+    if a.folder:
+        t0 = time.perf_counter()
+        base = TextEncoder.from_pretrained(a.folder, dtype=torch.float32)
+        label = f"{a.folder}, {base.model.config.num_hidden_layers} layers, loaded in {time.perf_counter() - t0:.1f} s"
+    else:
+        from transformers import Gemma2Config, Gemma2Model
 
-    def encode(te):
-        return te.encode(prompt).embeds.float(), te.encode("", use_instruction=False).embeds.float()
+        from twig_core.catalog import DEMO_DIR
+        from twig_core.tokenizer import read_tokenizer
 
-    contenders = {"transformers fp32": TextEncoder(model, tokenizer)}
+        tokenizer = read_tokenizer(DEMO_DIR / "tokenizer")
+        torch.manual_seed(0)  # the vocabulary is the tokenizer's: the embedding's size does not change the time
+        config = Gemma2Config(**{**GEMMA_2_2B, "num_hidden_layers": a.layers, "vocab_size": len(tokenizer)})
+        config._attn_implementation = "eager"
+        base = TextEncoder(Gemma2Model(config).eval(), tokenizer)
+        label = f"Gemma-2-2B architecture, {a.layers} of 26 layers"
+
+    def copy_of(te, dtype=None):
+        model = copy.deepcopy(te.model)
+        return TextEncoder(model if dtype is None else model.to(dtype), te.tokenizer)
+
+    # name -> (encoder, its run): the transformers rows run the whole sequence every time, as diffusers does
+    contenders = {"transformers fp32": (base, base.forward)}
     if not a.no_bf16:
-        contenders["transformers bf16"] = TextEncoder(copy.deepcopy(model).bfloat16(), tokenizer)
-    quick = TextEncoder(copy.deepcopy(model), tokenizer)
-    t0 = time.perf_counter()
-    quick.use_int8()
-    print(f"int8 switched on (packing, calibration) in {time.perf_counter() - t0:.1f} s")
-    contenders["twig fast (int8)"] = quick
-    times, states = {}, {}
-    for name, te in contenders.items():
-        encode(te)  # warm-up
-        best = float("inf")
-        for _ in range(a.repeats):
+        bf16 = copy_of(base, torch.bfloat16)
+        contenders["transformers bf16"] = (bf16, bf16.forward)
+    twig = TextEncoder(base.model, base.tokenizer)  # the same weights
+    contenders["twig fp32"] = (twig, twig.encode)
+    if not a.no_int8:
+        quick = copy_of(base)
+        t0 = time.perf_counter()
+        quick.use_int8()
+        print(f"int8 switched on (packing, calibration) in {time.perf_counter() - t0:.1f} s")
+        contenders["twig fast (int8)"] = (quick, quick.encode)
+
+    inputs = [(PROMPTS[0], True), (PROMPTS[1], True), ("", False)]
+    times, states = {name: [] for name in contenders}, {name: [] for name in contenders}
+    for te, run in contenders.values():
+        run("a", max_length=8, use_instruction=False)  # warm-up that leaves no prefix behind
+    for text, instruction in inputs:  # contenders take turns, so a busy machine slows them alike
+        for name, (te, run) in contenders.items():
             t0 = time.perf_counter()
-            states[name] = encode(te)
-            best = min(best, time.perf_counter() - t0)
-        times[name] = best
-    anchor = min(times[k] for k in ("transformers fp32", "transformers bf16") if k in times)
-    print(f"Gemma-2-2B architecture, {a.layers} of 26 layers, {torch.get_num_threads()} threads, "
-          f"{time.strftime('%Y-%m-%d')}")
-    for name, s in times.items():
-        ref = states["transformers fp32"]
+            states[name].append(run(text, use_instruction=instruction).embeds.float())
+            times[name].append(time.perf_counter() - t0)
+    print(f"{label}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    print(f"  {'':<20} {'1st prompt':>10} {'2nd prompt':>10} {'negative':>9}  error vs fp32")
+    ref = states["transformers fp32"]
+    for name, (first, second, negative) in times.items():
         err = max(((g - r).norm() / r.norm()).item() for g, r in zip(states[name], ref))
-        print(f"  {name:<20} {s:7.2f} s  {s / anchor:5.2f}x the best float  error vs fp32 {err:.2e}")
+        print(f"  {name:<20} {first:8.2f} s {second:8.2f} s {negative:7.2f} s  {err:.2e}")
 
 
 if __name__ == "__main__":

@@ -22,15 +22,22 @@ Gemma-2 soft-caps its attention logits; only the "eager" (and flash/flex) attent
 transformers apply the cap, which is why the loader (``twig_core.gemma``) asks for "eager". Gemma-2
 overflows in float16: load it in bfloat16 (GPU) or float32 (CPU). On the CPU in float32 its linears can
 compute in int8 (:meth:`TextEncoder.use_int8`, the ``fast`` preset; ``twig_core.int8``).
+
+The instruction is the same for every positive prompt and Gemma-2 is causal, so :meth:`TextEncoder.encode` runs it
+once: it keeps the keys/values of the instruction's stable token prefix (see :meth:`TextEncoder._prefix_ids`) and
+runs each prompt's remaining positions on top of them (transformers' ``DynamicCache``), which gives the same states
+as the full forward. :meth:`TextEncoder.forward` (with gradients: training) always runs the whole sequence.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
 import operator
 import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -219,6 +226,30 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+# texts written after the instruction to find the tokens of its end that a prompt's first token may absorb
+_PREFIX_PROBES = ("a", "A", "1", "中", ":", "-", "(", "\n", ".")
+
+
+class _Prefix(NamedTuple):
+    """The instruction prefix's run: its token ids, the model state that produced it (:meth:`TextEncoder._state`),
+    its hidden states [1, P, C] and every layer's (keys, values) [1, kv_heads, P, head_dim]."""
+
+    ids: tuple[int, ...]
+    state: tuple
+    hidden: Tensor
+    layers: tuple[tuple[Tensor, Tensor], ...]
+
+
+def _layered_cache():
+    """transformers' ``DynamicCache`` when it has the per-layer form (``cache.layers[i].keys``) this module reads,
+    else None (older transformers: prompts then run the full sequence)."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: F401
+    except ImportError:
+        return None
+    return DynamicCache
+
+
 SETTINGS_FILE = "twig_text.json"
 
 
@@ -255,6 +286,15 @@ class TextEncoder:
     ``lowercase=True`` lower-cases prompts before tokenizing, as diffusers' SanaPipeline does; the NVlabs
     reference code keeps the case, and so does Twig by default.
     ``instruction``: the lines written before positive prompts (Sana's by default).
+
+    :meth:`encode` keeps the instruction prefix's keys and values on the encoder (``2 * layers * kv_heads *
+    head_dim * prefix_tokens`` values in the model's dtype and device, plus the prefix's hidden states), made on
+    first use and remade when what made it changes: the instruction or tokenizer (the prefix's token ids), the
+    weights (each parameter's and buffer's identity, version counter, storage, dtype and device: ``to()``, an
+    optimizer step, a LoRA merged into the weights), int8 on/off (the layers' classes), runtime adapters
+    (``twig_adapters``), train/eval mode and the attention implementation. A write that bypasses the version
+    counters (``param.data.copy_``) is not seen: call :meth:`forget_prefix` after one. The cache goes with the
+    encoder (no global state).
     """
 
     def __init__(
@@ -274,6 +314,7 @@ class TextEncoder:
         else:
             self.instruction = "\n".join(instruction)
         self.lowercase = lowercase
+        self._prefix: _Prefix | None = None
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -316,7 +357,12 @@ class TextEncoder:
     def to(self, device=None, dtype: torch.dtype | None = None) -> "TextEncoder":
         """Move (and optionally cast) the Gemma model in place; returns self."""
         self.model.to(device=device, dtype=dtype)
+        self.forget_prefix()
         return self
+
+    def forget_prefix(self) -> None:
+        """Drop the instruction prefix's cached keys/values (the next :meth:`encode` makes them again)."""
+        self._prefix = None
 
     # -- tokenization ------------------------------------------------------------------------------
 
@@ -415,14 +461,18 @@ class TextEncoder:
     def forward(
         self, prompts: Sequence[str] | str, max_length: int = SANA_MAX_LENGTH, use_instruction: bool = True
     ) -> Conditioning:
-        """:meth:`encode` with gradients (for training the text encoder); no finiteness check."""
+        """:meth:`encode` with gradients (for training the text encoder): the whole sequence runs, no prefix cache;
+        no finiteness check."""
         ids, mask, reports = self.tokenize(prompts, max_length, use_instruction)
-        device = self.device
-        ids, mask = ids.to(device), mask.to(device)
-        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
-        # <bos> + the last max_length - 1 positions
-        keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(ids.shape[1] - max_length + 1, ids.shape[1])])
-        keep = keep.to(device)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        return self._select(self.model(input_ids=ids, attention_mask=mask, use_cache=False)[0], mask, max_length,
+                            reports)
+
+    @staticmethod
+    def _select(hidden: Tensor, mask: Tensor, max_length: int, reports) -> Conditioning:
+        """<bos> + the last max_length - 1 positions of the hidden states and the mask."""
+        n = hidden.shape[1]
+        keep = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(n - max_length + 1, n)]).to(hidden.device)
         return Conditioning(hidden.index_select(1, keep), mask.index_select(1, keep), reports)
 
     @torch.no_grad()
@@ -436,11 +486,77 @@ class TextEncoder:
         is "", and an empty positive prompt (an unconditional-looking image steered only by the
         instruction) is accepted too, as Sana accepts it.
         Truncation is reported in ``Conditioning.reports`` / ``Conditioning.warnings()``.
+        With the instruction, its prefix runs once per encoder (see the class docstring).
         """
-        cond = self.forward(prompts, max_length, use_instruction)
+        ids, mask, reports = self.tokenize(prompts, max_length, use_instruction)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self._run_after_prefix(ids, mask) if use_instruction and self.instruction else None
+        if hidden is None:
+            hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+        cond = self._select(hidden, mask, max_length, reports)
         if not torch.isfinite(cond.embeds).all():
             raise TwigError(
                 f"Gemma-2 produced non-finite values in {cond.embeds.dtype}; load the text encoder in "
                 "bfloat16 or float32 (Gemma-2 overflows in float16)"
             )
         return cond
+
+    # -- the instruction prefix's cache ------------------------------------------------------------
+
+    def _prefix_ids(self) -> tuple[int, ...]:
+        """<bos> + the instruction's tokens that every instruction + prompt tokenization starts with: its last
+        token dropped (the prompt's first token usually absorbs the trailing space) and cut further to what it
+        shares with the instruction followed by a few different texts. Each row is still checked before use."""
+        def ids(text):
+            return list(self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+
+        head = ids(self.instruction)[:-1]
+        for probe in _PREFIX_PROBES:
+            head = head[:_common_prefix(head, ids(self.instruction + probe))]
+        return tuple(head)
+
+    def _state(self) -> tuple:
+        """What the prefix's keys/values depend on besides its token ids (see the class docstring)."""
+        m = self.model
+        state = [m.training, getattr(m.config, "_attn_implementation", None)]
+        for module in m.modules():
+            adapters = getattr(module, "twig_adapters", None) or ()
+            state.append((type(module), tuple((id(a), a.strength) for a in adapters)))
+        for t in itertools.chain(m.parameters(), m.buffers()):
+            state.append((id(t), t._version, t.data_ptr(), t.dtype, t.device))
+        return tuple(state)
+
+    def _cache_argument(self) -> str:
+        names = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in names else "past_key_values"  # transformers 5.x renamed it
+
+    def _run_after_prefix(self, ids: Tensor, mask: Tensor) -> Tensor | None:
+        """Hidden states [B, T, C] of the full sequence with the instruction prefix's keys/values reused, or None
+        where the full forward must run: older transformers, a row that does not start with the prefix, or a
+        sequence reaching Gemma-2's sliding window (only the full forward's mask applies the window)."""
+        make_cache = _layered_cache()
+        if make_cache is None:
+            return None
+        prefix = self._prefix_ids()
+        n, total = len(prefix), ids.shape[1]
+        window = getattr(self.model.config, "sliding_window", None)
+        if not 0 < n < total or (window and total >= window):
+            return None
+        expected = torch.tensor(prefix, dtype=ids.dtype, device=ids.device)
+        if not bool((ids[:, :n] == expected).all()) or not bool(mask[:, :n].bool().all()):
+            return None
+        state = self._state()
+        if self._prefix is None or self._prefix.ids != prefix or self._prefix.state != state:
+            self._prefix = None  # free the old one before making the new one
+            cache = make_cache()
+            out = self.model(input_ids=expected[None], attention_mask=torch.ones_like(expected)[None],
+                             use_cache=True, **{self._cache_argument(): cache})
+            layers = tuple((layer.keys, layer.values) for layer in cache.layers)
+            self._prefix = _Prefix(prefix, state, out[0], layers)
+        b = ids.shape[0]
+        cache = make_cache()
+        for i, (k, v) in enumerate(self._prefix.layers):  # a fresh cache per call: a forward extends it
+            cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+        rest = self.model(input_ids=ids[:, n:], attention_mask=mask, use_cache=True,
+                          **{self._cache_argument(): cache})[0]
+        return torch.cat([self._prefix.hidden.expand(b, -1, -1), rest], dim=1)
