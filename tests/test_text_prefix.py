@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.builders import build_tiny_gemma2, build_tiny_gemma_tokenizer
+from tests.test_text import gemma, tokenizer  # noqa: F401  (the tiny Gemma-2 and its tokenizer, shared fixtures)
 from twig_core import int8
 from twig_core.text import TextEncoder, _common_prefix
 
@@ -20,16 +21,6 @@ CASES = {
     "merging": ["cat sleeping"],
     "truncated": [LONG, "a dog"],
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tiny_gemma_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def gemma(tokenizer):
-    return build_tiny_gemma2(tokenizer)
 
 
 @pytest.fixture
