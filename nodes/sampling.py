@@ -43,7 +43,7 @@ class TwigSampler:
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "1.0 = from pure noise; lower keeps more of the input latent; 0 returns it unchanged."}),
             },
             "optional": {
-                "cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": CACHE_MAX, "step": 0.01, "tooltip": "Step cache: while the first block's change stays under this (relative), reuse the other blocks' work of the last full step. 0 = off."}),
+                "cache": ("FLOAT", {"default": 0.0, "min": 0.0, "max": CACHE_MAX, "step": 0.01, "tooltip": "Step cache: while the first block's change stays under this (relative), reuse the other blocks' work of the last full step, never two steps in a row. 0 = off."}),
                 "cfg_sigma_min": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Guidance only for noise levels (sigma) from this …"}),
                 "cfg_sigma_max": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "… to this; other steps run the prompt alone (one pass instead of two). 0 … 1 = always."}),
             },

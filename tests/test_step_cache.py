@@ -58,6 +58,23 @@ def test_off_is_bit_identical_to_plain_cfg(model, conds, sampler):
     assert denoise.stats.computed == denoise.stats.full == 10 and denoise.stats.reused == 0
 
 
+@pytest.mark.parametrize("max_run, pattern", [(1, "FRFRF"), (2, "FRRFR"), (4, "FRRRR")])
+def test_a_picture_is_served_from_the_cache_at_most_max_run_steps_in_a_row(model, conds, max_run, pattern):
+    c, _ = conds
+    x = torch.randn(1, 32, 3, 4, generator=torch.Generator().manual_seed(2))
+    cc = model.encode_caption(c.embeds, c.mask)
+    held, got = StepCache(1e9, max_run=max_run), ""
+    with torch.no_grad():
+        for _ in pattern:
+            model(x, torch.tensor([900.0]), cc, step_cache=held)
+            got += "R" if held.reused else "F"
+    assert got == pattern
+    held.reset()
+    with torch.no_grad():
+        model(x, torch.tensor([900.0]), cc, step_cache=held)
+    assert not held.reused and held.run_length.tolist() == [0]
+
+
 def test_a_huge_threshold_reuses_the_rest_residual_of_the_last_full_step(model, conds):
     c, _ = conds
     x = torch.randn(1, 32, 3, 4, generator=torch.Generator().manual_seed(2))
@@ -109,9 +126,10 @@ def test_each_row_decides_alone_and_gets_what_it_would_get_alone(model, conds):
             want = model(moved[row:row + 1], torch.tensor([800.0]), one, step_cache=alone)
             assert alone.reused == (row == 0)
             torch.testing.assert_close(got[row:row + 1], want, rtol=1e-5, atol=1e-6)
-        # and the computed row moved the batch's reference: the same input again is now served for both rows
+        # the row computed last time moved the batch's reference: the same input again is served for it now, and
+        # the row served last time is computed (at most max_run = 1 reused step in a row)
         model(moved, torch.tensor([800.0, 800.0]), cc, step_cache=batch)
-        assert batch.share == pytest.approx(1 / depth)
+        assert batch.share == pytest.approx((1 + 1 / depth) / 2) and batch.run_length.tolist() == [0, 1]
 
 
 def test_a_guided_batch_renders_each_picture_as_it_would_alone(model, conds):
@@ -123,7 +141,7 @@ def test_a_guided_batch_renders_each_picture_as_it_would_alone(model, conds):
     sigmas = sampling.flow_sigmas(8, 3.0)
 
     def render(latents):
-        den = sampling.make_denoiser(model, c, u, 4.5, cache=0.05)
+        den = sampling.make_denoiser(model, c, u, 4.5, cache=0.03)
         with torch.no_grad():
             return sampling.sample(den, latents, sigmas), den.stats
 

@@ -62,7 +62,8 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--shift", type=float, default=3.0)
     g.add_argument("--cache", type=float, default=None, metavar="THRESH",
                    help="step cache: reuse the later blocks' work while the first block's change stays under THRESH "
-                        "(relative, 0 … 1; 0 = off; default: the preset's, 0.2 in fast, else off)")
+                        "(relative, 0 … 1), never two steps in a row (0 = off; default: the preset's, 0.25 in fast, "
+                        "else off)")
     g.add_argument("--cfg-interval", default=None, metavar="LO,HI",
                    help="guidance only while LO <= sigma <= HI; other steps run the prompt alone (one pass, not two)")
     g.add_argument("--max-length", type=int, default=300, help="prompt tokens kept (300 … 1200)")

@@ -5,9 +5,11 @@ little, and how much block 0 changes the tokens tells early whether this step wi
 Each step runs block 0 and compares its residual (what block 0 added to the tokens) with the one of the last
 fully computed step: rel = mean|r - r_ref| / mean|r_ref|. Below the threshold, blocks 1 … N-1 are skipped and
 the residual they added at that full step is added to block 0's output instead; otherwise they run and their
-residual is kept. The reference moves only on full steps, so drift accumulates and forces a full step. The
-caller may forbid reuse for a step (``may_reuse``): the denoiser does so for the schedule's last step, whose
-prediction becomes the picture.
+residual is kept. A picture served from the cache is computed in full at the next step whatever its change
+(``max_run``, 1 by default, reused steps in a row): runs of reused steps drift far more than the change of block
+0 shows, and at the same number of evaluations alternating keeps the final latents much closer to the full run's
+(bench/RESULTS.md). The caller may forbid reuse for a step (``may_reuse``): the denoiser does so for the
+schedule's last step, whose prediction becomes the picture.
 
 The decision is made for each picture of the batch on its own: rows never interact inside the blocks, so a
 batch gives every picture what it would get alone, and a picture whose tokens moved is computed in full even
@@ -37,9 +39,11 @@ class StepCache:
     """Reuse the residual of blocks 1 … N-1, picture by picture, while block 0's residual moves less than
     ``threshold`` (relative)."""
 
-    def __init__(self, threshold: float, halves: int = 1):
+    def __init__(self, threshold: float, halves: int = 1, max_run: int = 1):
         self.threshold = float(threshold)
         self.halves = halves  # the batch is ``halves`` stacked blocks of the same pictures (2: a CFG pair)
+        self.max_run = max_run  # most steps in a row a picture may be served from the cache
+        self.run_length: torch.Tensor | None = None  # each row's reused steps in a row so far
         self.first: torch.Tensor | None = None  # block 0's residual at each picture's last full step
         self.rest: torch.Tensor | None = None  # what blocks 1 … N-1 added at that step
         self.reused = False  # whether the last run skipped blocks 1 … N-1 for any picture
@@ -48,7 +52,7 @@ class StepCache:
 
     def reset(self) -> None:
         """Forget the last full step (its residuals belong to another trajectory or batch)."""
-        self.first = self.rest = None
+        self.first = self.rest = self.run_length = None
 
     def run(self, tokens: torch.Tensor, run_block: Callable[..., torch.Tensor], depth: int):
         """The tokens [b, n, d] after all ``depth`` blocks; ``run_block(i, tokens, rows=None)`` runs block i over
@@ -59,8 +63,10 @@ class StepCache:
         b = tokens.shape[0]
         if self.may_reuse and self.rest is not None and self.rest.shape == tokens.shape:
             reuse = (relative_change(first, self.first, self.halves) < self.threshold).repeat(self.halves)
+            reuse &= self.run_length < self.max_run
         else:
             reuse = torch.zeros(b, dtype=torch.bool)
+        self.run_length = torch.where(reuse, (0 if self.run_length is None else self.run_length) + 1, 0)
         served = int(reuse.sum())
         self.reused = served > 0
         self.share = (b - served + served / depth) / b
