@@ -103,6 +103,21 @@ def test_second_call_reuses_the_prefix(encoder):
     assert_same(got, full(encoder, ["a dog on a hill", "一只猫"]))
 
 
+def test_weights_made_under_inference_mode(gemma, tokenizer):
+    """ComfyUI loads and runs under torch.inference_mode: its weights are inference tensors, which keep no
+    version counter; the prefix is still made once and reused, and matches the full forward."""
+    with torch.inference_mode():
+        enc = TextEncoder(copy.deepcopy(gemma), tokenizer)
+        for p in enc.model.parameters():
+            p.data = p.data.clone()  # an inference tensor, as a load inside inference_mode makes
+        assert next(enc.model.parameters()).is_inference()
+        enc.encode(["a cat"])
+        first = enc._prefix
+        got = enc.encode(["a dog on a hill", "一只猫"])
+        assert enc._prefix is first
+    assert_same(got, full(enc, ["a dog on a hill", "一只猫"]))
+
+
 def test_no_instruction_and_forward_use_no_cache(encoder):
     got = encoder.encode(["a cat", ""], 300, use_instruction=False)
     assert encoder.runs == [300] and encoder._prefix is None

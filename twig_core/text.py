@@ -293,7 +293,8 @@ class TextEncoder:
     weights (each parameter's and buffer's identity, version counter, storage, dtype and device: ``to()``, an
     optimizer step, a LoRA merged into the weights), int8 on/off (the layers' classes), runtime adapters
     (``twig_adapters``), train/eval mode and the attention implementation. A write that bypasses the version
-    counters (``param.data.copy_``) is not seen: call :meth:`forget_prefix` after one. The cache goes with the
+    counters (``param.data.copy_``, or an in-place write to an inference tensor, which has none: ComfyUI loads
+    under ``torch.inference_mode``) is not seen: call :meth:`forget_prefix` after one. The cache goes with the
     encoder (no global state).
     """
 
@@ -523,7 +524,9 @@ class TextEncoder:
             adapters = getattr(module, "twig_adapters", None) or ()
             state.append((type(module), tuple((id(a), a.strength) for a in adapters)))
         for t in itertools.chain(m.parameters(), m.buffers()):
-            state.append((id(t), t._version, t.data_ptr(), t.dtype, t.device))
+            # inference tensors (made under torch.inference_mode, as ComfyUI loads) keep no version counter
+            version = -1 if t.is_inference() else t._version
+            state.append((id(t), version, t.data_ptr(), t.dtype, t.device))
         return tuple(state)
 
     def _cache_argument(self) -> str:
