@@ -543,9 +543,10 @@ def paired_change(base: Sequence[Sequence[bool | None]], other: Sequence[Sequenc
 def format_change(base: dict, other: dict) -> str:
     """A table of :func:`paired_change` per language for two summary files' "verdicts" ({"en": .., "zh": ..})."""
     lines = [f"{'category':<12}{'lang':>5}{'change':>9}{'± se':>7}{'lost':>6}{'gained':>7}{'n':>6}"]
+    changes = {lang: paired_change(base[lang], other[lang]) for lang in ("en", "zh")}
     for cat in CATEGORIES:
         for lang in ("en", "zh"):
-            c = paired_change(base[lang], other[lang])[cat]
+            c = changes[lang][cat]
             if c["n"]:
                 lines.append(f"{cat:<12}{lang:>5}{c['change']:+9.2f}{c['se']:7.2f}{c['lost']:6d}{c['gained']:7d}"
                              f"{c['n']:6d}")
