@@ -542,6 +542,31 @@ def test_device_generate_with_offloading_matches_the_cpu(pipeline_folder):
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
 
 
+def _allocated(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else torch.mps.current_allocated_memory()
+
+
+@on_device
+def test_device_text_encoder_keeps_its_prefix_in_main_memory():
+    """The instruction prefix's cache gives the CPU's conditioning on the device, and an encoder moved off the
+    device (a host's offload) leaves none of its memory there."""
+    from tests.builders import build_tiny_gemma2, build_tiny_gemma_tokenizer
+    from twig_core.text import TextEncoder
+
+    tok = build_tiny_gemma_tokenizer()
+    enc = TextEncoder(build_tiny_gemma2(tok), tok)
+    prompts = ["a red circle", "一只猫"]
+    ref = [enc.encode(prompts).embeds for _ in range(2)]
+    before = _allocated(TEST_DEVICE)
+    enc.model.to(TEST_DEVICE)
+    got = [enc.encode(prompts).embeds.cpu() for _ in range(2)]  # the prefix made, then reused
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    assert enc._prefix is not None and enc._prefix.hidden.device.type == "cpu"
+    enc.model.to("cpu")
+    assert _allocated(TEST_DEVICE) == before
+
+
 def test_gpu_check_says_so_on_a_machine_without_a_gpu(monkeypatch, capsys):
     from bench.gpu_check import main
 

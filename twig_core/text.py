@@ -240,6 +240,13 @@ class _Prefix(NamedTuple):
     layers: tuple[tuple[Tensor, Tensor], ...]
 
 
+def _park(t: Tensor) -> Tensor:
+    """Where the prefix's tensors wait between encodes: main memory. A host that moves the text encoder off its GPU
+    (ComfyUI's offload, the CLI's one network at a time) then leaves none of its device memory behind; copying
+    them over for each encode costs far less than the prefix's forward."""
+    return t.to("cpu")
+
+
 def _layered_cache():
     """transformers' ``DynamicCache`` when it has the per-layer form (``cache.layers[i].keys``) this module reads,
     else None (older transformers: prompts then run the full sequence)."""
@@ -288,7 +295,8 @@ class TextEncoder:
     ``instruction``: the lines written before positive prompts (Sana's by default).
 
     :meth:`encode` keeps the instruction prefix's keys and values on the encoder (``2 * layers * kv_heads *
-    head_dim * prefix_tokens`` values in the model's dtype and device, plus the prefix's hidden states), made on
+    head_dim * prefix_tokens`` values in the model's dtype, plus the prefix's hidden states; in main memory, copied
+    to the model's device for each encode, so an offloaded encoder leaves no device memory behind), made on
     first use and remade when what made it changes: the instruction or tokenizer (the prefix's token ids), the
     weights (each parameter's and buffer's identity, version counter, storage, dtype and device: ``to()``, an
     optimizer step, a LoRA merged into the weights), int8 on/off (the layers' classes), runtime adapters
@@ -554,12 +562,13 @@ class TextEncoder:
             cache = make_cache()
             out = self.model(input_ids=expected[None], attention_mask=torch.ones_like(expected)[None],
                              use_cache=True, **{self._cache_argument(): cache})
-            layers = tuple((layer.keys, layer.values) for layer in cache.layers)
-            self._prefix = _Prefix(prefix, state, out[0], layers)
-        b = ids.shape[0]
+            layers = tuple((_park(layer.keys), _park(layer.values)) for layer in cache.layers)
+            self._prefix = _Prefix(prefix, state, _park(out[0]), layers)
+            del cache, out
+        b, dev = ids.shape[0], ids.device
         cache = make_cache()
         for i, (k, v) in enumerate(self._prefix.layers):  # a fresh cache per call: a forward extends it
-            cache.update(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), i)
+            cache.update(k.to(dev).expand(b, -1, -1, -1), v.to(dev).expand(b, -1, -1, -1), i)
         rest = self.model(input_ids=ids[:, n:], attention_mask=mask, use_cache=True,
                           **{self._cache_argument(): cache})[0]
-        return torch.cat([self._prefix.hidden.expand(b, -1, -1), rest], dim=1)
+        return torch.cat([self._prefix.hidden.to(dev).expand(b, -1, -1), rest], dim=1)
