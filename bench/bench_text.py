@@ -3,7 +3,8 @@
 made on the first prompt, reused for the next), in fp32; optionally transformers bf16 and the ``fast`` preset's
 int8 linears (``TextEncoder.use_int8``). Each contender encodes two different positive prompts in a row (Sana's
 instruction, 300 tokens), then the empty negative, in one process, taking turns; prints each time and the states' error against
-transformers fp32.
+transformers fp32 at the positions the mask keeps (Twig runs Gemma only that far and leaves zeros at the padding,
+which the transformer masks out).
 
     python bench/bench_text.py --layers 2                             # random weights, fewer layers
     python bench/bench_text.py --folder /tmp/e2e/gemma-2-2b --no-bf16 --no-int8   # a Gemma-2 folder, all layers
@@ -80,7 +81,8 @@ def main() -> None:
     for text, instruction in inputs:  # contenders take turns, so a busy machine slows them alike
         for name, (te, run) in contenders.items():
             t0 = time.perf_counter()
-            states[name].append(run(text, use_instruction=instruction).embeds.float())
+            cond = run(text, use_instruction=instruction)
+            states[name].append(cond.embeds.float() * cond.mask[..., None])  # padding: never read downstream
             times[name].append(time.perf_counter() - t0)
     print(f"{label}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     print(f"  {'':<20} {'1st prompt':>10} {'2nd prompt':>10} {'negative':>9}  error vs fp32")

@@ -39,15 +39,24 @@ def full(encoder, prompts, max_length=300, use_instruction=True):
 
 
 def assert_same(a, b, tol=1e-5):
+    """Equal at the kept positions; ``a`` (from encode) holds zeros at the padding, where the whole forward ``b``
+    holds Gemma's states of the pad tokens."""
     assert a.embeds.shape == b.embeds.shape
     assert torch.equal(a.mask, b.mask)
     assert a.reports == b.reports
-    err = (a.embeds.double() - b.embeds.double()).abs().max() / b.embeds.double().abs().max()
+    kept = b.mask.bool()[..., None]
+    err = (a.embeds.double() - b.embeds.double()).masked_fill(~kept, 0).abs().max() / b.embeds.double().abs().max()
     assert err <= tol, err
+    assert not a.embeds.masked_fill(kept, 0).any()
 
 
 def total_length(encoder, max_length=300):
     return encoder._total_length(max_length, True)
+
+
+def kept_length(encoder, prompts, max_length=300):
+    """How far Gemma runs for a batch: to its longest prompt's last token."""
+    return int(encoder.tokenize(prompts, max_length)[1].sum(1).max())
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -55,8 +64,8 @@ def test_cached_encode_equals_the_full_forward(encoder, case):
     prompts = CASES[case]
     got = encoder.encode(prompts, 40 if case == "truncated" else 300)
     n = len(encoder._prefix_ids())
-    total = total_length(encoder, 40 if case == "truncated" else 300)
-    assert encoder.runs == [n, total - n]  # the prefix alone, then the rest of every row
+    total = kept_length(encoder, prompts, 40 if case == "truncated" else 300)
+    assert encoder.runs == [n, total - n]  # the prefix alone, then the rest up to the longest row
     assert_same(got, full(encoder, prompts, 40 if case == "truncated" else 300))
     if case == "truncated":
         assert got.reports[0].truncated
@@ -78,7 +87,7 @@ def test_a_row_not_starting_with_the_prefix_runs_whole(encoder, tokenizer, monke
     whole = tuple(tokenizer(encoder.instruction, add_special_tokens=True)["input_ids"])
     monkeypatch.setattr(encoder, "_prefix_ids", lambda: whole)
     got = encoder.encode(["cat sleeping", "a dog"])
-    assert encoder.runs == [total_length(encoder)] and encoder._prefix is None
+    assert encoder.runs == [kept_length(encoder, ["cat sleeping", "a dog"])] and encoder._prefix is None
     assert_same(got, full(encoder, ["cat sleeping", "a dog"]))
 
 
@@ -90,16 +99,16 @@ def test_matches_transformers_gemma2_on_the_whole_sequence(encoder, gemma):
         hidden = gemma(input_ids=ids, attention_mask=mask).last_hidden_state
     keep = [0, *range(ids.shape[1] - 299, ids.shape[1])]
     assert torch.equal(got.mask, mask[:, keep])
-    err = (got.embeds - hidden[:, keep]).abs().max() / hidden[:, keep].abs().max()
-    assert err <= 1e-5, err
+    err = (got.embeds - hidden[:, keep]).masked_fill(~mask[:, keep].bool()[..., None], 0).abs().max()
+    assert err / hidden[:, keep].abs().max() <= 1e-5, err
 
 
 def test_second_call_reuses_the_prefix(encoder):
     encoder.encode(["a cat"])
-    n, total = len(encoder._prefix_ids()), total_length(encoder)
-    first = encoder._prefix
+    n, first = len(encoder._prefix_ids()), encoder._prefix
     got = encoder.encode(["a dog on a hill", "一只猫"])
-    assert encoder.runs == [n, total - n, total - n] and encoder._prefix is first
+    lengths = [kept_length(encoder, p) - n for p in (["a cat"], ["a dog on a hill", "一只猫"])]
+    assert encoder.runs == [n, *lengths] and encoder._prefix is first
     assert_same(got, full(encoder, ["a dog on a hill", "一只猫"]))
 
 
@@ -120,7 +129,7 @@ def test_weights_made_under_inference_mode(gemma, tokenizer):
 
 def test_no_instruction_and_forward_use_no_cache(encoder):
     got = encoder.encode(["a cat", ""], 300, use_instruction=False)
-    assert encoder.runs == [300] and encoder._prefix is None
+    assert encoder.runs == [int(encoder.tokenize(["a cat"], 300, False)[1].sum())] and encoder._prefix is None
     assert_same(got, full(encoder, ["a cat", ""], 300, use_instruction=False))
     encoder.forward(["a cat"]).embeds.sum().backward()  # training: the whole sequence, with gradients
     assert encoder._prefix is None and encoder.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -240,6 +240,12 @@ class _Prefix(NamedTuple):
     layers: tuple[tuple[Tensor, Tensor], ...]
 
 
+def _kept_length(mask: Tensor) -> int:
+    """1 + the last position that any row's attention mask keeps (right padding; at least 1)."""
+    cols = mask.bool().any(0).nonzero()
+    return int(cols[-1]) + 1 if len(cols) else 1
+
+
 def _park(t: Tensor) -> Tensor:
     """Where the prefix's tensors wait between encodes: main memory. A host that moves the text encoder off its GPU
     (ComfyUI's offload, the CLI's one network at a time) then leaves none of its device memory behind; copying
@@ -496,12 +502,22 @@ class TextEncoder:
         instruction) is accepted too, as Sana accepts it.
         Truncation is reported in ``Conditioning.reports`` / ``Conditioning.warnings()``.
         With the instruction, its prefix runs once per encoder (see the class docstring).
+
+        Gemma-2 runs only up to the last token any prompt of the batch keeps: it is causal and the padding comes
+        last, so no kept token sees the padding, and the transformer masks the padded positions out of
+        cross-attention (diffusers and the NVlabs code alike). Those positions hold zeros, where the whole
+        forward (:meth:`forward`, diffusers' ``encode_prompt``) leaves Gemma's states of the pad tokens; the kept
+        ones are the same. The empty negative prompt thus costs one token instead of ``max_length``.
         """
         ids, mask, reports = self.tokenize(prompts, max_length, use_instruction)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self._run_after_prefix(ids, mask) if use_instruction and self.instruction else None
+        total, used = ids.shape[1], _kept_length(mask)
+        ids, kept = ids[:, :used], mask[:, :used]
+        hidden = self._run_after_prefix(ids, kept) if use_instruction and self.instruction else None
         if hidden is None:
-            hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+            hidden = self.model(input_ids=ids, attention_mask=kept, use_cache=False)[0]
+        hidden = hidden.masked_fill(~kept.bool()[..., None], 0.0)
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, total - used))
         cond = self._select(hidden, mask, max_length, reports)
         if not torch.isfinite(cond.embeds).all():
             raise TwigError(
