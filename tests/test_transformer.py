@@ -75,6 +75,26 @@ def test_caption_cache_equals_direct_call():
     assert ours.encode_caption(ctx, mask).kv is None
 
 
+def test_padding_every_prompt_shares_is_cut_off():
+    """Positions masked in every row at the end (a short prompt padded to 300 tokens) are dropped before the
+    caption's projection; diffusers attends over all of them (at zero weight): the same prediction."""
+    ref = diffusers_model(TINY)
+    ours = ours_from(ref, TINY)
+    x, t, ctx, mask = transformer_inputs(TINY, n=40)
+    mask[:, 12:] = 0  # both prompts end by token 12; row 0 by token 7
+    ctx[:, 12:] = 1e3 * torch.randn_like(ctx[:, 12:])  # whatever the padding holds
+    with torch.no_grad():
+        want = ref(x, ctx, t, encoder_attention_mask=mask).sample
+        got = ours(x, t, ctx, mask)
+        cache = ours.encode_caption(ctx, mask)
+    assert rel_err(got, want) <= 1e-4
+    assert cache.kv[0][0].shape[2] == 12 and cache.bias.shape[-1] == 12
+    full = torch.ones_like(mask)
+    full[0, 7:] = 0
+    with torch.no_grad():
+        assert ours.encode_caption(ctx, full).kv[0][0].shape[2] == 40  # row 1 keeps every token: nothing cut
+
+
 def test_full_width_layer_parity():
     """One block of the real 1600M width (2240, 70 heads x 32, cross 20 x 112, Mix-FFN 5600)."""
     cfg = SANA_1600M.replace(depth=1)

@@ -332,21 +332,27 @@ class TwigTransformer(nn.Module):
     def encode_caption(self, context: torch.Tensor, mask: torch.Tensor | None = None,
                        keep_kv: bool | None = None) -> CaptionCache:
         """Project the text-encoder states and precompute every block's cross-attention keys and values
-        (``keep_kv``; by default unless the weights are stored narrower than the compute dtype)."""
+        (``keep_kv``; by default unless the weights are stored narrower than the compute dtype).
+        Positions that ``mask`` drops in every row at the end are cut off first: cross-attention gives them no
+        weight, so the picture is the same and a short prompt padded to 300 tokens costs its own length."""
         cfg = self.config
         if context.ndim != 3 or context.shape[-1] != cfg.caption_channels:
             raise TwigError(
                 f"caption embeddings have shape {tuple(context.shape)}; this model expects "
                 f"[batch, tokens, {cfg.caption_channels}] (is the text encoder the right one for this model?)"
             )
-        y = self.attention_y_norm(self.y_embedder(context.to(self.dtype)))
-        bias = None
+        keep = None
         if mask is not None:
             keep = mask.to(torch.bool)
             if keep.shape != context.shape[:2]:
                 raise TwigError(f"caption mask shape {tuple(mask.shape)} does not match embeddings {tuple(context.shape[:2])}")
             if not keep.any(dim=1).all():
                 raise TwigError("caption mask hides every token of a prompt; at least the first token must be kept")
+            used = int(keep.any(dim=0).nonzero()[-1]) + 1
+            context, keep = context[:, :used], keep[:, :used]
+        y = self.attention_y_norm(self.y_embedder(context.to(self.dtype)))
+        bias = None
+        if keep is not None:
             if not keep.all():
                 bias = torch.zeros(keep.shape, dtype=y.dtype, device=y.device)
                 bias.masked_fill_(~keep, -10000.0)
