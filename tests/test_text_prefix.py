@@ -131,6 +131,10 @@ def test_no_instruction_and_forward_use_no_cache(encoder):
     got = encoder.encode(["a cat", ""], 300, use_instruction=False)
     assert encoder.runs == [int(encoder.tokenize(["a cat"], 300, False)[1].sum())] and encoder._prefix is None
     assert_same(got, full(encoder, ["a cat", ""], 300, use_instruction=False))
+    encoder.runs.clear()
+    empty = encoder.encode(["", ""], 300, use_instruction=False)
+    assert encoder.runs == [1]  # the empty negative: <bos> alone
+    assert_same(empty, full(encoder, ["", ""], 300, False))
     encoder.forward(["a cat"]).embeds.sum().backward()  # training: the whole sequence, with gradients
     assert encoder._prefix is None and encoder.model.layers[0].self_attn.q_proj.weight.grad is not None
 

@@ -240,8 +240,9 @@ class _Prefix(NamedTuple):
     layers: tuple[tuple[Tensor, Tensor], ...]
 
 
-def _kept_length(mask: Tensor) -> int:
-    """1 + the last position that any row's attention mask keeps (right padding; at least 1)."""
+def kept_length(mask: Tensor) -> int:
+    """1 + the last position that any row of an attention mask [B, T] keeps (right padding; at least 1): what a
+    batch needs of its padded sequence (Gemma-2 here, the transformer's caption in ``encode_caption``)."""
     cols = mask.bool().any(0).nonzero()
     return int(cols[-1]) + 1 if len(cols) else 1
 
@@ -511,7 +512,7 @@ class TextEncoder:
         """
         ids, mask, reports = self.tokenize(prompts, max_length, use_instruction)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        total, used = ids.shape[1], _kept_length(mask)
+        total, used = ids.shape[1], kept_length(mask)
         ids, kept = ids[:, :used], mask[:, :used]
         hidden = self._run_after_prefix(ids, kept) if use_instruction and self.instruction else None
         if hidden is None:

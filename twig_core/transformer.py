@@ -31,6 +31,7 @@ from .config import TransformerConfig
 from .errors import TwigError
 from . import ops
 from .ops import dense, glu_conv_ffn
+from .text import kept_length
 
 
 class RMSNorm(nn.Module):
@@ -348,7 +349,7 @@ class TwigTransformer(nn.Module):
                 raise TwigError(f"caption mask shape {tuple(mask.shape)} does not match embeddings {tuple(context.shape[:2])}")
             if not keep.any(dim=1).all():
                 raise TwigError("caption mask hides every token of a prompt; at least the first token must be kept")
-            used = int(keep.any(dim=0).nonzero()[-1]) + 1
+            used = kept_length(keep)
             context, keep = context[:, :used], keep[:, :used]
         y = self.attention_y_norm(self.y_embedder(context.to(self.dtype)))
         bias = None
