@@ -1,13 +1,12 @@
 """Prompt encoding with Gemma-2-2B: what diffusers runs (transformers' Gemma2Model over the whole padded instruction
 + prompt sequence, ``TextEncoder.forward``) against Twig's ``TextEncoder.encode`` (the instruction's keys/values
-made on the first prompt, reused for the next), in fp32; optionally transformers bf16 and the ``fast`` preset's
-int8 linears (``TextEncoder.use_int8``). Each contender encodes two different positive prompts in a row (Sana's
+made on the first prompt, reused for the next), in fp32; optionally transformers bf16. Each contender encodes two different positive prompts in a row (Sana's
 instruction, 300 tokens), then the empty negative, in one process, taking turns; prints each time and the states' error against
 transformers fp32 at the positions the mask keeps (Twig runs Gemma only that far and leaves zeros at the padding,
 which the transformer masks out).
 
     python bench/bench_text.py --layers 2                             # random weights, fewer layers
-    python bench/bench_text.py --folder /tmp/e2e/gemma-2-2b --no-bf16 --no-int8   # a Gemma-2 folder, all layers
+    python bench/bench_text.py --folder /tmp/e2e/gemma-2-2b --no-bf16   # a Gemma-2 folder, all layers
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="Gemma layers without --folder (26 in Gemma-2-2B)")
     p.add_argument("--no-bf16", action="store_true", help="leave out transformers bf16 (CPUs without native bf16, "
                    "where it is several times slower than fp32)")
-    p.add_argument("--no-int8", action="store_true", help="leave out the int8 linears")
     a = p.parse_args()
     from twig_core.text import TextEncoder
 
@@ -67,12 +65,6 @@ def main() -> None:
         contenders["transformers bf16"] = (bf16, bf16.forward)
     twig = TextEncoder(base.model, base.tokenizer)  # the same weights
     contenders["twig fp32"] = (twig, twig.encode)
-    if not a.no_int8:
-        quick = copy_of(base)
-        t0 = time.perf_counter()
-        quick.use_int8()
-        print(f"int8 switched on (packing, calibration) in {time.perf_counter() - t0:.1f} s")
-        contenders["twig fast (int8)"] = (quick, quick.encode)
 
     inputs = [(PROMPTS[0], True), (PROMPTS[1], True), ("", False)]
     times, states = {name: [] for name in contenders}, {name: [] for name in contenders}

@@ -273,7 +273,7 @@ def load_text_preset(folder, name):
     from twig_core.gemma import load_text_encoder
 
     p = presets.resolve(name, "cpu")
-    return load_text_encoder(folder, dtype=resolve_dtype(p.dtype, "cpu", "text"), int8=p.weight_dtype == "int8")
+    return load_text_encoder(folder, dtype=resolve_dtype(p.dtype, "cpu", "text"))
 
 
 @pytest.mark.parametrize("name", presets.PRESET_NAMES)
@@ -282,52 +282,18 @@ def test_each_preset_keeps_its_text_error_bound(gemma, name):
     encoder = load_text_preset(folder, name)
     errors = [rel(g, w) for g, w in zip(text_states(encoder), text_states(ref))]
     assert max(errors) <= presets.TEXT_ERROR[name], f"{name}: final states off by {max(errors):.2e}"
-    assert int8.enabled(encoder.model) == (presets.resolve(name, "cpu").weight_dtype == "int8")
 
 
-def test_text_int8_switches_off_exactly_and_does_not_depend_on_what_ran_before(gemma):
-    folder, ref = gemma
-    from twig_core.gemma import load_text_encoder
-
-    encoder = load_text_encoder(folder, dtype=torch.float32, int8=True)
-    assert sum(isinstance(m, torch.nn.Linear) and int8.enabled(m) for m in encoder.model.modules()) == \
-        len(int8.TEXT_TARGETS) * encoder.model.config.num_hidden_layers
-    quick = text_states(encoder)
-    assert int8.memory_bytes(encoder.model) > 0
-    encoder.encode(["something else entirely", "and more, 更多"], 40)  # other inputs, other lengths
-    assert encoder.use_int8(False) == len(int8.TEXT_TARGETS) * encoder.model.config.num_hidden_layers
-    assert not int8.enabled(encoder.model)
-    assert all(type(m) is torch.nn.Linear for n, m in encoder.model.named_modules() if n.endswith(int8.TEXT_TARGETS))
-    assert all(torch.equal(g, w) for g, w in zip(text_states(encoder), text_states(ref)))  # fp32 again, exactly
-    encoder.use_int8()
-    assert all(torch.equal(g, w) for g, w in zip(text_states(encoder), quick))  # the same calibration, bit for bit
-
-
-def test_text_int8_over_a_q8_0_gguf(gemma, tmp_path):
-    """GGUF-held Gemma linears (twig_core.quant) take the int8 products too, within the fast bound of fp32."""
-    pytest.importorskip("gguf")
-    from twig_core.convert import convert
-    from twig_core.gemma import load_text_encoder
-    from twig_core.quant import QuantizedLayer
-
-    folder, ref = gemma
-    out = tmp_path / "gemma.q8_0.gguf"
-    convert(folder, out, "q8_0")
-    encoder = load_text_encoder(out, dtype=torch.float32, int8=True)
-    assert isinstance(encoder.model.layers[0].mlp.down_proj, QuantizedLayer) and int8.enabled(encoder.model)
-    errors = [rel(g, w) for g, w in zip(text_states(encoder), text_states(ref))]
-    assert max(errors) <= presets.TEXT_ERROR["fast"]
-
-
-def test_text_int8_is_for_the_cpu_in_fp32_and_the_int8_choice_turns_it_on(gemma, tiny_pipeline):
+def test_the_int8_choice_packs_the_transformer_and_leaves_gemma_in_float(tiny_pipeline):
+    """``fast`` on a CPU: the transformer's products in int8, Gemma-2 exactly as in ``quality``, loaded at once
+    or for its stage only."""
     from twig_core import loader
 
-    folder, _ = gemma
-    with pytest.raises(TwigError, match="int8 products run on the CPU computing in fp32"):
-        loader.load_text_encoder(folder, dtype=torch.bfloat16, int8=True)
-    for weight_dtype, dtype, on in (("int8", "fp32", True), ("int8", "bf16", False), ("same", "fp32", False)):
-        parts = loader.load_parts(tiny_pipeline, dtype=dtype, weight_dtype=weight_dtype)
-        assert int8.enabled(parts.text_encoder.model) == on, (weight_dtype, dtype)
-    # a one-shot run (networks loaded for their stage only) packs the transformer but keeps Gemma in fp32
-    parts = loader.load_parts(tiny_pipeline, dtype="fp32", weight_dtype="int8", lazy=True)
-    assert int8.enabled(parts.transformer.get()) and not int8.enabled(parts.text_encoder.get().model)
+    ref = loader.load_parts(tiny_pipeline, dtype="fp32", weight_dtype="same")
+    for lazy in (False, True):
+        parts = loader.load_parts(tiny_pipeline, dtype="fp32", weight_dtype="int8", lazy=lazy)
+        transformer = parts.transformer.get() if lazy else parts.transformer
+        encoder = parts.text_encoder.get() if lazy else parts.text_encoder
+        assert int8.enabled(transformer) and not int8.enabled(encoder.model), lazy
+        assert all(type(m) is torch.nn.Linear for n, m in encoder.model.named_modules() if n.endswith("_proj"))
+        assert all(torch.equal(g, w) for g, w in zip(text_states(encoder), text_states(ref.text_encoder)))

@@ -9,7 +9,6 @@ import torch
 
 from tests.builders import build_tiny_gemma2, build_tiny_gemma_tokenizer
 from tests.test_text import gemma, tokenizer  # noqa: F401  (the tiny Gemma-2 and its tokenizer, shared fixtures)
-from twig_core import int8
 from twig_core.text import TextEncoder, _common_prefix
 
 LONG = " ".join(["a small fluffy white cat sleeping on a warm sunny windowsill, 红色的花,"] * 20)
@@ -205,17 +204,18 @@ def test_forget_prefix(encoder):
     rebuilt_and_right(encoder)
 
 
-@pytest.mark.skipif(int8.engine() is None, reason="torch without a quantized CPU engine")
-def test_int8_switched_on_and_off(encoder, gemma, tokenizer):
-    fp32 = encoder.encode(["a cat", "一只猫"])
-    encoder.use_int8()
-    encoder.runs.clear()
-    quick = encoder.encode(["a cat", "一只猫"])
-    assert encoder.runs[0] == len(encoder._prefix_ids())  # made again with the int8 products
-    fresh = TextEncoder(copy.deepcopy(gemma), tokenizer)
-    fresh.use_int8()
-    assert torch.equal(quick.embeds, fresh.encode(["a cat", "一只猫"]).embeds)  # not the fp32 prefix's states
-    assert not torch.equal(quick.embeds, fp32.embeds)
-    encoder.use_int8(False)
-    back = rebuilt_and_right(encoder)
-    assert torch.equal(back.embeds, fp32.embeds)
+class Doubled(torch.nn.Linear):
+    """A layer class a host might swap in: the same weights, another computation."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_layer_class_swapped_and_back(encoder):
+    before = encoder.encode(["a cat", "一只猫"])
+    layer = encoder.model.layers[0].mlp.down_proj
+    layer.__class__ = Doubled
+    swapped = rebuilt_and_right(encoder)
+    assert not torch.equal(swapped.embeds, before.embeds)
+    layer.__class__ = torch.nn.Linear
+    assert torch.equal(rebuilt_and_right(encoder).embeds, before.embeds)

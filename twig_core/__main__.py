@@ -79,7 +79,7 @@ def _generation_options(g: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-dtype", default=None, choices=WEIGHT_DTYPE_CHOICES,
                    help="the transformer's weights in memory: same as --dtype, as stored in the file, fp16/bf16 "
                         "(half the memory of fp32 while computing in --dtype), or int8 (CPU: fp16-held weights "
-                        "whose large products run in int8, and Gemma-2's linears in int8 when it computes in fp32)")
+                        "whose large products run in int8)")
     g.add_argument("--device", default="auto",
                    help="cpu, cuda, cuda:1, mps … (default: cuda, else mps, when available)")
     g.add_argument("--offload", default="auto", choices=OFFLOAD_CHOICES,

@@ -169,7 +169,6 @@ def load_text_encoder(
     *,
     expected_width: int | None = None,
     variant: str | None = None,
-    int8: bool = False,
     **kwargs,
 ):
     """Load Gemma-2 and its tokenizer as a :class:`twig_core.text.TextEncoder`.
@@ -179,8 +178,7 @@ def load_text_encoder(
     ``spiece_model`` uint8 tensor with the sentencepiece tokenizer). ``tokenizer_path`` (a tokenizer folder,
     tokenizer.json or tokenizer.model) overrides the tokenizer found with the weights. ``dtype`` None: "auto"
     for the text encoder (bf16 where the device computes it natively, else fp32: Gemma-2 overflows in fp16).
-    ``expected_width``: the transformer's caption width; a different hidden size is a TwigError. ``int8``: the
-    linears compute in int8 (``TextEncoder.use_int8``; the CPU in fp32 only, else a TwigError). Other keyword
+    ``expected_width``: the transformer's caption width; a different hidden size is a TwigError. Other keyword
     arguments go to ``TextEncoder``.
     """
     from .text import TextEncoder
@@ -191,11 +189,6 @@ def load_text_encoder(
     model = _gemma2_from_weights(src, dtype, device)
     encoder = TextEncoder(model, src.tokenizer, **{**src.settings, **kwargs})
     _check_width(encoder.hidden_size, expected_width, os.fspath(path))
-    if int8:
-        from .int8 import require_cpu_fp32
-
-        require_cpu_fp32(os.fspath(path), device, encoder.dtype)
-        encoder.use_int8()
     return encoder
 
 

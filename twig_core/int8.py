@@ -1,5 +1,4 @@
-"""int8 matrix products for the large layers on CPU: the transformer's (the ``int8`` weight choice, :func:`enable`)
-and Gemma-2's linears (:func:`enable_linears` with ``TEXT_TARGETS``, switched by ``TextEncoder.use_int8``).
+"""int8 matrix products for the transformer's large layers on CPU (the ``int8`` weight choice, :func:`enable`).
 
 A layer switched on with :func:`enable` hands ``ops.dense`` an :class:`Int8Weight` instead of a float tensor: a
 view of the layer's weight (and of any row or column slice the caller takes, as the fused q/k/v and the Mix-FFN's
@@ -11,9 +10,8 @@ activations divided by the same smoothing, each row (token) scaled to a maximum 
 (dynamic, with a zero point chosen per call, to 7 bits: the u8·s8 kernels add pairs of products in 16 bits, which
 full 8-bit activations overflow — that saturation made a step's error twice as large on random weights),
 products summed in int32, scaled back to fp32 row by row, bias added in fp32. The per-row scaling makes the
-kernels' one activation scale in effect one per token: tokens differ enough (Gemma's gated MLP and attention
-outputs; the trained demo transformer's Mix-FFN projection) that one scale over the tensor gave Gemma's final
-states half again the error and the demo transformer's step about twice the error.
+kernels' one activation scale in effect one per token: tokens differ enough (the trained demo transformer's
+Mix-FFN projection) that one scale over the tensor gave the demo transformer's step about twice the error.
 
 Packs are made on first use from the layer's float weight as ``ops.weights`` would give it (GGUF/fp8 storage
 widened, LoRA adapters folded) and kept on the layer, one per slice; a changed LoRA stack (adapters or strengths)
@@ -106,44 +104,6 @@ def enable(model: nn.Module, on: bool = True, like: nn.Module | None = None) -> 
             count += 1
     if on and count and like is None:
         calibrate(model)
-    return count
-
-
-# Gemma-2's layers that compute in int8 (inside every decoder layer): attention's q/k/v/o projections and the MLP's
-# gate/up/down, nearly all of its multiply-adds. The embedding lookup, the norms, RoPE and the attention products
-# themselves (softmax with soft-capping) stay float.
-TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def enable_linears(model: nn.Module, names, on: bool = True, calibrate=None) -> int:
-    """Switch int8 products on (or off) for the Linear layers of ``model`` whose qualified names end with one of
-    ``names`` (e.g. ``"mlp.down_proj"``), in a model built from plain ``nn.Linear`` (transformers' Gemma-2). A plain
-    Linear computes through ``ops.dense`` while switched on (its class becomes ``ops.Linear``) and gets its own
-    class back when switched off, so the float model returns exactly; a layer that already computes through
-    ``ops.weights`` (GGUF-held, ``twig_core.quant``) keeps its class. ``calibrate``: called once after switching
-    on, to run ``model`` on a fixed input that fixes every layer's smoothing. Returns how many layers were
-    switched; TwigError for another kind of layer, or where this torch has no quantized CPU engine."""
-    from . import ops
-    from .quant import QuantizedLayer
-
-    _require_engine(on)
-    count = 0
-    for full, layer in model.named_modules():
-        if not any(full == n or full.endswith("." + n) for n in names):
-            continue
-        if on and type(layer) is nn.Linear:
-            layer._twig_float_class = nn.Linear
-            layer.__class__ = ops.Linear
-        elif not on and "_twig_float_class" in layer.__dict__:
-            layer.__class__ = layer.__dict__.pop("_twig_float_class")
-        elif on and not isinstance(layer, (ops.Linear, QuantizedLayer)):
-            raise TwigError(f"{full}: a {type(layer).__name__} cannot compute in int8 (only Linear layers can)")
-        _switch(layer, on)
-        count += 1
-    if on and count and calibrate is not None:
-        with torch.no_grad():
-            calibrate()
     return count
 
 

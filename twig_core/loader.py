@@ -18,8 +18,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from .devices import WEIGHT_DTYPE_CHOICES, resolve_dtype, weight_dtype_kwargs  # noqa: F401  (re-exported)
 from .devices import Deferred, Residency, wants_offload
 from .devices import text_dtype as _text_dtype
@@ -70,8 +68,7 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
     """Load the three networks. ``transformer`` may be a pipeline folder (or an all-in-one file), in which
     case a missing ``text_encoder``/``vae`` is taken from it. ``dtype`` is resolved per network for ``device``
     ("auto": see devices.resolve_dtype). ``weight_dtype`` keeps the transformer's and the VAE's weights in
-    that dtype ("stored": as in the file) while they compute in ``dtype``; "int8" on a CPU also runs Gemma-2's
-    linears in int8 when it computes in fp32 and is not ``lazy`` (``TextEncoder.use_int8``). ``offload`` (devices.wants_offload:
+    that dtype ("stored": as in the file) while they compute in ``dtype``. ``offload`` (devices.wants_offload:
     "auto", "on", "off"): the networks load into CPU memory and each goes to ``device`` only while it runs.
 
     ``lazy``: nothing is loaded now; each part is a ``devices.Deferred`` (the transformer's with its config)
@@ -105,14 +102,9 @@ def load_parts(transformer, text_encoder=None, vae=None, dtype=None, device="cpu
         return load_transformer(transformer, device=home, **transformer_kw)
 
     text = _text_dtype(dtypes["text"], device)
-    # the "int8" weight choice (the fast preset on a CPU) runs Gemma's linears in int8 too, where it computes in fp32
-    # and stays loaded: packing them takes longer than the int8 products save on one prompt pair, so a one-shot
-    # (lazy) run keeps Gemma in fp32
-    int8 = (weight_dtype == "int8" and torch.device(device).type == "cpu" and text in (None, torch.float32)
-            and not lazy)
 
     def text_encoder_(width):
-        return load_text_encoder(text_encoder, dtype=text, device=home, expected_width=width, int8=int8)
+        return load_text_encoder(text_encoder, dtype=text, device=home, expected_width=width)
 
     def vae_():
         return load_vae(vae, device=home, **vae_kw)

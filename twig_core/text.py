@@ -20,8 +20,7 @@ then keeps everything). Sana uses ``max_length = 300``; Twig allows up to 1200.
 
 Gemma-2 soft-caps its attention logits; only the "eager" (and flash/flex) attention paths in
 transformers apply the cap, which is why the loader (``twig_core.gemma``) asks for "eager". Gemma-2
-overflows in float16: load it in bfloat16 (GPU) or float32 (CPU). On the CPU in float32 its linears can
-compute in int8 (:meth:`TextEncoder.use_int8`, the ``fast`` preset; ``twig_core.int8``).
+overflows in float16: load it in bfloat16 (GPU) or float32 (CPU).
 
 The instruction is the same for every positive prompt and Gemma-2 is causal, so :meth:`TextEncoder.encode` runs it
 once: it keeps the keys/values of the instruction's stable token prefix (see :meth:`TextEncoder._prefix_ids`) and
@@ -67,10 +66,6 @@ COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
 SANA_MAX_LENGTH = 300  # what Sana was trained with
 MAX_LENGTH_LIMIT = 1200  # what Twig advertises
 MIN_MAX_LENGTH = 2  # <bos> + one position
-# What fixes the int8 products' smoothing (TextEncoder.use_int8): this prompt, no instruction, padded to this length
-INT8_CALIBRATION_PROMPT = ("a red fox standing in fresh snow at dawn, soft golden light, detailed fur, "
-                           "pine trees in the background; 一只站在雪地里的红狐狸")
-INT8_CALIBRATION_LENGTH = 64
 
 
 def check_max_length(max_length) -> int:
@@ -306,7 +301,7 @@ class TextEncoder:
     to the model's device for each encode, so an offloaded encoder leaves no device memory behind), made on
     first use and remade when what made it changes: the instruction or tokenizer (the prefix's token ids), the
     weights (each parameter's and buffer's identity, version counter, storage, dtype and device: ``to()``, an
-    optimizer step, a LoRA merged into the weights), int8 on/off (the layers' classes), runtime adapters
+    optimizer step, a LoRA merged into the weights), the layers' classes, runtime adapters
     (``twig_adapters``), train/eval mode and the attention implementation. A write that bypasses the version
     counters (``param.data.copy_``, or an in-place write to an inference tensor, which has none: ComfyUI loads
     under ``torch.inference_mode``) is not seen: call :meth:`forget_prefix` after one. The cache goes with the
@@ -355,20 +350,6 @@ class TextEncoder:
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
-
-    def use_int8(self, on: bool = True) -> int:
-        """Compute Gemma-2's linears (attention's q/k/v/o, the MLP's gate/up/down: ``int8.TEXT_TARGETS``) through
-        int8 products while it runs on the CPU in float32 (elsewhere they stay float), or in float again
-        (``on=False``: the float32 result comes back exactly). Switching on encodes INT8_CALIBRATION_PROMPT once,
-        which fixes every layer's smoothing, so a prompt's states never depend on what was encoded before.
-        Returns how many layers were switched."""
-        from . import int8
-
-        return int8.enable_linears(self.model, int8.TEXT_TARGETS, on, calibrate=self._calibrate_int8)
-
-    def _calibrate_int8(self) -> None:
-        if self.device.type == "cpu" and self.dtype == torch.float32:  # where int8 products run
-            self.forward(INT8_CALIBRATION_PROMPT, INT8_CALIBRATION_LENGTH, use_instruction=False)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "TextEncoder":
         """Move (and optionally cast) the Gemma model in place; returns self."""
