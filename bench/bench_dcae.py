@@ -6,6 +6,7 @@ f32c32 architecture, identical random weights.
                                                                    # defaults are 512 px tiles every 448 px
     python bench/bench_dcae.py --size 1024 --device cuda
     python bench/bench_dcae.py --size 512 --tile 4 --check-untiled   # also: tiled vs our own untiled decode
+    python bench/bench_dcae.py --products      # fp32 vs twig_core.int8 on the decode's matrix-product shapes
 
 Each implementation runs in its own subprocess so that peak RSS (VmHWM) is its own. Weights are created
 once (seeded), saved to a temporary safetensors file and loaded by both; twig_core's through
@@ -113,6 +114,37 @@ def conv_gflops() -> float:
     return 2 * 9 * 256 * 256 * 256 * 256 / best / 1e9
 
 
+# (M, K, N) of the decode's channel products at 1024²: Winograd positions over tiles, EfficientViT 1x1 products
+PRODUCT_SHAPES = ((16384, 512, 512), (16384, 512, 2048), (16384, 1024, 512), (8192, 128, 128), (8192, 256, 256),
+                  (32768, 128, 128), (4096, 2048, 1024))
+
+
+def products() -> None:
+    """Whether int8 products would pay in the decode: sgemm against ``twig_core.int8.dense`` (per-token scale,
+    the transformer's int8 route) at the decode's shapes, best of 3 each."""
+    import torch
+
+    from twig_core import int8
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    print(f"matrix products, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    for m, k, n in PRODUCT_SHAPES:
+        a, b = torch.randn(m, k), torch.randn(n, k)
+        w = int8.Int8Weight(argparse.Namespace(weight=b, _twig_int8={}, _twig_smooth={}), lambda: b)
+        f, q = best(lambda: a @ b.t()), best(lambda: int8.dense(a, w, None))
+        ops = 2 * m * k * n / 1e9
+        print(f"  {m:6d} x {k:4d} x {n:4d}  fp32 {ops / f:5.0f} GFLOP/s  int8 {ops / q:5.0f} GOP/s  "
+              f"int8 time / fp32 time {q / f:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512, help="image side in pixels (multiple of 32)")
@@ -127,6 +159,8 @@ def main() -> None:
                    help="with --tile: also decode untiled with twig_core (a third run, untiled memory) and print "
                         "how far the tiled decode is from it")
     p.add_argument("--no-bf16", action="store_true", help="skip diffusers in bf16 (slow on CPUs without native bf16)")
+    p.add_argument("--products", action="store_true", help="only time fp32 against int8 matrix products at the "
+                   "decode's shapes")
     p.add_argument("--child", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--diffusers-dtype", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
@@ -135,6 +169,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return child(args)
+    if args.products:
+        return products()
     if args.size % 32:
         sys.exit(f"--size {args.size} is not a multiple of 32")
 
