@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import current_rss_mib, peak_rss_mib  # noqa: E402
+from bench.common import best_seconds, current_rss_mib, int8_weight, peak_rss_mib  # noqa: E402
 
 
 def child(args) -> None:
@@ -105,12 +105,7 @@ def conv_gflops() -> float:
     x = torch.randn(1, 256, 256, 256).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3)
     with torch.no_grad():
-        F.conv2d(x, w, padding=1)
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            F.conv2d(x, w, padding=1)
-            best = min(best, time.perf_counter() - t)
+        best = best_seconds(lambda: F.conv2d(x, w, padding=1))
     return 2 * 9 * 256 * 256 * 256 * 256 / best / 1e9
 
 
@@ -126,20 +121,11 @@ def products() -> None:
 
     from twig_core import int8
 
-    def best(fn):
-        fn()
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
     print(f"matrix products, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     for m, k, n in PRODUCT_SHAPES:
         a, b = torch.randn(m, k), torch.randn(n, k)
-        w = int8.Int8Weight(argparse.Namespace(weight=b, _twig_int8={}, _twig_smooth={}), lambda: b)
-        f, q = best(lambda: a @ b.t()), best(lambda: int8.dense(a, w, None))
+        w = int8_weight(b)
+        f, q = best_seconds(lambda: a @ b.t()), best_seconds(lambda: int8.dense(a, w, None))
         ops = 2 * m * k * n / 1e9
         print(f"  {m:6d} x {k:4d} x {n:4d}  fp32 {ops / f:5.0f} GFLOP/s  int8 {ops / q:5.0f} GOP/s  "
               f"int8 time / fp32 time {q / f:.2f}")

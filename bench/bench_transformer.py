@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.common import peak_rss_mib  # noqa: E402
+from bench.common import best_seconds, int8_weight, peak_rss_mib  # noqa: E402
 from twig_core.config import SANA_1600M  # noqa: E402
 
 
@@ -53,18 +53,9 @@ def gemm_gflops(n_threads: int) -> dict[str, float]:
         "oneDNN": lambda: F.conv2d(a.view(1, 1, 2048, 2240).permute(0, 3, 1, 2), b.view(11200, 2240, 1, 1)),
     }
     if int8.engine() is not None:
-        w = int8.Int8Weight(argparse.Namespace(weight=b, _twig_int8={}, _twig_smooth={}), lambda: b)
+        w = int8_weight(b)
         ways["int8"] = lambda: int8.dense(a, w, None)
-    out = {}
-    for name, fn in ways.items():
-        fn()
-        best = float("inf")
-        for _ in range(3):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        out[name] = 2 * 2048 * 2240 * 11200 / best / 1e9
-    return out
+    return {name: 2 * 2048 * 2240 * 11200 / best_seconds(fn) / 1e9 for name, fn in ways.items()}
 
 
 def child(which: str, layers: int, size: int, caption: int, repeats: int, weights: str = "fp32") -> dict:

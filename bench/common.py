@@ -1,11 +1,14 @@
-"""Shared by the benchmarks: memory readings (Linux /proc; falls back to ru_maxrss elsewhere) and the full-size
-random checkpoints in Twig's published layout (Gemma-2-2B folder, fp16 NVlabs ``.pth``, DC-AE safetensors)."""
+"""Shared by the benchmarks: memory readings (Linux /proc; falls back to ru_maxrss elsewhere), timing of small
+kernels, and the full-size random checkpoints in Twig's published layout (Gemma-2-2B folder, fp16 NVlabs ``.pth``,
+DC-AE safetensors)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
 import shutil
+import time
 
 GEMMA_2_2B = dict(
     vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
@@ -34,6 +37,25 @@ def current_rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return _status_mib("VmHWM")
+
+
+def best_seconds(fn, repeats: int = 3) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn``, after one untimed warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def int8_weight(b):
+    """``b`` [out, in] as a ``twig_core.int8.Int8Weight`` of a bare layer: what ``int8.dense`` multiplies, packed on
+    its first call."""
+    from twig_core import int8
+
+    return int8.Int8Weight(argparse.Namespace(weight=b, _twig_int8={}, _twig_smooth={}), lambda: b)
 
 
 def write_full_size(folder: str, layers: int = 20, gemma_layers: int = 26) -> dict[str, str]:
