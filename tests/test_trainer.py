@@ -355,8 +355,17 @@ def test_the_256_dit_starts_from_every_128_weight_and_a_stopped_run_resumes(seed
     out = torch.load(work / "size256" / "dit_ema.pt", weights_only=True)["transformer"]
     assert not all(torch.equal(out[k], v) for k, v in init.items())  # and it trained
 
+    # weights kept between machines as an exported pipeline folder start a fresh run, rounded as stored (fp16)
+    assert main([*run, "--stage", "export", "--out", str(tmp_path / "p256")]) == 0
+    fresh = _text_and_dit(work, tok, True, 256)[1]
+    _init_dit(tmp_path / "fresh", argparse.Namespace(size=256, dit_init=str(tmp_path / "p256")), fresh)
+    got = fresh.state_dict()
+    assert set(got) == set(out) and all(torch.equal(got[k], v.half().float()) for k, v in out.items())
+
     bad = tmp_path / "bad.pt"
     torch.save({"transformer": {k: v for k, v in list(init.items())[1:]}}, bad)
     a = argparse.Namespace(size=256, dit_init=str(bad))
     with pytest.raises(SystemExit, match="not this recipe's DiT weights"):
         _init_dit(tmp_path / "fresh", a, large)
+    with pytest.raises(SystemExit, match="not this recipe's DiT weights"):  # a folder without a transformer
+        _init_dit(tmp_path / "fresh", argparse.Namespace(size=256, dit_init=str(tmp_path / "p256" / "vae")), large)

@@ -214,23 +214,36 @@ def _pretrained_text(work: Path, text) -> None:
     text.model.load_state_dict(state["text"])
 
 
+def _dit_weights(path: Path) -> dict:
+    """The DiT weights of ``path``: a ``dit_ema.pt`` as this recipe writes, or the transformer of a pipeline
+    folder as the export stage writes (a run continued from weights kept between machines, e.g. training/)."""
+    if path.is_dir():
+        from twig_core.networks import load_transformer
+
+        return load_transformer(path / "transformer" if (path / "transformer").is_dir() else path,
+                                dtype=torch.float32).state_dict()
+    if not path.is_file():
+        raise SystemExit(f"--dit-init {path}: not found")
+    return torch.load(path, map_location="cpu", weights_only=True)["transformer"]
+
+
 def _init_dit(work: Path, a, dit) -> None:
-    """A DiT stage that starts afresh begins from ``--dit-init`` (a ``dit_ema.pt`` as this recipe writes), or at a
-    larger size from the 128² result DIR/dit_ema.pt when there is one; every tensor must fit. A run with a
+    """A DiT stage that starts afresh begins from ``--dit-init`` (a ``dit_ema.pt`` or an exported pipeline folder),
+    or at a larger size from the 128² result DIR/dit_ema.pt when there is one; every tensor must fit. A run with a
     checkpoint resumes from it instead."""
     if (_dit_work(work, a) / "dit.ckpt").exists():
         return
     path = Path(a.dit_init) if a.dit_init else work / "dit_ema.pt" if a.size != IMAGE_SIZE else None
     if path is None or not (a.dit_init or path.exists()):
         return
-    if not path.is_file():
-        raise SystemExit(f"--dit-init {path}: not found")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from twig_core.errors import TwigError
+
     try:
-        dit.load_state_dict(state["transformer"])
-    except (KeyError, RuntimeError) as e:
+        state = _dit_weights(path)
+        dit.load_state_dict(state)
+    except (KeyError, RuntimeError, TwigError) as e:
         raise SystemExit(f"{path}: not this recipe's DiT weights ({type(e).__name__}: {e})") from None
-    log(f"the DiT starts from {path} ({len(state['transformer'])} tensors)")
+    log(f"the DiT starts from {path} ({len(state)} tensors)")
 
 
 def stage_dit(work: Path, a) -> None:
@@ -367,7 +380,8 @@ def main(argv=None) -> int:
                    help=f"peak learning rate of each of those cycles (default {', '.join(map(str, RESTART_LR))})")
     p.add_argument("--dit-warmup", type=int, default=200, help="steps of learning-rate warm-up of each DiT cycle")
     p.add_argument("--dit-init", default=None,
-                   help="dit: the weights a fresh DiT run starts from (a dit_ema.pt; at --size 256 by default "
+                   help="dit: the weights a fresh DiT run starts from (a dit_ema.pt or an exported pipeline folder; "
+                        "at --size 256 by default "
                         "DIR/dit_ema.pt, the 128² result, when there is one)")
     p.add_argument("--mix-128", action="store_true",
                    help="dit at --size 256: every other batch is a 128² one (DIR/latents.pt, which the latents stage "
