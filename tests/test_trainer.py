@@ -369,3 +369,22 @@ def test_the_256_dit_starts_from_every_128_weight_and_a_stopped_run_resumes(seed
         _init_dit(tmp_path / "fresh", a, large)
     with pytest.raises(SystemExit, match="not this recipe's DiT weights"):  # a folder without a transformer
         _init_dit(tmp_path / "fresh", argparse.Namespace(size=256, dit_init=str(tmp_path / "p256" / "vae")), large)
+
+
+def test_the_kept_256_weights_start_the_recipes_256_dit(tmp_path):
+    """training/pipeline256, the 256² model as far as its training has come, is what a fresh work folder's
+    ``--dit-init`` reads: every weight of the recipe's 256² DiT, and it draws from it as exported."""
+    import argparse
+    from pathlib import Path
+
+    from training.__main__ import _init_dit, _text_and_dit, _tokenizer
+    from twig_core.networks import load_transformer
+
+    kept = Path(__file__).resolve().parents[1] / "training" / "pipeline256"
+    dit = _text_and_dit(kept, _tokenizer(kept), True, 256)[1]
+    _init_dit(tmp_path, argparse.Namespace(size=256, dit_init=str(kept)), dit)
+    ref = load_transformer(kept / "transformer", dtype=torch.float32)
+    assert ref.config == dit.config  # the recipe's 256² DiT, 8x8 grid and interpolated positions
+    x, emb, mask = torch.randn(1, 32, 8, 8), torch.randn(1, 6, ref.config.caption_channels), torch.ones(1, 6).bool()
+    with torch.no_grad():
+        assert torch.equal(dit(x, torch.tensor([400.0]), emb, mask), ref(x, torch.tensor([400.0]), emb, mask))

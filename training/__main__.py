@@ -27,7 +27,9 @@ suffices; ``--mix-128`` alternates 256² and 128² batches so the one DiT keeps 
 from the shipped one, about 2 h on an idle 2-core CPU (OMP_NUM_THREADS=2), resumable (rerun the same command: each
 stage goes on from its files, the DiT from its checkpoint of at most 5 minutes before, ``--save-minutes``):
   python -m training demo --work DIR --size 256 --stage seed data latents dit export eval --out DIR/pipeline256
-      --fp32 --dit-steps 2000 --dit-restart none --dit-warmup 100 --lr 2e-4
+      --fp32 --dit-steps 6000 --dit-restart none --dit-warmup 100 --lr 2e-4
+training/pipeline256 keeps the 256² model as far as its training has come (an export); ``--dit-init
+training/pipeline256`` in a fresh work folder goes on from it with a new cycle (fresh optimizer state).
 """
 
 from __future__ import annotations
