@@ -37,6 +37,12 @@ def reference(tmp_path_factory):
     return model, folder
 
 
+def bound(table, name):
+    """The preset's stated bound, or ``quality``'s where it resolves to fp32 here (balanced on a CPU without bf16)."""
+    p = presets.resolve(name, "cpu")
+    return table["quality"] if (p.dtype, p.weight_dtype) == ("fp32", "same") and not p.cache else table[name]
+
+
 def load_preset(folder, name):
     p = presets.resolve(name, "cpu")
     return load_transformer(folder, **weight_dtype_kwargs(p.weight_dtype, resolve_dtype(p.dtype, "cpu"))), p
@@ -51,7 +57,7 @@ def test_each_preset_keeps_its_step_error_bound(reference, name):
         want = ref(x, ctx, t, encoder_attention_mask=mask).sample
         got = model(x, t, ctx, mask)
     err = rel(got, want)
-    assert err <= presets.STEP_ERROR[name], f"{name}: one step off by {err:.2e}"
+    assert err <= bound(presets.STEP_ERROR, name), f"{name}: one step off by {err:.2e}"
     assert int8.enabled(model) == (presets.resolve(name, "cpu").weight_dtype == "int8")
 
 
@@ -73,7 +79,7 @@ def test_each_preset_keeps_its_latent_error_bound(reference, name):
     fp32, _ = load_preset(folder, "quality")
     model, p = load_preset(folder, name)
     err = rel(run(model, p), run(fp32, presets.resolve("quality")))
-    assert err <= presets.LATENT_ERROR[name], f"{name}: final latent off by {err:.2e}"
+    assert err <= bound(presets.LATENT_ERROR, name), f"{name}: final latent off by {err:.2e}"
 
 
 @pytest.mark.skipif(not (DEMO_DIR / "model_index.json").is_file(), reason="the embedded demo model is not here")

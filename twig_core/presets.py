@@ -50,8 +50,11 @@ FAST_CFG_INTERVAL: tuple[float, float] | None = None
 # (more at late steps) and a run's latent by 9-16%. With the step cache the test's picture moves by 18%, but the
 # latent bound holds for a typical picture only: sampling is chaotic, and one demo picture in ten takes another
 # path (14-70%); the cache is judged by held-out scores, picture by picture (bench/RESULTS.md).
-STEP_ERROR = {"quality": 1e-5, "balanced": 1e-3, "fast": 6e-2}
-LATENT_ERROR = {"quality": 1e-4, "balanced": 1e-3, "fast": 2.5e-1}
+# balanced: where it computes in bf16 (a CPU with AVX512-BF16/AMX, a recent GPU), bf16's 8-bit mantissa moves a step
+# and a run's latent by about 0.75% (the tests' model on a Xeon with AMX); where it falls back to fp32 it is
+# ``quality`` and keeps that preset's bounds.
+STEP_ERROR = {"quality": 1e-5, "balanced": 2e-2, "fast": 6e-2}
+LATENT_ERROR = {"quality": 1e-4, "balanced": 2e-2, "fast": 2.5e-1}
 # Gemma-2's final states (what the transformer reads: kept tokens, by the mask) against transformers' fp32
 # Gemma2Model on the same weights; the text encoder's dtype follows the preset's (fp32 unless the device computes
 # bf16 natively: bf16 measured 0.9-1.2%).
