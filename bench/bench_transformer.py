@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.common import best_seconds, int8_weight, peak_rss_mib  # noqa: E402
 from twig_core.config import SANA_1600M  # noqa: E402
+from twig_core.devices import cpu_bf16  # noqa: E402
 
 
 def flops_per_step(cfg, tokens: int, caption: int, batch: int = 2) -> float:
@@ -81,6 +82,9 @@ def child(which: str, layers: int, size: int, caption: int, repeats: int, weight
 
         if weights == "fp32":
             model = TwigTransformer(cfg).eval()
+        elif weights == "bf16-compute":  # balanced on a CPU with native bf16: weights and products in bf16
+            model = TwigTransformer(cfg).to(torch.bfloat16).eval()
+            x, ctx, t = x.bfloat16(), ctx.bfloat16(), t.bfloat16()
         else:  # weights held in fp16/bf16, computing in fp32; never materialised in fp32 as a whole
             with torch.device("meta"):
                 model = TwigTransformer(cfg, compute_dtype=torch.float32)
@@ -121,7 +125,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed steps per process (the best counts)")
     p.add_argument("--rounds", type=int, default=2, help="processes per contender, run alternately")
     p.add_argument("--child", choices=["twig", "diffusers"])
-    p.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "bf16", "int8"], help=argparse.SUPPRESS)
+    p.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "bf16", "bf16-compute", "int8"],
+                   help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         print(json.dumps(child(a.child, a.layers, a.size, a.caption, a.repeats, a.weights)))
@@ -129,7 +134,9 @@ def main() -> None:
     res = {}
     # diffusers as a user runs it for speed (all fp32, or all bf16); twig's presets on this CPU
     runs = {"diffusers fp32": ("diffusers", "fp32"), "diffusers bf16": ("diffusers", "bf16"),
-            "twig quality": ("twig", "fp32"), "twig balanced": ("twig", "fp16"), "twig fast (int8)": ("twig", "int8")}
+            "twig quality": ("twig", "fp32"), "twig fast (int8)": ("twig", "int8"),
+            # balanced as presets.resolve picks it here: bf16 where the CPU multiplies it natively, else fp32 compute
+            "twig balanced": ("twig", "bf16-compute" if cpu_bf16() else "fp16")}
     for _ in range(a.rounds):  # alternate the contenders, keep each one's best: shared machines drift
         for label, (which, weights) in runs.items():
             out = subprocess.run([sys.executable, __file__, "--child", which, "--layers", str(a.layers), "--size",
