@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.common import best_seconds, int8_weight, peak_rss_mib  # noqa: E402
 from twig_core.config import SANA_1600M  # noqa: E402
-from twig_core.devices import cpu_bf16  # noqa: E402
+from twig_core import presets  # noqa: E402
 
 
 def flops_per_step(cfg, tokens: int, caption: int, batch: int = 2) -> float:
@@ -136,7 +136,7 @@ def main() -> None:
     runs = {"diffusers fp32": ("diffusers", "fp32"), "diffusers bf16": ("diffusers", "bf16"),
             "twig quality": ("twig", "fp32"), "twig fast (int8)": ("twig", "int8"),
             # balanced as presets.resolve picks it here: bf16 where the CPU multiplies it natively, else fp32 compute
-            "twig balanced": ("twig", "bf16-compute" if cpu_bf16() else "fp16")}
+            "twig balanced": ("twig", "bf16-compute" if presets.resolve("balanced").dtype == "bf16" else "fp16")}
     for _ in range(a.rounds):  # alternate the contenders, keep each one's best: shared machines drift
         for label, (which, weights) in runs.items():
             out = subprocess.run([sys.executable, __file__, "--child", which, "--layers", str(a.layers), "--size",

@@ -3,6 +3,7 @@ on the same weights (one step), and against the fp32 run (a whole run's latent; 
 diffusers to 1e-4 in test_transformer); int8 switching, LoRA over int8, and the device rules."""
 
 import argparse
+from dataclasses import replace
 
 import pytest
 import torch
@@ -39,8 +40,8 @@ def reference(tmp_path_factory):
 
 def bound(table, name):
     """The preset's stated bound, or ``quality``'s where it resolves to fp32 here (balanced on a CPU without bf16)."""
-    p = presets.resolve(name, "cpu")
-    return table["quality"] if (p.dtype, p.weight_dtype) == ("fp32", "same") and not p.cache else table[name]
+    same_as_quality = replace(presets.resolve(name, "cpu"), name="quality") == presets.resolve("quality", "cpu")
+    return table["quality" if same_as_quality else name]
 
 
 def load_preset(folder, name):

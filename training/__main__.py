@@ -223,8 +223,7 @@ def _dit_weights(path: Path) -> dict:
     if path.is_dir():
         from twig_core.networks import load_transformer
 
-        return load_transformer(path / "transformer" if (path / "transformer").is_dir() else path,
-                                dtype=torch.float32).state_dict()
+        return load_transformer(path, dtype=torch.float32).state_dict()  # a pipeline or a transformer folder
     if not path.is_file():
         raise SystemExit(f"--dit-init {path}: not found")
     return torch.load(path, map_location="cpu", weights_only=True)["transformer"]
