@@ -84,16 +84,23 @@ def test_each_preset_keeps_its_latent_error_bound(reference, name):
 
 
 @pytest.mark.skipif(not (DEMO_DIR / "model_index.json").is_file(), reason="the embedded demo model is not here")
-def test_fast_keeps_its_bounds_on_trained_weights():
+@pytest.mark.parametrize("weights", ["int8", "fast"])
+def test_fast_keeps_its_bounds_on_trained_weights(weights):
     """The random models above have no trained activations; the embedded demo model has: fast's step against
-    diffusers fp32 on its weights with a real caption, and a whole 20-step run's latent against the fp32 run."""
+    diffusers fp32 on its weights with a real caption, and a whole 20-step run's latent against the fp32 run;
+    with int8 products, and with what ``fast`` resolves to on this CPU where that is something else (bf16)."""
     from diffusers import SanaTransformer2DModel
 
     from twig_core.loader import load_pipeline
 
+    p = presets.resolve("fast", "cpu")
+    if weights == "fast" and p.weight_dtype == "int8":
+        pytest.skip("fast is int8 products on this CPU: the case above")
+    kwargs = weight_dtype_kwargs(p.weight_dtype, resolve_dtype(p.dtype, "cpu")) if weights == "fast" else \
+        weight_dtype_kwargs("int8", torch.float32, "cpu")
     parts = load_pipeline(DEMO_DIR, dtype=torch.float32)
     ref = SanaTransformer2DModel.from_pretrained(DEMO_DIR / "transformer", torch_dtype=torch.float32).eval()
-    fast = load_transformer(DEMO_DIR / "transformer", **weight_dtype_kwargs("int8", torch.float32, "cpu"))
+    fast = load_transformer(DEMO_DIR / "transformer", **kwargs)
     cond = parts.text_encoder.encode(["a red triangle on the left and a blue square on the right"], max_length=300,
                                      use_instruction=True)
     uncond = parts.text_encoder.encode([""], max_length=300, use_instruction=False)
@@ -174,11 +181,15 @@ def test_presets_resolve_per_device(monkeypatch):
     from twig_core import presets as P
 
     monkeypatch.setattr(P, "cpu_bf16", lambda: False)
+    monkeypatch.setattr(P, "cpu_amx", lambda: False)
     assert (P.resolve("balanced", "cpu").dtype, P.resolve("balanced", "cpu").weight_dtype) == ("fp32", "same")
     assert P.resolve("fast", "cpu").weight_dtype == "int8"
     monkeypatch.setattr(P, "cpu_bf16", lambda: True)
     assert P.resolve("balanced", "cpu").dtype == "bf16"
-    assert P.resolve("fast", "cpu").weight_dtype == "int8"  # int8 products beat bf16 ones where both are native
+    assert P.resolve("fast", "cpu").weight_dtype == "int8"  # AVX512-BF16 without AMX: int8 products stay
+    monkeypatch.setattr(P, "cpu_amx", lambda: True)  # AMX: bf16 products beat torch's int8 route
+    fast = P.resolve("fast", "cpu")
+    assert (fast.dtype, fast.weight_dtype, fast.cache) == ("bf16", "same", P.FAST_CACHE)
     monkeypatch.setattr(P, "cuda_bf16", lambda dev=None: False)
     assert P.resolve("balanced", "cuda").dtype == "fp16" and P.resolve("fast", "cuda").weight_dtype == "same"
     monkeypatch.setattr(P, "cuda_bf16", lambda dev=None: True)
@@ -191,9 +202,10 @@ def test_presets_resolve_per_device(monkeypatch):
 def test_cli_preset_fills_only_what_is_unset():
     from twig_core.__main__ import _apply_preset, _parser
 
+    fast = presets.resolve("fast", "cpu")
     a = _parser().parse_args(["generate", "--prompt", "x", "--preset", "fast"])
     _apply_preset(a, torch.device("cpu"))
-    assert (a.dtype, a.weight_dtype) == ("fp32", "int8")
+    assert (a.dtype, a.weight_dtype) == (fast.dtype, fast.weight_dtype)
     a = _parser().parse_args(["generate", "--prompt", "x", "--preset", "fast", "--weight-dtype", "same"])
     _apply_preset(a, torch.device("cpu"))
     assert a.weight_dtype == "same"

@@ -191,6 +191,43 @@ def test_the_recipe_builds_its_vae_with_the_tuned_decoder_once_there_is_one(tmp_
     assert torch.equal(vae.encoder.conv_in.weight, state["encoder.conv_in.weight"])
 
 
+def test_a_kept_decoder_serves_a_larger_size_until_it_has_its_own(tmp_path):
+    """--decoder-init: the 256² decoder kept in an exported folder (stored fp16) fills the 256² stages' DC-AE while
+    DIR/size256 has no decoder.ckpt, not the 128² stages'; a DC-AE with another encoder is refused by name."""
+    import argparse
+
+    from training.__main__ import _vae
+    from training.demo import DEMO_DCAE
+    from training.export import export_vae
+    from training.trainer import Checkpoint
+
+    torch.manual_seed(0)
+    work, kept = tmp_path / "work", tmp_path / "kept"
+    base = DCAE(DEMO_DCAE)
+    for p in base.parameters():  # what a seeded work folder holds: weights read from fp16 files
+        p.data = p.data.half().float()
+    work.mkdir()
+    Checkpoint(work / "vae.ckpt").save(model=base.state_dict())
+    tuned = DCAE(DEMO_DCAE)
+    tuned.load_state_dict({k: v + 0.5 if k.startswith("decoder.") else v for k, v in base.state_dict().items()})
+    export_vae(kept / "vae", tuned)
+    a = argparse.Namespace(size=256, decoder_init=str(kept))
+    got = _vae(work, a)
+    assert all(torch.equal(v, tuned.state_dict()[k].half().float()) for k, v in got.state_dict().items())
+    assert torch.equal(_vae(work).decoder.conv_in.weight, base.decoder.conv_in.weight)  # the 128² stages
+    own = {k: v - 1 if k.startswith("decoder.") else v for k, v in base.state_dict().items()}
+    (work / "size256").mkdir()
+    Checkpoint(work / "size256" / "decoder.ckpt").save(model=own, step=1)
+    assert torch.equal(_vae(work, a).decoder.conv_in.weight, own["decoder.conv_in.weight"])  # its own wins
+
+    other = DCAE(DEMO_DCAE)  # another encoder: latents encoded here would not match its decoder
+    export_vae(tmp_path / "other", other)
+    with pytest.raises(SystemExit, match="other: its DC-AE's encoder is not this work folder's"):
+        _vae(work, argparse.Namespace(size=512, decoder_init=str(tmp_path / "other")))
+    with pytest.raises(SystemExit, match="--decoder-init .*nowhere: no DC-AE there"):
+        _vae(work, argparse.Namespace(size=512, decoder_init=str(tmp_path / "nowhere")))
+
+
 def test_lora_trains_only_the_adapters_and_merges_into_plain_weights(tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -373,12 +410,14 @@ def test_the_256_dit_starts_from_every_128_weight_and_a_stopped_run_resumes(seed
 
 def test_the_kept_256_weights_start_the_recipes_256_dit(tmp_path):
     """training/pipeline256, the 256² model as far as its training has come, is what a fresh work folder's
-    ``--dit-init`` reads: every weight of the recipe's 256² DiT, and it draws from it as exported."""
+    ``--dit-init`` and ``--decoder-init`` read: every weight of the recipe's 256² DiT, which draws as exported, and
+    its DC-AE, whose encoder is the shipped model's that a seeded folder holds."""
     import argparse
     from pathlib import Path
 
-    from training.__main__ import _init_dit, _text_and_dit, _tokenizer
-    from twig_core.networks import load_transformer
+    from training.__main__ import _init_dit, _kept_decoder, _text_and_dit, _tokenizer, _vae_model
+    from twig_core.catalog import DEMO_DIR
+    from twig_core.networks import load_transformer, load_vae
 
     kept = Path(__file__).resolve().parents[1] / "training" / "pipeline256"
     dit = _text_and_dit(kept, _tokenizer(kept), True, 256)[1]
@@ -388,3 +427,10 @@ def test_the_kept_256_weights_start_the_recipes_256_dit(tmp_path):
     x, emb, mask = torch.randn(1, 32, 8, 8), torch.randn(1, 6, ref.config.caption_channels), torch.ones(1, 6).bool()
     with torch.no_grad():
         assert torch.equal(dit(x, torch.tensor([400.0]), emb, mask), ref(x, torch.tensor([400.0]), emb, mask))
+    # its DC-AE (--decoder-init) goes into a work folder seeded from the shipped model: the encoder is the same
+    seeded = load_vae(DEMO_DIR, dtype=torch.float32, lazy_encoder=False)
+    vae = _vae_model(seeded.config.scaling_factor)
+    vae.load_state_dict(seeded.state_dict())
+    _kept_decoder(vae, kept)
+    want = load_vae(kept, dtype=torch.float32, lazy_encoder=False).state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in vae.state_dict().items())

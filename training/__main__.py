@@ -30,7 +30,8 @@ same command: each stage goes on from its files, the DiT from its checkpoint of 
   python -m training demo --work DIR --size 256 --stage seed data latents dit export eval --out DIR/pipeline256
       --fp32 --dit-steps 6000 --dit-restart none --dit-warmup 100 --lr 2e-4
 training/pipeline256 keeps the 256² model as far as its training has come (an export); ``--dit-init
-training/pipeline256`` in a fresh work folder goes on from it with a new cycle (fresh optimizer state).
+training/pipeline256 --decoder-init training/pipeline256`` in a fresh work folder goes on from it: the DiT with a
+new cycle (fresh optimizer state), the decoder stage, export and eval with its DC-AE's 256² decoder.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ def _vae_model(scaling_factor: float | None = None):
 
 def _vae(work: Path, a=None):
     """The recipe's DC-AE: DIR/vae.ckpt, with the decoder stage's decoder (DIR/decoder.ckpt) and, for the stages
-    of a larger ``a.size``, that size's own (DIR/size256/decoder.ckpt) when there is one."""
+    of a larger ``a.size``, that size's own: DIR/size256/decoder.ckpt when there is one, else ``--decoder-init``'s
+    (a decoder kept between machines in an exported pipeline folder, e.g. training/pipeline256)."""
     state = Checkpoint(work / "vae.ckpt").load()
     meta = json.loads((work / "vae_scale.json").read_text()) if (work / "vae_scale.json").exists() else {}
     vae = _vae_model(meta.get("scaling_factor"))
@@ -103,7 +105,25 @@ def _vae(work: Path, a=None):
         tuned = Checkpoint(folder / "decoder.ckpt").load()
         if tuned is not None:  # the decoder stage changed the decoder only: latents encoded before it stay valid
             vae.load_state_dict(tuned["model"])
+        elif folder != work and a.decoder_init:
+            _kept_decoder(vae, Path(a.decoder_init))
     return vae.eval()
+
+
+def _kept_decoder(vae, path: Path) -> None:
+    """Put the decoder of ``path``'s DC-AE (a pipeline or vae folder as the export stage writes) into ``vae``. Its
+    encoder must be ``vae``'s, as stored (fp16): the latents encoded here, and the DiT trained on them, stay valid."""
+    from twig_core.errors import TwigError
+    from twig_core.networks import load_vae
+
+    try:
+        kept = load_vae(path, dtype=torch.float32, lazy_encoder=False)  # a pipeline folder's vae/ or a vae folder
+    except (OSError, TwigError) as e:
+        raise SystemExit(f"--decoder-init {path}: no DC-AE there ({e})") from None
+    mine, theirs = vae.encoder.state_dict(), kept.encoder.state_dict()
+    if kept.config != vae.config or any(not torch.equal(v.half().float(), theirs[k]) for k, v in mine.items()):
+        raise SystemExit(f"--decoder-init {path}: its DC-AE's encoder is not this work folder's")
+    vae.decoder.load_state_dict(kept.decoder.state_dict())
 
 
 def _text_and_dit(work: Path, tokenizer, pos_embed: bool = False, size: int = IMAGE_SIZE):
@@ -196,8 +216,9 @@ def stage_latents(work: Path, a) -> None:
 def stage_decoder(work: Path, a) -> None:
     if a.size == IMAGE_SIZE and _seeded(work, "decoder"):
         return
-    # at a larger size the decoder goes on from the 128² one on that size's pictures, into DIR/size256/decoder.ckpt
-    finetune_decoder(_vae(work), _images(work, "train", a.size), _dit_work(work, a), steps=a.decoder_steps,
+    # at a larger size the decoder goes on from the 128² one (or --decoder-init's) on that size's pictures, into
+    # DIR/size256/decoder.ckpt
+    finetune_decoder(_vae(work, a), _images(work, "train", a.size), _dit_work(work, a), steps=a.decoder_steps,
                      edge_weight=a.decoder_edge_weight)
 
 
@@ -385,6 +406,10 @@ def main(argv=None) -> int:
                    help="dit: the weights a fresh DiT run starts from (a dit_ema.pt or an exported pipeline folder; "
                         "at --size 256 by default "
                         "DIR/dit_ema.pt, the 128² result, when there is one)")
+    p.add_argument("--decoder-init", default=None,
+                   help="at --size 256, while DIR/size256 has no decoder of its own: the decoder the decoder stage "
+                        "goes on from and export and eval use (an exported pipeline folder's DC-AE, its encoder "
+                        "this work folder's)")
     p.add_argument("--mix-128", action="store_true",
                    help="dit at --size 256: every other batch is a 128² one (DIR/latents.pt, which the latents stage "
                         "then writes too), so the one DiT draws both sizes")

@@ -21,6 +21,13 @@ def _json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
+def export_vae(folder: Path, vae, dtype=torch.float16) -> None:
+    """A DC-AE as a diffusers ``AutoencoderDC`` folder (config.json + safetensors), weights stored in ``dtype``."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    _json(Path(folder) / "config.json", {"_class_name": "AutoencoderDC", **vae.config.to_dict()})
+    _save(vae.state_dict(), Path(folder) / "diffusion_pytorch_model.safetensors", dtype)
+
+
 def export_pipeline(out: Path, transformer, vae, text_encoder, dtype=torch.float16) -> None:
     """out/{transformer,vae,text_encoder,tokenizer}/ + model_index.json, weights stored in ``dtype``."""
     out = Path(out)
@@ -36,9 +43,7 @@ def export_pipeline(out: Path, transformer, vae, text_encoder, dtype=torch.float
     })
     _json(out / "transformer" / "config.json", transformer.config.to_diffusers_config())
     _save(ours_to_diffusers(transformer.state_dict()), out / "transformer" / "diffusion_pytorch_model.safetensors", dtype)
-    vae_cfg = {"_class_name": "AutoencoderDC", **vae.config.to_dict()}
-    _json(out / "vae" / "config.json", vae_cfg)
-    _save(vae.state_dict(), out / "vae" / "diffusion_pytorch_model.safetensors", dtype)
+    export_vae(out / "vae", vae, dtype)
     text_encoder.model.config.save_pretrained(out / "text_encoder")
     _save(text_encoder.model.state_dict(), out / "text_encoder" / "model.safetensors", dtype)
     _json(out / "text_encoder" / "twig_text.json", {"instruction": text_encoder.instruction.split("\n")

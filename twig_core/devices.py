@@ -9,6 +9,7 @@ model manager) are layered on top by the host glue.
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import torch
@@ -143,18 +144,29 @@ def weight_dtype_kwargs(weight_dtype, dtype, device="cpu", role: str = "diffusio
             "compute_dtype": compute}
 
 
-def cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 products fall back to
-    kernels several times slower than fp32. Read from /proc/cpuinfo (Linux); False where unknown."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset:
+    """This CPU's feature flags, read from /proc/cpuinfo (Linux); empty where unknown."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): elsewhere bf16 products fall back to
+    kernels several times slower than fp32."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16: there torch's bf16 products run about twice as fast as its int8
+    route (bench/RESULTS.md), so bf16 is the fastest reduced precision."""
+    return "amx_bf16" in cpu_flags()
 
 
 # ---- where the networks live between uses ----------------------------------------------------------------------

@@ -9,10 +9,11 @@ a sigma range), resolved for the device it runs on:
   AVX512-BF16 or AMX), else fp16 on other GPUs; on a CPU without native bf16 it is ``quality``: fp32 is the
   fastest there (bf16 products fall to slow kernels, and fp16-held weights widened on every call cost time;
   ``--weight-dtype fp16`` still halves the memory).
-- ``fast``: the sampler shortcuts, with ``balanced``'s dtypes on a GPU; on a CPU, the transformer's fp16-held
-  weights with its large products in int8 (``twig_core.int8``), the rest in fp32. Gemma-2 stays in fp32 there:
-  it runs only to the prompt's last token, and its linears in int8 saved too little a prompt for their load
-  time, memory and error (bench/RESULTS.md).
+- ``fast``: the sampler shortcuts, with ``balanced``'s dtypes on a GPU and on a CPU with AMX (whose bf16
+  products run about twice as fast as torch's int8 route); on other CPUs, the transformer's fp16-held weights
+  with its large products in int8 (``twig_core.int8``), the rest in fp32. Gemma-2 stays in fp32 there: it runs
+  only to the prompt's last token, and its linears in int8 saved too little a prompt for their load time, memory
+  and error (bench/RESULTS.md).
 
 ``STEP_ERROR`` and ``LATENT_ERROR`` are each preset's stated bounds against diffusers in fp32 on the same
 weights: the relative error (L2 norm of the difference over the norm of the reference) of one transformer step,
@@ -26,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .devices import cpu_bf16, cuda_bf16
+from .devices import cpu_amx, cpu_bf16, cuda_bf16
 from .errors import TwigError
 
 
@@ -76,5 +77,5 @@ def resolve(name: str, device="cpu") -> Preset:
         balanced = Preset(name, "auto", "same")
     if name == "balanced":
         return balanced
-    fast = Preset(name, "fp32", "int8") if dev.type == "cpu" else replace(balanced, name=name)
+    fast = Preset(name, "fp32", "int8") if dev.type == "cpu" and not cpu_amx() else replace(balanced, name=name)
     return replace(fast, cache=FAST_CACHE, cfg_interval=FAST_CFG_INTERVAL)

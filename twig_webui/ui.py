@@ -98,7 +98,7 @@ def build_ui(engine: Engine | None = None, *, theme=None):
                 with gr.Row():
                     dtype = gr.Dropdown(label="Precision", choices=list(PRESET_NAMES), value=DEFAULT_PRESET, elem_id="twig_dtype",
                                         info="quality: fp32; balanced: bf16 where native (fp16 on older GPUs, fp32 on other CPUs); "
-                                             "fast: sampler shortcuts, int8 products on a CPU")
+                                             "fast: sampler shortcuts, with bf16 on GPUs and AMX CPUs, int8 products on other CPUs")
                     max_length = gr.Slider(label="Max prompt tokens", minimum=100, maximum=1200, step=50, value=300,
                                            elem_id="twig_max_length")
                 with gr.Row():
