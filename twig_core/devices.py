@@ -164,8 +164,8 @@ def cpu_bf16() -> bool:
 
 
 def cpu_amx() -> bool:
-    """Whether this CPU has AMX tiles for bf16: there torch's bf16 products run about twice as fast as its int8
-    route (bench/RESULTS.md), so bf16 is the fastest reduced precision."""
+    """Whether this CPU has AMX tiles for bf16: there torch's bf16 products beat every int8 route it has
+    (bench/RESULTS.md), so bf16 is the fastest reduced precision."""
     return "amx_bf16" in cpu_flags()
 
 

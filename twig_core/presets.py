@@ -10,7 +10,7 @@ a sigma range), resolved for the device it runs on:
   fastest there (bf16 products fall to slow kernels, and fp16-held weights widened on every call cost time;
   ``--weight-dtype fp16`` still halves the memory).
 - ``fast``: the sampler shortcuts, with ``balanced``'s dtypes on a GPU and on a CPU with AMX (whose bf16
-  products run about twice as fast as torch's int8 route); on other CPUs, the transformer's fp16-held weights
+  products beat torch's int8 routes); on other CPUs, the transformer's fp16-held weights
   with its large products in int8 (``twig_core.int8``), the rest in fp32. Gemma-2 stays in fp32 there: it runs
   only to the prompt's last token, and its linears in int8 saved too little a prompt for their load time, memory
   and error (bench/RESULTS.md).
