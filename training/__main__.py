@@ -24,14 +24,18 @@ pictures (8x8 latents, the DC-AE keeps their shapes; files in DIR/size256; the d
 Its DiT starts from the 128² weights (DIR/dit_ema.pt, or ``--dit-init``): every weight carries over, and the sin-cos
 positions of the 8x8 grid are those of the 4x4 one interpolated (interpolation scale size/128), so a fine-tune
 suffices; ``--mix-128`` alternates 256² and 128² batches so the one DiT keeps drawing 128² pictures. The 256² model
-from the shipped one, about 2 h 15 on an idle 2-core Xeon with AVX512 (OMP_NUM_THREADS=2), resumable (rerun the
-same command: each stage goes on from its files, the DiT from its checkpoint of at most 5 minutes before,
-``--save-minutes``):
+from the shipped one, its first DiT cycle and its decoder, about 3 h on an idle 2-core Xeon with AVX512
+(OMP_NUM_THREADS=2), resumable (rerun the same command: each stage goes on from its files, the DiT from its
+checkpoint of at most 5 minutes before, ``--save-minutes``):
+  python -m training demo --work DIR --size 256 --stage seed data latents decoder dit export eval
+      --out DIR/pipeline256 --fp32 --decoder-steps 700 --dit-steps 6000 --dit-restart none --dit-warmup 100 --lr 2e-4
+training/pipeline256 keeps the 256² model as far as its training has come (an export); in a fresh work folder
+``--dit-init training/pipeline256 --decoder-init training/pipeline256`` goes on from it: the DiT with a new cycle
+(fresh optimizer state); export and eval with its DC-AE's 256² decoder (the decoder stage, if named, goes on
+from that decoder):
   python -m training demo --work DIR --size 256 --stage seed data latents dit export eval --out DIR/pipeline256
-      --fp32 --dit-steps 6000 --dit-restart none --dit-warmup 100 --lr 2e-4
-training/pipeline256 keeps the 256² model as far as its training has come (an export); ``--dit-init
-training/pipeline256 --decoder-init training/pipeline256`` in a fresh work folder goes on from it: the DiT with a
-new cycle (fresh optimizer state), the decoder stage, export and eval with its DC-AE's 256² decoder.
+      --fp32 --dit-init training/pipeline256 --decoder-init training/pipeline256 --dit-steps 5000
+      --dit-restart none --dit-warmup 100 --lr 1.5e-4
 """
 
 from __future__ import annotations
