@@ -191,17 +191,15 @@ def machine() -> str:
     import torch
     import transformers
 
-    cpu, flags = platform.processor() or platform.machine(), set()
+    from twig_core.devices import cpu_flags
+
+    cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in cpu_flags()]
     return (f"{cpu}, {os.cpu_count()} cores, flags: {' '.join(wanted) or 'n/a'} (torch uses "
             f"{torch.backends.cpu.get_cpu_capability()}); torch {torch.__version__}, "
             f"diffusers {diffusers.__version__}, transformers {transformers.__version__}")

@@ -41,7 +41,7 @@ def validate(name, kinds, pipeline_kinds=()):
 
 
 DTYPE_INPUT = list(DTYPE_CHOICES)
-WEIGHT_DTYPE_INPUT = (list(WEIGHT_DTYPE_CHOICES), {"default": "same", "tooltip": "Weights in memory: same as dtype, as stored in the file, or fp16/bf16. fp16 weights computing in fp32 take half the memory of fp32. int8 (CPU): fp16 weights whose large products run in int8, about twice as fast as fp32; a step stays within about 3% of fp32 (the fast preset on CPUs without AMX, where bf16 is faster still)."})
+WEIGHT_DTYPE_INPUT = (list(WEIGHT_DTYPE_CHOICES), {"default": "same", "tooltip": "Weights in memory: same as dtype, as stored in the file, or fp16/bf16. fp16 weights computing in fp32 take half the memory of fp32. int8 (CPU): fp16 weights whose large products run in int8, about twice as fast as fp32; a step stays within about 3% of fp32 (the fast preset on CPUs without AMX; with AMX, fast uses bf16, which is faster)."})
 VAE_WEIGHT_DTYPE_INPUT = ([c for c in WEIGHT_DTYPE_CHOICES if c != "int8"], WEIGHT_DTYPE_INPUT[1])
 
 
