@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from tests.builders import TINY_DCAE, TINY_TRANSFORMER, build_tiny_gemma2, build_tiny_gemma_tokenizer
 from twig_core.text import TextEncoder
 from twig_core.dcae import DCAE
-from training.trainer import downsample_u8, finetune_decoder, recon_loss, train_dit, train_vae
+from twig_core.errors import TwigError
+from training.trainer import downsample_u8, finetune_decoder, focus_weights, recon_loss, train_dit, train_vae
 from twig_core.transformer import TwigTransformer
 
 
@@ -145,6 +146,35 @@ def test_dit_stage_with_frozen_text_leaves_the_text_encoder_alone(tmp_path):
                              lr=3e-3, max_length=16, train_text=False)
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
     assert all(torch.equal(a, b) for a, b in zip(before, text.model.parameters()))
+
+
+def test_focus_draws_the_named_scenes_that_much_more_often(tmp_path, monkeypatch):
+    import training.trainer as trainer
+
+    records = scene_records() * 2  # red circle, blue squares, red circle, blue squares
+    assert focus_weights(records, {"square": 3, "blue": 5}).tolist() == [1, 5, 1, 5]
+    assert focus_weights(records, {"red": 0}).tolist() == [0, 1, 0, 1]
+    with pytest.raises(TwigError, match="stars"):
+        focus_weights(records, {"stars": 3})
+    from argparse import ArgumentTypeError
+    from training.__main__ import _focus
+    assert _focus("star=2.5") == ("star", 2.5)
+    for bad in ("star", "star=x", "=2", "star=-1"):
+        with pytest.raises(ArgumentTypeError, match="NAME=FACTOR"):
+            _focus(bad)
+    drawn = []
+    real = trainer.pick_captions
+    monkeypatch.setattr(trainer, "pick_captions", lambda recs, idx, *a: drawn.extend(idx) or real(recs, idx, *a))
+    tok = build_tiny_gemma_tokenizer()
+    text = TextEncoder(build_tiny_gemma2(tok), tok, instruction="")
+    weights = focus_weights(records, {"square": 3})
+    train_dit(torch.randn(4, 32, 2, 2), records, text, TwigTransformer(TINY_TRANSFORMER), tmp_path, steps=6,
+              batch=200, max_length=16, train_text=False, weights=weights)
+    share = np.isin(drawn, [1, 3]).mean()  # 3 of every 4 draws, give or take sampling noise
+    assert abs(share - 0.75) < 0.04, share
+    with pytest.raises(TwigError, match="weights"):
+        train_dit(torch.randn(4, 32, 2, 2), records, text, TwigTransformer(TINY_TRANSFORMER), tmp_path / "x",
+                  steps=1, weights=[1, 1])
 
 
 def test_downsample_is_an_area_mean():

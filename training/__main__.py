@@ -53,8 +53,8 @@ from twig_core.catalog import DEMO_DIR, DEMO_LORA_DIR
 from twig_core.sampling import parse_cfg_interval
 
 from .demo import IMAGE_SIZE
-from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, latent_scale, log, train_dit,
-                      train_vae)
+from .trainer import (Checkpoint, downsample_u8, encode_all, finetune_decoder, focus_weights, latent_scale, log,
+                      train_dit, train_vae)
 
 # the files the seed stage writes, in place of the vae, decoder and text stages' training
 SEEDED = ("tokenizer", "vae.ckpt", "vae_scale.json", "text.ckpt", "dit_ema.pt")
@@ -286,7 +286,8 @@ def stage_dit(work: Path, a) -> None:
         raise SystemExit(f"--dit-restart gives {len(lengths)} cycles but --restart-lr {len(rates)} rates")
     dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, dw, steps=a.dit_steps, batch=a.batch,
                              lr=a.lr, bf16=a.bf16, train_text=False, restarts=list(zip(lengths, rates)),
-                             warmup=a.dit_warmup, save_seconds=60 * a.save_minutes)
+                             warmup=a.dit_warmup, save_seconds=60 * a.save_minutes,
+                             weights=focus_weights(_records(work, "train"), a.dit_focus) if a.dit_focus else None)
     torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, dw / "dit_ema.pt")
 
 
@@ -372,6 +373,17 @@ STAGES = {"seed": stage_seed, "data": stage_data, "vae": stage_vae, "latents": s
           "prompts": stage_prompts, "lora": stage_lora}
 
 
+def _focus(v: str) -> tuple[str, float]:
+    name, _, factor = v.partition("=")
+    try:
+        f = float(factor)
+    except ValueError:
+        f = -1.0
+    if not name or not f >= 0:
+        raise argparse.ArgumentTypeError(f"{v!r}: give NAME=FACTOR, e.g. star=3")
+    return name, f
+
+
 def _steps_or_none(v: str):
     return v if v == "none" else int(v)
 
@@ -414,6 +426,9 @@ def main(argv=None) -> int:
                    help="at --size 256, while DIR/size256 has no decoder of its own: the decoder the decoder stage "
                         "goes on from and export and eval use (an exported pipeline folder's DC-AE, its encoder "
                         "this work folder's)")
+    p.add_argument("--dit-focus", type=_focus, nargs="*", default=[],
+                   help="dit: NAME=FACTOR ..., draw the scenes with an object of that shape, colour or position "
+                        "FACTOR times as often (e.g. star=3 cross=2)")
     p.add_argument("--mix-128", action="store_true",
                    help="dit at --size 256: every other batch is a 128² one (DIR/latents.pt, which the latents stage "
                         "then writes too), so the one DiT draws both sizes")
@@ -438,6 +453,7 @@ def main(argv=None) -> int:
                    help="eval: also print each category's change against an earlier summary in --work, picture by "
                         "picture (pictures lost and gained, standard error of the change)")
     a = p.parse_args(argv)
+    a.dit_focus = dict(a.dit_focus)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     names = [n for s in a.stage for n in ([k for k in STAGES if k != "seed"] if s == "all" else [s])]

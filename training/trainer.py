@@ -325,11 +325,29 @@ class EMA:
             s.copy_(tmp)
 
 
+def focus_weights(records: list[dict], focus: dict[str, float]) -> np.ndarray:
+    """One weight per record for ``train_dit``: the largest factor of ``focus`` (a shape, colour or position name,
+    e.g. {"star": 3}) that one of the scene's objects has, else 1. A name no scene has is refused."""
+    out = np.ones(len(records))
+    seen = set()
+    for i, r in enumerate(records):
+        names = {g.get(k) for g in r["scene"]["groups"] for k in ("shape", "color", "position")}
+        seen |= names
+        hits = [f for name, f in focus.items() if name in names]
+        if hits:
+            out[i] = max(hits)
+    unknown = sorted(set(focus) - seen)
+    if unknown:
+        raise TwigError(f"focus: no training scene has {', '.join(unknown)} (names are shapes, colours or "
+                        "positions, e.g. star, red, top_left)")
+    return out
+
+
 def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transformer, work: str | os.PathLike,
               steps: int = 4000, batch: int = 64, lr: float = 5e-4, max_length: int = 144, seed: int = 0,
               p_uncond: float = 0.1, ema_decay: float = 0.998, save_every: int = 100, params=None,
               bf16: bool = False, train_text: bool = True, restarts=(), warmup: int = 200,
-              save_seconds: float | None = None):
+              save_seconds: float | None = None, weights=None):
     """Flow-matching training of ``transformer`` (and the text encoder's model when ``train_text``; ``params``
     restricts the trainable set further, e.g. to LoRA weights). ``train_text=False`` keeps the text encoder frozen
     and runs it without gradients, as Sana/Twig train with Gemma frozen.
@@ -343,8 +361,17 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
     checkpoint saved at a cycle's end continues exactly as an uninterrupted run would.
     Checkpoints (``work/dit.ckpt``) every ``save_every`` steps and, with ``save_seconds``, also once that many seconds
     passed since the last one, so a stopped run loses little whatever a step costs.
+    ``weights``: one non-negative number per record; a batch draws each record with that relative chance
+    (default: all alike), e.g. from ``focus_weights``.
     Returns (transformer, text_encoder, losses of this run) with the averaged (EMA) weights loaded."""
     ck, logf = open_stage(work, "dit")
+    chance = None
+    if weights is not None:
+        chance = np.asarray(weights, dtype=np.float64)
+        if chance.shape != (len(records),) or (chance < 0).any() or chance.sum() <= 0:
+            raise TwigError(f"weights: need {len(records)} non-negative numbers, not all 0 (got shape "
+                            f"{chance.shape})")
+        chance = chance / chance.sum()
     grids = list(latents) if isinstance(latents, (list, tuple)) else [latents]
     for lat in grids:
         if len(lat) != len(records):
@@ -380,7 +407,7 @@ def train_dit(latents: torch.Tensor, records: list[dict], text_encoder, transfor
         rate = lr_at(step - first, length, peak, warmup=warmup)
         for g in opt.param_groups:
             g["lr"] = rate
-        idx = rng.integers(0, len(records), batch)
+        idx = rng.integers(0, len(records), batch) if chance is None else rng.choice(len(records), batch, p=chance)
         xt, t, target = (v.to(device) for v in flow_batch(grids[step % len(grids)][idx].float(), trng))
         with torch.autocast(xt.device.type, dtype=torch.bfloat16, enabled=bf16):
             embeds, mask = encode_batch(text_encoder, pick_captions(records, idx, rng, p_uncond), max_length,
