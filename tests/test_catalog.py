@@ -68,15 +68,23 @@ def test_demo_location(monkeypatch, tmp_path, models):
     pipe = str(models / "diffusion_models" / "tiny_pipe")
     monkeypatch.setenv("TWIG_DEMO_DIR", pipe)
     assert catalog.demo_dir() == pipe and catalog.find(catalog.DEMO_NAME, []) == pipe
+    monkeypatch.setattr(catalog, "DEMO_256_DIR", tmp_path / "no_256")
     assert list(catalog.with_demo({"a": "b"})) == [catalog.DEMO_NAME, "a"]
+    with pytest.raises(Exception, match="not in this install.*no_256"):
+        catalog.find(catalog.DEMO_256_NAME, [])
+    monkeypatch.setattr(catalog, "DEMO_256_DIR", Path(pipe))  # the 256² model listed after the 128² one
+    assert list(catalog.with_demo({"a": "b"})) == [catalog.DEMO_NAME, catalog.DEMO_256_NAME, "a"]
+    assert catalog.find(catalog.DEMO_256_NAME, []) == pipe
     monkeypatch.setenv("TWIG_DEMO_DIR", str(tmp_path / "nothing"))
-    assert catalog.demo_dir() is None and catalog.with_demo({"a": "b"}) == {"a": "b"}
+    assert catalog.demo_dir() is None and list(catalog.with_demo({"a": "b"})) == [catalog.DEMO_256_NAME, "a"]
     with pytest.raises(Exception, match="not in this install.*nothing"):
         catalog.find(catalog.DEMO_NAME, [])
-    monkeypatch.delenv("TWIG_DEMO_DIR")
-    packaged = catalog.is_pipeline_folder(str(catalog.DEMO_DIR))
-    assert catalog.demo_dir() == (str(catalog.DEMO_DIR) if packaged else None)
+    monkeypatch.undo()
+    monkeypatch.delenv("TWIG_DEMO_DIR", raising=False)
+    packaged = {catalog.DEMO_NAME: catalog.DEMO_DIR, catalog.DEMO_256_NAME: catalog.DEMO_256_DIR}
+    assert catalog.demos() == {k: str(v) for k, v in packaged.items() if catalog.is_pipeline_folder(str(v))}
     assert catalog.DEMO_DIR == Path(catalog.__file__).parent / "demo_model"
+    assert catalog.DEMO_256_DIR == Path(catalog.__file__).parent / "demo_model_256"
 
 
 @pytest.mark.parametrize("demo", [True, False])
@@ -88,11 +96,12 @@ def test_nodes_and_tab_list_and_find_the_same_models(models, tmp_path, monkeypat
     monkeypatch.setenv("TWIG_MODELS_DIR", str(only_twig))
     pipe = str(only_twig / "diffusion_models" / "tiny_pipe")
     monkeypatch.setenv("TWIG_DEMO_DIR", pipe if demo else str(tmp_path / "nothing"))
+    monkeypatch.setattr(catalog, "DEMO_256_DIR", Path(pipe) if demo else tmp_path / "nothing")
     tab = Engine(Host(only_twig, tmp_path / "out", device="cpu")).catalog
 
     node_names = TwigModelLoader.INPUT_TYPES()["required"]["model_name"][0]
     assert node_names == list(tab.models())
-    assert (node_names[0] == catalog.DEMO_NAME) == demo
+    assert (node_names[:2] == [catalog.DEMO_NAME, catalog.DEMO_256_NAME]) == demo
     for name in node_names:
         assert host.resolve_model(name, MODEL_FOLDERS) == tab.resolve("model", name)
     te_names = TwigTextEncoderLoader.INPUT_TYPES()["required"]["text_encoder_name"][0]

@@ -439,17 +439,16 @@ def test_the_256_dit_starts_from_every_128_weight_and_a_stopped_run_resumes(seed
 
 
 def test_the_kept_256_weights_start_the_recipes_256_dit(tmp_path):
-    """training/pipeline256, the 256² model as far as its training has come, is what a fresh work folder's
+    """twig_core/demo_model_256, the 256² model as far as its training has come, is what a fresh work folder's
     ``--dit-init`` and ``--decoder-init`` read: every weight of the recipe's 256² DiT, which draws as exported, and
     its DC-AE, whose encoder is the shipped model's that a seeded folder holds."""
     import argparse
-    from pathlib import Path
 
     from training.__main__ import _init_dit, _kept_decoder, _text_and_dit, _tokenizer, _vae_model
-    from twig_core.catalog import DEMO_DIR
+    from twig_core.catalog import DEMO_256_DIR, DEMO_DIR
     from twig_core.networks import load_transformer, load_vae
 
-    kept = Path(__file__).resolve().parents[1] / "training" / "pipeline256"
+    kept = DEMO_256_DIR
     dit = _text_and_dit(kept, _tokenizer(kept), True, 256)[1]
     _init_dit(tmp_path, argparse.Namespace(size=256, dit_init=str(kept)), dit)
     ref = load_transformer(kept / "transformer", dtype=torch.float32)

@@ -57,6 +57,7 @@ def model_env(tmp_path_factory, demo_standin):
     mp = pytest.MonkeyPatch()
     mp.setenv("TWIG_MODELS_DIR", str(root))
     mp.setenv("TWIG_DEMO_DIR", str(demo_standin))
+    mp.setattr(catalog, "DEMO_256_DIR", Path(demo_standin))  # both demo entries stand for the stand-in
     yield root, demo_standin
     mp.undo()
 
@@ -350,7 +351,8 @@ def demo_workflow_names() -> list[str]:
         _, api = load(name)
         loader_values = [e["inputs"].get(f) for e in api.values() for ct, (f, _) in runner.LOADER_FIELDS.items()
                          if e["class_type"] == ct and ct != "TwigTIPO"]
-        if loader_values and all(v == catalog.DEMO_NAME for v in loader_values) and name not in host_only_names():
+        if loader_values and all(v in (catalog.DEMO_NAME, catalog.DEMO_256_NAME) for v in loader_values) and \
+                name not in host_only_names():
             out.append(name)
     return out
 
@@ -572,6 +574,30 @@ def test_demo_workflow_draws_its_prompt_with_the_trained_demo_model(monkeypatch)
         # the shipped demo weights get colours right; position and count are not learned well enough yet
         # (README, "Embedded demo model"), so only colour is guarded here
         assert result["color"], (prefix, result)
+
+
+@pytest.mark.skipif(not catalog.is_pipeline_folder(str(catalog.DEMO_256_DIR)),
+                    reason="twig_core/demo_model_256 is not in this checkout")
+def test_demo_256_workflow_draws_the_shapes_it_names(monkeypatch):
+    """The 256² demo model's workflow: each prompt's triangle and square, in their colours and places, scored from
+    the pixels by the held-out evaluator's shape classifier, in English and Chinese."""
+    from training.evaluate import evaluate_image
+    from training.scenes import Background, Group, Scene
+
+    monkeypatch.setattr(catalog, "DEMO_256_DIR", Path(catalog.__file__).parent / "demo_model_256")  # the shipped one
+    _, api = load("demo_256_text_to_image")
+    runner.SaveImage.saved = []
+    runner.execute(api, nodes.NODE_CLASS_MAPPINGS)
+    scene = Scene(kind="pair_position", groups=[Group("triangle", "yellow", position="left"),
+                                                Group("square", "blue", position="right")],
+                  background=Background(["white"]))
+    assert build.DEMO_256_EN == "a yellow triangle on the left and a blue square on the right"
+    saved = runner.SaveImage.saved
+    assert [prefix for prefix, _ in saved] == ["twig_demo_256_en", "twig_demo_256_zh"]
+    for prefix, images in saved:
+        assert tuple(images.shape[1:3]) == (256, 256), prefix  # the model's own size from the 1024² choice
+        result = evaluate_image(scene, images[0].numpy(), check_background=False)
+        assert result["color"] and result["shape"] and result["position"], (prefix, result)
 
 
 @pytest.mark.skipif(not _packaged_demo(), reason="twig_core/demo_model (the trained demo model) is not in this checkout")

@@ -29,13 +29,14 @@ from the shipped one, its first DiT cycle and its decoder, about 3 h on an idle 
 checkpoint of at most 5 minutes before, ``--save-minutes``):
   python -m training demo --work DIR --size 256 --stage seed data latents decoder dit export eval
       --out DIR/pipeline256 --fp32 --decoder-steps 700 --dit-steps 6000 --dit-restart none --dit-warmup 100 --lr 2e-4
-training/pipeline256 keeps the 256² model as far as its training has come (an export); in a fresh work folder
-``--dit-init training/pipeline256 --decoder-init training/pipeline256`` goes on from it: the DiT with a new cycle
+twig_core/demo_model_256 is the 256² model as far as its training has come (an export, shipped as the 256² demo
+model); in a fresh work folder ``--dit-init twig_core/demo_model_256 --decoder-init twig_core/demo_model_256`` goes
+on from it: the DiT with a new cycle
 (fresh optimizer state); export and eval with its DC-AE's 256² decoder (the decoder stage, if named, goes on
 from that decoder):
   python -m training demo --work DIR --size 256 --stage seed data latents dit export eval --out DIR/pipeline256
-      --fp32 --dit-init training/pipeline256 --decoder-init training/pipeline256 --dit-steps 5000
-      --dit-restart none --dit-warmup 100 --lr 1.5e-4
+      --fp32 --dit-init twig_core/demo_model_256 --decoder-init twig_core/demo_model_256 --dit-steps 5500
+      --dit-restart none --dit-warmup 100 --lr 1.5e-4 --dit-focus star=3 cross=2 ring=2 center=2
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _vae_model(scaling_factor: float | None = None):
 def _vae(work: Path, a=None):
     """The recipe's DC-AE: DIR/vae.ckpt, with the decoder stage's decoder (DIR/decoder.ckpt) and, for the stages
     of a larger ``a.size``, that size's own: DIR/size256/decoder.ckpt when there is one, else ``--decoder-init``'s
-    (a decoder kept between machines in an exported pipeline folder, e.g. training/pipeline256)."""
+    (a decoder kept between machines in an exported pipeline folder, e.g. twig_core/demo_model_256)."""
     state = Checkpoint(work / "vae.ckpt").load()
     meta = json.loads((work / "vae_scale.json").read_text()) if (work / "vae_scale.json").exists() else {}
     vae = _vae_model(meta.get("scaling_factor"))

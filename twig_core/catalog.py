@@ -4,8 +4,8 @@ WebUI tab, which only say which folders to search (and add their own widgets on 
 
 A name is the path relative to the folder it was found in, with "/" separators; a diffusers folder (one
 holding ``model_index.json`` or ``config.json``) is listed as "name/" and stands for the files inside it. The
-demo model is the pipeline folder ``twig_core/demo_model`` (``$TWIG_DEMO_DIR`` overrides it), shown as
-:data:`DEMO_NAME` everywhere.
+demo models are the pipeline folders ``twig_core/demo_model`` (128², ``$TWIG_DEMO_DIR`` overrides it), shown as
+:data:`DEMO_NAME` everywhere, and ``twig_core/demo_model_256`` (256², :data:`DEMO_256_NAME`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ MAX_DEPTH = 4
 
 DEMO_NAME = "twig-demo (embedded)"
 DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+# the 256² demo model: 8x8 latents, which keep the shapes a 128² picture's 4x4 ones lose
+DEMO_256_NAME = "twig-demo 256 (embedded)"
+DEMO_256_DIR = Path(__file__).resolve().parent / "demo_model_256"
 # LoRAs made for the demo model (``python -m training demo --stage lora``), listed beside a host's own LoRAs
 DEMO_LORA_DIR = Path(__file__).resolve().parent / "demo_loras"
 
@@ -43,10 +46,16 @@ def demo_dir() -> str | None:
     return path if is_pipeline_folder(path) else None
 
 
+def demos() -> dict[str, str]:
+    """name -> folder of the embedded demo models this install has: the 128² one (:func:`demo_dir`), then the
+    256² one."""
+    out = {DEMO_NAME: demo_dir(), DEMO_256_NAME: str(DEMO_256_DIR) if is_pipeline_folder(str(DEMO_256_DIR)) else None}
+    return {name: path for name, path in out.items() if path is not None}
+
+
 def with_demo(entries: dict[str, str]) -> dict[str, str]:
-    """``entries`` (name -> path) with the demo model first, when this install has it."""
-    demo = demo_dir()
-    return {DEMO_NAME: demo, **entries} if demo is not None else dict(entries)
+    """``entries`` (name -> path) after the demo models this install has (:func:`demos`)."""
+    return {**demos(), **entries}
 
 
 def is_model_folder(path: str) -> bool:
@@ -122,11 +131,12 @@ def find_lora(name: str, roots: Iterable[str] = ()) -> str:
 def find(name: str, roots: Iterable[str], pipeline_roots: Iterable[str] = ()) -> str | None:
     """Full path of a listed ``name`` (:data:`DEMO_NAME`, or a file or folder in ``roots``, or a pipeline folder
     in ``pipeline_roots``), None if it is not there. Names never lead out of their folder."""
-    if name == DEMO_NAME:
-        path = demo_dir()
+    if name in (DEMO_NAME, DEMO_256_NAME):
+        path = demos().get(name)
         if path is None:
-            raise TwigError(f"'{DEMO_NAME}' is not in this install (expected a pipeline folder at "
-                            f"{demo_location()}); pick a model from the list")
+            where = demo_location() if name == DEMO_NAME else DEMO_256_DIR
+            raise TwigError(f"'{name}' is not in this install (expected a pipeline folder at {where}); pick a "
+                            "model from the list")
         return path
     if not name:
         return None

@@ -38,7 +38,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import comfy_core  # noqa: E402
-from twig_core.catalog import DEMO_NAME, demo_dir  # noqa: E402
+from twig_core.catalog import DEMO_256_NAME, DEMO_NAME, demo_dir  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------
 # What the workflows expect to find (file or folder names as the loader lists show them)
@@ -50,6 +50,7 @@ TIPO = "TIPO-500M-ft/"  # models/LLM: TIPO model folder
 FACE_DETECTOR = "opencv_haar"  # built in once opencv-python-headless (4.x) is installed
 INPUT_IMAGE = "example.png"  # ComfyUI ships input/example.png
 DEMO = DEMO_NAME  # the demo model inside the pack (twig_core/demo_model)
+DEMO_256 = DEMO_256_NAME  # its 256² sibling (twig_core/demo_model_256), which draws shapes
 
 UI_VERSION = 0.4
 CONTROL = "fixed"  # control_after_generate of every seed: the workflow reproduces its preview
@@ -333,6 +334,8 @@ LARGE_PROMPT = ("a vast alpine valley at sunrise, a winding river, wooden cabins
 DEMO_EN = "a red circle on the left and a blue square on the right"
 DEMO_ZH = "左边一个红色的圆，右边一个蓝色的正方形"
 DEMO_EDIT = "a green circle on the left and a blue square on the right"
+DEMO_256_EN = "a yellow triangle on the left and a blue square on the right"
+DEMO_256_ZH = "左边一个黄色的三角形，右边一个蓝色的正方形"
 
 SQUARE = "1024x1024 (1.00:1)"
 
@@ -472,26 +475,47 @@ DEMO_NOTE = (
 )
 
 
-def wf_demo() -> Workflow:
-    wf = Workflow("demo_text_to_image", "Demo model: text to image, English and Chinese",
-                  "the embedded demo model draws the same scene from an English and a Chinese prompt (128²)",
-                  "nothing (the demo model is inside the pack)", demo=True)
-    wf.note((-520, -280), (480, 250), "The demo model", DEMO_NOTE)
-    m, te, v = demo_loaders(wf)
+DEMO_256_NOTE = (
+    "**Runs as is** — the 256×256 demo model ships inside the pack too (`twig-demo 256 (embedded)` in all three "
+    "loaders). Its 8×8 latents keep the shapes that the 128² model's 4×4 ones lose: circles, squares and triangles "
+    "come out as asked most of the time, diamonds, rings and crosses less often, stars seldom. Colours, positions "
+    "and counts of one to three, in English or Chinese.\n\n"
+    "Twig Empty Latent gets the model, so its 1024² choice becomes the demo's own 256²."
+)
+
+
+def demo_pair(name: str, title: str, summary: str, model: str, note: str, en: str, zh: str, seed: int) -> Workflow:
+    """A demo model draws the same scene from an English and a Chinese prompt."""
+    wf = Workflow(name, title, summary, "nothing (the demo model is inside the pack)", demo=True)
+    wf.note((-520, -280), (480, 250), "The demo model", note)
+    m, te, v = loaders(wf, model, model, model, 300)
     en = wf.add("TwigTextEncode", (380, -280), size=(420, 290), title="Twig Text Encode (English)", text_encoder=te[0],
-                positive=DEMO_EN, negative="")
+                positive=en, negative="")
     zh = wf.add("TwigTextEncode", (380, 50), size=(420, 290), title="Twig Text Encode (Chinese)", text_encoder=te[0],
-                positive=DEMO_ZH, negative="")
+                positive=zh, negative="")
     lat = wf.add("TwigEmptyLatent", (380, 380), aspect_ratio=SQUARE, model=m[0])
     s1 = wf.add("TwigSampler", (840, -280), title="Twig Sampler (English)", model=m[0], positive=en[0], negative=en[1],
-                latent=lat[0], seed=10)
+                latent=lat[0], seed=seed)
     s2 = wf.add("TwigSampler", (840, 80), title="Twig Sampler (Chinese)", model=m[0], positive=zh[0], negative=zh[1],
-                latent=lat[0], seed=10)
+                latent=lat[0], seed=seed)
     d1 = wf.add("TwigVAEDecode", (1200, -280), samples=s1[0], vae=v[0])
     d2 = wf.add("TwigVAEDecode", (1200, 80), samples=s2[0], vae=v[0])
-    wf.add("SaveImage", (1560, -280), size=(300, 320), title="English", images=d1[0], filename_prefix="twig_demo_en")
-    wf.add("SaveImage", (1560, 80), size=(300, 320), title="Chinese", images=d2[0], filename_prefix="twig_demo_zh")
+    prefix = name.replace("_text_to_image", "").replace("demo", "twig_demo")
+    wf.add("SaveImage", (1560, -280), size=(300, 320), title="English", images=d1[0], filename_prefix=f"{prefix}_en")
+    wf.add("SaveImage", (1560, 80), size=(300, 320), title="Chinese", images=d2[0], filename_prefix=f"{prefix}_zh")
     return wf
+
+
+def wf_demo() -> Workflow:
+    return demo_pair("demo_text_to_image", "Demo model: text to image, English and Chinese",
+                     "the embedded demo model draws the same scene from an English and a Chinese prompt (128²)",
+                     DEMO, DEMO_NOTE, DEMO_EN, DEMO_ZH, 10)
+
+
+def wf_demo_256() -> Workflow:
+    return demo_pair("demo_256_text_to_image", "Demo model 256²: shapes, English and Chinese",
+                     "the embedded 256² demo model draws the shapes a prompt names, in English and Chinese",
+                     DEMO_256, DEMO_256_NOTE, DEMO_256_EN, DEMO_256_ZH, 10)
 
 
 def wf_demo_img2img() -> Workflow:
@@ -631,7 +655,7 @@ def wf_native_face_refine() -> Workflow:
 
 
 BUILDERS = (wf_text_to_image, wf_chinese_long, wf_tipo, wf_face_refine, wf_image_to_image, wf_large, wf_demo,
-            wf_demo_img2img, wf_demo_lora, wf_demo_native, wf_demo_native_img2img, wf_native_face_refine)
+            wf_demo_256, wf_demo_img2img, wf_demo_lora, wf_demo_native, wf_demo_native_img2img, wf_native_face_refine)
 
 
 TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
