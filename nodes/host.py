@@ -94,7 +94,7 @@ def _roots(kinds: Iterable[str]) -> list[str]:
 def list_models(kinds: Iterable[str], pipeline_kinds: Iterable[str] = (),
                 extensions: tuple[str, ...] = catalog.MODEL_EXTENSIONS, demo: bool = False) -> list[str]:
     """Names for a loader's combo (twig_core.catalog): files and diffusers folders found in the ``kinds`` folders,
-    plus diffusers *pipeline* folders found in ``pipeline_kinds`` folders, after the embedded demo model when
+    plus diffusers *pipeline* folders found in ``pipeline_kinds`` folders, after the embedded demo models when
     ``demo``. Folders end in "/"."""
     entries = catalog.listing(_roots(kinds), extensions, pipeline_roots=_roots(pipeline_kinds))
     return list(catalog.with_demo(entries) if demo else entries)

@@ -18,14 +18,14 @@ VAE_FOLDERS = ("vae",)
 
 
 def _choices(kinds, pipeline_kinds=()):
-    """A loader's combo: the embedded demo model first (all three loaders read its pipeline folder, so the demo
+    """A loader's combo: the embedded demo models first (all three loaders read their pipeline folders, so the demo
     workflows run without downloading anything), then what the model folders hold."""
     names = host.list_models(kinds, pipeline_kinds, demo=True)
     return names or [f"(put a model in models/{kinds[0]})"]
 
 
 def resolve(name, kinds, pipeline_kinds=()) -> str:
-    """Full path for a loader choice: the embedded demo, or a file/folder in the model folders."""
+    """Full path for a loader choice: an embedded demo model, or a file/folder in the model folders."""
     return host.resolve_model(name, kinds, pipeline_kinds)
 
 

@@ -2,7 +2,7 @@
 
 The same gradio UI as the WebUI tab, served on localhost. Models are picked from ``--models-dir``
 (Twig/, Stable-diffusion/, text_encoder/, VAE/, LLM/, adetailer/ below it, as in the WebUI), plus every
-``--model`` given and the embedded demo model when this install has one.
+``--model`` given and the embedded demo models this install has.
 """
 
 from __future__ import annotations
