@@ -318,8 +318,9 @@ def test_the_recipe_at_256_encodes_8x8_latents_beside_the_128_ones(tmp_path):
     assert torch.load(tmp_path / "size256" / "latents.pt", weights_only=True).shape == (3, 32, 8, 8)
     tok = build_tiny_gemma_tokenizer()
     assert _text_and_dit(tmp_path, tok, True, 256)[1].config.sample_size == 8
-    with pytest.raises(SystemExit, match="give --out"):  # the shipped 128² model is never overwritten by a 256² one
-        main(["demo", "--work", str(tmp_path), "--stage", "export", "--size", "256"])
+    for stage in ("export", "eval"):  # the shipped 128² model is never overwritten by, nor scored as, a 256² one
+        with pytest.raises(SystemExit, match="give --out"):
+            main(["demo", "--work", str(tmp_path), "--stage", stage, "--size", "256"])
 
 
 @pytest.fixture(scope="module")

@@ -292,11 +292,18 @@ def stage_dit(work: Path, a) -> None:
     torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, dw / "dit_ema.pt")
 
 
+def _check_out(a) -> None:
+    """Export writes, and eval scores, the pipeline in --out: at another size than 128² that is never the shipped
+    128² model (which eval would draw at the wrong size)."""
+    if a.size != 128 and Path(a.out).resolve() == DEMO_DIR.resolve():
+        raise SystemExit(f"--size {a.size}: give --out (the {a.size}² pipeline); {DEMO_DIR} holds the shipped 128² "
+                         "model")
+
+
 def stage_export(work: Path, a) -> None:
     from .export import export_pipeline
 
-    if a.size != 128 and Path(a.out).resolve() == DEMO_DIR.resolve():
-        raise SystemExit(f"--size {a.size}: give --out; {DEMO_DIR} holds the shipped 128² model")
+    _check_out(a)
     tok = _tokenizer(work)
     text, dit = _text_and_dit(work, tok, a.pos_embed, a.size)
     dw = _dit_work(work, a)
@@ -321,6 +328,7 @@ def stage_eval(work: Path, a) -> None:
     from .evaluate_demo import evaluate_demo, reference_report
     from .scenes import load_split
 
+    _check_out(a)
     parts = load_pipeline(a.out, dtype=torch.float32)
     if a.int8:  # the fast preset's products (twig_core.int8)
         from twig_core import int8
