@@ -351,8 +351,7 @@ def demo_workflow_names() -> list[str]:
         _, api = load(name)
         loader_values = [e["inputs"].get(f) for e in api.values() for ct, (f, _) in runner.LOADER_FIELDS.items()
                          if e["class_type"] == ct and ct != "TwigTIPO"]
-        if loader_values and all(v in (catalog.DEMO_NAME, catalog.DEMO_256_NAME) for v in loader_values) and \
-                name not in host_only_names():
+        if loader_values and all(v in catalog.DEMO_NAMES for v in loader_values) and name not in host_only_names():
             out.append(name)
     return out
 

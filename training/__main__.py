@@ -285,10 +285,11 @@ def stage_dit(work: Path, a) -> None:
     rates = a.restart_lr if a.restart_lr is not None else RESTART_LR[:len(lengths)]
     if len(lengths) != len(rates):
         raise SystemExit(f"--dit-restart gives {len(lengths)} cycles but --restart-lr {len(rates)} rates")
-    dit, text, _ = train_dit(latents, _records(work, "train"), text, dit, dw, steps=a.dit_steps, batch=a.batch,
+    records = _records(work, "train")
+    dit, text, _ = train_dit(latents, records, text, dit, dw, steps=a.dit_steps, batch=a.batch,
                              lr=a.lr, bf16=a.bf16, train_text=False, restarts=list(zip(lengths, rates)),
                              warmup=a.dit_warmup, save_seconds=60 * a.save_minutes,
-                             weights=focus_weights(_records(work, "train"), a.dit_focus) if a.dit_focus else None)
+                             weights=focus_weights(records, a.dit_focus) if a.dit_focus else None)
     torch.save({"transformer": dit.state_dict(), "text": text.model.state_dict()}, dw / "dit_ema.pt")
 
 

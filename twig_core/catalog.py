@@ -31,6 +31,7 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
 # the 256² demo model: 8x8 latents, which keep the shapes a 128² picture's 4x4 ones lose
 DEMO_256_NAME = "twig-demo 256 (embedded)"
 DEMO_256_DIR = Path(__file__).resolve().parent / "demo_model_256"
+DEMO_NAMES = (DEMO_NAME, DEMO_256_NAME)
 # LoRAs made for the demo model (``python -m training demo --stage lora``), listed beside a host's own LoRAs
 DEMO_LORA_DIR = Path(__file__).resolve().parent / "demo_loras"
 
@@ -46,11 +47,14 @@ def demo_dir() -> str | None:
     return path if is_pipeline_folder(path) else None
 
 
+def _demo_locations() -> dict[str, str]:
+    """name -> where each embedded demo model is looked for (:data:`DEMO_NAMES` order)."""
+    return {DEMO_NAME: demo_location(), DEMO_256_NAME: str(DEMO_256_DIR)}
+
+
 def demos() -> dict[str, str]:
-    """name -> folder of the embedded demo models this install has: the 128² one (:func:`demo_dir`), then the
-    256² one."""
-    out = {DEMO_NAME: demo_dir(), DEMO_256_NAME: str(DEMO_256_DIR) if is_pipeline_folder(str(DEMO_256_DIR)) else None}
-    return {name: path for name, path in out.items() if path is not None}
+    """name -> folder of the embedded demo models this install has: the 128² one, then the 256² one."""
+    return {name: path for name, path in _demo_locations().items() if is_pipeline_folder(path)}
 
 
 def with_demo(entries: dict[str, str]) -> dict[str, str]:
@@ -129,14 +133,13 @@ def find_lora(name: str, roots: Iterable[str] = ()) -> str:
 
 
 def find(name: str, roots: Iterable[str], pipeline_roots: Iterable[str] = ()) -> str | None:
-    """Full path of a listed ``name`` (:data:`DEMO_NAME`, or a file or folder in ``roots``, or a pipeline folder
+    """Full path of a listed ``name`` (one of :data:`DEMO_NAMES`, or a file or folder in ``roots``, or a pipeline folder
     in ``pipeline_roots``), None if it is not there. Names never lead out of their folder."""
-    if name in (DEMO_NAME, DEMO_256_NAME):
+    if name in DEMO_NAMES:
         path = demos().get(name)
         if path is None:
-            where = demo_location() if name == DEMO_NAME else DEMO_256_DIR
-            raise TwigError(f"'{name}' is not in this install (expected a pipeline folder at {where}); pick a "
-                            "model from the list")
+            raise TwigError(f"'{name}' is not in this install (expected a pipeline folder at "
+                            f"{_demo_locations()[name]}); pick a model from the list")
         return path
     if not name:
         return None

@@ -513,7 +513,7 @@ class Engine:
 
     def _model_label(self, s: Settings) -> str:
         name = s.model or self.default_model()
-        if name in (catalog.DEMO_NAME, catalog.DEMO_256_NAME):
-            return "Twig demo" + (" 256" if name == catalog.DEMO_256_NAME else "")
+        if name in catalog.DEMO_NAMES:
+            return {catalog.DEMO_NAME: "Twig demo", catalog.DEMO_256_NAME: "Twig demo 256"}[name]
         base = os.path.basename(name.rstrip("/\\"))
         return os.path.splitext(base)[0] if not name.endswith("/") else base

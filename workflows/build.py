@@ -484,7 +484,8 @@ DEMO_256_NOTE = (
 )
 
 
-def demo_pair(name: str, title: str, summary: str, model: str, note: str, en: str, zh: str, seed: int) -> Workflow:
+def demo_pair(name: str, title: str, summary: str, model: str, note: str, en: str, zh: str, seed: int,
+              prefix: str) -> Workflow:
     """A demo model draws the same scene from an English and a Chinese prompt."""
     wf = Workflow(name, title, summary, "nothing (the demo model is inside the pack)", demo=True)
     wf.note((-520, -280), (480, 250), "The demo model", note)
@@ -500,7 +501,6 @@ def demo_pair(name: str, title: str, summary: str, model: str, note: str, en: st
                 latent=lat[0], seed=seed)
     d1 = wf.add("TwigVAEDecode", (1200, -280), samples=s1[0], vae=v[0])
     d2 = wf.add("TwigVAEDecode", (1200, 80), samples=s2[0], vae=v[0])
-    prefix = name.replace("_text_to_image", "").replace("demo", "twig_demo")
     wf.add("SaveImage", (1560, -280), size=(300, 320), title="English", images=d1[0], filename_prefix=f"{prefix}_en")
     wf.add("SaveImage", (1560, 80), size=(300, 320), title="Chinese", images=d2[0], filename_prefix=f"{prefix}_zh")
     return wf
@@ -509,13 +509,13 @@ def demo_pair(name: str, title: str, summary: str, model: str, note: str, en: st
 def wf_demo() -> Workflow:
     return demo_pair("demo_text_to_image", "Demo model: text to image, English and Chinese",
                      "the embedded demo model draws the same scene from an English and a Chinese prompt (128²)",
-                     DEMO, DEMO_NOTE, DEMO_EN, DEMO_ZH, 10)
+                     DEMO, DEMO_NOTE, DEMO_EN, DEMO_ZH, 10, "twig_demo")
 
 
 def wf_demo_256() -> Workflow:
     return demo_pair("demo_256_text_to_image", "Demo model 256²: shapes, English and Chinese",
                      "the embedded 256² demo model draws the shapes a prompt names, in English and Chinese",
-                     DEMO_256, DEMO_256_NOTE, DEMO_256_EN, DEMO_256_ZH, 10)
+                     DEMO_256, DEMO_256_NOTE, DEMO_256_EN, DEMO_256_ZH, 10, "twig_demo_256")
 
 
 def wf_demo_img2img() -> Workflow:

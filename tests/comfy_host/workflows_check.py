@@ -37,7 +37,7 @@ import client as C  # noqa: E402
 sys.path.insert(0, C.REPO)
 sys.path.insert(0, os.path.join(C.REPO, "workflows"))
 from workflow_runner import with_models  # noqa: E402
-from twig_core.catalog import DEMO_256_NAME, DEMO_NAME  # noqa: E402
+from twig_core.catalog import DEMO_NAME, DEMO_NAMES  # noqa: E402
 
 WF_DIR = os.path.join(C.REPO, "workflows")
 TIPO_NAME = f"{C.PREFIX}_tipo/"
@@ -64,7 +64,7 @@ def is_demo(api: dict) -> bool:
     values = [e["inputs"].get(f) for e in api.values()
               for ct, f in (("TwigModelLoader", "model_name"), ("TwigTextEncoderLoader", "text_encoder_name"),
                             ("TwigVAELoader", "vae_model")) if e["class_type"] == ct]
-    return bool(values) and all(v in (DEMO_NAME, DEMO_256_NAME) for v in values)
+    return bool(values) and all(v in DEMO_NAMES for v in values)
 
 
 def prepared(name: str) -> tuple[dict, str]:
