@@ -182,6 +182,19 @@ TINY_DCAE = DCAEConfig(
 NATIVE = 128  # pixels: the native size of the pipeline folders below, like the demo model (sample_size 4)
 
 
+def mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of the file ``path`` (Linux, /proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(" ", 1)[0]
+            if "-" in first and ":" not in first:
+                inside = line.rstrip("\n").endswith(str(path))
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
 def tiny_transformer(seed: int = 0, sample_size: int | None = None) -> TwigTransformer:
     """Random tiny transformer; ``sample_size`` (latent pixels) changes the native size only, not the weights."""
     torch.manual_seed(seed)

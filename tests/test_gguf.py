@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.builders import (TINY_CORPUS, TINY_TRANSFORMER, save_tiny_gemma2_folder, tiny_transformer,
-                            transformer_inputs)
+from tests.builders import (TINY_CORPUS, TINY_TRANSFORMER, mapped_rss_kib, save_tiny_gemma2_folder,
+                            tiny_transformer, transformer_inputs)
 from twig_core import keymap, quant
 from twig_core.convert import convert
 from twig_core.errors import TwigError
@@ -521,18 +521,6 @@ def test_quantized_layers_widen_their_blocks_on_the_inputs_device(tiny_checkpoin
         assert layer.qweight.device.type == "cpu"  # the stored blocks stay where the host put them
 
 
-def _mapped_rss_kib(path) -> int:
-    """Resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
-    total, inside = 0, False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
-                inside = line.rstrip("\n").endswith(str(path))
-            elif inside and line.startswith("Rss:"):
-                total += int(line.split()[1])
-    return total
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_quantized_layers_release_their_mapped_pages_after_each_call(tmp_path):
     """A layer whose Q8_0 blocks are a view of a mapped GGUF widens them for a call and then drops their pages
@@ -552,11 +540,11 @@ def test_quantized_layers_release_their_mapped_pages_after_each_call(tmp_path):
     x = torch.randn(3, 4096, generator=g)
     size_kib = q.raw.numel() // 1024
     q.raw.sum()  # every page of the blocks resident
-    assert _mapped_rss_kib(path) >= size_kib
+    assert mapped_rss_kib(path) >= size_kib
     for _ in range(2):
         y = layer(x)
         torch.testing.assert_close(y, x @ ref.T, rtol=0, atol=0)
-        assert _mapped_rss_kib(path) < 64, "the blocks' pages stayed resident after the call"
+        assert mapped_rss_kib(path) < 64, "the blocks' pages stayed resident after the call"
 
 
 def _status_kib(field: str) -> int:

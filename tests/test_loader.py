@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import sys
 
 import pytest
 import torch
@@ -922,6 +923,76 @@ def test_truncated_and_corrupt_files(tmp_path):
         loader.load_transformer(tmp_path / "text.pth")
     with pytest.raises(TwigError, match="not found"):
         loader.load_transformer(tmp_path / "nope.safetensors")
+
+
+def _unpadded_safetensors(path, entries):
+    """A safetensors file of ``entries`` (name, tag, tensor), in that order, packed without padding: the header
+    and each tensor end wherever their bytes do, so an offset can fall on an odd byte."""
+    header, blobs, at = {}, [], 0
+    for name, tag, t in entries:
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": tag, "shape": list(t.shape), "data_offsets": [at, at + len(raw)]}
+        blobs.append(raw)
+        at += len(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (len(text) % 2)  # even: the data starts on an even byte, the bytes after the 1-byte tensor on an odd one
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_large_safetensors_tensors_are_private_mappings_of_their_bytes(tmp_path):
+    """A tensor of at least MAP_MIN_BYTES comes as a copy-on-write mapping of its bytes: equal to what was saved,
+    resident as the file's pages (no copy beside the page cache), a write to it stays in this process, and the
+    mapping ends with the tensor. One whose bytes start off its dtype's alignment is read into memory instead."""
+    from tests.builders import mapped_rss_kib
+    from twig_core.weights import MAP_MIN_BYTES, open_weights
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(MAP_MIN_BYTES // 2 + 7, generator=g).to(torch.bfloat16)
+    small = torch.randn(5, generator=g)
+    path = tmp_path / "w.safetensors"
+    save_file({"big": big, "small": small}, path)
+    before = path.read_bytes()
+    w = open_weights(path)
+    t = w["big"]
+    assert torch.equal(t, big) and torch.equal(w["small"], small)
+    assert mapped_rss_kib(path) >= big.numel() * 2 // 1024 - 8  # its pages are the file's
+    with torch.no_grad():
+        t.add_(1)
+    assert path.read_bytes() == before and torch.equal(w["big"], big)
+    del t
+    assert mapped_rss_kib(path) == 0, "the mapping outlived its tensor"
+    odd = tmp_path / "odd.safetensors"
+    _unpadded_safetensors(odd, [("flag", "U8", torch.ones(1, dtype=torch.uint8)), ("big", "BF16", big)])
+    t = open_weights(odd)["big"]
+    assert torch.equal(t, big) and t.data_ptr() % 2 == 0 and mapped_rss_kib(odd) == 0
+
+
+def test_bf16_gemma_loads_as_views_of_its_file_and_computes_as_when_read(tmp_path, spiece, gemma, monkeypatch):
+    """A bf16 Gemma-2 loaded in bf16 keeps its large weights as mappings of the file (nothing copied), and gives
+    exactly the hidden states of the same file read into memory."""
+    from twig_core import weights
+
+    data, sp = spiece
+    path = tmp_path / "gemma_bf16.safetensors"
+    comfy_gemma_file(path, gemma, data, dtype=torch.bfloat16)
+    ids = torch.tensor([[2] + sp.encode(SP_PROBES[1])])
+    out = {}
+    for limit in (0, 1 << 62):  # every tensor mapped; none
+        monkeypatch.setattr(weights, "MAP_MIN_BYTES", limit)
+        te = loader.load_text_encoder(path, dtype="bf16")
+        w = te.model.layers[0].mlp.up_proj.weight
+        with torch.no_grad():
+            out[limit] = te.model(input_ids=ids).last_hidden_state
+            w.add_(1)
+        if sys.platform.startswith("linux"):
+            from tests.builders import mapped_rss_kib
+
+            assert (mapped_rss_kib(path) > 0) == (limit == 0)  # a host patching a weight in place changes this model only
+        del te, w
+    assert torch.equal(out[0], out[1 << 62])
+    monkeypatch.setattr(weights, "MAP_MIN_BYTES", 0)
+    assert torch.equal(loader.load_text_encoder(path, dtype="bf16").model(input_ids=ids).last_hidden_state, out[0])
 
 
 def test_wrong_network_for_the_loader(tmp_path, spiece, gemma):
