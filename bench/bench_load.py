@@ -7,6 +7,10 @@ weight is read once (a checksum), so memory-mapped weights count as resident too
 
     python bench/bench_load.py [--dir DIR] [--keep] [--baseline]
 
+``--text-encoder FOLDER`` measures a Gemma-2 folder instead, loaded in bf16 as the bf16 presets do: its large
+tensors mapped from the file (what the loader does) and, for comparison, read into memory (``MAP_MIN_BYTES``
+raised past every tensor); the file should be in the page cache (run it twice), else the first reader pays the disk.
+
 ``--convert`` also loads with ``dtype=bf16`` (a tensor-by-tensor conversion). ``--baseline`` also measures the
 naive way (``torch.load`` without mmap / ``safetensors.load_file``, then
 ``load_state_dict`` into a randomly initialised model) for comparison. Target: loader peak <= 1.2x file size.
@@ -54,7 +58,13 @@ def child(path: str, mode: str) -> None:
 
     base = _rss_now_kb()
     t0 = time.perf_counter()
-    if mode == "loader":
+    if mode.startswith("te-"):
+        from twig_core import weights
+
+        if mode == "te-read":
+            weights.MAP_MIN_BYTES = 1 << 62
+        model = loader.load_text_encoder(path, dtype=torch.bfloat16).model
+    elif mode == "loader":
         model = loader.load_transformer(path)
     elif mode == "to-bf16":
         model = loader.load_transformer(path, dtype=torch.bfloat16)
@@ -123,6 +133,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the files")
     ap.add_argument("--baseline", action="store_true", help="also measure naive full-read loading")
     ap.add_argument("--convert", action="store_true", help="also measure loading with conversion to bf16")
+    ap.add_argument("--text-encoder", default=None, metavar="FOLDER",
+                    help="measure this Gemma-2 folder in bf16, mapped and read, instead of the transformer files")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="loader", help=argparse.SUPPRESS)
     ap.add_argument("--write", default=None, help=argparse.SUPPRESS)
@@ -132,6 +144,13 @@ def main() -> None:
         return
     if a.child:
         child(a.child, a.mode)
+        return
+    if a.text_encoder:
+        print(f"{'reader':<10}{'load s':>8}{'peak RSS GB':>13}{'after reading every weight GB':>31}")
+        for mode in ("te-read", "te-mapped", "te-read", "te-mapped"):
+            r = measure(a.text_encoder, mode)
+            print(f"{mode[3:]:<10}{r['load_s']:>8.1f}{r['peak_kb'] * 1024 / 1e9:>13.2f}"
+                  f"{r['after_touch_kb'] * 1024 / 1e9:>31.2f}")
         return
     folder = a.dir or tempfile.mkdtemp(prefix="twig_bench_load_")
     os.makedirs(folder, exist_ok=True)
