@@ -82,7 +82,11 @@ def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: boo
 
 
 class LinearAttention(nn.Module):
-    """ReLU linear attention: out = (v k^T) q / (sum(k) . q + eps), accumulated in fp32."""
+    """ReLU linear attention: out = (v k^T) q / (sum(k) . q + eps), accumulated in fp32.
+
+    q, k and v are each copied once into fp32 heads-major order (the dtype and the layout in one pass); v gets a
+    column of ones, so ``k^T [v, 1]`` holds ``v k^T`` and ``sum(k)`` together and one product with q gives the
+    numerator and the denominator."""
 
     def __init__(self, cfg: TransformerConfig, operations=ops):
         super().__init__()
@@ -96,27 +100,27 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        inplace = not torch.is_grad_enabled()
+        h = self.heads
+        c = d // h
         wq, bq = self._weights(self.qkv, x)
         # q, k and v as three products (each its own contiguous tensor; a third of the weight cast at a time)
         q, k, v = (dense(x, wq[i * d:(i + 1) * d], None if bq is None else bq[i * d:(i + 1) * d]) for i in range(3))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = F.relu(q, inplace=inplace), F.relu(k, inplace=inplace)
-        h = self.heads
-        q = q.float().view(b, n, h, d // h).transpose(1, 2)  # [b,h,n,c]
-        k = k.float().view(b, n, h, d // h).transpose(1, 2)
-        v = v.float().view(b, n, h, d // h).transpose(1, 2)
-        kv = k.transpose(-1, -2) @ v  # [b,h,c,c]  sum_n k_n v_n^T
-        num = q @ kv  # [b,h,n,c]
-        den = q @ k.sum(dim=2, keepdim=True).transpose(-1, -2)  # [b,h,n,1]
-        if inplace and num.dtype == x.dtype:  # divide straight into token order [b,n,h,c]
-            out = torch.empty(b, n, h, d // h, dtype=x.dtype, device=x.device)
-            torch.div(num, den.add_(1e-15), out=out.transpose(1, 2))
-            out = out.view(b, n, d)
-        else:
-            out = (num / (den + 1e-15)).transpose(1, 2).reshape(b, n, d).to(x.dtype)
-        out = self.proj(out)
+        f32 = dict(dtype=torch.float32, device=x.device)
+        qh, kh = torch.empty(b, h, n, c, **f32), torch.empty(b, h, n, c, **f32)
+        vh = torch.empty(b, h, n, c + 1, **f32)
+        for src, dst in ((q, qh), (k, kh), (v, vh[..., :c])):
+            dst.copy_(src.view(b, n, h, c).transpose(1, 2))
+        qh, kh = F.relu_(qh), F.relu_(kh)
+        vh[..., c].fill_(1.0)
+        num = qh @ (kh.transpose(-1, -2) @ vh)  # [b,h,n,c+1]: (v k^T) q and, last, sum(k) . q
+        if torch.is_grad_enabled():
+            out = (num[..., :c] / (num[..., c:] + 1e-15)).transpose(1, 2).reshape(b, n, d).to(x.dtype)
+        else:  # divided straight into token order
+            out = torch.empty(b, n, h, c, dtype=x.dtype, device=x.device)
+            torch.div(num[..., :c], num[..., c:].add_(1e-15), out=out.transpose(1, 2))
+        out = self.proj(out.view(b, n, d))
         if out.dtype == torch.float16:
             out = out.clamp(-65504, 65504)
         return out
