@@ -73,12 +73,13 @@ def sincos_pos_embed(width: int, h: int, w: int, base_size: int, scale: float) -
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    return x.mul_(1 + scale).add_(shift) if inplace else x * (1 + scale) + shift
+    """x * (1 + scale) + shift; in place: one pass over x, written into x."""
+    return torch.addcmul(shift, x, 1 + scale, out=x) if inplace else x * (1 + scale) + shift
 
 
 def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-    """x + gate * y; in place overwrites both x and y (temporaries owned by the caller)."""
-    return x.add_(y.mul_(gate)) if inplace else x + gate * y
+    """x + gate * y; in place: one pass, written into x."""
+    return x.addcmul_(y, gate) if inplace else x + gate * y
 
 
 class LinearAttention(nn.Module):
