@@ -464,3 +464,52 @@ def test_the_kept_256_weights_start_the_recipes_256_dit(tmp_path):
     _kept_decoder(vae, kept)
     want = load_vae(kept, dtype=torch.float32, lazy_encoder=False).state_dict()
     assert all(torch.equal(v, want[k]) for k, v in vae.state_dict().items())
+
+
+def test_the_256_recipe_runs_its_cycles_in_order_and_resumes_after_a_stop(seeded, tmp_path, monkeypatch, capfd):
+    """``python -m training demo256`` (its steps shortened): the decoder tuned at 256², then each DiT cycle from
+    the export of the one before, its files kept with that export; stopped in the second cycle and run again, the
+    first is not trained again and the second goes on from its checkpoint; the last export is scored."""
+    import json
+    import shutil
+
+    import training.recipe256 as recipe
+    import training.trainer
+    from training.__main__ import main
+    from training.scenes import build_dataset
+
+    work = tmp_path / "work"
+    shutil.copytree(seeded, work)
+    build_dataset(work / "data", n_train=4, n_heldout=2, size=256, supersample=1)
+    monkeypatch.setattr(recipe, "PREPARE", ("--stage", "seed", "data", "latents", "decoder", "--decoder-steps", "1"))
+    shape = json.loads((work / "data" / "train.json").read_text())[0]["scene"]["groups"][0]["shape"]
+    monkeypatch.setattr(recipe, "CYCLES", ((3, 1e-3, ()), (3, 1e-3, ()), (2, 1e-3, (f"{shape}=3",))))
+    run = ["demo256", "--work", str(work), "--batch", "2", "--save-minutes", "0", "--eval-n", "2"]
+    calls = {"n": 0}
+    descend = training.trainer.descend
+
+    def stop_in_the_second_cycle(*args):
+        calls["n"] += 1
+        if calls["n"] == 1 + 3 + 2:  # after the decoder's step and the first cycle's 3: the second cycle's second
+            raise KeyboardInterrupt
+        return descend(*args)
+
+    monkeypatch.setattr(training.trainer, "descend", stop_in_the_second_cycle)
+    with pytest.raises(KeyboardInterrupt):
+        main(run)
+    monkeypatch.setattr(training.trainer, "descend", descend)
+    first = (work / "cycle1" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert (work / "size256" / "decoder.ckpt").exists() and not (work / "cycle2" / "training").exists()
+    capfd.readouterr()
+    assert main(run) == 0
+    said = capfd.readouterr().out
+    assert first == (work / "cycle1" / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert f"the DiT starts from {work / 'cycle2'}" in said and f"starts from {work / 'cycle1'}" not in said
+    for i in (1, 2, 3):
+        kept = work / f"cycle{i}" / "training"
+        assert {p.name for p in kept.iterdir()} == set(recipe.DIT_FILES), i
+        assert torch.load(kept / "dit.ckpt", weights_only=True)["step"] == recipe.CYCLES[i - 1][0]
+    assert "resumed dit at step 1" in (work / "cycle2" / "training" / "dit.log").read_text()
+    assert not (work / "size256" / "dit.ckpt").exists()
+    summary = json.loads((work / "size256" / "eval.json").read_text())
+    assert summary["n"] == 2 and "shape" in summary["en"]

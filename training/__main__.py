@@ -399,9 +399,15 @@ def _steps_or_none(v: str):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo256"]:
+        from .recipe256 import main as recipe256
+
+        return recipe256(argv[1:])
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["demo"])
+    p.add_argument("what", choices=["demo"], help="demo: the stages below; demo256: the 256² model's whole recipe "
+                   "(python -m training demo256 --help)")
     p.add_argument("--work", required=True, help="working folder (data, checkpoints, logs)")
     p.add_argument("--stage", nargs="+", default=["all"], choices=(*STAGES, "all"),
                    help="the stages to run, in the order given (all: every stage but seed)")
