@@ -1,4 +1,5 @@
-"""Reproduce the embedded demo model: ``python -m training demo --work DIR [--stage STAGE]``.
+"""Reproduce the embedded demo model: ``python -m training demo --work DIR [--stage STAGE]``; the 256² one in one
+command: ``python -m training demo256 --work DIR`` (``training.recipe256``, these stages in the order that made it).
 
 Stages run in order and each resumes from what the previous run left in DIR:
   seed     (only when named) fill an empty DIR from an exported pipeline folder (--from, default the shipped model)
