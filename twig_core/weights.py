@@ -2,8 +2,8 @@
 
 A file's type is sniffed from its first bytes, not its extension. ``.safetensors`` is read by a small reader
 (header validated against the file size, then one tensor at a time: a large one as a private mapping of its bytes,
-``map_range``, a small one read straight into its buffer) and written
-by one (``write_safetensors``: header first, then one tensor at a time). PyTorch files go only through
+``map_range``, a small one read straight into its buffer) and written by one (``write_safetensors``: header first,
+then one tensor at a time). PyTorch files go only through
 ``torch.load(weights_only=True)`` (memory-mapped when the file is a zip archive): a pickle that would construct
 anything but tensors and plain containers is refused with a TwigError naming the file, and nothing in it runs.
 GGUF files go to ``twig_core.gguf_io`` and float8 safetensors through ``twig_core.quant.fp8_view`` (their
@@ -177,8 +177,7 @@ def map_range(path: str, at: int, nbytes: int, dtype: torch.dtype) -> torch.Tens
         return None
     if hasattr(mm, "madvise") and hasattr(mmap, "MADV_WILLNEED"):
         mm.madvise(mmap.MADV_WILLNEED)
-    return torch.frombuffer(mm, dtype=dtype, count=nbytes // size,
-                            offset=at - base)
+    return torch.frombuffer(mm, dtype=dtype, count=nbytes // size, offset=at - base)
 
 
 def trim_heap() -> None:
