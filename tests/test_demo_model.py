@@ -13,12 +13,12 @@ from twig_core.catalog import DEMO_256_DIR, DEMO_DIR
 
 # Floors for the 24-prompt slice below. The 128² weights score colour 1.00 (en) / 1.00 (zh), count 0.67 / 0.67,
 # position 0.92 / 0.83 (12 prompts state one) and background 1.00.
-# The 256² weights score colour 1.00 / 1.00, count 0.71 / 0.71, position 0.92 / 0.92, background 1.00, shape
-# 0.71 / 0.63 and colour attribution 0.86 / 0.71.
+# The 256² weights score colour 1.00 / 0.92, count 0.67 / 0.71, position 0.92 / 0.92, background 1.00, shape
+# 0.79 / 0.71 and colour attribution 1.00 / 0.71.
 MODELS = {
     "128": (DEMO_DIR, 128, {"color": 0.85, "count": 0.50, "position": 0.65, "background": 0.85}),
-    "256": (DEMO_256_DIR, 256, {"color": 0.85, "count": 0.50, "position": 0.65, "background": 0.85, "shape": 0.50,
-                                "attribution": 0.55}),
+    "256": (DEMO_256_DIR, 256, {"color": 0.85, "count": 0.50, "position": 0.65, "background": 0.85, "shape": 0.60,
+                                "attribution": 0.60}),
 }
 CASES = [(model, category) for model, (_, _, floors) in MODELS.items() for category in sorted(floors)]
 
