@@ -513,7 +513,8 @@ class Engine:
 
     def _model_label(self, s: Settings) -> str:
         name = s.model or self.default_model()
-        if name in catalog.DEMO_NAMES:
-            return {catalog.DEMO_NAME: "Twig demo", catalog.DEMO_256_NAME: "Twig demo 256"}[name]
+        demo_labels = {catalog.DEMO_NAME: "Twig demo", catalog.DEMO_256_NAME: "Twig demo 256"}
+        if name in demo_labels:
+            return demo_labels[name]
         base = os.path.basename(name.rstrip("/\\"))
         return os.path.splitext(base)[0] if not name.endswith("/") else base
