@@ -29,7 +29,7 @@ from torch import nn
 
 from .config import TransformerConfig
 from .errors import TwigError
-from . import ops
+from . import compiled, ops
 from .ops import dense, glu_conv_ffn
 from .text import kept_length
 
@@ -413,7 +413,7 @@ class TwigTransformer(nn.Module):
                 if cache.batch > 1:
                     kv = tuple(part[rows] for part in kv)
                     bias = None if bias is None else bias[rows]
-            return blk(tokens, mod, kv, bias, (gh, gw))
+            return compiled.run_block(blk, tokens, mod, kv, bias, (gh, gw))
 
         if step_cache is None:
             for i in range(len(self.blocks)):
