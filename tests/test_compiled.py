@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from twig_core import compiled, ops
+from twig_core import compiled
 from twig_core.presets import STEP_ERROR
 
 from builders import tiny_transformer
