@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import TwigError
-from .weights import trim_heap
+from . import heap
 
 # torch's quantized CPU engines able to run the packed int8 products, preferred first
 ENGINES = ("x86", "fbgemm")
@@ -200,7 +200,7 @@ class Int8Weight:
             held = w.numel() + 16 * w.shape[0] + 4 * w.shape[1]
             hit = cache[key] = (pack(w * smooth), smooth, held)
             del w
-            trim_heap()  # the widened and smoothed copies' memory goes back to the system now
+            heap.trim()  # the widened and smoothed copies' memory goes back to the system now
         return hit[0], hit[1]
 
 

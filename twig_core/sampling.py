@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from . import heap
 from .devices import MAX_SEED
 from .errors import TwigError
 from .step_cache import Evaluations, StepCache
@@ -364,8 +365,10 @@ def sample(
     init: torch.Tensor | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """Run ``sampler`` from pure noise (init None) or from ``init`` noised to sigmas[0] (img2img)."""
+    """Run ``sampler`` from pure noise (init None) or from ``init`` noised to sigmas[0] (img2img). The steps'
+    freed temporaries stay in the C heap for the next step's (``heap.kept``)."""
     function = get_sampler(sampler).function
     s0 = float(sigmas[0])
     x = noise if init is None else (1 - s0) * init + s0 * noise
-    return function(denoise, x, sigmas, callback)
+    with heap.kept():
+        return function(denoise, x, sigmas, callback)

@@ -180,19 +180,6 @@ def map_range(path: str, at: int, nbytes: int, dtype: torch.dtype) -> torch.Tens
     return torch.frombuffer(mm, dtype=dtype, count=nbytes // size, offset=at - base)
 
 
-def trim_heap() -> None:
-    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; a no-op elsewhere). Large
-    temporaries freed by worker threads stay in their malloc arenas otherwise: packing int8 weights on two threads
-    left the process 1.5 GB larger than on one."""
-    import ctypes
-
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return
-    trim(ctypes.c_size_t(0))
-
-
 def drop_pages(address: int, size: int) -> None:
     """``MADV_DONTNEED`` on the whole pages of ``[address, address + size)`` of a read-only file mapping (Linux and
     macOS; a no-op elsewhere): the pages leave the resident set and are read back from the file when touched."""

@@ -37,7 +37,7 @@ from ..dcae import (
     _pointwise,
 )
 from ..ops import channels_last
-from ..weights import trim_heap
+from .. import heap
 from . import kernels
 from .kernels import (
     Run,
@@ -210,7 +210,7 @@ def _window(c0: int, c1: int, halo: int, length: int) -> tuple:
 # A tile is cropped to the halo the next layer needs only when that sheds at least this fraction of its pixels;
 # below that, computing the extra border is cheaper than copying the tile.
 _CROP_MIN = 0.05
-# Output bands of a streamed CPU decode between two trims of the C heap (weights.trim_heap): each trim hands back
+# Output bands of a streamed CPU decode between two trims of the C heap (heap.trim): each trim hands back
 # the arena's free pages, which the next bands fault in again, so trimming every band cost several percent.
 _TRIM_EVERY = 8
 
@@ -415,7 +415,7 @@ def decode_streamed(decoder: Decoder, z: torch.Tensor, run: Run) -> torch.Tensor
     of its layers takes the previous one's output band by band and passes its own on (see _stream), so the
     tail needs no whole-map tensor, no tiles and no halo work, at any size. Every tail layer holds a band or
     two at once: half-size bands (at least 4 rows) bound that, for a lower peak at about the same speed. On CPU
-    the C heap's free memory goes back to the system every _TRIM_EVERY output bands (weights.trim_heap): the layers'
+    the C heap's free memory goes back to the system every _TRIM_EVERY output bands (heap.trim): the layers'
     band-sized temporaries, freed in between longer-lived ones, otherwise stay resident in malloc's arena."""
     plan = decode_plan(decoder)
     x = decoder.embed(z)
@@ -434,7 +434,7 @@ def decode_streamed(decoder: Decoder, z: torch.Tensor, run: Run) -> torch.Tensor
         i += y.shape[-2]
         del y
         if run.cpu and n % _TRIM_EVERY == 0:
-            trim_heap()
+            heap.trim()
     return out
 
 
