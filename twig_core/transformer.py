@@ -116,7 +116,7 @@ class LinearAttention(nn.Module):
         qh, kh = F.relu_(qh), F.relu_(kh)
         vh[..., c].fill_(1.0)
         num = qh @ (kh.transpose(-1, -2) @ vh)  # [b,h,n,c+1]: (v k^T) q and, last, sum(k) . q
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (compiled: fused into one kernel)
             out = (num[..., :c] / (num[..., c:] + 1e-15)).transpose(1, 2).reshape(b, n, d).to(x.dtype)
         else:  # divided straight into token order
             out = torch.empty(b, n, h, c, dtype=x.dtype, device=x.device)
