@@ -16,8 +16,8 @@ inductor keeps the result in its on-disk cache for later processes). Caption len
 compile once more when they first change; past torch's recompile limit the blocks run as plain modules.
 When compilation fails (no usable compiler, an inductor error), a warning says so once and every block runs
 eagerly from then on: compilation fails before the block runs, so nothing is computed twice.
-Error: inductor reorders and fuses bf16 arithmetic; a step moves by about 0.5% from the eager bf16 step, inside
-``balanced``'s stated bound (``twig_core.presets``, tested in tests/test_compiled.py).
+Error: inductor reorders and fuses bf16 arithmetic, so a compiled step differs from the eager one by bf16's
+rounding; it keeps ``balanced``'s stated bound against fp32 (``twig_core.presets``; tests/test_compiled.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ a sigma range), resolved for the device it runs on:
 
 - ``quality``: everything in fp32; what the parity tests hold to diffusers' fp32 output.
 - ``balanced``: bf16 where the device multiplies it natively (GPUs of compute capability 8 and up, CPUs with
-  AVX512-BF16 or AMX), else fp16 on other GPUs; on a CPU without native bf16 it is ``quality``: fp32 is the
+  AVX512-BF16 or AMX; there, on a CPU, large pictures' blocks run compiled: ``twig_core.compiled``), else fp16 on
+  other GPUs; on a CPU without native bf16 it is ``quality``: fp32 is the
   fastest there (bf16 products fall to slow kernels, and fp16-held weights widened on every call cost time;
   ``--weight-dtype fp16`` still halves the memory).
 - ``fast``: the sampler shortcuts, with ``balanced``'s dtypes on a GPU and on a CPU with AMX (whose bf16
