@@ -37,20 +37,16 @@ ENV = "TWIG_COMPILE"  # "off" turns compilation off; anything else (or unset) le
 _failed = False
 
 
-def _compiler() -> bool:
-    """Whether the C++ compiler inductor's CPU backend calls is on the PATH."""
+@functools.cache
+def available() -> bool:
+    """Whether this process can compile blocks at all: inductor, and the C++ compiler its CPU backend calls on the
+    PATH."""
     try:
         from torch._inductor import config
     except ImportError:  # a torch build without inductor
         return False
     cxx = config.cpp.cxx[-1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
     return bool(cxx) and shutil.which(cxx) is not None
-
-
-@functools.cache
-def available() -> bool:
-    """Whether this process can compile blocks at all (inductor and a C++ compiler)."""
-    return _compiler()
 
 
 def wanted(block: torch.nn.Module, tokens: torch.Tensor) -> bool:
