@@ -11,7 +11,7 @@ import torch
 from twig_core import compiled
 from twig_core.presets import STEP_ERROR
 
-from builders import tiny_transformer
+from tests.builders import tiny_transformer
 
 GRID = 32  # 32 x 32 latent = 1024 tokens, the least that compiles
 
