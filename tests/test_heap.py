@@ -10,7 +10,7 @@ import torch
 
 from twig_core import heap
 
-pytestmark = pytest.mark.skipif(heap._libc() is None or not os.path.exists("/proc/self/maps"),
+glibc = pytest.mark.skipif(heap._libc() is None or not os.path.exists("/proc/self/maps"),
                                 reason="glibc's malloc on Linux only")
 
 BIG = 48 << 20  # above glibc's largest dynamic mmap threshold (32 MB)
@@ -28,6 +28,7 @@ def _in_heap(t: torch.Tensor) -> bool:
     return False
 
 
+@glibc
 def test_large_temporaries_come_from_the_heap_only_while_kept():
     assert not _in_heap(torch.empty(BIG, dtype=torch.uint8))
     with heap.kept():
@@ -39,6 +40,7 @@ def test_large_temporaries_come_from_the_heap_only_while_kept():
     assert not _in_heap(torch.empty(BIG, dtype=torch.uint8))
 
 
+@glibc
 def test_nested_uses_undo_the_setting_when_the_last_leaves():
     with heap.kept():
         with heap.kept():
@@ -48,8 +50,21 @@ def test_nested_uses_undo_the_setting_when_the_last_leaves():
     assert heap._users == 0
 
 
+@glibc
 def test_an_error_inside_still_restores():
     with pytest.raises(ValueError), heap.kept():
         raise ValueError("step failed")
     assert heap._users == 0
     assert not _in_heap(torch.empty(BIG, dtype=torch.uint8))
+
+
+def test_elsewhere_than_linux_both_are_no_ops(monkeypatch):
+    heap._libc.cache_clear()
+    monkeypatch.setattr(heap.sys, "platform", "win32")
+    try:
+        assert heap._libc() is None
+        with heap.kept():  # nothing to set, nothing raised
+            heap.trim()
+        assert heap._users == 0
+    finally:
+        heap._libc.cache_clear()

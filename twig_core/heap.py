@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import sys
 import threading
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -27,11 +28,13 @@ _users = 0
 
 @functools.cache
 def _libc():
-    """The C library when it is glibc (mallopt and malloc_trim), else None."""
+    """The C library when it is glibc (mallopt and malloc_trim), else None (Windows, macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt, libc.malloc_trim  # noqa: B018 - both or neither
-    except (AttributeError, OSError):
+    except (AttributeError, OSError, TypeError):
         return None
     return libc
 
