@@ -1,12 +1,12 @@
 """The 256² demo model in one command: ``python -m training demo256 --work DIR``.
 
 It runs the ``demo`` stages in the order that made twig_core/demo_model_256: a work folder seeded from the
-shipped 128² model, its DC-AE's decoder tuned on 256² pictures, then four DiT cycles, each a fresh run (new
+shipped 128² model, its DC-AE's decoder tuned on 256² pictures, then five DiT cycles, each a fresh run (new
 optimizer state, one cosine cycle) starting from the export of the one before; the last two draw the scenes with
 the shapes the model found hardest more often (``--dit-focus``). Each cycle's export is DIR/cycleN (a pipeline
 folder; its DiT's checkpoint, log and averaged weights are moved into DIR/cycleN/training once it is written), and
 the last is scored by the eval stage. Every step resumes: rerun the command after a stop and finished cycles are
-skipped, a cycle under way goes on from its checkpoint. About 8 h on an idle 2-core Xeon with AVX512 (the DiT at
+skipped, a cycle under way goes on from its checkpoint. About 9 h on an idle 2-core Xeon with AVX512 (the DiT at
 1.2 s a step, OMP_NUM_THREADS=2); options after the work folder (e.g. ``--save-minutes``) go to every stage.
 The shipped model then takes DIR/cycle4/transformer.
 """
@@ -27,6 +27,7 @@ CYCLES = (
     (4300, 1.5e-4, ()),
     (5500, 1.5e-4, ("star=3", "cross=2", "ring=2", "center=2")),
     (5000, 1.5e-4, ("star=3", "cross=3", "ring=2")),
+    (3000, 1.5e-4, ("star=3", "cross=3", "ring=2", "diamond=2")),
 )
 # what a DiT run leaves in DIR/size256, kept with its cycle's export
 DIT_FILES = ("dit.ckpt", "dit.log", "dit_ema.pt")
