@@ -2,13 +2,13 @@
 
 It runs the ``demo`` stages in the order that made twig_core/demo_model_256: a work folder seeded from the
 shipped 128² model, its DC-AE's decoder tuned on 256² pictures, then five DiT cycles, each a fresh run (new
-optimizer state, one cosine cycle) starting from the export of the one before; the last two draw the scenes with
+optimizer state, one cosine cycle) starting from the export of the one before; the last three draw the scenes with
 the shapes the model found hardest more often (``--dit-focus``). Each cycle's export is DIR/cycleN (a pipeline
 folder; its DiT's checkpoint, log and averaged weights are moved into DIR/cycleN/training once it is written), and
 the last is scored by the eval stage. Every step resumes: rerun the command after a stop and finished cycles are
 skipped, a cycle under way goes on from its checkpoint. About 9 h on an idle 2-core Xeon with AVX512 (the DiT at
 1.2 s a step, OMP_NUM_THREADS=2); options after the work folder (e.g. ``--save-minutes``) go to every stage.
-The shipped model then takes DIR/cycle4/transformer.
+The shipped model then takes DIR/cycle5/transformer.
 """
 
 from __future__ import annotations
