@@ -3,6 +3,7 @@ after it they are mapped and unmapped as glibc does by itself, and nested uses u
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import pytest
@@ -10,26 +11,24 @@ import torch
 
 from twig_core import heap
 
-glibc = pytest.mark.skipif(heap._libc() is None or not os.path.exists("/proc/self/maps"),
+glibc = pytest.mark.skipif(heap._libc() is None or not hasattr(heap._libc(), "mallinfo2"),
                                 reason="glibc's malloc on Linux only")
 
 BIG = 48 << 20  # above glibc's largest dynamic mmap threshold (32 MB)
 
 
-def _heap_range() -> tuple[int, int]:
-    """The main arena's [heap] region of this process."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            if line.rstrip().endswith("[heap]"):
-                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
-                return lo, hi
-    return 0, 0
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
 
 
-def _in_heap(t: torch.Tensor) -> bool:
-    """Whether ``t``'s memory lies in the main arena's [heap] region (else it is a mapping of its own)."""
-    lo, hi = _heap_range()
-    return lo <= t.data_ptr() < hi
+def _mapped_bytes() -> int:
+    """Bytes glibc holds in chunks mapped on their own (``mallinfo2().hblkhd``): what a large temporary adds when it
+    is not served from the heap."""
+    f = heap._libc().mallinfo2
+    f.restype = _MallInfo2
+    return f().hblkhd
 
 
 def _resident_bytes() -> int:
@@ -40,15 +39,11 @@ def _resident_bytes() -> int:
 @glibc
 def test_large_temporaries_are_reused_while_kept_and_handed_back_after():
     with heap.kept():
-        for _ in range(3):  # a few steps' worth: the heap grows to what a step needs
-            first = torch.ones(BIG, dtype=torch.uint8)
-            assert _in_heap(first)  # not a mapping of its own
-            del first
-        end = _heap_range()[1]
-        for _ in range(5):  # then the freed memory is reused: the heap neither shrinks nor grows
-            again = torch.ones(BIG, dtype=torch.uint8)
-            assert _in_heap(again) and _heap_range()[1] == end
-            del again
+        mapped = _mapped_bytes()
+        for _ in range(5):  # a few steps' worth of a temporary above glibc's own mmap threshold
+            t = torch.ones(BIG, dtype=torch.uint8)
+            assert _mapped_bytes() == mapped  # served from the heap, not mapped afresh
+            del t
         held = _resident_bytes()  # the freed pages stay with the process while kept
     assert _resident_bytes() < held - BIG // 2  # and go back to the system on leaving
 
@@ -59,9 +54,10 @@ def test_nested_uses_undo_the_setting_when_the_last_leaves():
         with heap.kept():
             pass
         assert heap._users == 1
-        kept = torch.ones(BIG, dtype=torch.uint8)
-        assert _in_heap(kept)  # the inner exit left the outer's setting
-        del kept
+        mapped = _mapped_bytes()
+        t = torch.ones(BIG, dtype=torch.uint8)
+        assert _mapped_bytes() == mapped  # the inner exit left the outer's setting
+        del t
         held = _resident_bytes()
     assert heap._users == 0
     assert _resident_bytes() < held - BIG // 2
