@@ -1,20 +1,21 @@
-"""The C heap around sampling (twig_core.heap): inside ``kept`` large temporaries come from the heap and are reused,
-after it they are mapped and unmapped as glibc does by itself, and nested uses undo the setting once."""
+"""The C heap around sampling (twig_core.heap): inside ``kept`` large temporaries are served from the heap, not mapped
+afresh; leaving hands the pages back; nested uses undo the setting once; off Linux both are no-ops."""
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import pytest
 import torch
 
+from bench.common import current_rss_mib
 from twig_core import heap
 
 glibc = pytest.mark.skipif(heap._libc() is None or not hasattr(heap._libc(), "mallinfo2"),
-                                reason="glibc's malloc on Linux only")
+                           reason="glibc's malloc on Linux only")
 
 BIG = 48 << 20  # above glibc's largest dynamic mmap threshold (32 MB)
+BIG_MIB = BIG / 2**20
 
 
 class _MallInfo2(ctypes.Structure):
@@ -31,11 +32,6 @@ def _mapped_bytes() -> int:
     return f().hblkhd
 
 
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 @glibc
 def test_large_temporaries_are_reused_while_kept_and_handed_back_after():
     with heap.kept():
@@ -44,8 +40,8 @@ def test_large_temporaries_are_reused_while_kept_and_handed_back_after():
             t = torch.ones(BIG, dtype=torch.uint8)
             assert _mapped_bytes() == mapped  # served from the heap, not mapped afresh
             del t
-        held = _resident_bytes()  # the freed pages stay with the process while kept
-    assert _resident_bytes() < held - BIG // 2  # and go back to the system on leaving
+        held = current_rss_mib()  # the freed pages stay with the process while kept
+    assert current_rss_mib() < held - BIG_MIB / 2  # and go back to the system on leaving
 
 
 @glibc
@@ -58,9 +54,9 @@ def test_nested_uses_undo_the_setting_when_the_last_leaves():
         t = torch.ones(BIG, dtype=torch.uint8)
         assert _mapped_bytes() == mapped  # the inner exit left the outer's setting
         del t
-        held = _resident_bytes()
+        held = current_rss_mib()
     assert heap._users == 0
-    assert _resident_bytes() < held - BIG // 2
+    assert current_rss_mib() < held - BIG_MIB / 2
 
 
 def test_an_error_inside_still_restores():
